@@ -1,0 +1,40 @@
+"""shave: a graph-level compiler that makes trained PyTorch CNNs small and fast.
+
+    cm = shave.compile(model, (x,), target="x86")   # capture -> passes -> TVM
+    cm.export("model.shave"); rt = shave.load("model.shave")
+
+`shave.load` and the runtime need only TVM's runtime and numpy; everything
+else (which needs torch) is imported on first use.
+"""
+__version__ = "0.1.0"
+
+from .errors import (ArtifactError, CaptureError, CompileError, InputError, IRError, PassError,  # noqa: E402
+                     ShaveError, TargetError, UnsupportedOpError)
+from .runtime import Runtime, load  # noqa: E402
+
+_LAZY = {
+    "compile": ("api", "compile"),
+    "CompiledModel": ("api", "CompiledModel"),
+    "to_torch": ("api", "to_torch"),
+    "capture": ("frontend", "capture"),
+    "register_pass": ("passes", "register_pass"),
+    "Pass": ("passes", "Pass"),
+    "Graph": ("ir", "Graph"),
+    "Report": ("report", "Report"),
+}
+
+
+def __getattr__(name):
+    import importlib
+
+    if name in ("passes", "ir", "zoo", "frontend", "backends", "api"):
+        return importlib.import_module(f".{name}", __name__)
+    if name in _LAZY:
+        mod, attr = _LAZY[name]
+        return getattr(importlib.import_module(f".{mod}", __name__), attr)
+    raise AttributeError(f"module 'shave' has no attribute {name!r}")
+
+
+__all__ = ["compile", "load", "capture", "to_torch", "passes", "register_pass", "Pass", "CompiledModel", "Runtime",
+           "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
+           "TargetError", "CompileError", "ArtifactError", "InputError"]

@@ -1,0 +1,87 @@
+"""IR -> torch.fx.GraphModule.
+
+Each IR node becomes a call of its op's reference kernel; each parameter
+becomes an nn.Parameter (batch-norm statistics become buffers), so the module
+trains like any other and its state_dict keys are the IR parameter names.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from ...ir import Graph, get_op
+
+# Inputs of these ops, by position, are statistics rather than trainable weights.
+_BUFFER_SLOTS = {"batch_norm": (1, 2)}
+
+
+class _Kernel:
+    """A picklable, readable callable for one op (fx prints its name)."""
+
+    def __init__(self, op: str):
+        self.op = op
+        self.__name__ = op
+
+    def __call__(self, *args, **kwargs):
+        return get_op(self.op).kernel(*args, **kwargs)
+
+
+def _attr_name(param: str, taken: set[str]) -> str:
+    base = "p_" + "".join(c if c.isalnum() else "_" for c in param)
+    name, i = base, 1
+    while name in taken:
+        name, i = f"{base}_{i}", i + 1
+    taken.add(name)
+    return name
+
+
+class IRModule(fx.GraphModule):
+    """A GraphModule that also remembers which attribute holds which IR parameter."""
+
+    param_names: dict[str, str]  # IR parameter name -> attribute name
+
+
+def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
+    """The graph as an nn.Module taking and returning tensors (a tuple when several outputs)."""
+    root = torch.nn.Module()
+    buffers = {n.inputs[i] for n in graph.nodes for i in _BUFFER_SLOTS.get(n.op, ()) if i < len(n.inputs)}
+    taken: set[str] = set()
+    attr_of: dict[str, str] = {}
+    used = {v for n in graph.nodes for v in n.inputs}
+    for name, arr in graph.params.items():
+        if name not in used:
+            continue
+        attr = _attr_name(name, taken)
+        t = torch.from_numpy(np.array(arr))
+        if name in buffers or not t.is_floating_point() or t.ndim == 0:
+            root.register_buffer(attr, t)
+        else:
+            root.register_parameter(attr, torch.nn.Parameter(t, requires_grad=trainable))
+        attr_of[name] = attr
+
+    g = fx.Graph()
+    env: dict[str, fx.Node] = {}
+    for name, _ in graph.inputs:
+        env[name] = g.placeholder("".join(c if c.isalnum() else "_" for c in name))
+    for name, attr in attr_of.items():
+        env[name] = g.get_attr(attr)
+    for n in graph.nodes:
+        node = g.call_function(_Kernel(n.op), tuple(env[v] for v in n.inputs), dict(n.attrs))
+        node.name = "".join(c if c.isalnum() else "_" for c in n.name)
+        env[n.name] = node
+    outs = [env[v] for v in graph.outputs]
+    g.output(outs[0] if len(outs) == 1 else tuple(outs))
+    m = IRModule(root, g)
+    m.param_names = attr_of
+    return m
+
+
+def run_graph(graph: Graph, inputs) -> list[np.ndarray]:
+    """Run the graph on numpy/torch inputs with the reference kernels; numpy outputs."""
+    m = to_torch(graph, trainable=False)
+    args = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad():
+        out = m(*args)
+    outs = out if isinstance(out, tuple) else (out,)
+    return [o.detach().cpu().numpy() for o in outs]

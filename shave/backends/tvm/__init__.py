@@ -1,0 +1,1 @@
+"""IR -> TVM Relax -> compiled library."""

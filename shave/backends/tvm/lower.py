@@ -1,0 +1,220 @@
+"""IR -> Relax, emitted op by op with a BlockBuilder.
+
+Parameters become Relax constants, so TVM folds and pre-transforms weights
+at compile time. Every IR op has one lowering here; ops are expressed with
+Relax's own operators, composed where Relax has no direct equivalent
+(batch_norm, hardswish, ...). Batch norm is written out as its inference
+formula, never as relax.op.nn.batch_norm, so batch statistics can never leak
+in.
+"""
+from __future__ import annotations
+
+
+import numpy as np
+import tvm
+from tvm import relax
+
+from ...errors import CompileError
+from ...ir import Graph
+
+R = relax.op
+LOWERINGS = {}
+
+
+def lowers(*ops):
+    def deco(fn):
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+
+    return deco
+
+
+def _f32(v) -> relax.Constant:
+    return relax.const(np.float32(v), "float32")
+
+
+def _channel(v: relax.Expr, ndim: int, axis: int = 1) -> relax.Expr:
+    """Reshape a per-channel vector so it broadcasts along `axis` of an ndim tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return R.reshape(v, shape)
+
+
+@lowers("conv2d")
+def _conv2d(bb, ins, a, node):
+    y = bb.emit(R.nn.conv2d(ins[0], ins[1], strides=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                            groups=a["groups"]))
+    return R.add(y, _channel(ins[2], 4)) if len(ins) > 2 else y
+
+
+@lowers("conv_transpose2d")
+def _conv_transpose2d(bb, ins, a, node):
+    y = bb.emit(R.nn.conv2d_transpose(ins[0], ins[1], strides=a["stride"], padding=a["padding"],
+                                      output_padding=a["output_padding"], dilation=a["dilation"], groups=a["groups"]))
+    return R.add(y, _channel(ins[2], 4)) if len(ins) > 2 else y
+
+
+@lowers("linear")
+def _linear(bb, ins, a, node):
+    return R.linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None)
+
+
+@lowers("batch_norm")
+def _batch_norm(bb, ins, a, node):
+    x, mean, var, w, b = ins
+    nd = len(node.type.shape)
+    scale = bb.emit(R.multiply(w, R.rsqrt(R.add(var, _f32(a["eps"])))))
+    shift = bb.emit(R.subtract(b, R.multiply(mean, scale)))
+    return R.add(R.multiply(x, _channel(scale, nd)), _channel(shift, nd))
+
+
+@lowers("layer_norm")
+def _layer_norm(bb, ins, a, node):
+    nd = len(node.type.shape)
+    axes = list(range(nd - len(a["normalized_shape"]), nd))
+    return R.nn.layer_norm(ins[0], ins[1], ins[2], axes, a["eps"])
+
+
+lowers("relu")(lambda bb, ins, a, n: R.nn.relu(ins[0]))
+lowers("relu6")(lambda bb, ins, a, n: R.clip(ins[0], 0.0, 6.0))
+lowers("sigmoid")(lambda bb, ins, a, n: R.sigmoid(ins[0]))
+lowers("tanh")(lambda bb, ins, a, n: R.tanh(ins[0]))
+lowers("silu")(lambda bb, ins, a, n: R.nn.silu(ins[0]))
+lowers("hardsigmoid")(lambda bb, ins, a, n: R.divide(R.clip(R.add(ins[0], _f32(3)), 0.0, 6.0), _f32(6)))
+lowers("hardswish")(
+    lambda bb, ins, a, n: R.multiply(ins[0], R.divide(R.clip(R.add(ins[0], _f32(3)), 0.0, 6.0), _f32(6))))
+lowers("softmax")(lambda bb, ins, a, n: R.nn.softmax(ins[0], a["axis"]))
+lowers("add")(lambda bb, ins, a, n: R.add(ins[0], ins[1]))
+lowers("sub")(lambda bb, ins, a, n: R.subtract(ins[0], ins[1]))
+lowers("mul")(lambda bb, ins, a, n: R.multiply(ins[0], ins[1]))
+lowers("div")(lambda bb, ins, a, n: R.divide(ins[0], ins[1]))
+
+
+@lowers("gelu")
+def _gelu(bb, ins, a, node):
+    return R.nn.gelu_tanh(ins[0]) if a["approximate"] == "tanh" else R.nn.gelu(ins[0])
+
+
+@lowers("clamp")
+def _clamp(bb, ins, a, node):
+    lo, hi = a["min"], a["max"]
+    big = float(np.finfo(np.float32).max)
+    return R.clip(ins[0], max(lo, -big), min(hi, big))
+
+
+def _pool_padding(node, in_shape, a):
+    """Padding (top, left, bottom, right) that makes TVM's floor-mode window count
+    equal torch's output size. torch's ceil_mode drops a last window that would
+    start in the right padding, so it cannot be passed through as is."""
+    out_h, out_w = node.type.shape[2:]
+    pad = list(a["padding"]) * 2
+    for i, (n_in, n_out) in enumerate(zip(in_shape[2:], (out_h, out_w))):
+        k, s, p = a["kernel"][i], a["stride"][i], a["padding"][i]
+        d = a.get("dilation", (1, 1))[i]
+        need = (n_out - 1) * s + d * (k - 1) + 1  # extent the windows cover
+        pad[2 + i] = max(p, need - n_in - p)
+    return pad
+
+
+@lowers("max_pool2d")
+def _max_pool2d(bb, ins, a, node):
+    pad = _pool_padding(node, _shape(ins[0]), a)
+    return R.nn.max_pool2d(ins[0], a["kernel"], a["stride"], pad, a["dilation"], ceil_mode=False)
+
+
+@lowers("avg_pool2d")
+def _avg_pool2d(bb, ins, a, node):
+    in_shape = _shape(ins[0])
+    pad = _pool_padding(node, in_shape, a)
+    extra = [pad[2] - a["padding"][0], pad[3] - a["padding"][1]]
+    if a["count_include_pad"] and any(extra):
+        # torch divides by the window clipped to the *declared* padding; spell it out
+        return _avg_pool_explicit(bb, ins[0], in_shape, a, node)
+    return R.nn.avg_pool2d(ins[0], a["kernel"], a["stride"], pad, (1, 1), ceil_mode=False,
+                           count_include_pad=a["count_include_pad"])
+
+
+def _avg_pool_explicit(bb, x, in_shape, a, node):
+    """Sum pooling over zero padding, divided by torch's per-window divisor (a constant)."""
+    out_h, out_w = node.type.shape[2:]
+    pad = _pool_padding(node, in_shape, a)
+    k, s, p = a["kernel"], a["stride"], a["padding"]
+    summed = bb.emit(R.multiply(R.nn.avg_pool2d(x, k, s, pad, (1, 1), count_include_pad=True), _f32(k[0] * k[1])))
+    div = np.empty((out_h, out_w), np.float32)
+    for i in range(out_h):
+        h0 = i * s[0] - p[0]
+        h1 = min(h0 + k[0], in_shape[2] + p[0])
+        for j in range(out_w):
+            w0 = j * s[1] - p[1]
+            w1 = min(w0 + k[1], in_shape[3] + p[1])
+            div[i, j] = (h1 - h0) * (w1 - w0)
+    return R.divide(summed, relax.const(div))
+
+
+@lowers("adaptive_avg_pool2d")
+def _adaptive_avg_pool2d(bb, ins, a, node):
+    return R.nn.adaptive_avg_pool2d(ins[0], a["output_size"])
+
+
+@lowers("adaptive_max_pool2d")
+def _adaptive_max_pool2d(bb, ins, a, node):
+    h, w = _shape(ins[0])[2:]
+    oh, ow = a["output_size"]
+    if h % oh or w % ow:
+        raise CompileError(f"node {node.name!r}: adaptive_max_pool2d from {h}x{w} to {oh}x{ow} (not a divisor) "
+                           "has no TVM lowering")
+    return R.nn.max_pool2d(ins[0], (h // oh, w // ow), (h // oh, w // ow))
+
+
+@lowers("mean")
+def _mean(bb, ins, a, node):
+    return R.mean(ins[0], list(a["axes"]), a["keepdim"])
+
+
+@lowers("concat")
+def _concat(bb, ins, a, node):
+    return R.concat(list(ins), a["axis"])
+
+
+@lowers("slice")
+def _slice(bb, ins, a, node):
+    return R.strided_slice(ins[0], [a["axis"]], [a["start"]], [a["end"]], [a["step"]])
+
+
+lowers("reshape")(lambda bb, ins, a, n: R.reshape(ins[0], a["shape"]))
+lowers("permute")(lambda bb, ins, a, n: R.permute_dims(ins[0], list(a["dims"])))
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape.values)
+
+
+def to_relax(graph: Graph) -> tvm.IRModule:
+    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`."""
+    bb = relax.BlockBuilder()
+    vars_ = [relax.Var(name, relax.TensorType(t.shape, t.dtype)) for name, t in graph.inputs]
+    env: dict[str, relax.Expr] = {name: v for (name, _), v in zip(graph.inputs, vars_)}
+    with bb.function("main", vars_):
+        with bb.dataflow():
+            for name, arr in graph.params.items():
+                env[name] = relax.const(np.ascontiguousarray(arr))
+            for n in graph.nodes:
+                fn = LOWERINGS.get(n.op)
+                if fn is None:
+                    raise CompileError(f"node {n.name!r}: op {n.op!r} has no TVM lowering")
+                try:
+                    env[n.name] = bb.emit(fn(bb, [env[v] for v in n.inputs], n.attrs, n))
+                except CompileError:
+                    raise
+                except Exception as e:
+                    raise CompileError(f"node {n.name!r} ({n.op}): TVM rejected it: "
+                                       f"{str(e).strip().splitlines()[-1]}") from None
+                got = _shape(env[n.name])
+                if got != n.type.shape:
+                    raise CompileError(f"node {n.name!r} ({n.op}): Relax infers shape {got}, IR has {n.type.shape}")
+            out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
+        bb.emit_func_output(out)
+    return bb.get()
+
+

@@ -1,0 +1,235 @@
+"""torch model -> shave IR.
+
+torch.export is tried first. If it cannot trace the model, torch.fx's
+symbolic tracer is the fallback; its graph is then re-traced to aten ops with
+make_fx so that both paths share one set of converters (frontend/aten.py).
+The user's model is never modified: a model in training mode is copied and
+the copy is put in eval mode.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import torch
+
+from ..errors import CaptureError, IRError, UnsupportedOpError
+from ..ir import Graph, Node, TensorType, get_op, verify
+from .aten import CONVERTERS, IGNORED
+from .source import user_source
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    return f"{type(e).__name__}: {lines[0] if lines else ''}"
+
+
+def _normalise_inputs(example_inputs) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, (torch.Tensor, np.ndarray)):
+        example_inputs = (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)) or not example_inputs:
+        raise CaptureError("example_inputs must be a tensor or a non-empty tuple of tensors")
+    out = []
+    for i, x in enumerate(example_inputs):
+        if isinstance(x, np.ndarray):
+            x = torch.from_numpy(x)
+        if not isinstance(x, torch.Tensor):
+            raise CaptureError(f"example input {i} is a {type(x).__name__}, not a tensor")
+        out.append(x.detach())
+    return tuple(out)
+
+
+class _Converter:
+    """Walks one aten-level fx graph and builds the IR graph."""
+
+    def __init__(self, what: str):
+        self.what = what
+        self.graph = Graph()
+        self.values: dict[torch.fx.Node, object] = {}
+
+    # --- helpers used by converters -------------------------------------
+    def val(self, arg) -> str:
+        if isinstance(arg, torch.fx.Node):
+            v = self.values[arg]
+            if not isinstance(v, str):
+                raise CaptureError(f"{self.what}: value of node {arg.name!r} is not a single tensor")
+            return v
+        if isinstance(arg, (int, float, bool)):
+            return self.const(np.float32(arg), "const")
+        raise CaptureError(f"{self.what}: cannot use {type(arg).__name__} {arg!r} as a tensor")
+
+    def const(self, array, base: str) -> str:
+        return self.graph.add_param(base, np.asarray(array))
+
+    def source(self, n: torch.fx.Node) -> str:
+        return user_source(n.meta.get("stack_trace"))
+
+    def unsupported(self, n: torch.fx.Node, why: str):
+        src = self.source(n)
+        raise UnsupportedOpError(f"{self.what}: unsupported {why} in {_target_name(n)}"
+                                 + (f" at {src}" if src else f" (node {n.name})"))
+
+    def node_name(self, n: torch.fx.Node, suffix: str = "") -> str:
+        stack = n.meta.get("nn_module_stack") or {}
+        base = n.name
+        if stack:
+            path, cls = list(stack.values())[-1]
+            cls = cls if isinstance(cls, str) else getattr(cls, "__module__", "") + "." + cls.__qualname__
+            if path and cls.startswith("torch.nn.modules."):
+                base = path  # a leaf torch.nn module: name the node after it, e.g. "layer1.0.conv1"
+            elif path:
+                base = f"{path}.{n.name}"
+        return self.graph.fresh_name(f"{base}.{suffix}" if suffix else base)
+
+    def emit(self, op: str, inputs: list[str], attrs: dict, n: torch.fx.Node, suffix: str = "") -> str:
+        opdef = get_op(op)
+        src = self.source(n)
+        node = Node(self.node_name(n, suffix), op, inputs, attrs, None, src)
+        try:
+            node.type = opdef.infer([self.graph.type_of(v) for v in inputs], attrs)
+        except (IRError, RuntimeError, ValueError, TypeError) as e:
+            raise CaptureError(f"{self.what}: {op} at {src or n.name}: {_first_line(e)}") from None
+        self.graph.nodes.append(node)
+        return node.name
+
+    # --- the walk --------------------------------------------------------
+    def convert(self, gm: torch.fx.GraphModule, params: dict[str, str], param_values: dict[str, torch.Tensor],
+                user_inputs: list[str]):
+        """params: placeholder/get_attr name -> state_dict name."""
+        for n in gm.graph.nodes:
+            if n.op == "placeholder":
+                if n.name in params:
+                    self.values[n] = self._param(params[n.name], param_values[params[n.name]])
+                else:
+                    t = n.meta["val"]
+                    self.graph.inputs.append((n.name, TensorType(tuple(t.shape), str(t.dtype).replace("torch.", ""))))
+                    self.values[n] = n.name
+            elif n.op == "get_attr":
+                self.values[n] = self._param(n.target, _fetch_attr(gm, n.target))
+            elif n.op == "call_function":
+                if n.target in IGNORED:
+                    continue
+                conv = CONVERTERS.get(n.target)
+                if conv is None:
+                    src = self.source(n)
+                    raise UnsupportedOpError(
+                        f"{self.what}: unsupported op {_target_name(n)}" + (f" at {src}" if src else f" (node {n.name})")
+                        + "; see shave.ir.registered_ops() for what the IR has")
+                self.values[n] = conv(self, n)
+            elif n.op == "output":
+                outs = torch.utils._pytree.tree_leaves(n.args[0])
+                for o in outs:
+                    if not isinstance(o, torch.fx.Node):
+                        raise CaptureError(f"{self.what}: the model returns a non-tensor output {o!r}")
+                names = [self.val(o) for o in outs]
+                # a graph output must be a node value: pass inputs/params through an identity reshape
+                self.graph.outputs = [self._as_node(v) for v in names]
+            else:
+                raise CaptureError(f"{self.what}: unexpected fx node kind {n.op!r} ({n.name})")
+        self.graph.remove_dead()
+        return self.graph
+
+    def _param(self, name: str, tensor: torch.Tensor) -> str:
+        arr = tensor.detach().cpu().numpy()
+        if name in self.graph.params:
+            return name
+        self.graph.set_param(name, arr)
+        return name
+
+    def _as_node(self, v: str) -> str:
+        if self.graph.producer(v) is not None:
+            return v
+        t = self.graph.type_of(v)
+        node = Node(self.graph.fresh_name(f"{v}.out"), "reshape", [v], {"shape": t.shape}, t)
+        self.graph.nodes.append(node)
+        return node.name
+
+
+def _target_name(n: torch.fx.Node) -> str:
+    t = n.target
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def _fetch_attr(gm, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+# ----------------------------------------------------------------------- paths
+def _via_export(model, args, what) -> Graph:
+    ep = torch.export.export(model, args, strict=False)
+    sig = ep.graph_signature
+    params = {}
+    values = {}
+    for spec in sig.input_specs:
+        if spec.kind.name in ("PARAMETER", "BUFFER", "CONSTANT_TENSOR"):
+            params[spec.arg.name] = spec.target
+            values[spec.target] = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
+        elif spec.kind.name != "USER_INPUT":
+            raise CaptureError(f"{what}: unsupported export input kind {spec.kind.name} ({spec.target})")
+    return _Converter(what).convert(ep.graph_module, params, values, [])
+
+
+def _via_fx(model, args, what) -> Graph:
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    traced = torch.fx.symbolic_trace(model)
+    gm = make_fx(traced, tracing_mode="real")(*args)
+    # make_fx names placeholders arg0_1, ...; keep them, they are the inputs in order
+    for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], args):
+        n.meta.setdefault("val", x)
+    _annotate_shapes(gm, args)
+    return _Converter(what).convert(gm, {}, {}, [])
+
+
+def _annotate_shapes(gm, args):
+    """make_fx(real) records no tensor metadata; run the graph once to fill meta['val']."""
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, n):
+            out = super().run_node(n)
+            n.meta["val"] = out
+            return out
+
+    with torch.no_grad():
+        Recorder(gm).run(*args)
+
+
+def eval_model(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` if it is in eval mode, else an eval-mode copy (the user's model is never changed)."""
+    if not isinstance(model, torch.nn.Module):
+        raise CaptureError(f"shave wants a torch.nn.Module, got {type(model).__name__}")
+    if not model.training:
+        return model
+    warnings.warn(f"{type(model).__name__} is in training mode; shave uses an eval-mode copy "
+                  "(your model is unchanged)", stacklevel=3)
+    return copy.deepcopy(model).eval()
+
+
+def capture(model: torch.nn.Module, example_inputs) -> Graph:
+    """Trace `model` on `example_inputs` into a verified shave IR graph."""
+    model = eval_model(model)
+    args = _normalise_inputs(example_inputs)
+    what = type(model).__name__
+    try:
+        with torch.no_grad():
+            graph = _via_export(model, args, what)
+    except UnsupportedOpError:
+        raise
+    except CaptureError:
+        raise
+    except Exception as export_error:
+        try:
+            with torch.no_grad():
+                graph = _via_fx(model, args, what)
+        except (UnsupportedOpError, CaptureError):
+            raise
+        except Exception as fx_error:
+            raise CaptureError(f"cannot trace {what}: torch.export: {_first_line(export_error)}; "
+                               f"torch.fx: {_first_line(fx_error)}") from None
+        warnings.warn(f"torch.export could not trace {what} ({_first_line(export_error)}); "
+                      "captured it with torch.fx instead", stacklevel=2)
+    return verify(graph)

@@ -1,0 +1,174 @@
+"""The built-in IR ops.
+
+FLOPs count multiplies and adds separately (a multiply-accumulate is 2).
+Shapes are static; attributes are plain Python values (ints, floats, tuples).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import IRError
+from .ops import register_op
+from .types import TensorType
+
+
+def _numel(t: TensorType) -> int:
+    return math.prod(t.shape)
+
+
+def _elementwise(per_element: int = 1):
+    def flops(in_types, out, attrs):
+        return per_element * _numel(out)
+
+    return flops
+
+
+# ------------------------------------------------------------------ conv-like
+def _check_conv(ins, attrs):
+    x, w = ins[0], ins[1]
+    if x.ndim != 4 or w.ndim != 4:
+        raise IRError(f"conv2d wants a 4-d input and weight, got {x} and {w}")
+    g = attrs["groups"]
+    if x.shape[1] != w.shape[1] * g:
+        raise IRError(f"conv2d input has {x.shape[1]} channels but the weight {w} with groups={g} expects {w.shape[1] * g}")
+    if w.shape[0] % g:
+        raise IRError(f"conv2d has {w.shape[0]} filters, not divisible by groups={g}")
+    if len(ins) > 2 and ins[2].shape != (w.shape[0],):
+        raise IRError(f"conv2d bias {ins[2]} does not match {w.shape[0]} filters")
+
+
+def _conv_flops(ins, out, attrs):
+    w = ins[1]
+    macs = _numel(out) * w.shape[1] * w.shape[2] * w.shape[3]
+    return 2 * macs + (_numel(out) if len(ins) > 2 else 0)
+
+
+register_op(
+    "conv2d",
+    lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv2d(x, w, b, stride, padding, dilation, groups),
+    flops=_conv_flops, check=_check_conv, num_inputs=(2, 3), attrs=("stride", "padding", "dilation", "groups"),
+)
+
+
+def _check_conv_t(ins, attrs):
+    x, w = ins[0], ins[1]
+    if x.ndim != 4 or w.ndim != 4 or x.shape[1] != w.shape[0]:
+        raise IRError(f"conv_transpose2d input {x} does not match weight {w} (weight is in, out/groups, kh, kw)")
+
+
+def _conv_t_flops(ins, out, attrs):
+    x, w = ins[0], ins[1]
+    macs = _numel(x) * w.shape[1] * w.shape[2] * w.shape[3]
+    return 2 * macs + (_numel(out) if len(ins) > 2 else 0)
+
+
+register_op(
+    "conv_transpose2d",
+    lambda x, w, b=None, *, stride, padding, output_padding, groups, dilation: F.conv_transpose2d(
+        x, w, b, stride, padding, output_padding, groups, dilation
+    ),
+    flops=_conv_t_flops, check=_check_conv_t, num_inputs=(2, 3),
+    attrs=("stride", "padding", "output_padding", "groups", "dilation"),
+)
+
+
+def _check_linear(ins, attrs):
+    x, w = ins[0], ins[1]
+    if w.ndim != 2 or x.shape[-1] != w.shape[1]:
+        raise IRError(f"linear input {x} does not match weight {w} (out_features, in_features)")
+    if len(ins) > 2 and ins[2].shape != (w.shape[0],):
+        raise IRError(f"linear bias {ins[2]} does not match {w.shape[0]} outputs")
+
+
+register_op(
+    "linear",
+    lambda x, w, b=None: F.linear(x, w, b),
+    flops=lambda ins, out, a: 2 * _numel(out) * ins[1].shape[1] + (_numel(out) if len(ins) > 2 else 0),
+    check=_check_linear, num_inputs=(2, 3),
+)
+
+
+# -------------------------------------------------------------- normalisation
+def _check_bn(ins, attrs):
+    x = ins[0]
+    for role, t in zip(("mean", "var", "weight", "bias"), ins[1:]):
+        if x.ndim < 2 or t.shape != (x.shape[1],):
+            raise IRError(f"batch_norm {role} {t} does not match the {x.shape[1] if x.ndim > 1 else '?'} channels of {x}")
+
+
+register_op(
+    "batch_norm",  # inference form: (x - mean) / sqrt(var + eps) * weight + bias over axis 1
+    lambda x, mean, var, w, b, *, eps: F.batch_norm(x, mean, var, w, b, False, 0.0, eps),
+    flops=_elementwise(2), check=_check_bn, num_inputs=(5, 5), attrs=("eps",),
+)
+register_op(
+    "layer_norm",
+    lambda x, w, b, *, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
+    flops=_elementwise(5), num_inputs=(3, 3), attrs=("normalized_shape", "eps"),
+)
+
+# ---------------------------------------------------------------- activations
+register_op("relu", F.relu, flops=_elementwise(1))
+register_op("relu6", F.relu6, flops=_elementwise(2))
+register_op("sigmoid", torch.sigmoid, flops=_elementwise(4))
+register_op("tanh", torch.tanh, flops=_elementwise(4))
+register_op("hardsigmoid", F.hardsigmoid, flops=_elementwise(3))
+register_op("hardswish", F.hardswish, flops=_elementwise(4))
+register_op("silu", F.silu, flops=_elementwise(5))
+register_op("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=approximate), flops=_elementwise(8),
+            attrs=("approximate",))
+register_op("clamp", lambda x, *, min, max: torch.clamp(x, min, max), flops=_elementwise(2), attrs=("min", "max"))
+register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",))
+
+# ------------------------------------------------------- binary (broadcasting)
+register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2))
+register_op("sub", torch.sub, flops=_elementwise(1), num_inputs=(2, 2))
+register_op("mul", torch.mul, flops=_elementwise(1), num_inputs=(2, 2))
+register_op("div", torch.div, flops=_elementwise(1), num_inputs=(2, 2))
+
+# -------------------------------------------------------------------- pooling
+def _pool_flops(ins, out, attrs):
+    k = attrs["kernel"]
+    return _numel(out) * k[0] * k[1]
+
+
+register_op(
+    "max_pool2d",
+    lambda x, *, kernel, stride, padding, dilation, ceil_mode: F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
+    flops=_pool_flops, attrs=("kernel", "stride", "padding", "dilation", "ceil_mode"),
+)
+register_op(
+    "avg_pool2d",
+    lambda x, *, kernel, stride, padding, ceil_mode, count_include_pad: F.avg_pool2d(
+        x, kernel, stride, padding, ceil_mode, count_include_pad
+    ),
+    flops=_pool_flops, attrs=("kernel", "stride", "padding", "ceil_mode", "count_include_pad"),
+)
+register_op(
+    "adaptive_avg_pool2d",
+    lambda x, *, output_size: F.adaptive_avg_pool2d(x, output_size),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",),
+)
+register_op(
+    "adaptive_max_pool2d",
+    lambda x, *, output_size: F.adaptive_max_pool2d(x, output_size),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",),
+)
+register_op(
+    "mean",
+    lambda x, *, axes, keepdim: torch.mean(x, axes, keepdim),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"),
+)
+
+# ------------------------------------------------------------- data movement
+register_op("concat", lambda *xs, axis: torch.cat(xs, axis), num_inputs=(1, -1), attrs=("axis",))
+register_op(
+    "slice",
+    lambda x, *, axis, start, end, step: x[(slice(None),) * axis + (slice(start, end, step),)],
+    attrs=("axis", "start", "end", "step"),
+)
+register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",))
+register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",))

@@ -1,0 +1,9 @@
+"""Graph -> Graph rewrites. Every pass here is also registered by name."""
+from .base import FunctionPass, Pass, get_pass, register_pass, registered_passes
+from .fold_bn import FoldBN
+from .manager import run_passes, run_probes
+
+DEFAULT_PASSES = ("fold_bn",)
+
+__all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN",
+           "DEFAULT_PASSES"]
