@@ -10,6 +10,7 @@ import torch
 
 from . import __version__
 from .backends.tvm.build import build
+from .backends.tvm.quiet import quiet_tvm
 from .backends.tvm.target import required_features, resolve_target, target_arch
 from .errors import CompileError
 from .frontend.capture import _normalise_inputs, capture, eval_model
@@ -71,7 +72,8 @@ class CompiledModel:
         """Write the artifact (one file) that shave.load() runs without torch."""
         with tempfile.TemporaryDirectory() as d:
             lib = Path(d) / LIB
-            self._executable.export_library(str(lib))
+            with quiet_tvm():
+                self._executable.export_library(str(lib))
             return write_artifact(path, self.manifest, {LIB: lib.read_bytes()})
 
 

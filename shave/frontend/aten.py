@@ -218,6 +218,11 @@ for _op, _ts in {
         CONVERTERS[_t] = _binary(_op)
 
 
+@converts(aten.neg.default)
+def _neg(cx, n):
+    return cx.emit("mul", [cx.val(n.args[0]), cx.const(np.float32(-1), "const")], {}, n)
+
+
 # ------------------------------------------------------------------- pooling
 @converts(aten.max_pool2d.default, aten.max_pool2d_with_indices.default)
 def _max_pool2d(cx, n):

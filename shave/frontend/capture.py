@@ -177,12 +177,17 @@ def _via_fx(model, args, what) -> Graph:
     from torch.fx.experimental.proxy_tensor import make_fx
 
     traced = torch.fx.symbolic_trace(model)
-    gm = make_fx(traced, tracing_mode="real")(*args)
-    # make_fx names placeholders arg0_1, ...; keep them, they are the inputs in order
-    for n, x in zip([n for n in gm.graph.nodes if n.op == "placeholder"], args):
-        n.meta.setdefault("val", x)
+    gm = make_fx(traced, tracing_mode="real", pre_dispatch=True)(*args)
     _annotate_shapes(gm, args)
-    return _Converter(what).convert(gm, {}, {}, [])
+    # make_fx calls weights _param_constantN; give them back their state_dict names
+    by_storage = {t.data_ptr(): name for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    params, values = {}, {}
+    for n in gm.graph.nodes:
+        if n.op == "get_attr":
+            t = _fetch_attr(gm, n.target)
+            name = by_storage.get(t.data_ptr(), n.target) if isinstance(t, torch.Tensor) else n.target
+            n.op, params[n.name], values[name] = "placeholder", name, t
+    return _Converter(what).convert(gm, params, values, [])
 
 
 def _annotate_shapes(gm, args):
@@ -228,6 +233,11 @@ def capture(model: torch.nn.Module, example_inputs) -> Graph:
         except (UnsupportedOpError, CaptureError):
             raise
         except Exception as fx_error:
+            try:
+                with torch.no_grad():
+                    model(*args)
+            except Exception as run_error:  # the model itself rejects these inputs
+                raise CaptureError(f"{what} fails on the example inputs: {_first_line(run_error)}") from None
             raise CaptureError(f"cannot trace {what}: torch.export: {_first_line(export_error)}; "
                                f"torch.fx: {_first_line(fx_error)}") from None
         warnings.warn(f"torch.export could not trace {what} ({_first_line(export_error)}); "

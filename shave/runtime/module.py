@@ -6,6 +6,7 @@ import tempfile
 
 import numpy as np
 
+from ..backends.tvm.quiet import quiet_tvm
 from ..backends.tvm.target import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
@@ -81,7 +82,8 @@ def load(path) -> Runtime:
         with os.fdopen(fd, "wb") as f:
             f.write(members[LIB])
         try:
-            module = tvm.runtime.load_module(lib_path)
+            with quiet_tvm():
+                module = tvm.runtime.load_module(lib_path)
         except Exception as e:
             raise ArtifactError(f"{path}: the compiled library does not load: "
                                 f"{str(e).strip().splitlines()[-1]}") from None

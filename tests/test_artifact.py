@@ -1,0 +1,114 @@
+"""Export, load (in a torch-free process), and every way loading can go wrong."""
+import json
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import shave
+from conftest import BLOCK_TORCH
+from shave.errors import ArtifactError, InputError, TargetError
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).eval()
+    x = torch.randn(1, 3, 8, 8)
+    return shave.compile(model, (x,)), model, x
+
+
+@pytest.fixture
+def artifact(compiled, tmp_path):
+    return compiled[0].export(tmp_path / "m.shave")
+
+
+def test_export_is_one_file_with_manifest(artifact, compiled):
+    assert [p.name for p in artifact.parent.iterdir()] == ["m.shave"]
+    with zipfile.ZipFile(artifact) as z:
+        m = json.loads(z.read("manifest.json"))
+    assert m["inputs"] == [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}]
+    assert m["target"]["arch"] == "x86_64" and m["versions"]["tvm"].startswith("0.27")
+    assert set(m["files"]) == {"lib.so"} and len(m["files"]["lib.so"]["sha256"]) == 64
+    assert [r["stage"] for r in m["report"]["rows"]][:2] == ["capture", "fold_bn"]
+
+
+def test_load_runs_without_torch(artifact, compiled, tmp_path):
+    cm, model, x = compiled
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = BLOCK_TORCH + f"""
+import numpy as np, shave
+rt = shave.load({str(artifact)!r})
+np.save({str(tmp_path / 'y.npy')!r}, rt(np.load({str(tmp_path / 'x.npy')!r})))
+assert "torch" not in sys.modules
+print(rt.report)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "fold_bn" in out.stdout
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_wrong_inputs_at_run_time(artifact):
+    rt = shave.load(artifact)
+    with pytest.raises(InputError, match=r"input .input.: expected float32\[1,3,8,8\], got float32\[1,3,9,8\]"):
+        rt(np.zeros((1, 3, 9, 8), np.float32))
+    with pytest.raises(InputError, match=r"expected float32\[1,3,8,8\], got float64\[1,3,8,8\]"):
+        rt(np.zeros((1, 3, 8, 8)))
+    with pytest.raises(InputError, match=r"takes 1 input\(s\) \(input\), got 2"):
+        rt(np.zeros((1, 3, 8, 8), np.float32), np.zeros(1))
+
+
+def _rewrite(src, dst, edit_manifest=None, edit_lib=None):
+    with zipfile.ZipFile(src) as z:
+        manifest, lib = json.loads(z.read("manifest.json")), z.read("lib.so")
+    if edit_manifest:
+        edit_manifest(manifest)
+    if edit_lib:
+        lib = edit_lib(lib)
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("lib.so", lib)
+    return dst
+
+
+def test_corrupt_truncated_foreign_and_missing(artifact, tmp_path):
+    flipped = _rewrite(artifact, tmp_path / "c.shave", edit_lib=lambda b: b[:1000] + bytes([b[1000] ^ 0xFF]) + b[1001:])
+    with pytest.raises(ArtifactError, match=r"c.shave: corrupt artifact, checksum of lib.so"):
+        shave.load(flipped)
+    data = artifact.read_bytes()
+    (tmp_path / "t.shave").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ArtifactError, match=r"t.shave: corrupt or truncated artifact"):
+        shave.load(tmp_path / "t.shave")
+    (tmp_path / "n.shave").write_bytes(b"\x7fELF not an artifact")
+    with pytest.raises(ArtifactError, match="corrupt or truncated"):
+        shave.load(tmp_path / "n.shave")
+    with pytest.raises(ArtifactError, match="no such artifact file"):
+        shave.load(tmp_path / "absent.shave")
+    arm = _rewrite(artifact, tmp_path / "a.shave",
+                   edit_manifest=lambda m: m["target"].update(arch="aarch64", name="arm64"))
+    with pytest.raises(ArtifactError, match=r"built for aarch64 \(target 'arm64'\), but this machine is x86_64"):
+        shave.load(arm)
+    avx512 = _rewrite(artifact, tmp_path / "v.shave",
+                      edit_manifest=lambda m: m["target"].update(cpu_features=["avx2", "avx512_fp99"]))
+    with pytest.raises(ArtifactError, match="needs avx512_fp99, which this CPU lacks"):
+        shave.load(avx512)
+    other = tmp_path / "o.shave"
+    with zipfile.ZipFile(other, "w") as z:
+        z.writestr("manifest.json", json.dumps({"format": "something-else"}))
+    with pytest.raises(ArtifactError, match="not a shave artifact"):
+        shave.load(other)
+
+
+def test_unknown_and_invalid_targets():
+    model = nn.Conv2d(3, 4, 3).eval()
+    with pytest.raises(TargetError, match=r"unknown target 'x68'; known names: x86"):
+        shave.compile(model, (torch.randn(1, 3, 8, 8),), target="x68")
+    with pytest.raises(TargetError, match="TVM rejects target"):
+        shave.compile(model, (torch.randn(1, 3, 8, 8),), target={"kind": "no-such-kind"})

@@ -1,0 +1,119 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import shave
+from shave.backends.torch import run_graph
+from shave.errors import PassError
+from shave.passes import FoldBN, Pass, get_pass, register_pass
+
+
+def bn(c):
+    m = nn.BatchNorm2d(c) if c > 0 else None
+    with torch.no_grad():
+        m.running_mean.normal_(0, 0.5)
+        m.running_var.uniform_(0.3, 2.0)
+        m.weight.normal_(1, 0.3)
+        m.bias.normal_(0, 0.3)
+    return m
+
+
+class Foldable(nn.Module):
+    """BN after a conv, a grouped conv, a depthwise conv (no bias), a conv-transpose
+    (grouped) and a linear; plus a BN that must stay (it follows a ReLU)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3, padding=1), bn(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, padding=1, groups=2), bn(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), bn(8)
+        self.t4, self.b4 = nn.ConvTranspose2d(8, 6, 2, stride=2, groups=2), bn(6)
+        self.b5 = bn(6)
+        self.fc, self.b6 = nn.Linear(6, 4), nn.BatchNorm1d(4)
+        with torch.no_grad():
+            self.b6.running_mean.normal_(0, 0.5)
+            self.b6.running_var.uniform_(0.3, 2.0)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        x = self.b3(self.c3(x))
+        x = self.b5(torch.relu(self.b4(self.t4(x))))
+        return self.b6(self.fc(x.mean((2, 3))))
+
+
+@pytest.fixture
+def graph_and_input():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 8, 8)
+    return shave.capture(Foldable().eval(), (x,)), x.numpy()
+
+
+def test_fold_bn_folds_every_foldable_bn_exactly(graph_and_input):
+    g, x = graph_and_input
+    assert g.op_counts()["batch_norm"] == 6
+    g2 = FoldBN()(g)
+    left = [n for n in g2.nodes if n.op == "batch_norm"]
+    assert [g2.producer(n.inputs[0]).op for n in left] == ["relu"]  # only the BN after a ReLU stays
+    ref, out = run_graph(g, [x])[0], run_graph(g2, [x])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+    assert g.op_counts()["batch_norm"] == 6  # the input graph is untouched
+
+
+def test_compile_report_shows_the_folding():
+    torch.manual_seed(0)
+    model = Foldable().eval()
+    cm = shave.compile(model, (torch.randn(1, 3, 8, 8),))
+    row = cm.report["fold_bn"]
+    assert row.changes == "-5 batch_norm"
+    assert row.error < 1e-5
+    assert cm.report["capture"].params > row.params
+    assert "fold_bn" in str(cm.report)
+
+
+def test_broken_exact_pass_fails_loudly(graph_and_input):
+    g, _ = graph_and_input
+
+    @register_pass("test_broken_relu", contract="exact")
+    def broken(graph):
+        for n in graph.nodes:
+            if n.op == "relu":
+                n.op = "sigmoid"
+        return graph
+
+    with pytest.raises(PassError, match=r"pass 'test_broken_relu' is declared exact but changed the outputs by"):
+        shave.compile(Foldable().eval(), (torch.randn(1, 3, 8, 8),), passes=["fold_bn", "test_broken_relu"])
+
+
+def test_lossy_pass_error_is_measured_not_fatal():
+    class ReluToSigmoid(Pass):
+        name, contract = "relu_to_sigmoid", "lossy"
+
+        def run(self, graph):
+            for n in graph.nodes:
+                if n.op == "relu":
+                    n.op = "sigmoid"
+            return graph
+
+    cm = shave.compile(Foldable().eval(), (torch.randn(1, 3, 8, 8),), passes=[FoldBN(), ReluToSigmoid()])
+    assert cm.report["relu_to_sigmoid"].error > 1e-3
+    assert cm.report["relu_to_sigmoid"].contract == "lossy"
+
+
+def test_pass_lookup_errors():
+    with pytest.raises(PassError, match="unknown pass 'fold_bm'.*fold_bn"):
+        get_pass("fold_bm")
+    with pytest.raises(PassError, match="must be a name, a Pass or a callable"):
+        get_pass(3)
+
+
+def test_pass_that_breaks_the_ir_is_named(graph_and_input):
+    g, _ = graph_and_input
+
+    def dangling(graph):
+        graph.nodes[1].inputs[0] = "missing_value"
+        return graph
+
+    with pytest.raises(PassError, match=r"pass 'dangling'.*missing_value"):
+        shave.passes.run_passes(g, [dangling], [], [])
