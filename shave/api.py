@@ -1,7 +1,6 @@
 """shave.compile(): capture -> passes -> lower -> CompiledModel."""
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -10,15 +9,14 @@ import torch
 
 from . import __version__
 from .backends.tvm.build import build
-from .backends.tvm.quiet import quiet_tvm
 from .backends.tvm.target import required_features, resolve_target, target_arch
-from .errors import CompileError
+from .errors import CaptureError, CompileError
 from .frontend.capture import _normalise_inputs, capture, eval_model
-from .ir import Graph
+from .ir import Graph, verify
 from .passes import DEFAULT_PASSES, run_passes, run_probes
 from .report import Report, relative_error
 from .runtime.artifact import LIB, write_artifact
-from .runtime.module import Runtime
+from .runtime.module import Runtime, load_library
 
 BUILD_TOLERANCE = 1e-4  # compiled code vs the IR it was built from, relative to output scale
 
@@ -49,12 +47,12 @@ def _model_outputs(model, probes) -> list[np.ndarray]:
 class CompiledModel:
     """The result of shave.compile: callable, with a report and an export to one file."""
 
-    def __init__(self, graph: Graph, executable, manifest: dict, report: Report):
+    def __init__(self, graph: Graph, library: bytes, manifest: dict, report: Report):
         self.graph = graph
         self.report = report
         self.manifest = manifest
-        self._executable = executable
-        self._runtime = Runtime(executable, manifest)
+        self._library = library  # the exported shared library, exactly as the artifact will hold it
+        self._runtime = Runtime(load_library(library), manifest)
 
     @property
     def target(self) -> dict:
@@ -70,35 +68,43 @@ class CompiledModel:
 
     def export(self, path) -> Path:
         """Write the artifact (one file) that shave.load() runs without torch."""
-        with tempfile.TemporaryDirectory() as d:
-            lib = Path(d) / LIB
-            with quiet_tvm():
-                self._executable.export_library(str(lib))
-            return write_artifact(path, self.manifest, {LIB: lib.read_bytes()})
+        return write_artifact(path, self.manifest, {LIB: self._library})
 
 
-def compile(model: torch.nn.Module, example_inputs, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
+def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
     """Capture `model`, rewrite it with `passes` (names or Pass objects, each
-    checked numerically), and build it for `target` ('x86' or a TVM target dict)."""
+    checked numerically), and build it for `target` ('x86' or a TVM target dict).
+
+    `model` may also be an IR Graph (from shave.capture, perhaps already
+    rewritten); then it is its own reference and example_inputs may be omitted."""
     if tune is not None:
         raise NotImplementedError("tuning is not available yet; pass tune=None")
     spec = resolve_target(target)  # fail fast on a bad target, before any tracing
-    model = eval_model(model)
-    args = _normalise_inputs(example_inputs)
 
     t0 = time.perf_counter()
-    graph = capture(model, args)
-    probes = _probes(args)
-    reference = _model_outputs(model, probes)
+    if isinstance(model, Graph):
+        graph = verify(model.copy())
+        if example_inputs is None:
+            example_inputs = tuple(torch.randn(t.shape).to(getattr(torch, t.dtype)) for _, t in graph.inputs)
+        probes = _probes(_normalise_inputs(example_inputs))
+        reference = run_probes(graph, probes)
+    else:
+        if example_inputs is None:
+            raise CaptureError("shave.compile needs example_inputs to trace a torch model")
+        model = eval_model(model)
+        args = _normalise_inputs(example_inputs)
+        graph = capture(model, args)
+        probes = _probes(args)
+        reference = _model_outputs(model, probes)
     report = Report()
     stats = graph.stats()
-    report.add(stage="capture", contract="reference", flops=stats["flops"], params=stats["params"],
+    report.add(stage="input graph" if isinstance(model, Graph) else "capture", contract="reference", flops=stats["flops"], params=stats["params"],
                bytes=stats["bytes"], nodes=stats["nodes"],
                error=relative_error(run_probes(graph, probes), reference), seconds=time.perf_counter() - t0)
 
     graph, report = run_passes(graph, list(passes), probes, reference, report)
 
-    executable, seconds = build(graph, spec)
+    library, seconds = build(graph, spec)
     manifest = {
         "shave_version": __version__,
         "versions": _versions(),
@@ -108,7 +114,7 @@ def compile(model: torch.nn.Module, example_inputs, target="x86", passes=DEFAULT
         "outputs": [{"name": v, "shape": list(graph.type_of(v).shape), "dtype": graph.type_of(v).dtype}
                     for v in graph.outputs],
     }
-    cm = CompiledModel(graph, executable, manifest, report)
+    cm = CompiledModel(graph, library, manifest, report)
     compiled = [o for p in probes for o in cm._runtime.run(*p)]
     ir_err = relative_error(compiled, run_probes(graph, probes))
     stats = graph.stats()

@@ -113,3 +113,38 @@ def test_numpy_inputs_and_multiple_outputs():
     assert isinstance(a, np.ndarray)
     np.testing.assert_array_equal(a, np.maximum(x, 0))
     np.testing.assert_array_equal(b, -x)
+
+
+def test_in_place_ops_are_read_as_their_results():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.drop = nn.Dropout(inplace=True)
+
+        def forward(self, x):
+            y = self.conv(x)
+            z = y * 2
+            y.relu_()  # not rebound: later reads of y must see the ReLU
+            y += z
+            return self.drop(torch.nn.functional.hardswish(y, inplace=True)), z
+
+    torch.manual_seed(0)
+    model, x = InPlace().eval(), torch.randn(1, 3, 8, 8)
+    g = shave.capture(model, (x,))
+    with torch.no_grad():
+        ref = model(x)
+    for o, r in zip(run_graph(g, [x.numpy()]), ref):
+        np.testing.assert_allclose(o, r.numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_in_place_op_on_a_view_is_refused():
+    class ViewMutation(nn.Module):
+        def forward(self, x):
+            x = x * 1
+            x[:, :2].relu_()
+            return x
+
+    with pytest.raises(UnsupportedOpError, match=r"in-place aten.relu_.default on a view of another tensor at "
+                                                 r"test_frontend.py:\d+ in forward: x\[:, :2\].relu_\(\)"):
+        shave.capture(ViewMutation(), (torch.randn(1, 4),))

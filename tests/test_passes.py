@@ -117,3 +117,12 @@ def test_pass_that_breaks_the_ir_is_named(graph_and_input):
 
     with pytest.raises(PassError, match=r"pass 'dangling'.*missing_value"):
         shave.passes.run_passes(g, [dangling], [], [])
+
+
+def test_compile_accepts_a_rewritten_graph(graph_and_input):
+    g, x = graph_and_input
+    g2 = FoldBN()(g)
+    cm = shave.compile(g2, (x,), passes=[])
+    np.testing.assert_allclose(cm(x), run_graph(g, [x])[0], rtol=1e-5, atol=1e-5)
+    stages = [r.stage for r in cm.report.rows]
+    assert stages[0] == "input graph" and stages[1].startswith("build") and len(stages) == 2

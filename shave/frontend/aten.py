@@ -156,10 +156,10 @@ def _unary(op):
     return lambda cx, n: cx.emit(op, [cx.val(n.args[0])], {}, n)
 
 
-for _t, _op in [(aten.relu.default, "relu"), (aten.relu_.default, "relu"), (aten.relu6.default, "relu6"),
+for _t, _op in [(aten.relu.default, "relu"), (aten.relu6.default, "relu6"),
                 (aten.sigmoid.default, "sigmoid"), (aten.tanh.default, "tanh"),
                 (aten.hardsigmoid.default, "hardsigmoid"), (aten.hardswish.default, "hardswish"),
-                (aten.hardswish_.default, "hardswish"), (aten.silu.default, "silu"), (aten.silu_.default, "silu")]:
+                (aten.silu.default, "silu")]:
     CONVERTERS[_t] = _unary(_op)
 
 
@@ -168,10 +168,10 @@ def _gelu(cx, n):
     return cx.emit("gelu", [cx.val(n.args[0])], {"approximate": n.kwargs.get("approximate", "none")}, n)
 
 
-@converts(aten.hardtanh.default, aten.hardtanh_.default, aten.clamp.default, aten.clamp_min.default,
+@converts(aten.hardtanh.default, aten.clamp.default, aten.clamp_min.default,
           aten.clamp_max.default)
 def _clamp(cx, n):
-    if n.target in (aten.hardtanh.default, aten.hardtanh_.default):
+    if n.target == aten.hardtanh.default:
         lo, hi = _arg(n, 1, "min_val", -1.0), _arg(n, 2, "max_val", 1.0)
     elif n.target == aten.clamp_min.default:
         lo, hi = n.args[1], None
@@ -209,9 +209,9 @@ def _binary(op):
 
 
 for _op, _ts in {
-    "add": [aten.add.Tensor, aten.add.Scalar, aten.add_.Tensor],
+    "add": [aten.add.Tensor, aten.add.Scalar],
     "sub": [aten.sub.Tensor, aten.sub.Scalar],
-    "mul": [aten.mul.Tensor, aten.mul.Scalar, aten.mul_.Tensor],
+    "mul": [aten.mul.Tensor, aten.mul.Scalar],
     "div": [aten.div.Tensor, aten.div.Scalar],
 }.items():
     for _t in _ts:

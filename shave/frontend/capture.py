@@ -9,6 +9,7 @@ the copy is put in eval mode.
 from __future__ import annotations
 
 import copy
+import operator
 import warnings
 
 import numpy as np
@@ -110,13 +111,16 @@ class _Converter:
             elif n.op == "call_function":
                 if n.target in IGNORED:
                     continue
-                conv = CONVERTERS.get(n.target)
+                functional = _functional_form(n.target)
+                conv = CONVERTERS.get(functional if functional is not None else n.target)
                 if conv is None:
                     src = self.source(n)
                     raise UnsupportedOpError(
                         f"{self.what}: unsupported op {_target_name(n)}" + (f" at {src}" if src else f" (node {n.name})")
                         + "; see shave.ir.registered_ops() for what the IR has")
                 self.values[n] = conv(self, n)
+                if functional is not None:
+                    self._mutate(n)
             elif n.op == "output":
                 outs = torch.utils._pytree.tree_leaves(n.args[0])
                 for o in outs:
@@ -129,6 +133,21 @@ class _Converter:
                 raise CaptureError(f"{self.what}: unexpected fx node kind {n.op!r} ({n.name})")
         self.graph.remove_dead()
         return self.graph
+
+    def _mutate(self, n: torch.fx.Node) -> None:
+        """After an in-place op (relu_, add_, ...), later reads of the mutated
+        tensor see the op's result. Mutating a view would also change its base
+        tensor, and mutating an input or weight changes the caller's data: both
+        are refused rather than silently mis-compiled."""
+        target = n.args[0]
+        if self.values[n] == self.values.get(target):
+            return  # a no-op here (e.g. in-place dropout in eval mode): nothing changes
+        if target.op != "call_function" or target.target in _VIEW_OPS:
+            what = "a model input or weight" if target.op != "call_function" else "a view of another tensor"
+            src = self.source(n)
+            raise UnsupportedOpError(f"{self.what}: in-place {_target_name(n)} on {what}"
+                                     + (f" at {src}" if src else f" (node {n.name})") + "; write it out of place")
+        self.values[target] = self.values[n]
 
     def _param(self, name: str, tensor: torch.Tensor) -> str:
         arr = tensor.detach().cpu().numpy()
@@ -144,6 +163,27 @@ class _Converter:
         node = Node(self.graph.fresh_name(f"{v}.out"), "reshape", [v], {"shape": t.shape}, t)
         self.graph.nodes.append(node)
         return node.name
+
+
+_aten = torch.ops.aten
+_VIEW_OPS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default, _aten.slice.Tensor,
+             _aten.select.int, _aten.permute.default, _aten.transpose.int, _aten.t.default, _aten.unsqueeze.default,
+             _aten.squeeze.dim, _aten.squeeze.dims, _aten.squeeze.default, _aten.expand.default, _aten.narrow.default,
+             _aten.flatten.using_ints, _aten.alias.default, _aten.unflatten.int, operator.getitem,
+             # these return their input itself in some cases (already contiguous, same dtype, eval mode)
+             _aten.contiguous.default, _aten.detach.default, _aten.to.dtype, _aten.to.dtype_layout,
+             _aten.dropout.default}
+
+
+def _functional_form(target):
+    """aten.relu_.default -> aten.relu.default; None for ops that are not in-place."""
+    if not isinstance(target, torch._ops.OpOverload):
+        return None
+    name = target._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.startswith("_"):
+        return None
+    packet = getattr(_aten, name[:-1], None)
+    return getattr(packet, target._overloadname, None) if packet is not None else None
 
 
 def _target_name(n: torch.fx.Node) -> str:

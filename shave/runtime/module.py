@@ -71,22 +71,26 @@ def check_target(manifest: dict, path) -> None:
                             f"{', '.join(missing)}, which this CPU lacks; rebuild for target 'x86-64' or this host")
 
 
-def load(path) -> Runtime:
-    """Load an artifact file written by CompiledModel.export."""
+def load_library(data: bytes, origin="compiled library"):
+    """Load a compiled library from its bytes (written to a temp file for dlopen)."""
     import tvm
 
-    manifest, members = read_artifact(path)
-    check_target(manifest, path)
     fd, lib_path = tempfile.mkstemp(suffix=".so", prefix="shave-")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(members[LIB])
+            f.write(data)
         try:
             with quiet_tvm():
-                module = tvm.runtime.load_module(lib_path)
+                return tvm.runtime.load_module(lib_path)
         except Exception as e:
-            raise ArtifactError(f"{path}: the compiled library does not load: "
+            raise ArtifactError(f"{origin}: the compiled library does not load: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
     finally:
         os.unlink(lib_path)  # already mapped into the process
-    return Runtime(module, manifest)
+
+
+def load(path) -> Runtime:
+    """Load an artifact file written by CompiledModel.export."""
+    manifest, members = read_artifact(path)
+    check_target(manifest, path)
+    return Runtime(load_library(members[LIB], path), manifest)
