@@ -249,8 +249,11 @@ def eval_model(model: torch.nn.Module) -> torch.nn.Module:
         raise CaptureError(f"shave wants a torch.nn.Module, got {type(model).__name__}")
     if not model.training:
         return model
-    warnings.warn(f"{type(model).__name__} is in training mode; shave uses an eval-mode copy "
-                  "(your model is unchanged)", stacklevel=3)
+    mode_dependent = (torch.nn.modules.batchnorm._BatchNorm, torch.nn.modules.dropout._DropoutNd,
+                      torch.nn.modules.instancenorm._InstanceNorm)
+    if any(isinstance(m, mode_dependent) for m in model.modules()):
+        warnings.warn(f"{type(model).__name__} is in training mode; shave uses an eval-mode copy "
+                      "(your model is unchanged)", stacklevel=3)
     return copy.deepcopy(model).eval()
 
 
