@@ -18,6 +18,7 @@ import torch
 from ..errors import CaptureError, IRError, UnsupportedOpError
 from ..ir import Graph, Node, TensorType, get_op, verify
 from .aten import CONVERTERS, IGNORED
+from .canonical import canonicalize
 from .source import user_source
 
 
@@ -285,4 +286,4 @@ def capture(model: torch.nn.Module, example_inputs) -> Graph:
                                f"torch.fx: {_first_line(fx_error)}") from None
         warnings.warn(f"torch.export could not trace {what} ({_first_line(export_error)}); "
                       "captured it with torch.fx instead", stacklevel=2)
-    return verify(graph)
+    return verify(canonicalize(graph))

@@ -34,6 +34,7 @@ class OpDef:
     check: Callable[[list[TensorType], dict], None] = _no_check
     num_inputs: tuple[int, int] = (1, 1)  # (min, max); max -1 means any number
     attrs: tuple[str, ...] = ()  # attribute names the op requires
+    channels: Callable | None = None  # (in_types, out_type, attrs) -> ChannelRule, see channels.py
 
     def infer(self, in_types: list[TensorType], attrs: dict) -> TensorType:
         import torch

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IRError
+from . import channels as ch
 from .ops import register_op
 from .types import TensorType
 
@@ -50,6 +51,7 @@ register_op(
     "conv2d",
     lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv2d(x, w, b, stride, padding, dilation, groups),
     flops=_conv_flops, check=_check_conv, num_inputs=(2, 3), attrs=("stride", "padding", "dilation", "groups"),
+    channels=ch.conv2d,
 )
 
 
@@ -70,7 +72,7 @@ register_op(
     lambda x, w, b=None, *, stride, padding, output_padding, groups, dilation: F.conv_transpose2d(
         x, w, b, stride, padding, output_padding, groups, dilation
     ),
-    flops=_conv_t_flops, check=_check_conv_t, num_inputs=(2, 3),
+    flops=_conv_t_flops, check=_check_conv_t, num_inputs=(2, 3), channels=ch.conv_transpose2d,
     attrs=("stride", "padding", "output_padding", "groups", "dilation"),
 )
 
@@ -87,7 +89,7 @@ register_op(
     "linear",
     lambda x, w, b=None: F.linear(x, w, b),
     flops=lambda ins, out, a: 2 * _numel(out) * ins[1].shape[1] + (_numel(out) if len(ins) > 2 else 0),
-    check=_check_linear, num_inputs=(2, 3),
+    check=_check_linear, num_inputs=(2, 3), channels=ch.linear,
 )
 
 
@@ -102,32 +104,35 @@ def _check_bn(ins, attrs):
 register_op(
     "batch_norm",  # inference form: (x - mean) / sqrt(var + eps) * weight + bias over axis 1
     lambda x, mean, var, w, b, *, eps: F.batch_norm(x, mean, var, w, b, False, 0.0, eps),
-    flops=_elementwise(2), check=_check_bn, num_inputs=(5, 5), attrs=("eps",),
+    flops=_elementwise(2), check=_check_bn, num_inputs=(5, 5), attrs=("eps",), channels=ch.batch_norm,
 )
 register_op(
     "layer_norm",
     lambda x, w, b, *, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
     flops=_elementwise(5), num_inputs=(3, 3), attrs=("normalized_shape", "eps"),
+    channels=ch.layer_norm,
 )
 
 # ---------------------------------------------------------------- activations
-register_op("relu", F.relu, flops=_elementwise(1))
-register_op("relu6", F.relu6, flops=_elementwise(2))
-register_op("sigmoid", torch.sigmoid, flops=_elementwise(4))
-register_op("tanh", torch.tanh, flops=_elementwise(4))
-register_op("hardsigmoid", F.hardsigmoid, flops=_elementwise(3))
-register_op("hardswish", F.hardswish, flops=_elementwise(4))
-register_op("silu", F.silu, flops=_elementwise(5))
+register_op("relu", F.relu, flops=_elementwise(1), channels=ch.elementwise)
+register_op("relu6", F.relu6, flops=_elementwise(2), channels=ch.elementwise)
+register_op("sigmoid", torch.sigmoid, flops=_elementwise(4), channels=ch.elementwise)
+register_op("tanh", torch.tanh, flops=_elementwise(4), channels=ch.elementwise)
+register_op("hardsigmoid", F.hardsigmoid, flops=_elementwise(3), channels=ch.elementwise)
+register_op("hardswish", F.hardswish, flops=_elementwise(4), channels=ch.elementwise)
+register_op("silu", F.silu, flops=_elementwise(5), channels=ch.elementwise)
 register_op("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=approximate), flops=_elementwise(8),
-            attrs=("approximate",))
-register_op("clamp", lambda x, *, min, max: torch.clamp(x, min, max), flops=_elementwise(2), attrs=("min", "max"))
-register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",))
+            attrs=("approximate",), channels=ch.elementwise)
+register_op("clamp", lambda x, *, min, max: torch.clamp(x, min, max), flops=_elementwise(2), attrs=("min", "max"),
+            channels=ch.elementwise)
+register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",),
+            channels=ch.softmax)
 
 # ------------------------------------------------------- binary (broadcasting)
-register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2))
-register_op("sub", torch.sub, flops=_elementwise(1), num_inputs=(2, 2))
-register_op("mul", torch.mul, flops=_elementwise(1), num_inputs=(2, 2))
-register_op("div", torch.div, flops=_elementwise(1), num_inputs=(2, 2))
+register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
+register_op("sub", torch.sub, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
+register_op("mul", torch.mul, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
+register_op("div", torch.div, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
 
 # -------------------------------------------------------------------- pooling
 def _pool_flops(ins, out, attrs):
@@ -138,7 +143,7 @@ def _pool_flops(ins, out, attrs):
 register_op(
     "max_pool2d",
     lambda x, *, kernel, stride, padding, dilation, ceil_mode: F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
-    flops=_pool_flops, attrs=("kernel", "stride", "padding", "dilation", "ceil_mode"),
+    flops=_pool_flops, attrs=("kernel", "stride", "padding", "dilation", "ceil_mode"), channels=ch.leading(2),
 )
 register_op(
     "avg_pool2d",
@@ -146,29 +151,34 @@ register_op(
         x, kernel, stride, padding, ceil_mode, count_include_pad
     ),
     flops=_pool_flops, attrs=("kernel", "stride", "padding", "ceil_mode", "count_include_pad"),
+    channels=ch.leading(2),
 )
 register_op(
     "adaptive_avg_pool2d",
     lambda x, *, output_size: F.adaptive_avg_pool2d(x, output_size),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2),
 )
 register_op(
     "adaptive_max_pool2d",
     lambda x, *, output_size: F.adaptive_max_pool2d(x, output_size),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2),
 )
 register_op(
     "mean",
     lambda x, *, axes, keepdim: torch.mean(x, axes, keepdim),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"), channels=ch.mean,
 )
 
 # ------------------------------------------------------------- data movement
-register_op("concat", lambda *xs, axis: torch.cat(xs, axis), num_inputs=(1, -1), attrs=("axis",))
+register_op("concat", lambda *xs, axis: torch.cat(xs, axis), num_inputs=(1, -1), attrs=("axis",),
+            channels=ch.concat)
 register_op(
     "slice",
     lambda x, *, axis, start, end, step: x[(slice(None),) * axis + (slice(start, end, step),)],
-    attrs=("axis", "start", "end", "step"),
+    attrs=("axis", "start", "end", "step"), channels=ch.slice_,
 )
-register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",))
-register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",))
+register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",), channels=ch.reshape)
+register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",), channels=ch.permute)
+register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel reordering
+    "channel_permute", lambda x, *, indices: x[:, list(indices)], attrs=("indices",), channels=ch.channel_permute,
+)

@@ -2,8 +2,9 @@
 from .base import FunctionPass, Pass, get_pass, register_pass, registered_passes
 from .fold_bn import FoldBN
 from .manager import run_passes, run_probes
+from .prune import Prune
 
 DEFAULT_PASSES = ("fold_bn",)
 
-__all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN",
+__all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune",
            "DEFAULT_PASSES"]

@@ -184,6 +184,8 @@ def _slice(bb, ins, a, node):
 
 lowers("reshape")(lambda bb, ins, a, n: R.reshape(ins[0], a["shape"]))
 lowers("permute")(lambda bb, ins, a, n: R.permute_dims(ins[0], list(a["dims"])))
+lowers("channel_permute")(
+    lambda bb, ins, a, n: R.take(ins[0], relax.const(np.asarray(a["indices"], dtype="int64")), axis=1))
 
 
 def _shape(expr) -> tuple[int, ...]:

@@ -1,0 +1,126 @@
+"""Prune: filter pruning with channel propagation to every consumer.
+
+    Prune(ratio=0.5, criterion="l1", per_layer=True, exclude=(), round_to="auto")
+
+Channels are removed in units found by the dependency analysis, so a residual
+stream, a concat, a depthwise conv or a channel shuffle is pruned consistently
+in every tensor that carries it. Criteria score each unit:
+
+- "l1", "l2": norm of its filters (Li et al., "Pruning Filters for Efficient ConvNets");
+- "bn_gamma": |gamma| of the batch norms on its channels (Liu et al., network slimming);
+  groups without a batch norm fall back to "l1".
+
+With per_layer=True each group loses `ratio` of its units; otherwise units
+are ranked globally by their score divided by their group's mean score.
+A group always keeps at least one unit, and with round_to (the target's
+vector width for "auto") the number of kept channels is rounded up to a
+multiple of it where the group is at least that wide.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import numpy as np
+
+from ...errors import PassError
+from ...ir import Graph
+from ..base import Pass, register_pass
+from .apply import remove_channels
+from .dependency import ChannelGroup, analyse
+
+CRITERIA = ("l1", "l2", "bn_gamma")
+
+
+def default_vector_lanes() -> int:
+    """fp32 lanes of this host's widest vector unit (8 on AVX2, 16 on AVX-512, 4 on NEON)."""
+    from ...backends.tvm.target import host_arch, host_cpu_flags
+
+    flags = host_cpu_flags()
+    if host_arch() == "x86_64":
+        return 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    return 4
+
+
+def _filter_norm(graph: Graph, group: ChannelGroup, produces: set, p: int) -> np.ndarray:
+    scores = np.zeros(group.size)
+    for k, unit in enumerate(group.units):
+        for (value, axis), idx in unit.indices.items():
+            if (value, axis) in produces:
+                w = np.take(graph.params[value], idx, axis=axis).astype(np.float64)
+                scores[k] += np.abs(w).sum() if p == 1 else np.sqrt((w * w).sum())
+    return scores
+
+
+def _bn_gamma(graph: Graph, group: ChannelGroup) -> np.ndarray | None:
+    gammas = {n.inputs[3] for n in graph.nodes if n.op == "batch_norm"}
+    scores, found = np.zeros(group.size), False
+    for k, unit in enumerate(group.units):
+        for (value, axis), idx in unit.indices.items():
+            if value in gammas:
+                scores[k] += np.abs(graph.params[value][idx]).sum()
+                found = True
+    return scores if found else None
+
+
+def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> int:
+    keep = max(1, n_units - int(math.floor(ratio * n_units + 1e-9)))
+    if unit_width == 1 and round_to > 1 and n_units >= round_to:
+        keep = min(n_units, int(math.ceil(keep / round_to) * round_to))
+    return keep
+
+
+@register_pass("prune", contract="lossy")
+class Prune(Pass):
+    def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
+                 round_to="auto"):
+        if not 0.0 <= ratio < 1.0:
+            raise PassError(f"Prune ratio must be in [0, 1), got {ratio}")
+        if criterion not in CRITERIA:
+            raise PassError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+        self.ratio, self.criterion, self.per_layer = ratio, criterion, per_layer
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.round_to = default_vector_lanes() if round_to == "auto" else int(round_to or 1)
+        self.plan: list[tuple[str, int, int]] = []  # (group, units before, units kept), after a run
+
+    def scores(self, graph: Graph, group: ChannelGroup, produces: set) -> np.ndarray:
+        if self.criterion == "bn_gamma":
+            s = _bn_gamma(graph, group)
+            if s is not None:
+                return s
+        return _filter_norm(graph, group, produces, 2 if self.criterion == "l2" else 1)
+
+    def _excluded(self, group: ChannelGroup) -> bool:
+        return any(fnmatch.fnmatch(part, pat) for part in group.name.split("+") for pat in self.exclude)
+
+    def run(self, graph: Graph) -> Graph:
+        return remove_channels(graph, self.select(graph))
+
+    def select(self, graph: Graph) -> list:
+        """The units (from dependency.analyse) this pass would remove from `graph`."""
+        analysis = analyse(graph)
+        groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
+        scores = [self.scores(graph, g, analysis.produces) for g in groups]
+        if self.per_layer:
+            ratios = [self.ratio] * len(groups)
+        else:  # rank every unit by its score relative to its group's mean; drop the lowest
+            ranked = sorted((s / max(sc.mean(), 1e-12), gi) for gi, sc in enumerate(scores) for s in sc)
+            budget = int(math.floor(self.ratio * sum(g.size for g in groups)))
+            dropped = [0] * len(groups)
+            for _, gi in ranked:
+                if budget <= 0:
+                    break
+                if groups[gi].size - dropped[gi] > 1:
+                    dropped[gi] += 1
+                    budget -= 1
+            ratios = [d / g.size for d, g in zip(dropped, groups)]
+        doomed, self.plan = [], []
+        for g, sc, ratio in zip(groups, scores, ratios):
+            keep = _keep_count(g.size, _unit_width(g), ratio, self.round_to)
+            doomed += [g.units[i] for i in np.argsort(sc, kind="stable")[: g.size - keep]]
+            self.plan.append((g.name, g.size, keep))
+        return doomed
+
+
+def _unit_width(group: ChannelGroup) -> int:
+    return max(len(v) for v in group.units[0].indices.values())
