@@ -1,0 +1,393 @@
+"""Shared pieces for the benchmarks: thread setup, timing, engines, models, machine facts, tables.
+
+Every engine is built by a small factory that returns an `Engine`: a no-argument
+`run()` doing one inference on a fixed input and returning the output as numpy,
+plus the one-off setup time (export, compile). A new engine (torch.compile,
+tuned shave, ...) is one more factory added to `ENGINES`; a new model is one
+more entry in `MODELS`.
+
+Import order matters for TVM: its thread pool reads TVM_NUM_THREADS once, when
+first used, so call `set_thread_env(threads)` before anything imports tvm or
+shave. This module imports neither at module level.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# fp32 FLOPs one core can retire per cycle: two 256-bit FMA pipes x 8 lanes x 2 (multiply + add),
+# as on AVX2 Zen and Skylake-class cores. The peak figure is a ceiling, not a target.
+FP32_FLOP_PER_CYCLE = 32
+
+
+def ensure_shave_importable() -> None:
+    """Let `python benchmarks/x.py` work from a checkout where shave is not pip-installed."""
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("shave") is not None:
+            return
+    except (ImportError, ValueError):
+        pass
+    sys.path.insert(0, str(REPO_ROOT))
+
+
+def set_thread_env(threads: int) -> None:
+    """Pin TVM's worker count; must run before tvm is imported (it is read once)."""
+    os.environ["TVM_NUM_THREADS"] = str(threads)
+    if "tvm" in sys.modules:
+        warnings.warn("tvm was imported before set_thread_env(); TVM_NUM_THREADS may not take effect",
+                      RuntimeWarning, stacklevel=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# timing
+
+
+@dataclass
+class Timing:
+    """Per-run wall times of one engine, in milliseconds."""
+
+    samples_ms: list[float]
+    warmup_runs: int
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.samples_ms, q))
+
+    @property
+    def runs(self) -> int:
+        return len(self.samples_ms)
+
+    @property
+    def median(self) -> float:
+        return self.pct(50)
+
+    @property
+    def p10(self) -> float:
+        return self.pct(10)
+
+    @property
+    def p90(self) -> float:
+        return self.pct(90)
+
+    @property
+    def iqr(self) -> float:
+        return self.pct(75) - self.pct(25)
+
+    def to_dict(self) -> dict:
+        return {"median_ms": self.median, "p10_ms": self.p10, "p90_ms": self.p90, "p25_ms": self.pct(25),
+                "p75_ms": self.pct(75), "min_ms": min(self.samples_ms), "runs": self.runs,
+                "warmup_runs": self.warmup_runs, "samples_ms": self.samples_ms}
+
+
+def measure(fn: Callable[[], object], *, warmup: int, repeats: int, budget_s: float,
+            min_repeats: int = 3) -> tuple[Timing, object]:
+    """Warm `fn` up, then time `repeats` single calls, each on its own.
+
+    Slow engines get fewer timed runs: the count is cut so the timed part takes
+    about `budget_s` (but never below `min_repeats`), and warm-up stops early
+    once it has used a quarter of the budget (after at least one run). Returns
+    the timing and the output of the last timed call, so the value checked for
+    correctness is the one the timed code produced.
+    """
+    warm_times = []
+    t_start = time.perf_counter()
+    for _ in range(max(1, warmup)):
+        t0 = time.perf_counter()
+        fn()
+        warm_times.append(time.perf_counter() - t0)
+        if time.perf_counter() - t_start > budget_s / 4:
+            break
+    per_run = min(warm_times[-3:])  # the warmed-up estimate: ignore first-call costs
+    n = int(max(min_repeats, min(repeats, budget_s // max(per_run, 1e-9))))
+
+    samples, out = [], None
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection inside one timed call would show up as noise
+    try:
+        for _ in range(n):
+            t0 = time.perf_counter_ns()
+            out = fn()
+            samples.append((time.perf_counter_ns() - t0) / 1e6)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return Timing(samples, len(warm_times)), out
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+
+
+@dataclass
+class Engine:
+    name: str
+    run: Callable[[], np.ndarray]  # one inference on the fixed input, output as numpy
+    setup_s: float | None = None  # one-off cost before the first run (export, compile)
+    info: dict = field(default_factory=dict)  # what was used, for the notes and the JSON
+
+
+def eager_engine(model, x, threads: int) -> Engine:
+    """PyTorch eager under inference_mode, on `threads` intra-op threads."""
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def run():
+        with torch.inference_mode():
+            return model(x).numpy()
+
+    return Engine("pytorch eager", run, None, {"torch": torch.__version__, "threads": torch.get_num_threads()})
+
+
+def export_onnx(model, x, path: Path, opset: int = 17) -> str:
+    """Write `model` as ONNX; returns which exporter was used.
+
+    torch's torch.export-based exporter (dynamo=True, the default since 2.9)
+    needs the `onnxscript` package; without it, the TorchScript exporter
+    (dynamo=False, deprecated but present) is used. Both give a static-shape graph.
+    """
+    import importlib.util
+
+    import torch
+
+    kw = dict(input_names=["input"], output_names=["output"], opset_version=opset)
+    if importlib.util.find_spec("onnxscript") is not None:
+        try:
+            torch.onnx.export(model, (x,), str(path), dynamo=True, **kw)
+            return f"torch.export-based (dynamo=True), opset {opset}"
+        except Exception as e:  # fall through to the TorchScript exporter
+            warnings.warn(f"dynamo ONNX export failed ({type(e).__name__}); using dynamo=False")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter" notice
+        torch.onnx.export(model, (x,), str(path), dynamo=False, do_constant_folding=True, **kw)
+    return f"TorchScript-based (dynamo=False), opset {opset}"
+
+
+def onnxruntime_engine(model, x, threads: int, workdir: Path | None = None) -> Engine:
+    """ONNX Runtime, CPU execution provider, all graph optimisations, `threads` intra-op threads."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory(dir=workdir) as d:
+        path = Path(d) / "model.onnx"
+        t0 = time.perf_counter()
+        exporter = export_onnx(model, x, path)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        setup = time.perf_counter() - t0
+    feed = {sess.get_inputs()[0].name: x.numpy()}
+
+    def run():
+        return sess.run(None, feed)[0]
+
+    return Engine("onnxruntime", run, setup, {"onnxruntime": ort.__version__, "exporter": exporter,
+                                              "providers": sess.get_providers(), "intra_op_threads": threads})
+
+
+def shave_engine(model, x, threads: int, target: str = "x86") -> Engine:
+    """shave.compile (untuned) and the compiled model's runtime, on numpy in / numpy out.
+
+    The timed call includes what shave's runtime always does per call: copying
+    the input into a TVM tensor and the output back into numpy.
+    """
+    import shave
+    import tvm
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices during capture
+        cm = shave.compile(model, (x,), target=target)
+    setup = time.perf_counter() - t0
+    xn = x.numpy()
+
+    def run():
+        return cm(xn)
+
+    return Engine("shave", run, setup, {
+        "tvm": tvm.__version__, "target": target, "target_dict": cm.target,
+        "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "flops": cm.report.rows[-1].flops,
+        "report": str(cm.report), "report_rows": cm.report.to_dict()["rows"]})
+
+
+# name -> factory(model, x, threads) -> Engine; run in this order
+ENGINES: dict[str, Callable[..., Engine]] = {
+    "eager": eager_engine,
+    "onnxruntime": onnxruntime_engine,
+    "shave": shave_engine,
+}
+
+
+def model_flops(model, x) -> int:
+    """FLOPs (multiply and add counted separately) from shave's IR, when no compile was run."""
+    import shave
+
+    return int(shave.capture(model, (x,)).stats()["flops"])
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+
+
+def _mobilenet_v2():
+    from shave.zoo.mobilenet_v2 import pretrained_mobilenet_v2
+
+    return pretrained_mobilenet_v2(), "MobileNetV2, ImageNet weights (torchvision IMAGENET1K_V1)"
+
+
+def _resnet18(seed: int = 0):
+    import torch
+    from shave.zoo.resnet import resnet18
+
+    torch.manual_seed(seed)
+    return resnet18().eval(), f"ResNet-18, random init (torch.manual_seed({seed}))"
+
+
+# name -> () -> (eval-mode model, description); all take 3x224x224 inputs
+MODELS: dict[str, Callable[[], tuple[object, str]]] = {
+    "mobilenet_v2": _mobilenet_v2,
+    "resnet18": _resnet18,
+}
+
+
+def make_input(batch: int, size: int = 224, seed: int = 0):
+    """A fixed N(0, 1) image batch: roughly the range of ImageNet-normalised pixels."""
+    import torch
+
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def output_diff(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
+    """(max |out - ref|, that divided by max |ref|); inf when the shapes differ."""
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    if out.shape != ref.shape:
+        return float("inf"), float("inf")
+    d = float(np.abs(out - ref).max(initial=0.0))
+    return d, d / max(float(np.abs(ref).max(initial=0.0)), 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# machine facts
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":")[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def machine_info(threads: int) -> dict:
+    """CPU model, clock, and the fp32 peak for the cores `threads` can use."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    mhz = _cpuinfo_field("cpu MHz")
+    mhz = float(mhz) if mhz else None
+    used = min(threads, cores)
+    peak = used * FP32_FLOP_PER_CYCLE * mhz / 1e3 if mhz else None
+    return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
+            "cores": cores, "cpu_mhz": mhz, "cores_used": used, "flop_per_cycle": FP32_FLOP_PER_CYCLE,
+            "peak_gflops": peak, "python": platform.python_version()}
+
+
+def loadavg() -> tuple[float, float, float] | None:
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
+
+
+class CpuWatch:
+    """How much CPU other processes took while a block ran (Linux /proc/stat).
+
+    A benchmark on a shared machine is only as good as its quiet: this turns
+    "was anything else running?" into a number. `others_pct` is the busy time
+    of all CPUs, minus this process's own CPU time, plus time stolen by the
+    hypervisor, as a percentage of (wall time x cores); 0 means nothing else ran.
+    `self_cores` is this process's CPU time over wall time: about how many
+    cores the timed engine kept busy (a check that its thread setting took).
+    """
+
+    def __enter__(self):
+        self._start = self._snapshot()
+        return self
+
+    def __exit__(self, *exc):
+        end = self._snapshot()
+        self.others_pct = self.self_cores = None
+        if self._start is not None and end is not None:
+            (w0, b0, s0, o0), (w1, b1, s1, o1) = self._start, end
+            cores = os.cpu_count() or 1
+            wall = max(w1 - w0, 1e-9)
+            others = max(0.0, (b1 - b0) - (o1 - o0)) + (s1 - s0)
+            self.others_pct = min(100.0, 100.0 * others / (wall * cores))
+            self.self_cores = (o1 - o0) / wall
+        return False
+
+    @staticmethod
+    def _snapshot():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(t) for t in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        hz = os.sysconf("SC_CLK_TCK")
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6]) / hz  # user nice system irq softirq
+        steal = (v[7] if len(v) > 7 else 0) / hz
+        t = os.times()
+        return time.perf_counter(), busy, steal, t.user + t.system
+
+
+def wait_for_quiet(max_wait_s: float, threshold_pct: float = 5.0, window_s: float = 2.0) -> float | None:
+    """Wait (up to `max_wait_s`) until other processes use under `threshold_pct` of the CPUs
+    over a `window_s` window. Returns their share in the last window (None without /proc/stat)."""
+    deadline = time.perf_counter() + max_wait_s
+    while True:
+        with CpuWatch() as w:
+            time.sleep(window_s)
+        if w.others_pct is None or w.others_pct < threshold_pct or time.perf_counter() >= deadline:
+            return w.others_pct
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def markdown_table(headers: list[str], rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """A padded markdown table; columns whose index is in `right` are right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+
+    def line(cells):
+        return "| " + " | ".join(c.rjust(w) if i in right else c.ljust(w)
+                                 for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2))
+                          for i, w in enumerate(widths)) + "|"
+    return "\n".join([line(headers), rule] + [line(r) for r in rows])
+
+
+def fmt_ratio(r: float) -> str:
+    """A time ratio with about three significant digits: 0.0123x, 0.72x, 12.3x."""
+    return f"{r:.1f}x" if r >= 10 else f"{r:.2f}x" if r >= 0.1 else f"{r:.3g}x"
+
+
+def fmt_ms(ms: float) -> str:
+    return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}"

@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Inference latency: PyTorch eager vs ONNX Runtime vs shave, side by side, on CPU.
+
+    python benchmarks/latency.py                         # MobileNetV2 + ResNet-18, batch 1, 2 threads
+    python benchmarks/latency.py --models resnet18 --batch 8 --json out/latency.json
+
+For each model and engine: warm-up, then the median (and p10/p90, IQR) of
+single timed calls, the time relative to eager and to ONNX Runtime, the
+GFLOP/s achieved against the machine's fp32 peak, and the largest output
+difference from eager. See benchmarks/README.md for how to read the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+QUIET_PCT = 5.0  # others' CPU share (%) above which a timing counts as disturbed
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    from common import ENGINES, MODELS  # no torch/tvm import happens here
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2,
+                   help="threads for every engine (torch intra-op, ORT intra-op, TVM_NUM_THREADS)")
+    p.add_argument("--repeats", type=int, default=100, help="timed runs per engine, at most")
+    p.add_argument("--warmup", type=int, default=5, help="untimed runs per engine before timing, at most")
+    p.add_argument("--budget", type=float, default=25.0,
+                   help="seconds of timed runs per engine; slow engines get fewer than --repeats runs")
+    p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
+                   help="before timing each engine, wait up to this long for other processes to leave the "
+                        "CPUs (under 5%% busy over 2 s), and time an engine again (twice at most) if "
+                        "they came back while it was timed; 0 disables")
+    p.add_argument("--target", default="x86", help="shave.compile target")
+    p.add_argument("--json", metavar="PATH", help="also write the full results (all samples) as JSON")
+    p.add_argument("--show-report", action="store_true", help="print shave's per-stage compile report")
+    args = p.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    for kind, names, known in (("model", args.models, MODELS), ("engine", args.engines, ENGINES)):
+        bad = [n for n in names if n not in known]
+        if bad:
+            p.error(f"unknown {kind}(s): {', '.join(bad)}; known: {', '.join(known)}")
+    return args
+
+
+def time_engine(engine, args, common, max_tries: int = 3):
+    """measure() under a CpuWatch. With --wait-quiet, wait for quiet first, and if other
+    processes still took the CPUs during timing, try again (up to `max_tries`), keeping
+    the least disturbed attempt."""
+    best = None
+    for attempt in range(max_tries if args.wait_quiet > 0 else 1):
+        if args.wait_quiet > 0:
+            common.wait_for_quiet(args.wait_quiet)
+        with common.CpuWatch() as watch:
+            timing, out = common.measure(engine.run, warmup=args.warmup, repeats=args.repeats,
+                                         budget_s=args.budget)
+        if best is None or (watch.others_pct or 0) < (best[2].others_pct or 0):
+            best = (timing, out, watch)
+        if watch.others_pct is None or watch.others_pct < QUIET_PCT:
+            break
+        print(f"  {engine.name:<14} other processes took {watch.others_pct:.0f}% of the CPUs while timed"
+              + ("; timing again" if attempt + 1 < max_tries else ""), flush=True)
+    return best
+
+
+def bench_model(name: str, args, common) -> dict:
+    """Every selected engine on one model. Failures are recorded, not raised."""
+    import torch
+
+    model, desc = common.MODELS[name]()
+    x = common.make_input(args.batch)
+    print(f"\n## {name}: {desc}, input {list(x.shape)}", flush=True)
+    factory_kw = {"shave": {"target": args.target}}
+
+    results, ref, flops = [], None, None
+    for ename in args.engines:
+        r = {"model": name, "engine": ename, "ok": False}
+        try:
+            engine = common.ENGINES[ename](model, x, args.threads, **factory_kw.get(ename, {}))
+            r.update(engine=engine.name, setup_s=engine.setup_s, info=engine.info)
+            timing, out, watch = time_engine(engine, args, common)
+            r.update(ok=True, timing=timing, out=out, others_cpu_pct=watch.others_pct,
+                     cores_busy=watch.self_cores)
+            flops = flops or engine.info.get("flops")
+            print(f"  {engine.name:<14} median {common.fmt_ms(timing.median):>8} ms over {timing.runs:>3} runs"
+                  + (f"  (setup {engine.setup_s:.1f} s)" if engine.setup_s is not None else ""), flush=True)
+            if ename == "eager":
+                ref = out
+            del engine
+        except Exception as e:  # keep going: one broken engine should not hide the others
+            r["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            print(f"  {ename:<14} FAILED  {r['error']}", flush=True)
+        results.append(r)
+
+    if ref is None:  # no eager run to compare with: take the reference output separately
+        with torch.inference_mode():
+            ref = model(x).numpy()
+    if flops is None:
+        try:
+            flops = common.model_flops(model, x)
+        except Exception as e:
+            print(f"  (FLOP count unavailable: {type(e).__name__}: {e})")
+    for r in results:
+        if r["ok"]:
+            r["max_abs_diff"], r["max_rel_diff"] = common.output_diff(r.pop("out"), ref)
+    return {"model": name, "description": desc, "input_shape": list(x.shape), "flops": flops,
+            "output_max_abs": float(abs(ref).max()), "engines": results}
+
+
+def render(models: list[dict], machine: dict) -> str:
+    from common import fmt_ms, fmt_ratio, markdown_table
+
+    headers = ["model", "engine", "median ms", "p10 ms", "p90 ms", "IQR ms", "runs", "t/eager", "t/ORT",
+               "GFLOP/s", "% peak", "max abs diff vs eager", "setup s", "others' CPU %"]
+    rows = []
+    for m in models:
+        by = {r["engine"]: r for r in m["engines"] if r["ok"]}
+        eager, ort_ = by.get("pytorch eager"), by.get("onnxruntime")
+        for r in m["engines"]:
+            if not r["ok"]:
+                rows.append([m["model"], r["engine"], "FAILED"] + [""] * (len(headers) - 3))  # why: under the table
+                continue
+            t = r["timing"]
+            ratio = lambda ref: fmt_ratio(t.median / ref["timing"].median) if ref else "-"  # noqa: E731
+            gflops = m["flops"] / (t.median / 1e3) / 1e9 if m["flops"] else None
+            peak = machine["peak_gflops"]
+            diff = "0 (reference)" if r is eager else f"{r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e})"
+            rows.append([m["model"], r["engine"], fmt_ms(t.median), fmt_ms(t.p10), fmt_ms(t.p90), fmt_ms(t.iqr),
+                         str(t.runs), ratio(eager), ratio(ort_),
+                         f"{gflops:.1f}" if gflops else "-",
+                         f"{100 * gflops / peak:.1f}" if gflops and peak else "-",
+                         diff, "-" if r.get("setup_s") is None else f"{r['setup_s']:.1f}",
+                         "-" if r["others_cpu_pct"] is None else f"{r['others_cpu_pct']:.0f}"])
+    return markdown_table(headers, rows, right={2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 13})
+
+
+def main(argv=None) -> int:
+    t_start = time.perf_counter()
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    args = parse_args(argv)
+
+    import common
+
+    common.set_thread_env(args.threads)  # before anything imports tvm
+    common.ensure_shave_importable()
+    import numpy as np
+    import onnxruntime
+    import torch
+    import tvm
+
+    torch.set_num_threads(args.threads)
+    machine = common.machine_info(args.threads)
+    load_before = common.loadavg()
+    versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__,
+                "numpy": np.__version__}
+
+    print("# Latency: PyTorch eager vs ONNX Runtime vs shave")
+    print(f"cpu: {machine['cpu']}, {machine['cores']} cores visible"
+          + (f", {machine['cpu_mhz']:.0f} MHz (/proc/cpuinfo)" if machine["cpu_mhz"] else ""))
+    if machine["peak_gflops"]:
+        print(f"fp32 peak for {machine['cores_used']} core(s): {machine['cores_used']} x "
+              f"{machine['flop_per_cycle']} flop/cycle x {machine['cpu_mhz'] / 1e3:.2f} GHz "
+              f"= {machine['peak_gflops']:.1f} GFLOP/s")
+    print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
+    print(f"batch {args.batch}, threads {args.threads} (TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}), "
+          f"warm-up <= {args.warmup}, timed runs <= {args.repeats} and ~{args.budget:.0f} s per engine")
+    if load_before:
+        print(f"load average before: {load_before[0]:.2f} (1 min)")
+
+    models = []
+    for name in args.models:
+        try:
+            models.append(bench_model(name, args, common))
+        except Exception as e:  # e.g. the model (or its weights package) is not importable
+            print(f"\n## {name}: FAILED  {type(e).__name__}: {e}", flush=True)
+            models.append({"model": name, "error": f"{type(e).__name__}: {e}", "flops": None, "engines": [
+                {"model": name, "engine": "(model)", "ok": False, "error": f"{type(e).__name__}: {e}"}]})
+
+    print("\n## Results (times in ms per inference; t/eager, t/ORT > 1 means slower)\n")
+    print(render(models, machine))
+    print()
+    for m in models:
+        for r in m["engines"]:
+            if not r["ok"]:
+                print(f"- {m['model']} / {r['engine']}: FAILED: {r['error']}")
+        if "error" in m:
+            continue
+        flops = f"{m['flops'] / 1e9:.3f} GFLOP per batch" if m["flops"] else "FLOPs unknown"
+        print(f"- {m['model']}: {flops} (multiply and add counted separately); "
+              f"max |eager output| = {m['output_max_abs']:.3g}")
+        busy = [f"{r['engine']} {r['cores_busy']:.1f}" for r in m["engines"] if r.get("cores_busy") is not None]
+        if busy:
+            print(f"  - cores kept busy while timed (CPU time / wall time): {', '.join(busy)}")
+        for r in m["engines"]:
+            info = r.get("info", {})
+            if "exporter" in info:
+                print(f"  - onnxruntime: ONNX export {info['exporter']}, providers {info['providers']}")
+            if "report" in info and args.show_report:
+                print("  - shave compile report:\n" + "\n".join("      " + l for l in info["report"].splitlines()))
+            if r["ok"] and r["engine"] != "pytorch eager" and r["max_rel_diff"] > 1e-3:
+                print(f"  - WARNING: {r['engine']} output differs from eager by {r['max_rel_diff']:.2e} "
+                      "of the output scale: its time is not for a correct result")
+    wall = time.perf_counter() - t_start
+    busy = [r["others_cpu_pct"] for m in models for r in m["engines"] if r.get("others_cpu_pct") is not None]
+    if busy and max(busy) > QUIET_PCT:
+        print(f"- WARNING: other processes used up to {max(busy):.0f}% of the machine's CPU time while an "
+              "engine was being timed (column \"others' CPU %\"): those times are inflated and noisier; "
+              "rerun on a quiet machine for numbers to quote")
+    print(f"- total wall time: {wall:.0f} s")
+
+    if args.json:
+        out = {"config": {k: getattr(args, k) for k in ("models", "engines", "batch", "threads", "repeats",
+                                                        "warmup", "budget", "wait_quiet", "target")},
+               "machine": machine, "versions": versions, "loadavg_before": load_before, "wall_s": wall,
+               "models": []}
+        for m in models:
+            mm = dict(m, engines=[])
+            for r in m["engines"]:
+                r = dict(r)
+                if "timing" in r:
+                    r.update(r.pop("timing").to_dict())
+                mm["engines"].append(r)
+            out["models"].append(mm)
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1, default=str)
+        print(f"- results written to {args.json}")
+    return 0 if all(r["ok"] for m in models for r in m["engines"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
