@@ -4,9 +4,13 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench bench-prune clean
+
+DATASETS := /usr/share/datasets/fashion-mnist
 
 $(STAMP): requirements.txt pyproject.toml
+	# real Fashion-MNIST, from Debian's package (used by pruning tests and benchmarks)
+	test -d $(DATASETS) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -25,6 +29,9 @@ test: setup
 
 bench: setup
 	$(PY) benchmarks/latency.py
+
+bench-prune: setup
+	$(PY) benchmarks/prune_fashion.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -17,6 +17,7 @@ _LAZY = {
     "CompiledModel": ("api", "CompiledModel"),
     "to_torch": ("api", "to_torch"),
     "capture": ("frontend", "capture"),
+    "finetune": ("finetuning", "finetune"),
     "register_pass": ("passes", "register_pass"),
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
@@ -35,6 +36,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'shave' has no attribute {name!r}")
 
 
-__all__ = ["compile", "load", "capture", "to_torch", "passes", "register_pass", "Pass", "CompiledModel", "Runtime",
+__all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
            "TargetError", "CompileError", "ArtifactError", "InputError"]

@@ -127,7 +127,8 @@ def test_compile_reports_pruning():
     cm = shave.compile(model, inputs, passes=["fold_bn", Prune(ratio=0.5)])
     row = cm.report["prune"]
     assert row.contract == "lossy" and row.error > 0
-    assert row.flops < cm.report["fold_bn"].flops * 0.6
+    assert row.flops < cm.report["fold_bn"].flops * 0.75  # stem input and logits keep their width
+    assert row.params < cm.report["fold_bn"].params * 0.5
 
 
 def test_op_without_channel_rule_is_named(monkeypatch):
@@ -146,3 +147,44 @@ def test_mean_over_channels_freezes_them():
     g.outputs = ["m"]
     infer_types(g)
     assert analyse(g).groups == []  # pruning a channel would change the mean
+
+
+def _calibration(inputs, n=4, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(inputs[0].shape, generator=gen) for _ in range(n)]
+
+
+def test_taylor_needs_data_and_scores_by_effect():
+    g = _two_conv_graph()
+    with pytest.raises(PassError, match="needs calibration data"):
+        Prune(criterion="taylor")
+    with pytest.raises(PassError, match="calibration data for pruning is empty"):
+        Prune(criterion="taylor", data=[])
+    p = Prune(criterion="taylor", data=_calibration([torch.zeros(1, 3, 8, 8)]), round_to=1)
+    units = p.select(g)
+    assert len(units) == 8
+    out = p(g)
+    assert out.type_of("0").shape[1] == 8
+
+
+def test_reconstruction_beats_l1_on_the_next_layer():
+    """ThiNet selection + least-squares refit keeps the output closer than L1 at the same ratio."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 16, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    g = shave.capture(model, (x,))
+    data = _calibration([x], n=8)
+    ref = run_graph(g, [x.numpy()])[0]
+    err = {}
+    for criterion in ("l1", "reconstruction"):
+        p = Prune(ratio=0.5, criterion=criterion, round_to=1, data=data if criterion != "l1" else None)
+        err[criterion] = rel_err(run_graph(p(g), [x.numpy()])[0], ref)
+    assert err["reconstruction"] < 0.6 * err["l1"], err
+    assert g.params["2.weight"].shape == (16, 32, 3, 3)  # the input graph is unchanged
+
+
+def test_reconstruction_falls_back_where_it_cannot_apply():
+    model, inputs = FAMILIES["resnet"]()
+    g = FoldBN()(shave.capture(model, inputs))
+    out = Prune(ratio=0.5, criterion="reconstruction", data=_calibration(inputs, n=2), round_to=1)(g)
+    assert out.stats()["params"] < g.stats()["params"]

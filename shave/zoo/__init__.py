@@ -6,6 +6,8 @@
 * ``ResNet`` / ``resnet18``: torchvision-identical ResNet with a width knob.
 * ``imagenet_samples``: 20 real ImageNet images (from the ``foolbox`` pip
   package) with torchvision's eval preprocessing, plus labels.
+* ``load_fashion_mnist`` / ``FashionResNet``: real Fashion-MNIST (Debian's
+  ``dataset-fashion-mnist`` package) and a small ResNet for it.
 * ``FAMILIES``: small, fast, structurally faithful versions of the torchvision
   classification families, each as a factory returning ``(model, inputs)``.
 
@@ -13,12 +15,15 @@ torchvision is not required.
 """
 
 from .families import FAMILIES, build_family
+from .fashion_mnist import FashionResNet, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2_weights_path, pretrained_mobilenet_v2
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnext50_32x4d
 
 __all__ = [
     "FAMILIES",
+    "FashionResNet",
+    "load_fashion_mnist",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "BasicBlock",

@@ -85,3 +85,26 @@ def run_graph(graph: Graph, inputs) -> list[np.ndarray]:
         out = m(*args)
     outs = out if isinstance(out, tuple) else (out,)
     return [o.detach().cpu().numpy() for o in outs]
+
+
+def forward_with_values(graph: Graph, inputs, keep, params: dict | None = None):
+    """Run the graph op by op in torch (autograd works) and also return the
+    tensors of the values named in `keep`. `params` may supply torch tensors
+    for some parameters (e.g. ones being optimised); the rest are constants."""
+    env: dict = {name: torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
+                 for (name, _), x in zip(graph.inputs, inputs)}
+    params = params or {}
+    kept = {}
+    for n in graph.nodes:
+        args = []
+        for v in n.inputs:
+            if v in env:
+                args.append(env[v])
+            elif v in params:
+                args.append(params[v])
+            else:
+                args.append(torch.from_numpy(np.array(graph.params[v])))
+        env[n.name] = get_op(n.op).kernel(*args, **n.attrs)
+        if n.name in keep:
+            kept[n.name] = env[n.name]
+    return [env[v] for v in graph.outputs], kept

@@ -8,7 +8,13 @@ in every tensor that carries it. Criteria score each unit:
 
 - "l1", "l2": norm of its filters (Li et al., "Pruning Filters for Efficient ConvNets");
 - "bn_gamma": |gamma| of the batch norms on its channels (Liu et al., network slimming);
-  groups without a batch norm fall back to "l1".
+  groups without a batch norm fall back to "l1";
+- "taylor": first-order Taylor estimate of the loss change (Molchanov et al.), needs `data`;
+- "reconstruction": ThiNet-style greedy selection that best preserves the next
+  layer's output on `data`, then a least-squares refit of that layer; groups
+  not read by exactly one dense conv/linear fall back to "l1".
+
+`data` is an iterable of calibration inputs (each a tensor/array or a tuple of them).
 
 With per_layer=True each group loses `ratio` of its units; otherwise units
 are ranked globally by their score divided by their group's mean score.
@@ -27,9 +33,10 @@ from ...errors import PassError
 from ...ir import Graph
 from ..base import Pass, register_pass
 from .apply import remove_channels
+from .data_criteria import calibration_batches, reconstruct, taylor_scores
 from .dependency import ChannelGroup, analyse
 
-CRITERIA = ("l1", "l2", "bn_gamma")
+CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "reconstruction")
 
 
 def default_vector_lanes() -> int:
@@ -73,7 +80,7 @@ def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> i
 @register_pass("prune", contract="lossy")
 class Prune(Pass):
     def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
-                 round_to="auto"):
+                 round_to="auto", data=None):
         if not 0.0 <= ratio < 1.0:
             raise PassError(f"Prune ratio must be in [0, 1), got {ratio}")
         if criterion not in CRITERIA:
@@ -81,9 +88,11 @@ class Prune(Pass):
         self.ratio, self.criterion, self.per_layer = ratio, criterion, per_layer
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.round_to = default_vector_lanes() if round_to == "auto" else int(round_to or 1)
+        self.batches = calibration_batches(data) if criterion in ("taylor", "reconstruction") else None
         self.plan: list[tuple[str, int, int]] = []  # (group, units before, units kept), after a run
 
     def scores(self, graph: Graph, group: ChannelGroup, produces: set) -> np.ndarray:
+        """Data-free scores ("taylor" is scored in select; "reconstruction" ranks by l1 where it cannot apply)."""
         if self.criterion == "bn_gamma":
             s = _bn_gamma(graph, group)
             if s is not None:
@@ -97,10 +106,14 @@ class Prune(Pass):
         return remove_channels(graph, self.select(graph))
 
     def select(self, graph: Graph) -> list:
-        """The units (from dependency.analyse) this pass would remove from `graph`."""
+        """The units (from dependency.analyse) to remove from `graph`. With the
+        reconstruction criterion this also refits the consumers' weights in `graph`."""
         analysis = analyse(graph)
         groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
-        scores = [self.scores(graph, g, analysis.produces) for g in groups]
+        if self.criterion == "taylor":
+            scores = taylor_scores(graph, groups, self.batches)
+        else:
+            scores = [self.scores(graph, g, analysis.produces) for g in groups]
         if self.per_layer:
             ratios = [self.ratio] * len(groups)
         else:  # rank every unit by its score relative to its group's mean; drop the lowest
@@ -114,10 +127,14 @@ class Prune(Pass):
                     dropped[gi] += 1
                     budget -= 1
             ratios = [d / g.size for d, g in zip(dropped, groups)]
+        keeps = [_keep_count(g.size, _unit_width(g), r, self.round_to) for g, r in zip(groups, ratios)]
+        chosen = {}
+        if self.criterion == "reconstruction":
+            chosen = reconstruct(graph, groups, analysis.reduces, self.batches, keeps)
         doomed, self.plan = [], []
-        for g, sc, ratio in zip(groups, scores, ratios):
-            keep = _keep_count(g.size, _unit_width(g), ratio, self.round_to)
-            doomed += [g.units[i] for i in np.argsort(sc, kind="stable")[: g.size - keep]]
+        for gi, (g, sc, keep) in enumerate(zip(groups, scores, keeps)):
+            drop = chosen.get(gi, np.argsort(sc, kind="stable")[: g.size - keep])
+            doomed += [g.units[i] for i in drop]
             self.plan.append((g.name, g.size, keep))
         return doomed
 
