@@ -9,6 +9,7 @@ from ...errors import CompileError
 from ...ir import Graph
 from .lower import to_relax
 from .quiet import quiet_tvm
+from .schedules import schedule_module
 
 
 def build(graph: Graph, target: dict) -> tuple[bytes, float]:
@@ -20,6 +21,7 @@ def build(graph: Graph, target: dict) -> tuple[bytes, float]:
     mod = to_relax(graph)
     try:
         with tvm.target.Target(target):
+            mod = schedule_module(mod, target)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except Exception as e:
         msg = str(e).strip().splitlines()

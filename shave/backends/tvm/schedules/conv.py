@@ -1,0 +1,216 @@
+"""Scheduled conv2d kernels: NCHW in and out, channel-blocked (NCHWc) inside.
+
+One PrimFunc per conv layer computes
+
+    Y = act(conv(X, W) + bias [+ residual])
+
+in three stages:
+
+1. `pack`: the zero-padded input, re-laid out as [N, C/v, Hp, Wp, v] (v = vector
+   lanes). Channels are padded to a multiple of v with zeros.
+2. `conv`: the reduction into [N, OC/v, OH, OWp, v], vectorised over the v
+   output channels of a block, with a register tile of `reg_n` output columns
+   times `ocb_in` channel blocks held in an accumulator that lives in registers
+   (the tile is fully unrolled). The width is padded up to a multiple of reg_n,
+   so any width works without predicated inner loops.
+3. `out`: bias, residual and activation, written back to NCHW from the
+   register tile, computed inside the tile loop (no extra pass over memory).
+
+Weights are constants: they are packed in numpy at compile time to
+[OC/v, C/v, KH, KW, v(in), v(out)] (dense) or [C/v, KH, KW, v] (depthwise), so
+every weight load in the inner loop is one contiguous vector.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class ConvSpec:
+    n: int
+    c: int
+    h: int
+    w: int
+    oc: int
+    kh: int
+    kw: int
+    stride: tuple[int, int]
+    pad: tuple[int, int, int, int]  # top, left, bottom, right
+    dilation: tuple[int, int]
+    depthwise: bool
+    act: str | None  # None, "relu", or "clip:lo:hi"
+    residual: bool
+    vec: int
+
+    @property
+    def oh(self) -> int:
+        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+
+def _pick_reg_n(ow: int, max_reg: int) -> int:
+    """Tile width in [max_reg/2, max_reg] that wastes the fewest padded columns (then the widest)."""
+    if ow <= max_reg:
+        return ow
+    best = None
+    for r in range(max_reg, max(1, max_reg // 2) - 1, -1):
+        waste = math.ceil(ow / r) * r - ow
+        if best is None or waste < best[0]:
+            best = (waste, r)
+    return best[1]
+
+
+def plan(spec: ConvSpec) -> dict:
+    """Tiling decisions for a layer."""
+    v = spec.vec
+    ocb = math.ceil(spec.oc / v)
+    if spec.depthwise:
+        ocb_in = 1
+        reg_n = _pick_reg_n(spec.ow, 8)
+    else:
+        ocb_in = 2 if ocb >= 2 else 1
+        reg_n = _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
+    owp = math.ceil(spec.ow / reg_n) * reg_n
+    ocb = math.ceil(ocb / ocb_in) * ocb_in
+    # input-channel block: v, or all channels when there are fewer (the 3-channel stem)
+    vi = v if spec.depthwise else min(v, spec.c)
+    return {"ocb": ocb, "ocb_in": ocb_in, "reg_n": reg_n, "owp": owp, "icb": math.ceil(spec.c / vi), "vi": vi}
+
+
+def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
+    """OIHW (depthwise: C,1,KH,KW) -> the blocked layout the kernel reads."""
+    v = spec.vec
+    p = plan(spec)
+    if spec.depthwise:
+        cb = p["ocb"]
+        wp = np.zeros((cb * v, spec.kh, spec.kw), np.float32)
+        wp[:spec.oc] = w[:, 0]
+        return np.ascontiguousarray(wp.reshape(cb, v, spec.kh, spec.kw).transpose(0, 2, 3, 1))
+    ocb, icb, vi = p["ocb"], p["icb"], p["vi"]
+    wp = np.zeros((ocb * v, icb * vi, spec.kh, spec.kw), np.float32)
+    wp[:spec.oc, :spec.c] = w
+    wp = wp.reshape(ocb, v, icb, vi, spec.kh, spec.kw)  # O, o, I, i, kh, kw
+    return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 3, 1))  # O, I, kh, kw, i, o
+
+
+def _act(x, act):
+    from tvm import tirx
+
+    if act is None:
+        return x
+    if act == "relu":
+        return tirx.max(x, tirx.const(0.0, "float32"))
+    _, lo, hi = act.split(":")
+    return tirx.min(tirx.max(x, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
+
+
+def build_primfunc(spec: ConvSpec):
+    """The scheduled PrimFunc. Arguments: X, packed W, bias [OC], (residual), Y."""
+    import tvm
+    from tvm import te, tirx
+
+    v = spec.vec
+    p = plan(spec)
+    ocb, ocb_in, reg_n, owp, icb, vi = p["ocb"], p["ocb_in"], p["reg_n"], p["owp"], p["icb"], p["vi"]
+    n, c, h, w, oc = spec.n, spec.c, spec.h, spec.w, spec.oc
+    kh, kw = spec.kh, spec.kw
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = spec.pad[0], spec.pad[1]
+    oh, ow = spec.oh, spec.ow
+    hp = (oh - 1) * sh + dh * (kh - 1) + 1
+    wp = (owp - 1) * sw + dw * (kw - 1) + 1
+    cb = ocb if spec.depthwise else icb
+
+    X = te.placeholder((n, c, h, w), "float32", name="X")
+    if spec.depthwise:
+        Wt = te.placeholder((ocb, kh, kw, v), "float32", name="W")
+    else:
+        Wt = te.placeholder((ocb, icb, kh, kw, vi, v), "float32", name="W")
+    B = te.placeholder((oc,), "float32", name="B")
+    args = [X, Wt, B]
+    Res = None
+    if spec.residual:
+        Res = te.placeholder((n, oc, oh, ow), "float32", name="R")
+        args.append(Res)
+
+    def pack_fn(b, i, y, x, j):
+        ch = i * vi + j
+        iy, ix = y - pt, x - pl
+        ok = tirx.all(ch < c, iy >= 0, iy < h, ix >= 0, ix < w)
+        return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
+
+    P = te.compute((n, cb, hp, wp, vi), pack_fn, name="pack")
+    rkh = te.reduce_axis((0, kh), name="rkh")
+    rkw = te.reduce_axis((0, kw), name="rkw")
+    if spec.depthwise:
+        Cc = te.compute(
+            (n, ocb, oh, owp, v),
+            lambda b, o, y, x, j: te.sum(P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j] * Wt[o, rkh, rkw, j],
+                                         axis=[rkh, rkw]), name="conv")
+    else:
+        rcb = te.reduce_axis((0, icb), name="rcb")
+        rci = te.reduce_axis((0, vi), name="rci")
+        Cc = te.compute(
+            (n, ocb, oh, owp, v),
+            lambda b, o, y, x, j: te.sum(
+                P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
+                axis=[rcb, rkh, rkw, rci]), name="conv")
+
+    def out_fn(b, o, y, x):
+        val = Cc[b, o // v, y, x, o % v] + B[o]
+        if Res is not None:
+            val = val + Res[b, o, y, x]
+        return _act(val, spec.act)
+
+    Y = te.compute((n, oc, oh, ow), out_fn, name="out")
+    func = te.create_prim_func(args + [Y])
+    sch = tvm.s_tir.Schedule(func)
+    _schedule(sch, spec, p)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def _schedule(sch, spec: ConvSpec, p: dict) -> None:
+    v = spec.vec
+    reg_n, ocb_in = p["reg_n"], p["ocb_in"]
+    pack = sch.get_sblock("pack")
+    conv = sch.get_sblock("conv")
+    out = sch.get_sblock("out")
+    # pack: parallel over (n, cblock, row)
+    b, i, y, x, j = sch.get_loops(pack)
+    sch.parallel(sch.fuse(b, i, y))
+    # conv
+    sch.set_scope(conv, 0, "local")
+    loops = sch.get_loops(conv)
+    if spec.depthwise:
+        b, o, y, x, j, rkh, rkw = loops
+        xo, xi = sch.split(x, [None, reg_n])
+        sch.reorder(b, o, y, xo, rkh, rkw, xi, j)
+        outer = sch.fuse(b, o, y)
+        first_r = rkh
+        unrolled = [xi]
+    else:
+        b, o, y, x, j, rcb, rkh, rkw, rci = loops
+        oo, oi = sch.split(o, [None, ocb_in])
+        xo, xi = sch.split(x, [None, reg_n])
+        sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
+        outer = sch.fuse(b, oo, y)
+        first_r = rcb
+        unrolled = [oi, xi]
+    sch.parallel(outer)
+    sch.vectorize(j)
+    for lp in unrolled:
+        sch.unroll(lp)
+    sch.reverse_compute_at(out, xo)
+    init = sch.decompose_reduction(conv, first_r)
+    iloops = sch.get_loops(init)
+    sch.vectorize(iloops[-1])
+    for lp in iloops[-1 - len(unrolled):-1]:
+        sch.unroll(lp)
+    for lp in sch.get_loops(out)[-2:]:
+        sch.unroll(lp)
