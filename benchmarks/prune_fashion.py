@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Filter pruning on real Fashion-MNIST: accuracy, size, FLOPs and measured latency.
 
-    python benchmarks/prune_fashion.py [--epochs 2] [--finetune-steps 300] [--ratios 0.3,0.5,0.7]
+    python benchmarks/prune_fashion.py [--epochs 2] [--finetune-steps 150] [--ratios 0.3,0.5,0.7]
 
 Trains a small ResNet (shave.zoo.FashionResNet) on the 60k training images
 (Debian package dataset-fashion-mnist), then for each criterion and ratio:
@@ -60,7 +60,7 @@ def accuracy(module, x, y) -> float:
     return float((pred == y).float().mean()) * 100
 
 
-def median_ms(fn, x, runs=50) -> float:
+def median_ms(fn, x, runs=300) -> float:
     for _ in range(5):
         fn(x)
     t = []
@@ -74,7 +74,7 @@ def median_ms(fn, x, runs=50) -> float:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--finetune-steps", type=int, default=300)
+    ap.add_argument("--finetune-steps", type=int, default=150)
     ap.add_argument("--ratios", default="0.3,0.5,0.7")
     ap.add_argument("--criteria", default="l1,bn_gamma,reconstruction")
     ap.add_argument("--retrain", action="store_true", help="ignore the cached trained weights in out/")

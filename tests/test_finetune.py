@@ -33,3 +33,12 @@ def test_fashion_mnist_is_real_data():
     assert abs(float(x.mean())) < 0.1  # normalised with the training statistics
     out = FashionResNet().eval()(x[:2])
     assert out.shape == (2, 10)
+
+
+def test_reference_module_runs_any_batch():
+    torch.manual_seed(0)
+    model = FashionResNet().eval()
+    g = shave.capture(model, (torch.randn(1, 1, 28, 28),))
+    x = torch.randn(5, 1, 28, 28)
+    with torch.no_grad():
+        np.testing.assert_allclose(shave.to_torch(g)(x).numpy(), model(x).numpy(), rtol=1e-4, atol=1e-5)

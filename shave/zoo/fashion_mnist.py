@@ -53,9 +53,9 @@ class _Block(nn.Module):
 
 
 class FashionResNet(nn.Module):
-    """A ResNet for 1x28x28 inputs: stem + three stages of basic blocks (widths 32/64/128)."""
+    """A ResNet for 1x28x28 inputs: stem + three stages of basic blocks (widths 16/32/64)."""
 
-    def __init__(self, widths=(32, 64, 128), blocks=(1, 1, 1), num_classes: int = 10):
+    def __init__(self, widths=(16, 32, 64), blocks=(1, 1, 1), num_classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(1, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
         layers, cin = [], widths[0]

@@ -27,6 +27,19 @@ class _Kernel:
         return get_op(self.op).kernel(*args, **kwargs)
 
 
+def _batch_reshape(x, *, tail):
+    return torch.reshape(x, (x.shape[0],) + tuple(tail))
+
+
+def _call(graph: Graph, n):
+    """(callable, attrs) for one node. The IR's shapes are static, but a reshape
+    that keeps dim 0 (the batch) keeps the run-time batch here, so the reference
+    module also trains and evaluates on batches of another size."""
+    if n.op == "reshape" and graph.type_of(n.inputs[0]).shape[:1] == tuple(n.attrs["shape"][:1]):
+        return _batch_reshape, {"tail": tuple(n.attrs["shape"][1:])}
+    return _Kernel(n.op), dict(n.attrs)
+
+
 def _attr_name(param: str, taken: set[str]) -> str:
     base = "p_" + "".join(c if c.isalnum() else "_" for c in param)
     name, i = base, 1
@@ -67,7 +80,8 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
     for name, attr in attr_of.items():
         env[name] = g.get_attr(attr)
     for n in graph.nodes:
-        node = g.call_function(_Kernel(n.op), tuple(env[v] for v in n.inputs), dict(n.attrs))
+        fn, attrs = _call(graph, n)
+        node = g.call_function(fn, tuple(env[v] for v in n.inputs), attrs)
         node.name = "".join(c if c.isalnum() else "_" for c in n.name)
         env[n.name] = node
     outs = [env[v] for v in graph.outputs]
@@ -104,7 +118,8 @@ def forward_with_values(graph: Graph, inputs, keep, params: dict | None = None):
                 args.append(params[v])
             else:
                 args.append(torch.from_numpy(np.array(graph.params[v])))
-        env[n.name] = get_op(n.op).kernel(*args, **n.attrs)
+        fn, attrs = _call(graph, n)
+        env[n.name] = fn(*args, **attrs)
         if n.name in keep:
             kept[n.name] = env[n.name]
     return [env[v] for v in graph.outputs], kept

@@ -41,12 +41,11 @@ CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "reconstruction")
 
 def default_vector_lanes() -> int:
     """fp32 lanes of this host's widest vector unit (8 on AVX2, 16 on AVX-512, 4 on NEON)."""
-    from ...backends.tvm.target import host_arch, host_cpu_flags
+    from ...backends.tvm.schedules import vector_lanes
+    from ...backends.tvm.target import host_arch, host_cpu
 
-    flags = host_cpu_flags()
-    if host_arch() == "x86_64":
-        return 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    return 4
+    triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(host_arch(), "")
+    return vector_lanes({"kind": "llvm", "mtriple": triple, "mcpu": host_cpu()})
 
 
 def _filter_norm(graph: Graph, group: ChannelGroup, produces: set, p: int) -> np.ndarray:
