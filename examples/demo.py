@@ -86,7 +86,7 @@ def main() -> None:
             model(images[:1])
             eager.append(time.perf_counter() - t)
     print(f"\nlatency, batch 1, 2 threads (median): shave {np.median(times) * 1e3:.1f} ms, "
-          f"PyTorch eager {np.median(eager) * 1e3:.1f} ms (untuned schedules; see benchmarks/)")
+          f"PyTorch eager {np.median(eager) * 1e3:.1f} ms (default schedules, no tuning; see benchmarks/)")
     if agree != len(images) or err > 1e-4 or not same:
         sys.exit("demo check failed: the compiled model disagrees with PyTorch")
 
