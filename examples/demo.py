@@ -18,17 +18,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import shave  # noqa: E402
+from shave.testing import BLOCK_TORCH  # noqa: E402
 from shave.zoo import imagenet_samples, pretrained_mobilenet_v2  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "out"
 
-TORCH_FREE_RUN = """
-import sys, importlib.abc
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is blocked")
-sys.meta_path.insert(0, Block())
+TORCH_FREE_RUN = BLOCK_TORCH + """
 import numpy as np, shave
 rt = shave.load(sys.argv[1])
 images = np.load(sys.argv[2])

@@ -71,14 +71,12 @@ class CompiledModel:
         return write_artifact(path, self.manifest, {LIB: self._library})
 
 
-def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
+def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES) -> CompiledModel:
     """Capture `model`, rewrite it with `passes` (names or Pass objects, each
     checked numerically), and build it for `target` ('x86' or a TVM target dict).
 
     `model` may also be an IR Graph (from shave.capture, perhaps already
     rewritten); then it is its own reference and example_inputs may be omitted."""
-    if tune is not None:
-        raise NotImplementedError("tuning is not available yet; pass tune=None")
     spec = resolve_target(target)  # fail fast on a bad target, before any tracing
 
     t0 = time.perf_counter()

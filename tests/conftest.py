@@ -8,15 +8,7 @@ import torch
 os.environ.setdefault("TVM_NUM_THREADS", "2")
 torch.set_num_threads(2)
 
-# A snippet that makes `import torch` fail, for checking torch-free code paths in a subprocess.
-BLOCK_TORCH = """
-import sys, importlib.abc
-class _BlockTorch(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path, target=None):
-        if name == "torch" or name.startswith("torch."):
-            raise ImportError("torch is not importable in this process")
-sys.meta_path.insert(0, _BlockTorch())
-"""
+from shave.testing import BLOCK_TORCH  # noqa: F401  (tests import it from here)
 
 
 def rel_err(a, b) -> float:
