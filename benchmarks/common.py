@@ -152,6 +152,26 @@ def eager_engine(model, x, threads: int) -> Engine:
     return Engine("pytorch eager", run, None, {"torch": torch.__version__, "threads": torch.get_num_threads()})
 
 
+def torch_compile_engine(model, x, threads: int) -> Engine:
+    """torch.compile (Inductor, default mode); the first call, which compiles, is the setup."""
+    import torch
+
+    torch.set_num_threads(threads)
+    compiled = torch.compile(model)
+    t0 = time.perf_counter()
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        compiled(x)
+    setup = time.perf_counter() - t0
+
+    def run():
+        with torch.inference_mode():
+            return compiled(x).numpy()
+
+    return Engine("torch.compile", run, setup, {"torch": torch.__version__, "backend": "inductor",
+                                                "threads": torch.get_num_threads()})
+
+
 def export_onnx(model, x, path: Path, opset: int = 17) -> str:
     """Write `model` as ONNX; returns which exporter was used.
 
@@ -228,6 +248,7 @@ def shave_engine(model, x, threads: int, target: str = "x86") -> Engine:
 # name -> factory(model, x, threads) -> Engine; run in this order
 ENGINES: dict[str, Callable[..., Engine]] = {
     "eager": eager_engine,
+    "torch.compile": torch_compile_engine,
     "onnxruntime": onnxruntime_engine,
     "shave": shave_engine,
 }

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference latency: PyTorch eager vs ONNX Runtime vs shave, side by side, on CPU.
+"""Inference latency: PyTorch eager, torch.compile, ONNX Runtime and shave, side by side, on CPU.
 
     python benchmarks/latency.py                         # MobileNetV2 + ResNet-18, batch 1, 2 threads
     python benchmarks/latency.py --models resnet18 --batch 8 --json out/latency.json
