@@ -96,8 +96,7 @@ class _Converter:
         return node.name
 
     # --- the walk --------------------------------------------------------
-    def convert(self, gm: torch.fx.GraphModule, params: dict[str, str], param_values: dict[str, torch.Tensor],
-                user_inputs: list[str]):
+    def convert(self, gm: torch.fx.GraphModule, params: dict[str, str], param_values: dict[str, torch.Tensor]):
         """params: placeholder/get_attr name -> state_dict name."""
         for n in gm.graph.nodes:
             if n.op == "placeholder":
@@ -211,7 +210,7 @@ def _via_export(model, args, what) -> Graph:
             values[spec.target] = ep.state_dict[spec.target] if spec.target in ep.state_dict else ep.constants[spec.target]
         elif spec.kind.name != "USER_INPUT":
             raise CaptureError(f"{what}: unsupported export input kind {spec.kind.name} ({spec.target})")
-    return _Converter(what).convert(ep.graph_module, params, values, [])
+    return _Converter(what).convert(ep.graph_module, params, values)
 
 
 def _via_fx(model, args, what) -> Graph:
@@ -228,7 +227,7 @@ def _via_fx(model, args, what) -> Graph:
             t = _fetch_attr(gm, n.target)
             name = by_storage.get(t.data_ptr(), n.target) if isinstance(t, torch.Tensor) else n.target
             n.op, params[n.name], values[name] = "placeholder", name, t
-    return _Converter(what).convert(gm, params, values, [])
+    return _Converter(what).convert(gm, params, values)
 
 
 def _annotate_shapes(gm, args):

@@ -93,11 +93,8 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
 
 def run_graph(graph: Graph, inputs) -> list[np.ndarray]:
     """Run the graph on numpy/torch inputs with the reference kernels; numpy outputs."""
-    m = to_torch(graph, trainable=False)
-    args = [torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x for x in inputs]
     with torch.no_grad():
-        out = m(*args)
-    outs = out if isinstance(out, tuple) else (out,)
+        outs, _ = forward_with_values(graph, inputs, ())
     return [o.detach().cpu().numpy() for o in outs]
 
 
