@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-prune clean
+.PHONY: setup demo test bench bench-prune bench-decompose clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -32,6 +32,9 @@ bench: setup
 
 bench-prune: setup
 	$(PY) benchmarks/prune_fashion.py
+
+bench-decompose: setup
+	$(PY) benchmarks/decompose.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,10 +1,11 @@
 """Graph -> Graph rewrites. Every pass here is also registered by name."""
 from .base import FunctionPass, Pass, get_pass, register_pass, registered_passes
+from .decompose import Decompose
 from .fold_bn import FoldBN
 from .manager import run_passes, run_probes
 from .prune import Prune
 
 DEFAULT_PASSES = ("fold_bn",)
 
-__all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune",
+__all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune", "Decompose",
            "DEFAULT_PASSES"]

@@ -1,0 +1,215 @@
+"""Decompose: low-rank and separable factorisation of conv2d and linear layers.
+
+    Decompose(method="tucker2", rank=None, layers=None, exclude=(), energy=None, flop_budget=None,
+              round_to="auto", data=None, target="x86", cache=None, min_speedup=1.1)
+
+Methods (methods.py, factorize.py): "svd" (linear), "weight_svd", "spatial",
+"tucker2", "cp" (conv2d). The rank (ranks.py) is one of: an int (tucker2:
+also (R1, R2)), a fraction of the full rank (float), energy=e, flop_budget=b,
+rank="vbmf", or rank="auto" (auto.py): candidates from `energy` or
+`flop_budget` when given, else from FLOP budgets 3/4, 1/2, 1/4; the largest
+candidate whose compiled layer is measured at least `min_speedup` times
+faster than the original on `target` is kept, and where none is, the layer
+stays as it was. A layer the decomposition would not make cheaper in FLOPs is
+left alone too, unless `layers=` names it exactly.
+
+`layers` takes node names or fnmatch patterns ("layer3.*"); a name (no
+wildcard) must be a layer the method applies to. `data` (calibration inputs,
+as for Prune) turns on the least-squares refit of the last factor of each
+layer to the original layer's outputs (refine.py).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import numpy as np
+
+from ...errors import PassError
+from ...ir import Graph
+from ..base import Pass, register_pass
+from ..prune.data_criteria import calibration_batches
+from . import ranks
+from .auto import LatencyCache, time_graphs
+from .methods import METHODS, Layer, factor_shapes, factor_weights, macs, not_applicable
+from .refine import refit_last_factor
+from .rewrite import layer_graph, replace_with_factors
+
+AUTO_BUDGETS = (0.75, 0.5, 0.25)
+LAYER_OPS = ("conv2d", "linear")
+
+
+@dataclass
+class LayerPlan:
+    """What Decompose did with one layer."""
+    name: str
+    layer: str  # e.g. "conv2d 3x3 64->64"
+    rank: object  # None when no rank applied
+    macs_before: int
+    macs_after: int
+    kept: bool
+    reason: str = ""
+    seconds: tuple | None = None  # (original, decomposed) measured by rank="auto"
+    last: str = ""  # the last factor's node
+
+
+def _wildcard(pattern: str) -> bool:
+    return any(ch in pattern for ch in "*?[")
+
+
+@register_pass("decompose", contract="lossy")
+class Decompose(Pass):
+    def __init__(self, method: str = "tucker2", rank=None, layers=None, exclude=(), energy=None, flop_budget=None,
+                 round_to="auto", data=None, target="x86", cache=None, min_speedup: float = 1.1,
+                 cp_iters: int = 50):
+        if method not in METHODS:
+            raise PassError(f"unknown decomposition method {method!r}; known: {', '.join(METHODS)}")
+        named = [k for k, v in (("energy", energy), ("flop_budget", flop_budget)) if v is not None]
+        if len(named) > 1 or (named and rank not in (None, "auto")):
+            raise PassError(f"give one rank rule: rank, energy or flop_budget (rank='auto' may take one of the "
+                            f"others), got rank={rank!r} and {', '.join(named)}")
+        for key, val in (("energy", energy), ("flop_budget", flop_budget)):
+            if val is not None and not 0.0 < val <= 1.0:
+                raise PassError(f"Decompose {key} must be in (0, 1], got {val}")
+        if isinstance(rank, float) and not 0.0 < rank <= 1.0:
+            raise PassError(f"a fractional rank must be in (0, 1], got {rank}")
+        if isinstance(rank, str) and rank not in ("auto", "vbmf"):
+            raise PassError(f"rank must be an int, a fraction, 'vbmf' or 'auto', got {rank!r}")
+        if rank == "vbmf" and method == "cp":
+            raise PassError("rank='vbmf' needs singular values; cp has none: use rank= or flop_budget=")
+        if energy is not None and method == "cp":
+            raise PassError("energy= needs singular values; cp has none: use rank= or flop_budget=")
+        if rank is None and not named:
+            rank = 0.5
+        self.method, self.rank, self.energy, self.flop_budget = method, rank, energy, flop_budget
+        self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.target, self.round_to, self.min_speedup, self.cp_iters = target, round_to, min_speedup, cp_iters
+        self.cache = LatencyCache(cache)
+        self.batches = calibration_batches(data) if data is not None else None
+        self.plan: list[LayerPlan] = []
+
+    # --------------------------------------------------------------------------------- selection
+    def _target(self) -> dict:
+        from ...backends.tvm.target import resolve_target
+
+        return resolve_target(self.target)
+
+    def _lanes(self) -> int:
+        if self.round_to != "auto":
+            return int(self.round_to or 1)
+        from ...backends.tvm.schedules import vector_lanes
+
+        return vector_lanes(self._target())
+
+    def selected(self, graph: Graph) -> list[tuple]:
+        """[(node, named exactly)] in graph order."""
+        layers = [n for n in graph.nodes if n.op in LAYER_OPS and graph.is_param(n.inputs[1])]
+        excluded = lambda n: any(fnmatch.fnmatch(n.name, p) for p in self.exclude)  # noqa: E731
+        if self.layers is None:
+            return [(n, False) for n in layers
+                    if not excluded(n) and not_applicable(self.method, Layer.of(graph, n)) is None]
+        exact = set()
+        for pat in self.layers:
+            if _wildcard(pat):
+                if not any(fnmatch.fnmatch(n.name, pat) for n in layers):
+                    raise PassError(f"layers pattern {pat!r} matches no conv2d or linear node")
+                continue
+            try:
+                node = graph.node(pat)
+            except KeyError:
+                raise PassError(f"layers names {pat!r}, but the graph has no node of that name") from None
+            if node not in layers:
+                raise PassError(f"node {pat!r} is {node.op}, not a conv2d or linear layer with a constant weight")
+            why = not_applicable(self.method, Layer.of(graph, node))
+            if why:
+                raise PassError(f"cannot apply {self.method} to node {pat!r} ({Layer.of(graph, node).describe()}): {why}")
+            exact.add(pat)
+        return [(n, n.name in exact) for n in layers if not excluded(n) and (
+            n.name in exact or (any(fnmatch.fnmatch(n.name, p) for p in self.layers if _wildcard(p))
+                                and not_applicable(self.method, Layer.of(graph, n)) is None))]
+
+    def candidate_ranks(self, graph: Graph, node, layer: Layer) -> list:
+        """Ranks to try for this layer, largest first (one, except for rank='auto' without a rule)."""
+        w = graph.params[node.inputs[1]]
+        lanes = self._lanes()
+        rank = self.rank
+        if isinstance(rank, bool):
+            raise PassError(f"rank must be an int, a fraction, 'vbmf' or 'auto', got {rank!r}")
+        if isinstance(rank, (int, np.integer, tuple)):
+            return [ranks.check_rank(self.method, layer, rank, f"node {node.name!r}")]
+        if isinstance(rank, float):
+            return [ranks.round_rank(self.method, layer, ranks.fraction_rank(self.method, layer, rank), lanes)]
+        if rank == "vbmf":
+            return [ranks.round_rank(self.method, layer, ranks.vbmf_rank(self.method, layer, w), lanes)]
+        if self.energy is not None:
+            return [ranks.round_rank(self.method, layer, ranks.energy_rank(self.method, layer, w, self.energy),
+                                     lanes)]
+        budgets = [self.flop_budget] if self.flop_budget is not None else list(AUTO_BUDGETS)
+        found = [ranks.budget_rank(self.method, layer, b, lanes) for b in budgets]
+        return list(dict.fromkeys(r for r in found if r is not None))
+
+    # ---------------------------------------------------------------------------------- rewrite
+    def run(self, graph: Graph) -> Graph:
+        original = graph.copy() if self.batches is not None else None
+        self.plan = []
+        for node, named in self.selected(graph):
+            entry = self._decompose(graph, node, named)
+            self.plan.append(entry)
+        if original is not None:
+            for entry in self.plan:
+                if entry.kept:
+                    refit_last_factor(original, graph, entry.name, entry.last, self.batches)
+        return graph
+
+    def _decompose(self, graph: Graph, node, named: bool) -> LayerPlan:
+        layer = Layer.of(graph, node)
+        before = macs(None, layer)
+        entry = LayerPlan(node.name, layer.describe(), None, before, before, False)
+        rank, reason = None, "no rank within the FLOP budget"
+        for cand in self.candidate_ranks(graph, node, layer):
+            after = macs(self.method, layer, cand)
+            entry.rank, entry.macs_after = cand, after
+            if after >= before and not named:
+                rank, reason = None, "no fewer operations at this rank"
+                continue
+            if self.rank != "auto":
+                rank = cand
+                break
+            entry.seconds = self.measure(graph, node, cand)
+            if entry.seconds[0] >= self.min_speedup * entry.seconds[1]:
+                rank = cand
+                break
+            reason = f"not faster when compiled ({entry.seconds[0] * 1e3:.3f} -> {entry.seconds[1] * 1e3:.3f} ms)"
+        if rank is None:
+            entry.macs_after, entry.reason = before, reason
+            return entry
+        weights = factor_weights(self.method, layer, graph.params[node.inputs[1]], rank, self.cp_iters)
+        made = replace_with_factors(graph, node, self.method, layer, rank, weights)
+        entry.kept, entry.last = True, made[-1].name
+        return entry
+
+    def measure(self, graph: Graph, node, rank, cached: bool = True) -> tuple:
+        """(original, decomposed) seconds per call of `node` compiled alone and as its
+        factors at `rank`; from the cache unless `cached` is False (then measured again)."""
+        target, layer = self._target(), Layer.of(graph, node)
+        key = self.cache.key(layer, self.method, rank, target)
+        hit = self.cache.get(key) if cached else None
+        if hit is None:
+            single = layer_graph(graph, node)
+            rng = np.random.default_rng(0)  # latency depends on shapes alone, not on the values
+            weights = [rng.standard_normal(s).astype(np.float32) for s in factor_shapes(self.method, layer, rank)]
+            factored = single.copy()
+            replace_with_factors(factored, factored.node(node.name), self.method, layer, rank, weights)
+            hit = time_graphs([single, factored], target)
+            self.cache.put(key, hit)
+        return tuple(hit)
+
+    def summary(self) -> str:
+        rows = [f"{'layer':28} {'shape':28} {'rank':>10} {'MMACs':>14}  result"]
+        for e in self.plan:
+            mm = f"{e.macs_before / 1e6:.2f}->{e.macs_after / 1e6:.2f}"
+            t = f" ({e.seconds[0] * 1e3:.3f} -> {e.seconds[1] * 1e3:.3f} ms)" if e.seconds and e.kept else ""
+            rows.append(f"{e.name:28} {e.layer:28} {str(e.rank):>10} {mm:>14}  "
+                        f"{'decomposed' + t if e.kept else 'kept: ' + e.reason}")
+        return "\n".join(rows)
