@@ -22,6 +22,7 @@ _LAZY = {
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
     "Report": ("report", "Report"),
+    "TuneOptions": ("backends.tvm.tune", "TuneOptions"),
 }
 
 
@@ -36,6 +37,6 @@ def __getattr__(name):
     raise AttributeError(f"module 'shave' has no attribute {name!r}")
 
 
-__all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime",
+__all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
            "TargetError", "CompileError", "ArtifactError", "InputError"]

@@ -9,6 +9,7 @@ import torch
 
 from . import __version__
 from .backends.tvm.build import build
+from .backends.tvm.tune import TuneOptions
 from .backends.tvm.target import required_features, resolve_target, target_arch
 from .errors import CaptureError, CompileError
 from .frontend.capture import _normalise_inputs, capture, eval_model
@@ -53,6 +54,7 @@ class CompiledModel:
         self.manifest = manifest
         self._library = library  # the exported shared library, exactly as the artifact will hold it
         self._runtime = Runtime(load_library(library), manifest)
+        self.tuning = None  # a TuneResult when compiled with tune=
 
     @property
     def target(self) -> dict:
@@ -71,13 +73,19 @@ class CompiledModel:
         return write_artifact(path, self.manifest, {LIB: self._library})
 
 
-def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES) -> CompiledModel:
+def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
     """Capture `model`, rewrite it with `passes` (names or Pass objects, each
     checked numerically), and build it for `target` ('x86' or a TVM target dict).
+
+    `tune`: None (default schedules), or a `shave.TuneOptions` to tune the conv
+    kernels with MetaSchedule, keeping the results in its database directory
+    (a later compile of the same kernels reuses them without tuning again).
 
     `model` may also be an IR Graph (from shave.capture, perhaps already
     rewritten); then it is its own reference and example_inputs may be omitted."""
     spec = resolve_target(target)  # fail fast on a bad target, before any tracing
+    if tune is not None and not isinstance(tune, TuneOptions):
+        raise CompileError(f"tune must be None or a shave.TuneOptions, got {type(tune).__name__}")
 
     t0 = time.perf_counter()
     if isinstance(model, Graph):
@@ -102,7 +110,7 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES) -> 
 
     graph, report = run_passes(graph, list(passes), probes, reference, report)
 
-    library, seconds = build(graph, spec)
+    library, seconds, tuned = build(graph, spec, tune)
     manifest = {
         "shave_version": __version__,
         "versions": _versions(),
@@ -112,13 +120,18 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES) -> 
         "outputs": [{"name": v, "shape": list(graph.type_of(v).shape), "dtype": graph.type_of(v).dtype}
                     for v in graph.outputs],
     }
+    if tuned is not None:
+        manifest["tuning"] = {"summary": tuned.summary(), "kernels": tuned.kernels}
     cm = CompiledModel(graph, library, manifest, report)
+    cm.tuning = tuned
     compiled = [o for p in probes for o in cm._runtime.run(*p)]
     ir_err = relative_error(compiled, run_probes(graph, probes))
     stats = graph.stats()
     report.add(stage=f"build ({spec.get('kind')} {spec.get('mcpu', spec.get('arch', ''))})".replace(" )", ")"),
                contract="exact", flops=stats["flops"], params=stats["params"], bytes=stats["bytes"],
-               nodes=stats["nodes"], error=relative_error(compiled, reference), seconds=seconds)
+               nodes=stats["nodes"], error=relative_error(compiled, reference), seconds=seconds,
+               changes="" if tuned is None else f"tuned {tuned.tasks} conv kernels: "
+                                                f"{tuned.default_ms:.2f} -> {tuned.tuned_ms:.2f} ms")
     if not ir_err <= BUILD_TOLERANCE:
         raise CompileError(f"compiled code disagrees with the IR it was built from by {ir_err:.3g} "
                            f"(relative; tolerance {BUILD_TOLERANCE:g}): a backend bug")

@@ -10,19 +10,27 @@ from ...ir import Graph
 from .lower import to_relax
 from .quiet import quiet_tvm
 from .schedules import schedule_module
+from .tune import TuneResult, tune_module
 
 
-def build(graph: Graph, target: dict) -> tuple[bytes, float]:
-    """-> (the shared library's bytes, seconds). `target` is a resolved target dict.
+def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneResult | None"]:
+    """-> (the shared library's bytes, seconds, what tuning did). `target` is a resolved
+    target dict; `tune` a TuneOptions or None (default schedules only).
     The library is linked once here; running and exporting both use these bytes."""
     import tvm
 
     t0 = time.perf_counter()
     mod = to_relax(graph)
+    tuned = None
     try:
         with tvm.target.Target(target):
-            mod = schedule_module(mod, target)
+            kernels: dict = {}
+            mod = schedule_module(mod, target, kernels)
+            if tune is not None:
+                mod, tuned = tune_module(mod, kernels, target, tune)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
+    except CompileError:
+        raise
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise CompileError(f"TVM failed to build for {target.get('kind')} "
@@ -31,4 +39,4 @@ def build(graph: Graph, target: dict) -> tuple[bytes, float]:
         lib = Path(d) / "lib.so"
         ex.export_library(str(lib))
         data = lib.read_bytes()
-    return data, time.perf_counter() - t0
+    return data, time.perf_counter() - t0, tuned

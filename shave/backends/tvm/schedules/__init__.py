@@ -71,14 +71,16 @@ def vector_lanes(target: dict) -> int:
     return 4
 
 
-def schedule_module(mod: tvm.IRModule, target: dict) -> tvm.IRModule:
-    """The Relax module with convolutions and all other operators scheduled for `target`."""
+def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None) -> tvm.IRModule:
+    """The Relax module with convolutions and all other operators scheduled for `target`.
+    `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the conv kernels (what
+    tuning works on)."""
     if target.get("kind") != "llvm":
         return mod
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
-        mod = fuse_convs(mod, vec)
+        mod = fuse_convs(mod, vec, kernels)
         mod = tvm.transform.Sequential([
             relax.transform.LegalizeOps(),
             relax.transform.AnnotateTIROpPattern(),

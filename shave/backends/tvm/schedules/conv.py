@@ -112,7 +112,20 @@ def _act(x, act):
 
 def build_primfunc(spec: ConvSpec):
     """The scheduled PrimFunc. Arguments: X, packed W, bias [OC], (residual), Y."""
+    return default_schedule(spec).mod["main"].with_attr("tirx.is_scheduled", True)
+
+
+def default_schedule(spec: ConvSpec):
+    """The default schedule applied to `compute_primfunc(spec)`; its trace replays it."""
     import tvm
+
+    sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    _schedule(sch, spec, plan(spec))
+    return sch
+
+
+def compute_primfunc(spec: ConvSpec):
+    """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc."""
     from tvm import te, tirx
 
     v = spec.vec
@@ -169,10 +182,7 @@ def build_primfunc(spec: ConvSpec):
         return _act(val, spec.act)
 
     Y = te.compute((n, oc, oh, ow), out_fn, name="out")
-    func = te.create_prim_func(args + [Y])
-    sch = tvm.s_tir.Schedule(func)
-    _schedule(sch, spec, p)
-    return sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return te.create_prim_func(args + [Y])
 
 
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:

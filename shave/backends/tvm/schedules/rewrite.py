@@ -92,9 +92,10 @@ def _conv_spec(call, vec):
     return spec
 
 
-def fuse_convs(mod: tvm.IRModule, vec: int) -> tvm.IRModule:
-    """Replace every fusable conv chain in every Relax function of `mod`."""
-    kernels: dict[ConvSpec, tvm.ir.GlobalVar] = {}
+def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None) -> tvm.IRModule:
+    """Replace every fusable conv chain in every Relax function of `mod`.
+    `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made."""
+    kernels = {} if kernels is None else kernels
     new_funcs = {}
     bb = relax.BlockBuilder(mod)
     for gv, func in list(mod.functions.items()):

@@ -1,0 +1,372 @@
+"""Tuning: MetaSchedule over the conv kernels, with a persistent database.
+
+Each conv kernel the default schedules make (schedules/conv.py) is one
+MetaSchedule task: its workload is the kernel's unscheduled PrimFunc, its
+design space MetaSchedule's own (multi-level tiling, parallel/vectorise/unroll,
+compute location). Before a task is searched, the default schedule is measured
+with the same runner and committed to the database as an ordinary record (its
+trace replays the default schedule on the workload). The build then takes the
+fastest record of every workload, so a tuned kernel is never slower than the
+default one *as measured*, and where the search found nothing better the
+default stays.
+
+The database is a directory: MetaSchedule's JSON database (workloads.json,
+records.json) plus `shave-tasks.json`, which says which workloads were tuned
+and with what per-task budget. A later compile whose workloads are all in
+that ledger with at least the budget asked for does not tune again; it only
+reads the best records (rebuild cost: loading the JSON).
+
+Measurement runs locally, or on devices registered with a TVM RPC tracker
+(`TuneOptions(rpc="host:port/key")`): MetaSchedule's RPCRunner does that; the
+builder stays local (cross-compiling for the target).
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import sys
+import time
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ...errors import CompileError
+
+LEDGER = "shave-tasks.json"
+
+
+@dataclass
+class TuneOptions:
+    """How to tune. `trials`: measured candidates in all (across the model's kernels);
+    `database`: a directory, created if missing, reused across compiles and models;
+    `trials_per_task`: cap per kernel (default: 2 x an even share, at least 8);
+    `rpc`: "host:port/key" of a TVM RPC tracker to measure on its devices (default: here);
+    `progress`: show a progress bar on stderr."""
+    trials: int = 200
+    database: str | Path = "shave-tuning"
+    trials_per_task: int | None = None
+    rpc: str | None = None
+    progress: bool = True
+    timeout_s: float = 60.0
+    trials_per_iter: int = 16
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.trials, int) or self.trials < 0:
+            raise CompileError(f"TuneOptions.trials must be an int >= 0, got {self.trials!r}")
+        if self.trials_per_task is not None and (not isinstance(self.trials_per_task, int) or self.trials_per_task < 1):
+            raise CompileError(f"TuneOptions.trials_per_task must be an int >= 1, got {self.trials_per_task!r}")
+        if self.rpc is not None:
+            _parse_rpc(self.rpc)
+        self.database = Path(self.database)
+
+
+@dataclass
+class TuneResult:
+    """What tuning did, for the compile report."""
+    tasks: int = 0
+    tuned_now: int = 0
+    trials: int = 0
+    seconds: float = 0.0
+    default_ms: float = 0.0  # estimated conv time of the model: sum over kernels of calls x latency
+    tuned_ms: float = 0.0
+    kernels: list = field(default_factory=list)  # (name, calls, default us, best us)
+
+    def summary(self) -> str:
+        if not self.tasks:
+            return "tune: no conv kernels to tune"
+        speed = self.default_ms / self.tuned_ms if self.tuned_ms else float("nan")
+        return (f"tune: {self.tasks} conv kernels ({self.tuned_now} tuned now, {self.trials} trials, "
+                f"{self.seconds:.0f} s); conv time {self.default_ms:.2f} ms default -> "
+                f"{self.tuned_ms:.2f} ms tuned ({speed:.2f}x)")
+
+
+def _parse_rpc(spec: str) -> tuple[str, int, str]:
+    try:
+        hostport, key = spec.rsplit("/", 1)
+        host, port = hostport.rsplit(":", 1)
+        if not host or not key:
+            raise ValueError
+        return host, int(port), key
+    except ValueError:
+        raise CompileError(f"TuneOptions.rpc must be 'host:port/key' of a TVM RPC tracker, got {spec!r}") from None
+
+
+def light_tensor_intrin(target_family: str = "x86") -> None:
+    """Make `import tvm.s_tir.tensor_intrin` cheap in this process.
+
+    MetaSchedule imports that package in every TuneContext and every builder
+    worker; its __init__ registers the intrinsics of every backend, which
+    takes 20-60 s here (and trips the builder's timeout). We register only the
+    target family's intrinsics (a module placeholder stands in for the package)."""
+    name = "tvm.s_tir.tensor_intrin"
+    if name not in sys.modules:
+        spec = importlib.util.find_spec(name)
+        pkg = types.ModuleType(name)
+        pkg.__path__ = list(spec.submodule_search_locations)
+        pkg.__package__ = name
+        sys.modules[name] = pkg
+    try:
+        importlib.import_module(f"{name}.{target_family}")
+    except Exception:
+        pass
+
+
+def _builder_init():
+    import tvm  # noqa: F401
+    light_tensor_intrin("x86")
+
+
+def _family(target: dict) -> str:
+    triple = str(target.get("mtriple", ""))
+    if triple.startswith(("aarch64", "arm")):
+        return "arm_cpu"
+    return "x86"
+
+
+def _load_ledger(d: Path) -> dict:
+    try:
+        return json.loads((d / LEDGER).read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as e:
+        raise CompileError(f"tuning database {d}: unreadable {LEDGER} ({e})") from None
+
+
+def _key(workload, target: dict) -> str:
+    """Ledger key: the workload's structural hash and the target."""
+    import hashlib
+
+    import tvm_ffi
+
+    tag = hashlib.sha256(json.dumps(target, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    return f"{tvm_ffi.structural_hash(workload) & 0xFFFFFFFFFFFFFFFF:016x}:{tag}"
+
+
+def _count_calls(mod) -> dict[str, int]:
+    """{PrimFunc name: number of call_tir sites} over the Relax functions of `mod`."""
+    from tvm import relax
+
+    counts: dict[str, int] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and getattr(expr.op, "name", "") == "relax.call_tir":
+            gv = expr.args[0]
+            counts[gv.name_hint] = counts.get(gv.name_hint, 0) + 1
+
+    for func in mod.functions.values():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func, visit)
+    return counts
+
+
+def tune_module(mod, kernels: dict, target: dict, opts: TuneOptions):
+    """`mod` with each conv kernel replaced by the best schedule in the database
+    (tuning the kernels not tuned yet). `kernels`: {ConvSpec: GlobalVar} from
+    schedule_module. Returns (mod, TuneResult)."""
+    import tvm
+    from tvm.s_tir import meta_schedule as ms
+
+    from .schedules.conv import compute_primfunc, default_schedule
+
+    t0 = time.perf_counter()
+    light_tensor_intrin(_family(target))
+    tgt = tvm.target.Target(target)
+    d = opts.database
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        db = ms.database.JSONDatabase(path_workload=str(d / "workloads.json"),
+                                      path_tuning_record=str(d / "records.json"), allow_missing=True)
+    except Exception as e:
+        raise CompileError(f"tuning database {d}: cannot open ({str(e).strip().splitlines()[-1]})") from None
+    ledger = _load_ledger(d)
+    calls = _count_calls(mod)
+
+    present = {g.name_hint for g in mod.get_global_vars()}
+    tasks = []  # (name, gv, spec, workload IRModule, key, calls)
+    for spec, gv in kernels.items():
+        name = gv.name_hint
+        if name not in present:
+            continue
+        gv = mod.get_global_var(name)
+        workload = tvm.IRModule({"main": compute_primfunc(spec).with_attr("global_symbol", "main")})
+        tasks.append((name, gv, spec, workload, _key(workload, target), calls.get(name, 1)))
+    result = TuneResult(tasks=len(tasks))
+    if not tasks:
+        return mod, result
+
+    per_task = opts.trials_per_task or max(8, math.ceil(2 * opts.trials / len(tasks)))
+    todo = [t for t in tasks if ledger.get(t[4], {}).get("budget", 0) < per_task] if opts.trials else []
+
+    runner = _runner(opts)
+    # 1. measure and record the default schedule of every kernel not seen before
+    fresh = [t for t in tasks if t[4] not in ledger]
+    if fresh:
+        secs = _measure(ms, [default_schedule(t[2]).mod for t in fresh], tgt, runner, opts)
+        for t, s in zip(fresh, secs):
+            if isinstance(s, str):
+                raise CompileError(f"tuning: the default schedule of {t[0]} failed on the tuning runner ({s})")
+            sch = default_schedule(t[2])
+            db.commit_tuning_record(ms.database.TuningRecord(
+                sch.trace, db.commit_workload(t[3]), [s], tgt, ms.arg_info.ArgInfo.from_prim_func(t[3]["main"])))
+            ledger[t[4]] = {"name": t[0], "default_s": s, "budget": 0}
+        _save_ledger(d, ledger)
+
+    # 2. search
+    if todo:
+        from .quiet import quiet_tvm
+
+        progress = _Progress(todo, ledger, opts.trials, opts.progress)
+        contexts = [ms.TuneContext(
+            mod=t[3], target=tgt, space_generator="post-order-apply",
+            search_strategy=ms.search_strategy.EvolutionarySearch(population_size=256, init_min_unmeasured=32,
+                                                                  genetic_num_iters=3),
+            task_name=t[0], rand_state=opts.seed + i, num_threads="physical") for i, t in enumerate(todo)]
+        try:
+            with quiet_tvm():
+                ms.tune.tune_tasks(
+                    tasks=contexts, task_weights=[float(t[5]) for t in todo], work_dir=str(d / "logs"),
+                    max_trials_global=max(opts.trials, len(todo)), max_trials_per_task=per_task,
+                    num_trials_per_iter=opts.trials_per_iter,
+                    builder=ms.builder.LocalBuilder(timeout_sec=opts.timeout_s, initializer=_builder_init),
+                    runner=runner, database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
+                                                                   progress.callback(ms)],
+                    cost_model=ms.cost_model.XGBModel(num_tuning_cores=2),
+                )
+        finally:
+            progress.close()
+        result.trials = progress.done
+        result.tuned_now = len(todo)
+        for t in todo:
+            ledger[t[4]]["budget"] = per_task
+        _save_ledger(d, ledger)
+
+    # 3. the best record of every workload
+    for name, gv, spec, workload, key, n in tasks:
+        best = db.get_top_k(db.commit_workload(workload), 1)
+        default_s = ledger[key]["default_s"]
+        best_s = default_s
+        if best:
+            sch = tvm.s_tir.Schedule(workload)
+            try:
+                best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+                run = [float(x) for x in best[0].run_secs]
+                best_s = sum(run) / len(run)
+                func = sch.mod["main"]
+                old = mod[gv]
+                for k in ("global_symbol", "op_pattern"):
+                    if old.attrs and k in old.attrs:
+                        func = func.with_attr(k, old.attrs[k])
+                mod[gv] = func.with_attr("tirx.is_scheduled", True)
+            except Exception:
+                best_s = default_s
+        result.kernels.append((name, n, default_s * 1e6, best_s * 1e6))
+        result.default_ms += n * default_s * 1e3
+        result.tuned_ms += n * best_s * 1e3
+    result.seconds = time.perf_counter() - t0
+    return mod, result
+
+
+def _save_ledger(d: Path, ledger: dict) -> None:
+    tmp = d / (LEDGER + ".tmp")
+    tmp.write_text(json.dumps(ledger, indent=1, sort_keys=True))
+    tmp.replace(d / LEDGER)
+
+
+def _runner(opts: TuneOptions):
+    from tvm.s_tir import meta_schedule as ms
+
+    cfg = ms.runner.EvaluatorConfig(number=3, repeat=3, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if opts.rpc:
+        host, port, key = _parse_rpc(opts.rpc)
+        _check_tracker(host, port, key)
+        return ms.runner.RPCRunner(rpc_config=ms.runner.RPCConfig(tracker_host=host, tracker_port=port,
+                                                                  tracker_key=key, session_timeout_sec=int(opts.timeout_s)),
+                                   evaluator_config=cfg, max_workers=1)
+    return ms.runner.LocalRunner(timeout_sec=opts.timeout_s, evaluator_config=cfg)
+
+
+def _check_tracker(host: str, port: int, key: str) -> None:
+    """Fail now, with the reason, rather than wait forever for a device that is not there."""
+    from tvm import rpc
+
+    try:
+        queues = rpc.connect_tracker(host, port).summary().get("queue_info", {})
+    except Exception as e:
+        raise CompileError(f"tuning: cannot reach the RPC tracker at {host}:{port} ({_last_line(e)})") from None
+    if key not in queues:
+        raise CompileError(f"tuning: no device with key {key!r} is registered at the RPC tracker {host}:{port} "
+                           f"(keys there: {', '.join(sorted(queues)) or 'none'})")
+
+
+def _measure(ms, mods, tgt, runner, opts) -> list[float | str]:
+    """Mean seconds of each scheduled module on the runner (the error message where it failed)."""
+    builder = ms.builder.LocalBuilder(timeout_sec=opts.timeout_s, initializer=_builder_init)
+    built = builder.build([ms.builder.BuilderInput(m, tgt) for m in mods])
+    out: list[float | str] = [""] * len(mods)
+    inputs, where = [], []
+    for i, (m, b) in enumerate(zip(mods, built)):
+        if b.error_msg is None:
+            inputs.append(ms.runner.RunnerInput(b.artifact_path, "cpu" if tgt.kind.name == "llvm" else tgt.kind.name,
+                                                ms.arg_info.ArgInfo.from_prim_func(m["main"])))
+            where.append(i)
+        else:
+            out[i] = f"build: {_last_line(b.error_msg)}"
+    for i, fut in zip(where, runner.run(inputs)):
+        r = fut.result()
+        if r.error_msg is None and r.run_secs:
+            secs = [float(s) for s in r.run_secs]
+            out[i] = sum(secs) / len(secs)
+        else:
+            out[i] = f"run: {_last_line(r.error_msg or 'no timings')}"
+    return out
+
+
+def _last_line(msg: str) -> str:
+    lines = [ln for ln in str(msg).strip().splitlines() if ln.strip()]
+    return lines[-1].strip() if lines else "?"
+
+
+class _Progress:
+    """tqdm bar over measured trials; postfix: estimated conv time of the tuned kernels."""
+
+    def __init__(self, todo, ledger, total, enabled):
+        from tqdm import tqdm
+
+        self.names = [t[0] for t in todo]
+        self.calls = [t[5] for t in todo]
+        self.best = [ledger[t[4]]["default_s"] for t in todo]
+        self.start = sum(c * b for c, b in zip(self.calls, self.best))
+        self.done = 0
+        self.bar = tqdm(total=total, unit="trial", desc="tuning", disable=not enabled, file=sys.stderr,
+                        dynamic_ncols=True)
+        self._postfix()
+
+    def _postfix(self):
+        now = sum(c * b for c, b in zip(self.calls, self.best))
+        self.bar.set_postfix_str(f"conv time {self.start * 1e3:.2f} -> {now * 1e3:.2f} ms")
+
+    def callback(self, ms):
+        from tvm.ir.utils import derived_object
+
+        prog = self
+
+        @derived_object
+        class _Callback(ms.measure_callback.PyMeasureCallback):
+            def apply(self, task_scheduler, task_id, measure_candidates, builder_results, runner_results):
+                for r in runner_results:
+                    if r.error_msg is None and r.run_secs:
+                        secs = [float(s) for s in r.run_secs]
+                        prog.best[task_id] = min(prog.best[task_id], sum(secs) / len(secs))
+                n = len(measure_candidates)
+                prog.done += n
+                if prog.done > prog.bar.total:  # the scheduler may finish its last batch past the budget
+                    prog.bar.total = prog.done
+                prog.bar.update(n)
+                prog._postfix()
+
+        return _Callback()
+
+    def close(self):
+        self.bar.close()

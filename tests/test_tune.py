@@ -1,0 +1,85 @@
+"""MetaSchedule tuning of the conv kernels: persistent database, reuse, RPC tracker on loopback."""
+import json
+
+import pytest
+import torch
+
+import shave
+from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, compute_primfunc, default_schedule
+from shave.backends.tvm.tune import LEDGER
+
+
+@pytest.fixture(scope="module")
+def tracker():
+    """A TVM RPC tracker with one CPU server registered under key 'shave-test', on loopback."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tr = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    sv = rpc.Server(host="127.0.0.1", port=9300, port_end=9400, key="shave-test",
+                    tracker_addr=("127.0.0.1", tr.port), silent=True)
+    import time
+
+    for _ in range(50):  # wait until the server has registered
+        if "shave-test" in rpc.connect_tracker("127.0.0.1", tr.port).summary().get("queue_info", {}):
+            break
+        time.sleep(0.2)
+    yield tr.port
+    sv.terminate()
+    tr.terminate()
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU(),
+                               torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.ReLU6()).eval()
+
+
+def test_default_trace_replays_the_default_kernel():
+    import tvm
+
+    spec = ConvSpec(1, 5, 9, 11, 12, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", True, 8)
+    sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    default_schedule(spec).trace.apply_to_schedule(sch, remove_postproc=False)
+    tvm.ir.assert_structural_equal(sch.mod["main"].with_attr("tirx.is_scheduled", True), build_primfunc(spec))
+
+
+def test_tune_over_rpc_then_reuse_without_tuning(tmp_path, tracker):
+    m, x = _model(), torch.randn(1, 3, 14, 14)
+    db = tmp_path / "db"
+    opts = shave.TuneOptions(trials=4, trials_per_iter=4, database=db, rpc=f"127.0.0.1:{tracker}/shave-test",
+                             progress=False)
+    cm = shave.compile(m, (x,), tune=opts)
+    t = cm.tuning
+    assert t.tasks == 2 and t.tuned_now == 2 and t.trials >= 4
+    assert t.tuned_ms <= t.default_ms  # the default schedule is a record: tuned is never slower as measured
+    assert all(best <= default for _, _, default, best in t.kernels)
+    ledger = json.loads((db / LEDGER).read_text())
+    assert len(ledger) == 2 and all(v["budget"] >= 1 for v in ledger.values())
+    records = (db / "records.json").read_text().splitlines()
+    assert len(records) >= 2 + 4  # one default per kernel + the measured candidates
+    torch.testing.assert_close(cm(x), m(x), rtol=1e-4, atol=1e-5)
+    assert "tuned 2 conv kernels" in cm.report.rows[-1].changes
+
+    # same kernels, same database, measured here this time: nothing is tuned again
+    again = shave.compile(m, (x,), tune=shave.TuneOptions(trials=4, trials_per_iter=4, database=db, progress=False))
+    assert again.tuning.tuned_now == 0 and again.tuning.trials == 0
+    assert again.tuning.kernels == t.kernels
+    assert (db / "records.json").read_text().splitlines() == records
+    torch.testing.assert_close(again(x), m(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tune_errors(tmp_path, tracker):
+    m, x = _model(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(shave.CompileError, match="trials must be an int >= 0"):
+        shave.TuneOptions(trials=-1)
+    with pytest.raises(shave.CompileError, match="host:port/key"):
+        shave.TuneOptions(rpc="localhost")
+    with pytest.raises(shave.CompileError, match="tune must be None or a shave.TuneOptions"):
+        shave.compile(m, (x,), tune=True)
+    with pytest.raises(shave.CompileError, match="no device with key 'rpi4'.*keys there: shave-test"):
+        shave.compile(m, (x,), tune=shave.TuneOptions(trials=2, database=tmp_path, rpc=f"127.0.0.1:{tracker}/rpi4"))
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / LEDGER).write_text("{not json")
+    with pytest.raises(shave.CompileError, match="unreadable shave-tasks.json"):
+        shave.compile(m, (x,), tune=shave.TuneOptions(trials=2, database=tmp_path / "bad"))
