@@ -11,6 +11,10 @@ DATASETS := /usr/share/datasets/fashion-mnist
 $(STAMP): requirements.txt pyproject.toml
 	# real Fashion-MNIST, from Debian's package (used by pruning tests and benchmarks)
 	test -d $(DATASETS) || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist)
+	# aarch64 cross linker and user-mode emulator (ARM targets and their test); optional: without them the ARM tests skip
+	command -v aarch64-linux-gnu-gcc >/dev/null && command -v qemu-aarch64-static >/dev/null && command -v debootstrap >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq gcc-aarch64-linux-gnu qemu-user-static debootstrap) \
+	  || echo "warning: gcc-aarch64-linux-gnu, qemu-user-static or debootstrap could not be installed; ARM tests will be skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
@@ -25,7 +29,7 @@ demo: setup
 	$(PY) examples/demo.py
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest -rs tests
 
 bench: setup
 	$(PY) benchmarks/latency.py

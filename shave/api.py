@@ -11,13 +11,13 @@ from . import __version__
 from .backends.tvm.build import build
 from .backends.tvm.tune import TuneOptions
 from .backends.tvm.target import required_features, resolve_target, target_arch
-from .errors import CaptureError, CompileError
+from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .ir import Graph, verify
 from .passes import DEFAULT_PASSES, run_passes, run_probes
 from .report import Report, relative_error
-from .runtime.artifact import LIB, write_artifact
-from .runtime.module import Runtime, load_library
+from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
+from .runtime.module import Runtime, load_library, target_mismatch
 
 BUILD_TOLERANCE = 1e-4  # compiled code vs the IR it was built from, relative to output scale
 
@@ -53,8 +53,19 @@ class CompiledModel:
         self.report = report
         self.manifest = manifest
         self._library = library  # the exported shared library, exactly as the artifact will hold it
-        self._runtime = Runtime(load_library(library), manifest)
+        self._not_here = target_mismatch(manifest["target"])
+        self._runtime = None if self._not_here else Runtime(load_library(library), manifest)
         self.tuning = None  # a TuneResult when compiled with tune=
+
+    @property
+    def runs_here(self) -> bool:
+        """Whether this machine can run the compiled code (False for aarch64 or CUDA code built here)."""
+        return self._runtime is not None
+
+    @property
+    def device_source(self) -> str | None:
+        """The CUDA C the GPU kernels were compiled from (None for CPU targets)."""
+        return getattr(self._library, "device_source", None)
 
     @property
     def target(self) -> dict:
@@ -63,6 +74,8 @@ class CompiledModel:
     def __call__(self, *inputs):
         as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+        if self._runtime is None:
+            raise TargetError(f"this compiled model cannot run here: {self._not_here}")
         outs = self._runtime.run(*arrays)
         if as_torch:
             outs = [torch.from_numpy(o) for o in outs]
@@ -70,12 +83,16 @@ class CompiledModel:
 
     def export(self, path) -> Path:
         """Write the artifact (one file) that shave.load() runs without torch."""
-        return write_artifact(path, self.manifest, {LIB: self._library})
+        members = {LIB: bytes(self._library)}
+        if self.device_source is not None:
+            members[DEVICE_SOURCE] = self.device_source.encode()  # for inspection; the library has the binary
+        return write_artifact(path, self.manifest, members)
 
 
 def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
     """Capture `model`, rewrite it with `passes` (names or Pass objects, each
-    checked numerically), and build it for `target` ('x86' or a TVM target dict).
+    checked numerically), and build it for `target` (a name: 'x86', 'arm64', 'rpi4',
+    'h100', 'sm_90', ...; or a TVM target dict). Code for another machine is built, not run.
 
     `tune`: None (default schedules), or a `shave.TuneOptions` to tune the conv
     kernels with MetaSchedule, keeping the results in its database directory
@@ -124,14 +141,18 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
         manifest["tuning"] = {"summary": tuned.summary(), "kernels": tuned.kernels}
     cm = CompiledModel(graph, library, manifest, report)
     cm.tuning = tuned
-    compiled = [o for p in probes for o in cm._runtime.run(*p)]
-    ir_err = relative_error(compiled, run_probes(graph, probes))
+    # code for another machine (aarch64, or a GPU this one lacks) is built but not run here
+    compiled = [o for p in probes for o in cm._runtime.run(*p)] if cm.runs_here else None
+    ir_err = relative_error(compiled, run_probes(graph, probes)) if compiled is not None else 0.0
     stats = graph.stats()
-    report.add(stage=f"build ({spec.get('kind')} {spec.get('mcpu', spec.get('arch', ''))})".replace(" )", ")"),
+    row = report.add(stage=f"build ({spec.get('kind')} {spec.get('mcpu', spec.get('arch', ''))})".replace(" )", ")"),
                contract="exact", flops=stats["flops"], params=stats["params"], bytes=stats["bytes"],
-               nodes=stats["nodes"], error=relative_error(compiled, reference), seconds=seconds,
+               nodes=stats["nodes"], error=None if compiled is None else relative_error(compiled, reference),
+               seconds=seconds,
                changes="" if tuned is None else f"tuned {tuned.tasks} conv kernels: "
                                                 f"{tuned.default_ms:.2f} -> {tuned.tuned_ms:.2f} ms")
+    if compiled is None:
+        row.changes = "not run on this machine"
     if not ir_err <= BUILD_TOLERANCE:
         raise CompileError(f"compiled code disagrees with the IR it was built from by {ir_err:.3g} "
                            f"(relative; tolerance {BUILD_TOLERANCE:g}): a backend bug")

@@ -16,6 +16,7 @@ from ..errors import ArtifactError
 
 FORMAT = "shave-artifact/1"
 LIB = "lib.so"
+DEVICE_SOURCE = "kernels.cu"  # CUDA artifacts: the source of the GPU kernels in lib.so
 
 
 def write_artifact(path, manifest: dict, members: dict[str, bytes]) -> Path:

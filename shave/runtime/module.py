@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -23,7 +24,7 @@ class Runtime:
         self.manifest = manifest
         self.inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
         self.outputs = [(o["name"], tuple(o["shape"]), o["dtype"]) for o in manifest["outputs"]]
-        self._device = tvm.cpu() if manifest["target"]["arch"] != "cuda" else tvm.cuda()
+        self._device = tvm.cuda(0) if manifest["target"]["arch"] == "cuda" else tvm.cpu()
         self._vm = relax.VirtualMachine(module, self._device)
         self._main = self._vm["main"]
 
@@ -59,16 +60,50 @@ class Runtime:
         return Report.from_dict(self.manifest.get("report", {}))
 
 
-def check_target(manifest: dict, path) -> None:
-    target = manifest.get("target", {})
+_HOST_TARGET = {"x86_64": "x86", "aarch64": "arm64"}
+
+
+def _cuda_gpu_mismatch(target: dict) -> str | None:
+    """Why this machine cannot run CUDA code built for `target`, or None if it can."""
+    import tvm
+
+    arch = target.get("dict", {}).get("arch", "")
+    try:
+        dev = tvm.cuda(0)
+        present = dev.exist
+    except Exception:  # TVM's CUDA runtime is not loaded: no driver (libcuda.so.1) on this machine
+        present = False
+    if not present:
+        return (f"built for CUDA {arch} (target {target.get('name')!r}), but this machine has no CUDA GPU "
+                "(no driver or no device visible to TVM)")
+    have = "sm_" + str(dev.compute_version).replace(".", "")
+    if int(have[3:]) < int(re.sub(r"\D", "", arch) or 0):
+        return f"built for CUDA {arch} (target {target.get('name')!r}), but this machine's GPU is {have}"
+    return None
+
+
+def target_mismatch(target: dict) -> str | None:
+    """Why code built for `target` (a manifest's target record) cannot run here, or None."""
     arch = target.get("arch")
-    if arch != "cuda" and arch != host_arch():
-        raise ArtifactError(f"{path}: built for {arch} (target {target.get('name')!r}), "
-                            f"but this machine is {host_arch()}")
+    if arch == "cuda":
+        host = str(target.get("dict", {}).get("host", {}).get("mtriple", "")).split("-")[0] or host_arch()
+        if host != host_arch():
+            return f"built for CUDA with {host} host code (target {target.get('name')!r}), but this machine is {host_arch()}"
+        return _cuda_gpu_mismatch(target)
+    if arch != host_arch():
+        return (f"built for {arch} (target {target.get('name')!r}), but this machine is {host_arch()}; "
+                f"run it on {arch}, or rebuild it for this machine (target={_HOST_TARGET.get(host_arch(), 'a TVM target dict')!r})")
     missing = [f for f in target.get("cpu_features", []) if f not in host_cpu_flags()]
     if missing and host_cpu_flags():
-        raise ArtifactError(f"{path}: built for CPU {target.get('dict', {}).get('mcpu')!r} and needs "
-                            f"{', '.join(missing)}, which this CPU lacks; rebuild for target 'x86-64' or this host")
+        return (f"built for CPU {target.get('dict', {}).get('mcpu')!r} and needs "
+                f"{', '.join(missing)}, which this CPU lacks; rebuild for target 'x86-64' or this host")
+    return None
+
+
+def check_target(manifest: dict, path) -> None:
+    reason = target_mismatch(manifest.get("target", {}))
+    if reason:
+        raise ArtifactError(f"{path}: {reason}")
 
 
 def load_library(data: bytes, origin="compiled library"):

@@ -1,14 +1,12 @@
 """Build a graph into a TVM Relax executable for a target."""
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 from ...errors import CompileError
 from ...ir import Graph
+from .cross import codegen_for, export_library
 from .lower import to_relax
-from .quiet import quiet_tvm
 from .schedules import schedule_module
 from .tune import TuneResult, tune_module
 
@@ -23,7 +21,7 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
     mod = to_relax(graph)
     tuned = None
     try:
-        with tvm.target.Target(target):
+        with tvm.target.Target(target), codegen_for(target):
             kernels: dict = {}
             mod = schedule_module(mod, target, kernels)
             if tune is not None:
@@ -35,8 +33,5 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
         msg = str(e).strip().splitlines()
         raise CompileError(f"TVM failed to build for {target.get('kind')} "
                            f"{target.get('mtriple', '')}: {msg[-1] if msg else type(e).__name__}") from None
-    with tempfile.TemporaryDirectory() as d, quiet_tvm():
-        lib = Path(d) / "lib.so"
-        ex.export_library(str(lib))
-        data = lib.read_bytes()
+    data = export_library(ex, target)  # cross-linked for aarch64; with the GPU kernels for cuda
     return data, time.perf_counter() - t0, tuned

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 
 from ...errors import TargetError
 
@@ -42,11 +43,61 @@ def _x86_host() -> dict:
     return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1}
 
 
+def _arm(mcpu: str, mattr: list[str], cores: int) -> dict:
+    return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu, "mattr": mattr, "num-cores": cores}
+
+
+# aarch64 boards and servers: LLVM CPU name and features (NEON: 4 fp32 lanes).
+ARM_TARGETS = {
+    "arm64": lambda: _arm("generic", ["+neon"], 4),  # any ARMv8-A with NEON
+    "rpi4": lambda: _arm("cortex-a72", ["+neon"], 4),  # Raspberry Pi 4
+    "rpi5": lambda: _arm("cortex-a76", ["+neon", "+dotprod"], 4),  # Raspberry Pi 5
+    "graviton2": lambda: _arm("neoverse-n1", ["+neon", "+dotprod"], 64),  # AWS Graviton2
+}
+
+# NVIDIA GPUs by product name -> compute capability.
+GPU_ARCHS = {"t4": "sm_75", "a100": "sm_80", "a10": "sm_86", "rtx3090": "sm_86", "l4": "sm_89",
+             "rtx4090": "sm_89", "h100": "sm_90", "h200": "sm_90", "b200": "sm_100"}
+
+
+def _cuda(arch: str) -> dict:
+    """A CUDA target for compute capability `arch` ('sm_90'); host code for this machine's
+    architecture at its baseline instruction set, so the artifact runs beside any GPU host."""
+    host = {"x86_64": {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"},
+            "aarch64": {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "generic"}}.get(host_arch())
+    if host is None:
+        raise TargetError(f"target cuda needs an x86_64 or aarch64 host to build on, this machine is {host_arch()}")
+    return {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
+            "thread_warp_size": 32, "host": host}
+
+
+def _cuda_detected() -> dict:
+    import tvm
+
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise TargetError("target 'cuda' takes the GPU's arch from this machine, which has no CUDA GPU; "
+                          f"name it instead: 'sm_90', or one of {', '.join(GPU_ARCHS)}")
+    return _cuda("sm_" + str(dev.compute_version).replace(".", ""))
+
+
 TARGETS = {
     "x86": _x86_host,  # this host's x86_64 CPU, with its vector extensions
     "x86-64": lambda: {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64",
                        "num-cores": os.cpu_count() or 1},  # any x86_64 (SSE2 only)
+    **ARM_TARGETS,
+    "cuda": _cuda_detected,  # this machine's GPU
+    **{name: (lambda a=arch: _cuda(a)) for name, arch in GPU_ARCHS.items()},
 }
+
+
+def _named(name: str):
+    if name in TARGETS:
+        return TARGETS[name]()
+    m = re.fullmatch(r"(?:cuda[:/-])?(sm_\d{2,3}[a-z]?)", name)
+    if m:
+        return _cuda(m.group(1))
+    return None
 
 
 def resolve_target(target) -> dict:
@@ -54,9 +105,10 @@ def resolve_target(target) -> dict:
     import tvm
 
     if isinstance(target, str):
-        if target not in TARGETS:
-            raise TargetError(f"unknown target {target!r}; known names: {', '.join(TARGETS)} (or a TVM target dict)")
-        spec = TARGETS[target]()
+        spec = _named(target)
+        if spec is None:
+            raise TargetError(f"unknown target {target!r}; known names: {', '.join(TARGETS)}, sm_XX "
+                              "(or a TVM target dict)")
     elif isinstance(target, dict):
         spec = dict(target)
     else:

@@ -45,10 +45,11 @@ rule is applied on a copy and dropped if scheduling raises.
 from __future__ import annotations
 
 import tvm
-from tvm import relax
 
 from .rewrite import fuse_convs
 from .generic import schedule_generic
+from .gpu import schedule_gpu
+from .legalize import legalize_and_fuse
 
 __all__ = ["schedule_module", "vector_lanes"]
 
@@ -75,18 +76,14 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
     """The Relax module with convolutions and all other operators scheduled for `target`.
     `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the conv kernels (what
     tuning works on)."""
+    if target.get("kind") == "cuda":
+        return schedule_gpu(mod, target)
     if target.get("kind") != "llvm":
         return mod
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
         mod = fuse_convs(mod, vec, kernels)
-        mod = tvm.transform.Sequential([
-            relax.transform.LegalizeOps(),
-            relax.transform.AnnotateTIROpPattern(),
-            relax.transform.FoldConstant(),
-            relax.transform.FuseOps(),
-            relax.transform.FuseTIR(),
-        ])(mod)
+        mod = legalize_and_fuse(mod)
         mod = schedule_generic(mod, vec)
     return mod
