@@ -220,8 +220,9 @@ def onnxruntime_engine(model, x, threads: int, workdir: Path | None = None) -> E
                                               "providers": sess.get_providers(), "intra_op_threads": threads})
 
 
-def shave_engine(model, x, threads: int, target: str = "x86") -> Engine:
-    """shave.compile (untuned) and the compiled model's runtime, on numpy in / numpy out.
+def shave_engine(model, x, threads: int, target: str = "x86", tune=None, name: str = "shave") -> Engine:
+    """shave.compile (untuned, or tuned with `tune`, a shave.TuneOptions) and the
+    compiled model's runtime, on numpy in / numpy out.
 
     The timed call includes what shave's runtime always does per call: copying
     the input into a TVM tensor and the output back into numpy.
@@ -232,17 +233,28 @@ def shave_engine(model, x, threads: int, target: str = "x86") -> Engine:
     t0 = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices during capture
-        cm = shave.compile(model, (x,), target=target)
+        cm = shave.compile(model, (x,), target=target, tune=tune)
     setup = time.perf_counter() - t0
     xn = x.numpy()
 
     def run():
         return cm(xn)
 
-    return Engine("shave", run, setup, {
-        "tvm": tvm.__version__, "target": target, "target_dict": cm.target,
-        "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "flops": cm.report.rows[-1].flops,
-        "report": str(cm.report), "report_rows": cm.report.to_dict()["rows"]})
+    info = {"tvm": tvm.__version__, "target": target, "target_dict": cm.target,
+            "TVM_NUM_THREADS": os.environ.get("TVM_NUM_THREADS"), "flops": cm.report.rows[-1].flops,
+            "report": str(cm.report), "report_rows": cm.report.to_dict()["rows"]}
+    if cm.tuning is not None:
+        info.update(tuning=cm.tuning.summary(), tune_s=cm.tuning.seconds, tune_trials=cm.tuning.trials)
+    return Engine(name, run, setup, info)
+
+
+def shave_tuned_engine(model, x, threads: int, target: str = "x86", trials: int = 200,
+                       database: str = "out/tuning") -> Engine:
+    """shave with MetaSchedule tuning (`trials` in all, database reused across runs)."""
+    import shave
+
+    return shave_engine(model, x, threads, target,
+                        tune=shave.TuneOptions(trials=trials, database=database), name="shave tuned")
 
 
 # name -> factory(model, x, threads) -> Engine; run in this order
@@ -251,7 +263,9 @@ ENGINES: dict[str, Callable[..., Engine]] = {
     "torch.compile": torch_compile_engine,
     "onnxruntime": onnxruntime_engine,
     "shave": shave_engine,
+    "shave-tuned": shave_tuned_engine,
 }
+DEFAULT_ENGINES = ("eager", "torch.compile", "onnxruntime", "shave")  # shave-tuned: with --tune-trials
 
 
 def model_flops(model, x) -> int:

@@ -3,6 +3,7 @@
 
     python benchmarks/latency.py                         # MobileNetV2 + ResNet-18, batch 1, 2 threads
     python benchmarks/latency.py --models resnet18 --batch 8 --json out/latency.json
+    python benchmarks/latency.py --tune-trials 200      # adds "shave tuned" (MetaSchedule, out/tuning)
 
 For each model and engine: warm-up, then the median (and p10/p90, IQR) of
 single timed calls, the time relative to eager and to ONNX Runtime, the
@@ -21,12 +22,16 @@ QUIET_PCT = 5.0  # others' CPU share (%) above which a timing counts as disturbe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from common import ENGINES, MODELS  # no torch/tvm import happens here
+    from common import DEFAULT_ENGINES, ENGINES, MODELS  # no torch/tvm import happens here
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
-    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
+    p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
+    p.add_argument("--tune-trials", type=int, default=0, metavar="N",
+                   help="also time shave tuned with N MetaSchedule trials per model (adds engine shave-tuned); "
+                        "the database is reused, so a second run does not tune again")
+    p.add_argument("--tune-db", default="out/tuning", help="tuning database directory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2,
                    help="threads for every engine (torch intra-op, ORT intra-op, TVM_NUM_THREADS)")
@@ -44,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if args.tune_trials > 0 and "shave-tuned" not in args.engines:
+        args.engines.append("shave-tuned")
     for kind, names, known in (("model", args.models, MODELS), ("engine", args.engines, ENGINES)):
         bad = [n for n in names if n not in known]
         if bad:
@@ -78,7 +85,8 @@ def bench_model(name: str, args, common) -> dict:
     model, desc = common.MODELS[name]()
     x = common.make_input(args.batch)
     print(f"\n## {name}: {desc}, input {list(x.shape)}", flush=True)
-    factory_kw = {"shave": {"target": args.target}}
+    factory_kw = {"shave": {"target": args.target},
+                  "shave-tuned": {"target": args.target, "trials": args.tune_trials or 200, "database": args.tune_db}}
 
     results, ref, flops = [], None, None
     for ename in args.engines:
@@ -203,6 +211,9 @@ def main(argv=None) -> int:
             info = r.get("info", {})
             if "exporter" in info:
                 print(f"  - onnxruntime: ONNX export {info['exporter']}, providers {info['providers']}")
+            if "tuning" in info:
+                print(f"  - shave tuned: {info['tuning']} (setup s = tuning + compile; "
+                      f"a rebuild from the database skips the tuning)")
             if "report" in info and args.show_report:
                 print("  - shave compile report:\n" + "\n".join("      " + l for l in info["report"].splitlines()))
             if r["ok"] and r["engine"] != "pytorch eager" and r["max_rel_diff"] > 1e-3:
@@ -218,7 +229,8 @@ def main(argv=None) -> int:
 
     if args.json:
         out = {"config": {k: getattr(args, k) for k in ("models", "engines", "batch", "threads", "repeats",
-                                                        "warmup", "budget", "wait_quiet", "target")},
+                                                        "warmup", "budget", "wait_quiet", "target",
+                                                        "tune_trials", "tune_db")},
                "machine": machine, "versions": versions, "loadavg_before": load_before, "wall_s": wall,
                "models": []}
         for m in models:

@@ -131,3 +131,51 @@ def test_vector_lanes():
     assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}) == 16
     assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}) == 4
     assert vector_lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == 4
+
+
+TILE_SPECS = {
+    # name: ConvSpec fields n, c, h, w, oc, kh, kw, stride, pad, dilation, depthwise, act, residual
+    "3x3_c5_oc27_w13": (1, 5, 9, 13, 27, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+    "stem_s2_c3": (1, 3, 15, 17, 16, 7, 7, (2, 2), (3, 3, 3, 3), (1, 1), False, None, False),
+    "1x1_c40_oc70": (1, 40, 5, 11, 70, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "clip:0.0:6.0", False),
+    "dw_s2_c19": (1, 19, 13, 15, 19, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", False),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TILE_SPECS))
+def test_every_candidate_tile_computes_the_conv(name):
+    """Tuning may pick any tile of candidate_tiles: each must give the same result."""
+    import tvm
+
+    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles, pack_weight
+
+    fields = TILE_SPECS[name]
+    base = ConvSpec(*fields, vec=8)
+    n, c, h, w, oc, kh, kw, stride, pad, dil, dw, act, res = fields
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((oc, 1 if dw else c, kh, kw)).astype(np.float32)
+    b = rng.standard_normal(oc).astype(np.float32)
+    xt = torch.nn.functional.pad(torch.from_numpy(x), (pad[1], pad[3], pad[0], pad[2]))
+    ref = torch.nn.functional.conv2d(xt, torch.from_numpy(wt), torch.from_numpy(b), stride, 0, dil,
+                                     oc if dw else 1)
+    r = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
+    if res:
+        ref = ref + torch.from_numpy(r)
+    if act == "relu":
+        ref = torch.relu(ref)
+    elif act:
+        ref = torch.clamp(ref, 0.0, 6.0)
+    ref = ref.numpy()
+    tiles = candidate_tiles(base)
+    assert len(tiles) >= 2 and len(set(tiles)) == len(tiles)
+    target = tvm.target.Target(resolve_target("x86"))
+    dev = tvm.cpu()
+    for tile in tiles:
+        spec = ConvSpec(*fields, vec=8, tile=tile)
+        lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=target)
+        args = [x, pack_weight(spec, wt), b] + ([r] if res else []) + [np.zeros(ref.shape, np.float32)]
+        bufs = [tvm.runtime.tensor(a, dev) for a in args]
+        lib["main"](*bufs)
+        out = bufs[-1].numpy()
+        assert np.abs(out - ref).max() / np.abs(ref).max() <= TOL, tile

@@ -22,10 +22,10 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
     tuned = None
     try:
         with tvm.target.Target(target), codegen_for(target):
-            kernels: dict = {}
-            mod = schedule_module(mod, target, kernels)
-            if tune is not None:
-                mod, tuned = tune_module(mod, kernels, target, tune)
+            if tune is None:
+                mod = schedule_module(mod, target)
+            else:
+                mod, tuned = tune_module(lambda: to_relax(graph), target, tune)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except CompileError:
         raise

@@ -1,27 +1,32 @@
-"""Tuning: MetaSchedule over the conv kernels, with a persistent database.
+"""Tuning the conv kernels on the target, with a persistent database.
 
-Each conv kernel the default schedules make (schedules/conv.py) is one
-MetaSchedule task: its workload is the kernel's unscheduled PrimFunc, its
-design space MetaSchedule's own (multi-level tiling, parallel/vectorise/unroll,
-compute location). Before a task is searched, the default schedule is measured
-with the same runner and committed to the database as an ordinary record (its
-trace replays the default schedule on the workload). The build then takes the
-fastest record of every workload, so a tuned kernel is never slower than the
-default one *as measured*, and where the search found nothing better the
-default stays.
+Two stages, both measured with MetaSchedule's builder and runner (locally, or
+on devices registered with a TVM RPC tracker: `TuneOptions(rpc="host:port/key")`;
+the builder stays here, cross-compiling for the target):
+
+1. Tile search. The default conv schedule (schedules/conv.py) has one free
+   choice a hand rule makes: the register tile (output-channel blocks x output
+   columns held in registers). For every conv layer, each candidate tile of
+   `candidate_tiles` is built with the default schedule and measured; the
+   fastest is used. A few candidates per layer, so this costs a few builds per
+   layer, not a search.
+2. MetaSchedule. Each conv kernel (with its chosen tile) is a MetaSchedule
+   task: the workload is its unscheduled PrimFunc, the design space
+   MetaSchedule's own (multi-level tiling, parallel/vectorise/unroll, compute
+   location). Before a task is searched, the default schedule is measured
+   with the same runner and committed as an ordinary record (its trace
+   replays the default schedule), so the build takes the fastest record of
+   every workload: never slower than the default *as measured*.
 
 The database is a directory: MetaSchedule's JSON database (workloads.json,
-records.json) plus `shave-tasks.json`, which says which workloads were tuned
-and with what per-task budget. A later compile whose workloads are all in
-that ledger with at least the budget asked for does not tune again; it only
-reads the best records (rebuild cost: loading the JSON).
-
-Measurement runs locally, or on devices registered with a TVM RPC tracker
-(`TuneOptions(rpc="host:port/key")`): MetaSchedule's RPCRunner does that; the
-builder stays local (cross-compiling for the target).
+records.json) plus `shave-tasks.json`, which records each layer's measured
+tiles and which workloads were searched with what per-task budget. A later
+compile whose layers are all there (with at least the budget asked for) does
+not measure anything; it reads the choices and the best records.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import math
@@ -38,12 +43,13 @@ LEDGER = "shave-tasks.json"
 
 @dataclass
 class TuneOptions:
-    """How to tune. `trials`: measured candidates in all (across the model's kernels);
+    """How to tune. `trials`: MetaSchedule candidates to measure in all, across the
+    model's conv kernels, after the tile search (0: tile search only);
     `database`: a directory, created if missing, reused across compiles and models;
-    `trials_per_task`: cap per kernel (default: 2 x an even share, at least 8);
+    `trials_per_task`: MetaSchedule cap per kernel (default: 2 x an even share, at least 8);
     `rpc`: "host:port/key" of a TVM RPC tracker to measure on its devices (default: here);
     `progress`: show a progress bar on stderr."""
-    trials: int = 200
+    trials: int = 64
     database: str | Path = "shave-tuning"
     trials_per_task: int | None = None
     rpc: str | None = None
@@ -67,18 +73,21 @@ class TuneResult:
     """What tuning did, for the compile report."""
     tasks: int = 0
     tuned_now: int = 0
-    trials: int = 0
+    tiles_measured: int = 0  # tile candidates measured now (stage 1)
+    tiles_changed: int = 0  # layers whose tile differs from the default plan
+    trials: int = 0  # MetaSchedule candidates measured now (stage 2)
     seconds: float = 0.0
     default_ms: float = 0.0  # estimated conv time of the model: sum over kernels of calls x latency
     tuned_ms: float = 0.0
-    kernels: list = field(default_factory=list)  # (name, calls, default us, best us)
+    kernels: list = field(default_factory=list)  # (name, calls, default us, tiled us, best us, tile)
 
     def summary(self) -> str:
         if not self.tasks:
             return "tune: no conv kernels to tune"
         speed = self.default_ms / self.tuned_ms if self.tuned_ms else float("nan")
-        return (f"tune: {self.tasks} conv kernels ({self.tuned_now} tuned now, {self.trials} trials, "
-                f"{self.seconds:.0f} s); conv time {self.default_ms:.2f} ms default -> "
+        return (f"tune: {self.tasks} conv kernels, {self.tiles_changed} with a non-default tile; measured now: "
+                f"{self.tiles_measured} tile candidates, {self.trials} MetaSchedule trials on {self.tuned_now} "
+                f"kernels ({self.seconds:.0f} s); conv time {self.default_ms:.2f} ms default -> "
                 f"{self.tuned_ms:.2f} ms tuned ({speed:.2f}x)")
 
 
@@ -161,59 +170,128 @@ def _count_calls(mod) -> dict[str, int]:
     return counts
 
 
-def tune_module(mod, kernels: dict, target: dict, opts: TuneOptions):
-    """`mod` with each conv kernel replaced by the best schedule in the database
-    (tuning the kernels not tuned yet). `kernels`: {ConvSpec: GlobalVar} from
-    schedule_module. Returns (mod, TuneResult)."""
+def tune_module(make_mod, target: dict, opts: TuneOptions):
+    """Schedule and tune the Relax module `make_mod()` (a fresh module each call) for
+    `target`. Returns (the scheduled module, TuneResult)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
 
-    from .schedules.conv import compute_primfunc, default_schedule
+    from .schedules import schedule_module
 
     t0 = time.perf_counter()
     light_tensor_intrin(_family(target))
     tgt = tvm.target.Target(target)
-    d = opts.database
+    db, ledger = _open(opts.database)
+    kernels: dict = {}
+    mod = schedule_module(make_mod(), target, kernels)
+    result = TuneResult()
+    runner = None
+
+    def get_runner():
+        nonlocal runner
+        runner = runner or _runner(opts)
+        return runner
+
+    tiles, default_s = _choose_tiles(ms, list(kernels), target, tgt, opts, ledger, get_runner, result)
+    if result.tiles_changed:
+        kernels = {}
+        mod = schedule_module(make_mod(), target, kernels, tiles)
+    mod = _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, default_s)
+    result.seconds = time.perf_counter() - t0
+    return mod, result
+
+
+def _open(d: Path):
+    from tvm.s_tir import meta_schedule as ms
+
     try:
         d.mkdir(parents=True, exist_ok=True)
         db = ms.database.JSONDatabase(path_workload=str(d / "workloads.json"),
                                       path_tuning_record=str(d / "records.json"), allow_missing=True)
     except Exception as e:
-        raise CompileError(f"tuning database {d}: cannot open ({str(e).strip().splitlines()[-1]})") from None
-    ledger = _load_ledger(d)
-    calls = _count_calls(mod)
+        raise CompileError(f"tuning database {d}: cannot open ({_last_line(e)})") from None
+    return db, _load_ledger(d)
 
+
+def _workload(spec):
+    import tvm
+
+    from .schedules.conv import compute_primfunc
+
+    return tvm.IRModule({"main": compute_primfunc(spec).with_attr("global_symbol", "main")})
+
+
+def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
+    """Stage 1: {spec: best tile} over candidate_tiles, measured once per layer and kept
+    in the ledger; also {spec: seconds of the default tile}."""
+    from .schedules.conv import candidate_tiles, default_schedule, default_tile
+
+    todo = []  # (spec, key, tile)
+    errors: dict = {}  # spec -> why its default tile failed to run
+    for spec in specs:
+        key = "tiles:" + _key(_workload(spec), target)
+        if key not in ledger:
+            todo += [(spec, key, t) for t in candidate_tiles(spec)]
+    if todo:
+        secs = _measure(ms, [default_schedule(dataclasses.replace(sp, tile=t)).mod for sp, _, t in todo],
+                        tgt, get_runner(), opts)
+        result.tiles_measured = len(todo)
+        for (spec, key, tile), sec in zip(todo, secs):
+            entry = ledger.setdefault(key, {"candidates": {}})
+            entry["candidates"][f"{tile[0]}x{tile[1]}"] = sec if not isinstance(sec, str) else None
+            if isinstance(sec, str) and tile == default_tile(spec):
+                errors[spec] = sec
+            entry["default"] = "{}x{}".format(*default_tile(spec))
+        _save_ledger(opts.database, ledger)
+    tiles, default_s = {}, {}
+    for spec in specs:
+        entry = ledger["tiles:" + _key(_workload(spec), target)]
+        timed = {k: v for k, v in entry["candidates"].items() if v is not None}
+        if entry["default"] not in timed:
+            raise CompileError(f"tuning: the default schedule of a {spec.kh}x{spec.kw} conv failed on the tuning "
+                               f"runner ({errors.get(spec, 'no timing recorded in the database')})")
+        default_s[spec] = timed[entry["default"]]
+        best = min(timed, key=timed.get)
+        tiles[spec] = tuple(int(x) for x in best.split("x"))
+        result.tiles_changed += best != entry["default"]
+    return tiles, default_s
+
+
+def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, default_s):
+    """Stage 2: MetaSchedule on each kernel, the default schedule committed as a record;
+    `mod` with every kernel replaced by its best record."""
+    import tvm
+
+    from .schedules.conv import default_schedule
+
+    calls = _count_calls(mod)
     present = {g.name_hint for g in mod.get_global_vars()}
     tasks = []  # (name, gv, spec, workload IRModule, key, calls)
     for spec, gv in kernels.items():
-        name = gv.name_hint
-        if name not in present:
+        if gv.name_hint not in present:
             continue
-        gv = mod.get_global_var(name)
-        workload = tvm.IRModule({"main": compute_primfunc(spec).with_attr("global_symbol", "main")})
-        tasks.append((name, gv, spec, workload, _key(workload, target), calls.get(name, 1)))
-    result = TuneResult(tasks=len(tasks))
+        workload = _workload(spec)
+        tasks.append((gv.name_hint, mod.get_global_var(gv.name_hint), spec, workload, _key(workload, target),
+                      calls.get(gv.name_hint, 1)))
+    result.tasks = len(tasks)
     if not tasks:
-        return mod, result
+        return mod
 
-    per_task = opts.trials_per_task or max(8, math.ceil(2 * opts.trials / len(tasks)))
-    todo = [t for t in tasks if ledger.get(t[4], {}).get("budget", 0) < per_task] if opts.trials else []
-
-    runner = _runner(opts)
-    # 1. measure and record the default schedule of every kernel not seen before
+    # the default schedule of every kernel not seen before, measured and recorded
     fresh = [t for t in tasks if t[4] not in ledger]
     if fresh:
-        secs = _measure(ms, [default_schedule(t[2]).mod for t in fresh], tgt, runner, opts)
-        for t, s in zip(fresh, secs):
-            if isinstance(s, str):
-                raise CompileError(f"tuning: the default schedule of {t[0]} failed on the tuning runner ({s})")
-            sch = default_schedule(t[2])
+        secs = _measure(ms, [default_schedule(t[2]).mod for t in fresh], tgt, get_runner(), opts)
+        for t, sec in zip(fresh, secs):
+            if isinstance(sec, str):
+                raise CompileError(f"tuning: the default schedule of {t[0]} failed on the tuning runner ({sec})")
             db.commit_tuning_record(ms.database.TuningRecord(
-                sch.trace, db.commit_workload(t[3]), [s], tgt, ms.arg_info.ArgInfo.from_prim_func(t[3]["main"])))
-            ledger[t[4]] = {"name": t[0], "default_s": s, "budget": 0}
-        _save_ledger(d, ledger)
+                default_schedule(t[2]).trace, db.commit_workload(t[3]), [sec], tgt,
+                ms.arg_info.ArgInfo.from_prim_func(t[3]["main"])))
+            ledger[t[4]] = {"name": t[0], "default_s": sec, "budget": 0}
+        _save_ledger(opts.database, ledger)
 
-    # 2. search
+    per_task = opts.trials_per_task or max(8, math.ceil(2 * opts.trials / len(tasks)))
+    todo = [t for t in tasks if ledger[t[4]].get("budget", 0) < per_task] if opts.trials else []
     if todo:
         from .quiet import quiet_tvm
 
@@ -226,12 +304,12 @@ def tune_module(mod, kernels: dict, target: dict, opts: TuneOptions):
         try:
             with quiet_tvm():
                 ms.tune.tune_tasks(
-                    tasks=contexts, task_weights=[float(t[5]) for t in todo], work_dir=str(d / "logs"),
+                    tasks=contexts, task_weights=[float(t[5]) for t in todo], work_dir=str(opts.database / "logs"),
                     max_trials_global=max(opts.trials, len(todo)), max_trials_per_task=per_task,
                     num_trials_per_iter=opts.trials_per_iter,
                     builder=ms.builder.LocalBuilder(timeout_sec=opts.timeout_s, initializer=_builder_init),
-                    runner=runner, database=db, measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"),
-                                                                   progress.callback(ms)],
+                    runner=get_runner(), database=db,
+                    measure_callbacks=[*ms.measure_callback.MeasureCallback.create("default"), progress.callback(ms)],
                     cost_model=ms.cost_model.XGBModel(num_tuning_cores=2),
                 )
         finally:
@@ -240,32 +318,33 @@ def tune_module(mod, kernels: dict, target: dict, opts: TuneOptions):
         result.tuned_now = len(todo)
         for t in todo:
             ledger[t[4]]["budget"] = per_task
-        _save_ledger(d, ledger)
+        _save_ledger(opts.database, ledger)
 
-    # 3. the best record of every workload
+    # the best record of every workload
     for name, gv, spec, workload, key, n in tasks:
+        tiled_s = ledger[key]["default_s"]
+        best_s = tiled_s
         best = db.get_top_k(db.commit_workload(workload), 1)
-        default_s = ledger[key]["default_s"]
-        best_s = default_s
         if best:
-            sch = tvm.s_tir.Schedule(workload)
-            try:
-                best[0].trace.apply_to_schedule(sch, remove_postproc=False)
-                run = [float(x) for x in best[0].run_secs]
-                best_s = sum(run) / len(run)
-                func = sch.mod["main"]
-                old = mod[gv]
-                for k in ("global_symbol", "op_pattern"):
-                    if old.attrs and k in old.attrs:
-                        func = func.with_attr(k, old.attrs[k])
-                mod[gv] = func.with_attr("tirx.is_scheduled", True)
-            except Exception:
-                best_s = default_s
-        result.kernels.append((name, n, default_s * 1e6, best_s * 1e6))
-        result.default_ms += n * default_s * 1e3
+            run = [float(x) for x in best[0].run_secs]
+            if sum(run) / len(run) < tiled_s:
+                sch = tvm.s_tir.Schedule(workload)
+                try:
+                    best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+                    func = sch.mod["main"]
+                    old = mod[gv]
+                    for k in ("global_symbol", "op_pattern"):
+                        if old.attrs and k in old.attrs:
+                            func = func.with_attr(k, old.attrs[k])
+                    mod[gv] = func.with_attr("tirx.is_scheduled", True)
+                    best_s = sum(run) / len(run)
+                except Exception:
+                    pass
+        base = default_s.get(dataclasses.replace(spec, tile=None), tiled_s)
+        result.kernels.append((name, n, base * 1e6, tiled_s * 1e6, best_s * 1e6, list(spec.tile or [])))
+        result.default_ms += n * base * 1e3
         result.tuned_ms += n * best_s * 1e3
-    result.seconds = time.perf_counter() - t0
-    return mod, result
+    return mod
 
 
 def _save_ledger(d: Path, ledger: dict) -> None:

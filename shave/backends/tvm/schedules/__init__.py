@@ -72,10 +72,11 @@ def vector_lanes(target: dict) -> int:
     return 4
 
 
-def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None) -> tvm.IRModule:
+def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None,
+                    tiles: dict | None = None) -> tvm.IRModule:
     """The Relax module with convolutions and all other operators scheduled for `target`.
     `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the conv kernels (what
-    tuning works on)."""
+    tuning works on); `tiles` overrides the register tile of those convs (from tuning)."""
     if target.get("kind") == "cuda":
         return schedule_gpu(mod, target)
     if target.get("kind") != "llvm":
@@ -83,7 +84,7 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
-        mod = fuse_convs(mod, vec, kernels)
+        mod = fuse_convs(mod, vec, kernels, tiles)
         mod = legalize_and_fuse(mod)
         mod = schedule_generic(mod, vec)
     return mod

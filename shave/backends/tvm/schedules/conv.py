@@ -44,6 +44,7 @@ class ConvSpec:
     act: str | None  # None, "relu", or "clip:lo:hi"
     residual: bool
     vec: int
+    tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
 
     @property
     def oh(self) -> int:
@@ -66,16 +67,37 @@ def _pick_reg_n(ow: int, max_reg: int) -> int:
     return best[1]
 
 
+def default_tile(spec: ConvSpec) -> tuple[int, int]:
+    """(ocb_in, reg_n) of the default plan: 8-12 accumulators of the 16 ymm registers."""
+    ocb = math.ceil(spec.oc / spec.vec)
+    if spec.depthwise:
+        return 1, _pick_reg_n(spec.ow, 8)
+    ocb_in = 2 if ocb >= 2 else 1
+    return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
+
+
+def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
+    """Register tiles worth measuring for a layer (the default first): accumulators
+    ocb_in x reg_n between 4 and 14 vectors, widths chosen to waste few padded columns."""
+    ocb = math.ceil(spec.oc / spec.vec)
+    shapes = [(1, 4), (1, 8), (1, 14)] if spec.depthwise else [(1, 8), (1, 12), (2, 4), (2, 6), (4, 3)]
+    out = [default_tile(spec)]
+    for ocb_in, max_reg in shapes:
+        if ocb_in > ocb:
+            continue
+        t = (ocb_in, _pick_reg_n(spec.ow, max_reg))
+        if t not in out:
+            out.append(t)
+    return out
+
+
 def plan(spec: ConvSpec) -> dict:
     """Tiling decisions for a layer."""
     v = spec.vec
     ocb = math.ceil(spec.oc / v)
-    if spec.depthwise:
-        ocb_in = 1
-        reg_n = _pick_reg_n(spec.ow, 8)
-    else:
-        ocb_in = 2 if ocb >= 2 else 1
-        reg_n = _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
+    ocb_in, reg_n = spec.tile or default_tile(spec)
+    if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
+        raise ValueError(f"invalid conv tile {spec.tile}")
     owp = math.ceil(spec.ow / reg_n) * reg_n
     ocb = math.ceil(ocb / ocb_in) * ocb_in
     # input-channel block: v, or all channels when there are fewer (the 3-channel stem)

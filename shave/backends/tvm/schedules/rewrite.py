@@ -1,6 +1,8 @@
 """Relax rewrite: conv2d + bias [+ residual] [+ relu/clip] -> one call_tir to a scheduled kernel."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -92,15 +94,17 @@ def _conv_spec(call, vec):
     return spec
 
 
-def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None) -> tvm.IRModule:
+def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: dict | None = None) -> tvm.IRModule:
     """Replace every fusable conv chain in every Relax function of `mod`.
-    `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made."""
+    `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made;
+    `tiles` maps a ConvSpec (with tile=None) to the register tile to use instead of the default."""
     kernels = {} if kernels is None else kernels
+    tiles = tiles or {}
     new_funcs = {}
     bb = relax.BlockBuilder(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            new = _rewrite_function(func, vec, kernels, bb)
+            new = _rewrite_function(func, vec, kernels, bb, tiles)
             if new is not None:
                 new_funcs[gv] = new
     mod = bb.get()
@@ -109,7 +113,7 @@ def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None) -> tvm.
     return mod
 
 
-def _rewrite_function(func, vec, kernels, bb):
+def _rewrite_function(func, vec, kernels, bb, tiles):
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         return None
@@ -197,6 +201,8 @@ def _rewrite_function(func, vec, kernels, bb):
                     chain.append(nxt)
                     cur = nxt
             spec = ConvSpec(**{**spec.__dict__, "act": act, "residual": residual is not None})
+            if spec in tiles:
+                spec = dataclasses.replace(spec, tile=tuple(tiles[spec]))
             try:
                 gv = kernels.get(spec)
                 if gv is None:
