@@ -38,12 +38,10 @@ from shave.passes import Decompose, FoldBN  # noqa: E402
 
 # (method, rule, value): rule is "budget" (flop_budget), "energy", "auto" (value: min speed-up), "refit"
 FASHION = [(m, "budget", 0.5) for m in ("weight_svd", "spatial", "tucker2", "cp")] + [
-    ("tucker2", "budget", 0.25), ("tucker2", "refit", 0.25), ("tucker2", "auto", 1.1), ("weight_svd", "auto", 1.1)]
+    ("tucker2", "refit", 0.5), ("tucker2", "auto", 1.1)]
 IMAGENET = {
-    "mobilenet_v2": [("weight_svd", "budget", 0.5), ("tucker2", "budget", 0.5), ("weight_svd", "energy", 0.95),
-                     ("tucker2", "auto", 1.1), ("weight_svd", "auto", 1.1)],
-    "resnet18": [("weight_svd", "budget", 0.5), ("spatial", "budget", 0.5), ("tucker2", "budget", 0.5),
-                 ("tucker2", "energy", 0.95), ("tucker2", "auto", 1.1), ("weight_svd", "auto", 1.1)],
+    "mobilenet_v2": [("weight_svd", "energy", 0.95), ("weight_svd", "auto", 1.1)],
+    "resnet18": [("weight_svd", "budget", 0.5), ("tucker2", "budget", 0.5), ("tucker2", "auto", 1.1)],
 }
 
 
@@ -110,7 +108,7 @@ def run_model(name, model, x, evaluate, finetune=None, calib=None, variants=()):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="fashion,mobilenet_v2,resnet18")
-    ap.add_argument("--finetune-steps", type=int, default=60)
+    ap.add_argument("--finetune-steps", type=int, default=30)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)

@@ -53,13 +53,14 @@ def vbmf_rank(method: str, layer: Layer, w):
 
 
 def budget_rank(method: str, layer: Layer, budget: float, lanes: int = 1):
-    """The largest rank (a multiple of `lanes` where possible) within `budget`, or None if none fits."""
+    """The largest rank within `budget`, each part rounded down to a multiple of
+    `lanes` where it is at least that large; None if not even rank 1 fits."""
     limit = budget * macs(None, layer)
     full = _as_pair(full_rank(method, layer))
     steps = max(full)
 
-    def at(i):  # the i-th rank on a line from 0 to full, every part a multiple of lanes where it can be
-        return _from_pair(method, [min(f, max(1, _round(i * f / steps, lanes, down=True))) for f in full])
+    def at(i):  # the i-th rank on a line from 0 to full
+        return _from_pair(method, [min(f, max(1, int(i * f // steps))) for f in full])
 
     lo, hi = 0, steps  # largest i with macs(at(i)) <= limit, by bisection (cost grows with i)
     while lo < hi:
@@ -68,7 +69,9 @@ def budget_rank(method: str, layer: Layer, budget: float, lanes: int = 1):
             lo = mid
         else:
             hi = mid - 1
-    return at(lo) if lo > 0 and macs(method, layer, at(lo)) <= limit else None
+    if lo == 0 or macs(method, layer, at(lo)) > limit:
+        return None
+    return _from_pair(method, [_round(p, lanes, down=True) if p >= lanes else p for p in _as_pair(at(lo))])
 
 
 def _round(r: float, lanes: int, down: bool) -> int:
