@@ -28,9 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
-    p.add_argument("--tune-trials", type=int, default=0, metavar="N",
-                   help="also time shave tuned with N MetaSchedule trials per model (adds engine shave-tuned); "
-                        "the database is reused, so a second run does not tune again")
+    p.add_argument("--tune-trials", type=int, default=None, metavar="N",
+                   help="also time shave tuned: tile search plus N MetaSchedule trials per model (adds engine "
+                        "shave-tuned; 0 = tile search only); the database is reused, so a second run does not "
+                        "tune again")
     p.add_argument("--tune-db", default="out/tuning", help="tuning database directory")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--threads", type=int, default=2,
@@ -49,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    if args.tune_trials > 0 and "shave-tuned" not in args.engines:
+    if args.tune_trials is not None and "shave-tuned" not in args.engines:
         args.engines.append("shave-tuned")
     for kind, names, known in (("model", args.models, MODELS), ("engine", args.engines, ENGINES)):
         bad = [n for n in names if n not in known]
@@ -86,7 +87,7 @@ def bench_model(name: str, args, common) -> dict:
     x = common.make_input(args.batch)
     print(f"\n## {name}: {desc}, input {list(x.shape)}", flush=True)
     factory_kw = {"shave": {"target": args.target},
-                  "shave-tuned": {"target": args.target, "trials": args.tune_trials or 200, "database": args.tune_db}}
+                  "shave-tuned": {"target": args.target, "trials": 64 if args.tune_trials is None else args.tune_trials, "database": args.tune_db}}
 
     results, ref, flops = [], None, None
     for ename in args.engines:

@@ -8,19 +8,26 @@ import numpy as np
 
 from . import load
 from .errors import ShaveError
+from .report import Report
+from .runtime.artifact import read_artifact
+from .runtime.module import target_mismatch
 
 
 def _info(args) -> None:
-    rt = load(args.artifact)
-    m = rt.manifest
+    # reads the manifest only (checksums checked): artifacts for other machines can be inspected too
+    m, _ = read_artifact(args.artifact)
     t = m["target"]
     print(f"{args.artifact}: shave {m['shave_version']}, TVM {m['versions']['tvm']}")
     print(f"target: {t['name']} ({t['arch']}, {t['dict'].get('mcpu', '')}; needs {', '.join(t['cpu_features']) or '-'})")
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
             print(f"{kind[:-1]:6} {v['name']}: {v['dtype']}[{','.join(map(str, v['shape']))}]")
+    runs_here = target_mismatch(t)
+    print(f"runs here: {'no: ' + runs_here if runs_here else 'yes'}")
+    if "tuning" in m:
+        print(m["tuning"]["summary"])
     print()
-    print(rt.report)
+    print(Report.from_dict(m.get("report", {})))
 
 
 def _run(args) -> None:

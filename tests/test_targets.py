@@ -122,6 +122,18 @@ def test_arm_artifact_refused_on_x86(arm_artifacts):
         a["cm"](a["x"])
 
 
+@pytest.mark.skipif(not ON_X86, reason="checks the description of aarch64 code on x86_64")
+def test_cli_info_describes_an_artifact_for_another_machine(arm_artifacts, capsys):
+    from shave.cli import main
+
+    _, arts = arm_artifacts
+    assert main(["info", str(arts["fashion"]["path"])]) == 0
+    out = capsys.readouterr().out
+    assert "target: rpi4 (aarch64, cortex-a72" in out
+    assert "runs here: no: built for aarch64" in out
+    assert "build (llvm cortex-a72)" in out
+
+
 def test_arm_artifacts_run_and_match_pytorch(arm_artifacts):
     """Both aarch64 artifacts, in one emulated process (starting Python+TVM under qemu is slow),
     against PyTorch on this machine."""

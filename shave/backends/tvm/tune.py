@@ -79,7 +79,8 @@ class TuneResult:
     seconds: float = 0.0
     default_ms: float = 0.0  # estimated conv time of the model: sum over kernels of calls x latency
     tuned_ms: float = 0.0
-    kernels: list = field(default_factory=list)  # (name, calls, default us, tiled us, best us, tile)
+    # (name, calls, default tile us, chosen tile us, best us, tile): single-kernel timings on the runner
+    kernels: list = field(default_factory=list)
 
     def summary(self) -> str:
         if not self.tasks:
@@ -192,11 +193,11 @@ def tune_module(make_mod, target: dict, opts: TuneOptions):
         runner = runner or _runner(opts)
         return runner
 
-    tiles, default_s = _choose_tiles(ms, list(kernels), target, tgt, opts, ledger, get_runner, result)
+    tiles, stage1 = _choose_tiles(ms, list(kernels), target, tgt, opts, ledger, get_runner, result)
     if result.tiles_changed:
         kernels = {}
         mod = schedule_module(make_mod(), target, kernels, tiles)
-    mod = _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, default_s)
+    mod = _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, stage1)
     result.seconds = time.perf_counter() - t0
     return mod, result
 
@@ -223,7 +224,7 @@ def _workload(spec):
 
 def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
     """Stage 1: {spec: best tile} over candidate_tiles, measured once per layer and kept
-    in the ledger; also {spec: seconds of the default tile}."""
+    in the ledger; also ({spec: seconds of the default tile}, {spec: seconds of the chosen tile})."""
     from .schedules.conv import candidate_tiles, default_schedule, default_tile
 
     todo = []  # (spec, key, tile)
@@ -243,7 +244,7 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
                 errors[spec] = sec
             entry["default"] = "{}x{}".format(*default_tile(spec))
         _save_ledger(opts.database, ledger)
-    tiles, default_s = {}, {}
+    tiles, default_s, chosen_s = {}, {}, {}
     for spec in specs:
         entry = ledger["tiles:" + _key(_workload(spec), target)]
         timed = {k: v for k, v in entry["candidates"].items() if v is not None}
@@ -252,12 +253,13 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
                                f"runner ({errors.get(spec, 'no timing recorded in the database')})")
         default_s[spec] = timed[entry["default"]]
         best = min(timed, key=timed.get)
+        chosen_s[spec] = timed[best]
         tiles[spec] = tuple(int(x) for x in best.split("x"))
         result.tiles_changed += best != entry["default"]
-    return tiles, default_s
+    return tiles, (default_s, chosen_s)
 
 
-def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, default_s):
+def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, stage1):
     """Stage 2: MetaSchedule on each kernel, the default schedule committed as a record;
     `mod` with every kernel replaced by its best record."""
     import tvm
@@ -324,13 +326,13 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
     for name, gv, spec, workload, key, n in tasks:
         tiled_s = ledger[key]["default_s"]
         best_s = tiled_s
-        best = db.get_top_k(db.commit_workload(workload), 1)
-        if best:
-            run = [float(x) for x in best[0].run_secs]
+        top = db.get_top_k(db.commit_workload(workload), 1)
+        if top:
+            run = [float(x) for x in top[0].run_secs]
             if sum(run) / len(run) < tiled_s:
                 sch = tvm.s_tir.Schedule(workload)
                 try:
-                    best[0].trace.apply_to_schedule(sch, remove_postproc=False)
+                    top[0].trace.apply_to_schedule(sch, remove_postproc=False)
                     func = sch.mod["main"]
                     old = mod[gv]
                     for k in ("global_symbol", "op_pattern"):
@@ -340,10 +342,15 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
                     best_s = sum(run) / len(run)
                 except Exception:
                     pass
-        base = default_s.get(dataclasses.replace(spec, tile=None), tiled_s)
-        result.kernels.append((name, n, base * 1e6, tiled_s * 1e6, best_s * 1e6, list(spec.tile or [])))
+        # estimates in stage 1's timings (default and chosen tile timed in one session);
+        # a MetaSchedule gain is its ratio to the default it beat (timed in one session too)
+        base_spec = dataclasses.replace(spec, tile=None)
+        base = stage1[0].get(base_spec, tiled_s)
+        chosen = stage1[1].get(base_spec, tiled_s)
+        best = chosen * best_s / tiled_s
+        result.kernels.append((name, n, base * 1e6, chosen * 1e6, best * 1e6, list(spec.tile or [])))
         result.default_ms += n * base * 1e3
-        result.tuned_ms += n * best_s * 1e3
+        result.tuned_ms += n * best * 1e3
     return mod
 
 
