@@ -347,7 +347,7 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
         base_spec = dataclasses.replace(spec, tile=None)
         base = stage1[0].get(base_spec, tiled_s)
         chosen = stage1[1].get(base_spec, tiled_s)
-        best = chosen * best_s / tiled_s
+        best = chosen * best_s / tiled_s if best_s < tiled_s else chosen
         result.kernels.append((name, n, base * 1e6, chosen * 1e6, best * 1e6, list(spec.tile or [])))
         result.default_ms += n * base * 1e3
         result.tuned_ms += n * best * 1e3
