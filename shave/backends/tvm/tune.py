@@ -229,8 +229,8 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
 
     todo = []  # (spec, key, tile)
     errors: dict = {}  # spec -> why its default tile failed to run
-    for spec in specs:
-        key = "tiles:" + _key(_workload(spec), target)
+    keys = {spec: "tiles:" + _key(_workload(spec), target) for spec in specs}
+    for spec, key in keys.items():
         if key not in ledger:
             todo += [(spec, key, t) for t in candidate_tiles(spec)]
     if todo:
@@ -246,7 +246,7 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
         _save_ledger(opts.database, ledger)
     tiles, default_s, chosen_s = {}, {}, {}
     for spec in specs:
-        entry = ledger["tiles:" + _key(_workload(spec), target)]
+        entry = ledger[keys[spec]]
         timed = {k: v for k, v in entry["candidates"].items() if v is not None}
         if entry["default"] not in timed:
             raise CompileError(f"tuning: the default schedule of a {spec.kh}x{spec.kw} conv failed on the tuning "
@@ -282,12 +282,13 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
     # the default schedule of every kernel not seen before, measured and recorded
     fresh = [t for t in tasks if t[4] not in ledger]
     if fresh:
-        secs = _measure(ms, [default_schedule(t[2]).mod for t in fresh], tgt, get_runner(), opts)
-        for t, sec in zip(fresh, secs):
+        schedules = [default_schedule(t[2]) for t in fresh]
+        secs = _measure(ms, [sch.mod for sch in schedules], tgt, get_runner(), opts)
+        for t, sch, sec in zip(fresh, schedules, secs):
             if isinstance(sec, str):
                 raise CompileError(f"tuning: the default schedule of {t[0]} failed on the tuning runner ({sec})")
             db.commit_tuning_record(ms.database.TuningRecord(
-                default_schedule(t[2]).trace, db.commit_workload(t[3]), [sec], tgt,
+                sch.trace, db.commit_workload(t[3]), [sec], tgt,
                 ms.arg_info.ArgInfo.from_prim_func(t[3]["main"])))
             ledger[t[4]] = {"name": t[0], "default_s": sec, "budget": 0}
         _save_ledger(opts.database, ledger)
