@@ -182,3 +182,5 @@ register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",
 register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel reordering
     "channel_permute", lambda x, *, indices: x[:, list(indices)], attrs=("indices",), channels=ch.channel_permute,
 )
+
+from . import opset_rewrites  # noqa: E402,F401  (shift, channel_shuffle)

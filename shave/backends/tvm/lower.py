@@ -220,3 +220,41 @@ def to_relax(graph: Graph) -> tvm.IRModule:
     return bb.get()
 
 
+
+
+SHIFT_KERNEL = "shave_shift"  # schedules/rewrite.py folds a shift read by one conv into that conv's input packing
+
+
+def shift_primfunc(n: int, c: int, h: int, w: int, dtype: str):
+    """out[b, ch, y, x] = X[b, ch, y - DY[ch], x - DX[ch]] (0 outside X); DY, DX are int32 [c]."""
+    from tvm import te, tirx
+
+    X = te.placeholder((n, c, h, w), dtype, name="X")
+    DY = te.placeholder((c,), "int32", name="DY")
+    DX = te.placeholder((c,), "int32", name="DX")
+
+    def fn(b, ch, y, x):
+        iy, ix = y - DY[ch], x - DX[ch]
+        ok = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+        val = X[b, ch, tirx.max(tirx.min(iy, h - 1), 0), tirx.max(tirx.min(ix, w - 1), 0)]
+        return tirx.if_then_else(ok, val, tirx.const(0, dtype))
+
+    return te.create_prim_func([X, DY, DX, te.compute((n, c, h, w), fn, name="shift")])
+
+
+@lowers("shift")
+def _shift(bb, ins, a, node):
+    n, c, h, w = _shape(ins[0])
+    dtype = node.type.dtype
+    name = f"{SHIFT_KERNEL}_{n}x{c}x{h}x{w}"  # one kernel per shape (add_func reuses an equal one)
+    gv = bb.add_func(shift_primfunc(n, c, h, w, dtype).with_attr("global_symbol", name), name)
+    dy, dx = (relax.const(np.asarray([s[k] for s in a["shifts"]], dtype="int32")) for k in (0, 1))
+    return relax.call_tir(gv, [ins[0], dy, dx], relax.TensorType((n, c, h, w), dtype))
+
+
+@lowers("channel_shuffle")
+def _channel_shuffle(bb, ins, a, node):
+    shape, g = _shape(ins[0]), a["groups"]
+    split = bb.emit(R.reshape(ins[0], (shape[0], g, shape[1] // g) + shape[2:]))
+    swapped = bb.emit(R.permute_dims(split, [0, 2, 1] + list(range(3, len(shape) + 1))))
+    return R.reshape(swapped, shape)

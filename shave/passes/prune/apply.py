@@ -57,6 +57,16 @@ def remove_channels(graph: Graph, units) -> Graph:
             keep_out = _survivors(len(old), out_rm.get(1, []))
             rank = np.cumsum(_keep_mask(len(old), in_rm)) - 1
             n.attrs = dict(n.attrs, indices=tuple(int(rank[old[j]]) for j in keep_out))
+        elif n.op == "shift" and 1 in out_rm:  # each surviving channel keeps its own shift
+            keep = _survivors(len(n.attrs["shifts"]), out_rm[1])
+            n.attrs = dict(n.attrs, shifts=tuple(n.attrs["shifts"][j] for j in keep))
+        elif n.op == "channel_shuffle" and 1 in out_rm:  # no longer a shuffle: the permutation that is left
+            from ...ir.opset_rewrites import shuffle_indices
+
+            in_rm = removed.get((n.inputs[0], 1), np.array([], dtype=np.int64))
+            old = np.asarray(shuffle_indices(n.type.shape[1], n.attrs["groups"]))
+            rank = np.cumsum(_keep_mask(len(old), in_rm)) - 1
+            n.op, n.attrs = "channel_permute", {"indices": tuple(int(rank[old[j]]) for j in _survivors(len(old), out_rm[1]))}
     infer_types(graph)
     for n in graph.nodes:  # every dim must have shrunk by exactly what was removed from it
         want = tuple(s - len(removed.get((n.name, a), ())) for a, s in enumerate(old_types[n.name].shape))

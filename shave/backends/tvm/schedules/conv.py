@@ -45,6 +45,7 @@ class ConvSpec:
     residual: bool
     vec: int
     tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
+    shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
 
     @property
     def oh(self) -> int:
@@ -173,11 +174,18 @@ def compute_primfunc(spec: ConvSpec):
     if spec.residual:
         Res = te.placeholder((n, oc, oh, ow), "float32", name="R")
         args.append(Res)
+    DY = DX = None
+    if spec.shift:
+        DY, DX = te.placeholder((c,), "int32", name="DY"), te.placeholder((c,), "int32", name="DX")
+        args += [DY, DX]
 
     def pack_fn(b, i, y, x, j):
         ch = i * vi + j
         iy, ix = y - pt, x - pl
         ok = tirx.all(ch < c, iy >= 0, iy < h, ix >= 0, ix < w)
+        if DY is not None:  # a folded shift: read X[ch, iy - dy[ch], ix - dx[ch]]; zero outside X or in the padding
+            iy, ix = iy - DY[tirx.min(ch, c - 1)], ix - DX[tirx.min(ch, c - 1)]
+            ok = tirx.all(ok, iy >= 0, iy < h, ix >= 0, ix < w)
         return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
 
     P = te.compute((n, cb, hp, wp, vi), pack_fn, name="pack")

@@ -94,6 +94,19 @@ def _conv_spec(call, vec):
     return spec
 
 
+def _folded_shift(x, var2val, consumers, uses, claimed):
+    """(shift var, its input, DY, DX) when the conv input `x` is a shift (lower.py's
+    shave_shift kernel) that nothing else reads, else None."""
+    value = var2val.get(x) if isinstance(x, relax.Var) else None
+    if (value is None or not _is_op(value, "relax.call_tir") or x in claimed or uses.get(x, 0) != 1
+            or len(consumers.get(x, [])) != 1 or not value.args[0].name_hint.startswith("shave_shift")):
+        return None
+    src, dy, dx = value.args[1].fields
+    if not (isinstance(dy, _Const) and isinstance(dx, _Const)):
+        return None
+    return x, src, dy, dx
+
+
 def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: dict | None = None) -> tvm.IRModule:
     """Replace every fusable conv chain in every Relax function of `mod`.
     `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made;
@@ -201,6 +214,9 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
                     chain.append(nxt)
                     cur = nxt
             spec = ConvSpec(**{**spec.__dict__, "act": act, "residual": residual is not None})
+            shift = _folded_shift(bd.value.args[0], var2val, consumers, uses, claimed)
+            if shift is not None:
+                spec = dataclasses.replace(spec, shift=True)
             if spec in tiles:
                 spec = dataclasses.replace(spec, tile=tuple(tiles[spec]))
             try:
@@ -216,6 +232,11 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
             args = [bd.value.args[0], relax.const(wp), relax.const(bias)]
             if residual is not None:
                 args.append(residual)
+            if shift is not None:  # the conv reads the shift's input; the shift binding goes
+                args[0] = shift[1]
+                args += shift[2:]
+                drop.add(shift[0])
+                claimed.add(shift[0])
             claimed.update(chain)
             replace[cur] = bb.normalize(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
             drop.update(chain[:-1])
