@@ -126,6 +126,25 @@ def test_rewrite_fuses_supported_and_skips_grouped():
             assert int(f.attrs["op_pattern"]) == 8
 
 
+class MLP(nn.Module):
+    def __init__(self, k, j, bias):
+        super().__init__()
+        self.fc1 = nn.Linear(k, j, bias=bias)
+        self.fc2 = nn.Linear(j, 5)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+@pytest.mark.parametrize("n,k,j,bias", [(1, 64, 10, True), (3, 37, 13, False), (8, 130, 100, True)])
+def test_linear_layers_become_conv_kernels(n, k, j, bias):
+    torch.manual_seed(n)
+    model, x = MLP(k, j, bias), torch.randn(n, k)
+    names, _ = _scheduled_kernels(model, x)
+    assert len(names) == 2  # both linear layers run on the packed conv kernel
+    _check(model, x)
+
+
 def test_vector_lanes():
     assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}) == 8
     assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}) == 16

@@ -36,8 +36,9 @@ alone):
    FuseTIR, then a generic rule (`generic.py`): for each block, the outer
    spatial loops are fused and run in parallel, and the innermost spatial
    loop of a pure elementwise block is vectorised when its extent allows.
-   Matmul/dense (classifier layers) get a vectorised GEMV-style kernel via
-   the same rewrite as convs (`dense.py`).
+   Matmuls with constant weights (linear layers) are first rewritten into 1x1
+   convs with the batch along the width (`dense.py`), so they get the conv
+   kernel, its packed weights and its fused bias.
 
 Anything a rule cannot handle keeps its default (correct, slow) code: each
 rule is applied on a copy and dropped if scheduling raises.
@@ -46,6 +47,7 @@ from __future__ import annotations
 
 import tvm
 
+from .dense import linear_to_conv
 from .rewrite import fuse_convs
 from .generic import schedule_generic
 from .gpu import schedule_gpu
@@ -84,7 +86,7 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
-        mod = fuse_convs(mod, vec, kernels, tiles)
+        mod = fuse_convs(linear_to_conv(mod), vec, kernels, tiles)
         mod = legalize_and_fuse(mod)
         mod = schedule_generic(mod, vec)
     return mod
