@@ -168,3 +168,188 @@ def test_tvm_standalone_shift_and_shuffle_match_the_ir(rng):
     cm = shave.compile(g, (torch.from_numpy(x),), passes=[])
     for got, ref in zip(cm(x), run_graph(g, [x])):
         assert np.array_equal(got, ref)
+
+
+# -------------------------------------------------------------------------------------------- passes
+from shave.errors import PassError  # noqa: E402
+from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite, get_pass  # noqa: E402
+from shave.passes.rewrites import balanced_blocks  # noqa: E402
+
+
+class Block(nn.Module):
+    """stride-2 3x3 -> BN -> relu -> 3x3 (dilated) -> BN, plus a 1x1 shortcut, residual add, relu."""
+
+    def __init__(self, c=8, n=16):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, n, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(n)
+        self.conv2 = nn.Conv2d(n, n, 3, padding=2, dilation=2)
+        self.bn2 = nn.BatchNorm2d(n)
+        self.short = nn.Conv2d(c, n, 1, stride=2)
+        self.conv3 = nn.Conv2d(n, n, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        return self.conv3(torch.relu(self.bn2(self.conv2(y)) + self.short(x)))
+
+
+@pytest.fixture(scope="module")
+def block_graph():
+    torch.manual_seed(0)
+    m = Block().eval()
+    with torch.no_grad():
+        for bn in (m.bn1, m.bn2):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 8, 9, 9)
+    return shave.capture(m, (x,)), x.numpy()
+
+
+def _with_weight(g, name, w):
+    g = g.copy()
+    g.set_param(g.node(name).inputs[1], w.astype(np.float32))
+    return g
+
+
+def test_shift_rewrite_is_exact_for_one_hot_kernels_with_stride_and_dilation(block_graph, rng):
+    g, x = block_graph
+    for name in ("conv1", "conv2"):  # each input channel uses one kernel position (its own)
+        w = np.asarray(g.params[g.node(name).inputs[1]])
+        pos = rng.integers(0, 9, w.shape[1])
+        mask = np.zeros((w.shape[1], 9))
+        mask[np.arange(w.shape[1]), pos] = 1
+        g = _with_weight(g, name, w * mask.reshape(1, w.shape[1], 3, 3))
+    p = ShiftRewrite(layers=["conv1", "conv2"])
+    out = p(g)
+    assert out.op_counts()["shift"] == 2 and rel_err(run_graph(out, [x])[0], run_graph(g, [x])[0]) < 1e-5
+    assert all(e.kept and e.kernel_error < 1e-6 for e in p.plan)
+    assert out.stats()["flops"] < g.stats()["flops"]
+
+
+def test_shift_rewrite_replicating_every_position_is_exact_and_lossy_otherwise(block_graph):
+    g, x = block_graph
+    ref = run_graph(g, [x])[0]
+    exact = ShiftRewrite(replicate=9, layers="conv2")(g)
+    assert rel_err(run_graph(exact, [x])[0], ref) < 1e-5
+    errs = [rel_err(run_graph(ShiftRewrite(replicate=r, layers="conv2")(g), [x])[0], ref) for r in (1, 4)]
+    assert errs[0] > errs[1] > 1e-3
+
+
+def test_shift_rewrite_skips_what_it_cannot_do_with_a_reason(block_graph):
+    g, _ = block_graph
+    p = ShiftRewrite()
+    p(g)
+    reasons = {e.name: e.reason for e in p.plan}
+    assert reasons["short"] == "is already 1x1" and reasons["conv3"] == "is already 1x1"
+    assert {e.name for e in p.plan if e.kept} == {"conv1", "conv2"}
+    torch.manual_seed(0)
+    valid = shave.capture(nn.Conv2d(4, 4, 3, padding=0), (torch.randn(1, 4, 6, 6),))
+    with pytest.raises(PassError, match="cannot rewrite node 'conv2d': it has padding \\(0, 0\\)"):
+        ShiftRewrite(layers="conv2d")(valid)
+
+
+def _block_diagonal(rng, n, c, g, k=1):
+    w = np.zeros((n, c, k, k))
+    for b in range(g):
+        w[b * n // g:(b + 1) * n // g, b * c // g:(b + 1) * c // g] = rng.standard_normal((n // g, c // g, k, k))
+    rows, cols = rng.permutation(n), rng.permutation(c)
+    return w[rows][:, cols]
+
+
+def test_balanced_blocks_recovers_a_hidden_block_structure(rng):
+    w = _block_diagonal(rng, 24, 16, 4)
+    rows, cols = balanced_blocks((w ** 2).sum((2, 3)), 4)
+    assert np.bincount(rows).tolist() == [6] * 4 and np.bincount(cols).tolist() == [4] * 4
+    off = (w[:, :, 0, 0] ** 2)[rows[:, None] != cols[None, :]].sum()
+    assert off == 0
+
+
+def test_group_rewrite_of_permuted_block_diagonal_weights_is_exact_and_folds_permutations(block_graph, rng):
+    g, x = block_graph
+    g = _with_weight(g, "conv2", _block_diagonal(rng, 16, 16, 4, k=3))  # input: conv1 (+bn, relu), read once
+    g = _with_weight(g, "conv3", _block_diagonal(rng, 16, 16, 4))  # output: the graph output
+    p = GroupRewrite(groups=4, layers=["conv2", "conv3"])
+    out = p(g)
+    assert rel_err(run_graph(out, [x])[0], run_graph(g, [x])[0]) < 1e-5
+    assert all(e.kept and e.kernel_error < 1e-6 for e in p.plan)
+    assert {n.attrs["groups"] for n in out.nodes if n.name.endswith(".grouped")} == {4}
+    permutes = [n for n in out.nodes if n.op == "channel_permute"]
+    # conv2: input order folded into conv1's filters; output goes into the residual add: one explicit permute.
+    # conv3: input comes from the add (not foldable); output is the graph output (not foldable)
+    assert sorted(n.name for n in permutes) == ["conv2.permute_out", "conv3.permute_in", "conv3.permute_out"]
+    assert out.stats()["flops"] < g.stats()["flops"]
+    folded = FoldBN()(out)  # the explicit permute sits after bn2, so bn2 still folds into the grouped conv
+    assert "batch_norm" not in folded.op_counts()
+    assert rel_err(run_graph(folded, [x])[0], run_graph(g, [x])[0]) < 1e-5
+
+
+def test_group_rewrite_folds_its_output_order_into_the_next_conv(rng):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 8, 5, 5)
+    g = shave.capture(m, (x,))
+    first = [n.name for n in g.nodes if n.op == "conv2d"][0]
+    g = _with_weight(g, first, _block_diagonal(rng, 8, 8, 2))
+    out = GroupRewrite(groups=2, layers=first)(g)
+    assert out.op_counts().get("channel_permute", 0) == 1  # the input side only (the graph input)
+    assert rel_err(run_graph(out, [x.numpy()])[0], run_graph(g, [x.numpy()])[0]) < 1e-5
+
+
+def test_depthwise_separable_is_exact_at_full_multiplier_and_for_rank_one_slices(block_graph, rng):
+    g, x = block_graph
+    ref = run_graph(g, [x])[0]
+    out = DepthwiseSeparable(multiplier=9, layers=["conv1", "conv2"])(g)
+    assert rel_err(run_graph(out, [x])[0], ref) < 1e-5
+    w = np.einsum("co,ck->ock", rng.standard_normal((8, 16)), rng.standard_normal((8, 9))).reshape(16, 8, 3, 3)
+    g1 = _with_weight(g, "conv1", w)  # every W[:, c] has rank 1
+    p = DepthwiseSeparable(layers="conv1")
+    out = p(g1)
+    assert rel_err(run_graph(out, [x])[0], run_graph(g1, [x])[0]) < 1e-5 and p.plan[0].kernel_error < 1e-6
+    dw = out.node("conv1.depthwise")
+    assert dw.attrs["groups"] == 8 and dw.attrs["stride"] == (2, 2)
+    assert out.stats()["flops"] < g1.stats()["flops"]
+
+
+@pytest.mark.parametrize("make", [lambda d: ShiftRewrite(data=d), lambda d: GroupRewrite(groups=2, data=d),
+                                  lambda d: DepthwiseSeparable(data=d)])
+def test_refit_lowers_every_layers_output_error_and_input_is_unchanged(block_graph, make):
+    g, x = block_graph
+    before = str(g)
+    calib = [np.random.default_rng(i).standard_normal((4, 8, 9, 9)).astype(np.float32) for i in range(2)]
+    p = make(calib)
+    out = p(g)
+    kept = [e for e in p.plan if e.kept]
+    assert kept and all(e.refit_error < e.output_error for e in kept), p.summary()
+    plain = type(p)(**({"groups": 2} if isinstance(p, GroupRewrite) else {}))(g)
+    xs = np.concatenate(calib)  # end to end, on the calibration data, the refit network is closer
+    l2 = lambda a: np.linalg.norm(run_graph(a, [xs])[0] - run_graph(g, [xs])[0])  # noqa: E731
+    assert l2(out) < l2(plain)
+    assert str(g) == before
+    assert "rewritten" in p.summary()
+
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda: ShiftRewrite(replicate=0), "replicate must be a positive int"),
+    (lambda: GroupRewrite(groups=1), "groups must be an int >= 2"),
+    (lambda: DepthwiseSeparable(multiplier=2.5), "multiplier must be a positive int"),
+    (lambda: GroupRewrite(groups=3, layers="conv2d")(shave.capture(nn.Conv2d(8, 16, 3), (torch.randn(1, 8, 5, 5),))),
+     "has 8 input and 16 output channels, not both divisible by groups=3"),
+    (lambda: DepthwiseSeparable(layers="nope")(shave.capture(nn.Conv2d(8, 16, 3), (torch.randn(1, 8, 5, 5),))),
+     "has no node of that name"),
+])
+def test_bad_arguments_are_one_line_errors(make, msg):
+    with pytest.raises(PassError) as e:
+        make()
+    assert msg in str(e.value) and "\n" not in str(e.value)
+
+
+def test_passes_are_registered_and_lossy():
+    for name in ("shift_rewrite", "group_rewrite", "depthwise_separable"):
+        assert get_pass(name).contract == "lossy"
+
+
+def test_tvm_build_of_rewritten_network_matches_the_ir(block_graph):
+    g, x = block_graph
+    out = FoldBN()(ShiftRewrite(layers="conv2")(GroupRewrite(groups=2, layers="conv3")(g)))
+    cm = shave.compile(out, (torch.from_numpy(x),), passes=[])
+    assert rel_err(cm(x), run_graph(out, [x])[0]) < 1e-5

@@ -4,8 +4,10 @@ from .decompose import Decompose
 from .fold_bn import FoldBN
 from .manager import run_passes, run_probes
 from .prune import Prune
+from .rewrites import DepthwiseSeparable, GroupRewrite, ShiftRewrite
 
 DEFAULT_PASSES = ("fold_bn",)
 
 __all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune", "Decompose",
+           "ShiftRewrite", "GroupRewrite", "DepthwiseSeparable",
            "DEFAULT_PASSES"]

@@ -1,0 +1,174 @@
+"""What the three block rewrites share: layer selection, the per-layer record, refit and error.
+
+A rewrite replaces one conv2d node by a short chain of nodes (its "block")
+whose last value stands for the conv's output. Each pass says whether it
+applies to a layer (`why_not`), what the block costs (`macs_after`) and builds
+it (`build`, returning a `Block`). This class runs them over the selected
+layers, then, with calibration data, refits the block's last conv by least
+squares to the original layer's output on that data (decompose/refine.py,
+asymmetric: the input comes from the rewritten network) and measures every
+layer's output error on the data before and after the refit.
+
+Errors per layer (RewritePlan):
+- kernel_error: ||W - W_block|| / ||W|| for the dense kernel the initial block
+  stands for (the weight energy the rewrite drops);
+- output_error / refit_error: ||y_block - y|| / ||y|| of the layer's output on
+  the calibration data, before / after the refit (only with data).
+"""
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ...backends.torch.module import forward_with_values
+from ...errors import PassError
+from ...ir import Graph, Node, get_op
+from ..base import Pass
+from ..decompose.methods import Layer, macs
+from ..decompose.refine import refit_last_factor
+from ..prune.data_criteria import calibration_batches
+
+
+@dataclass
+class Block:
+    """What `build` made for one layer."""
+    last: str  # the block's last conv (the one refitted)
+    kernel_error: float
+    out_index: tuple | None = None  # channel j of `last` is channel out_index[j] of the original conv (None: j)
+
+
+@dataclass
+class RewritePlan:
+    """What a rewrite pass did with one layer."""
+    name: str
+    layer: str  # e.g. "conv2d 3x3 64->64"
+    macs_before: int
+    macs_after: int
+    kept: bool
+    reason: str = ""
+    kernel_error: float | None = None
+    output_error: float | None = None
+    refit_error: float | None = None
+    nodes: list = field(default_factory=list)  # the block's nodes
+
+
+def new_node(graph: Graph, base: str, op: str, inputs: list, attrs: dict, source: str, before: Node | None) -> Node:
+    """A typed node named after `base`, inserted right before `before` (at the end for None)."""
+    node = Node(graph.fresh_name(base), op, list(inputs), dict(attrs), None, source)
+    node.type = get_op(op).infer([graph.type_of(v) for v in inputs], node.attrs)
+    graph.nodes.insert(graph.nodes.index(before) if before is not None else len(graph.nodes), node)
+    return node
+
+
+class ConvRewrite(Pass):
+    """Base of ShiftRewrite, GroupRewrite and DepthwiseSeparable (see base.py's docstring)."""
+
+    def __init__(self, layers=None, exclude=(), data=None):
+        self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
+        self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
+        self.batches = calibration_batches(data) if data is not None else None
+        self.plan: list[RewritePlan] = []
+
+    # what a subclass provides
+    def why_not(self, graph: Graph, node: Node, layer: Layer) -> str | None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def macs_after(self, layer: Layer) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def build(self, graph: Graph, node: Node, layer: Layer) -> Block:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------------------------ selection
+    def _why_not(self, graph: Graph, node: Node) -> str | None:
+        if node.op != "conv2d":
+            return f"is {node.op}, not a conv2d"
+        if not graph.is_param(node.inputs[1]):
+            return "its weight is not a constant"
+        return self.why_not(graph, node, Layer.of(graph, node))
+
+    def selected(self, graph: Graph) -> list[tuple[Node, bool]]:
+        """[(node, named exactly)] in graph order; a name that does not apply is an error."""
+        convs = [n for n in graph.nodes if n.op == "conv2d"]
+        excluded = lambda n: any(fnmatch.fnmatch(n.name, p) for p in self.exclude)  # noqa: E731
+        exact = set()
+        for pat in self.layers or ():
+            if any(ch in pat for ch in "*?["):
+                if not any(fnmatch.fnmatch(n.name, pat) for n in convs):
+                    raise PassError(f"{self.name}: layers pattern {pat!r} matches no conv2d node")
+                continue
+            try:
+                node = graph.node(pat)
+            except KeyError:
+                raise PassError(f"{self.name}: layers names {pat!r}, but the graph has no node of that name") from None
+            why = self._why_not(graph, node)
+            if why:
+                raise PassError(f"{self.name} cannot rewrite node {pat!r}: it {why}")
+            exact.add(pat)
+        out = []
+        for n in convs:
+            if n.name in exact:
+                out.append((n, True))
+            elif not excluded(n) and (self.layers is None or any(fnmatch.fnmatch(n.name, p) for p in self.layers)):
+                out.append((n, False))
+        return out
+
+    # -------------------------------------------------------------------------------------- rewrite
+    def run(self, graph: Graph) -> Graph:
+        original = graph.copy()
+        self.plan, blocks = [], []
+        for node, named in self.selected(graph):
+            why = self._why_not(graph, node)
+            layer = Layer.of(graph, node) if node.op == "conv2d" else None
+            before = macs(None, layer) if layer else 0
+            entry = RewritePlan(node.name, layer.describe() if layer else node.op, before, before, False)
+            self.plan.append(entry)
+            if why is None and self.macs_after(layer) >= before and not named:
+                why = "would not need fewer operations"
+            if why is not None:
+                entry.reason = why
+                continue
+            names = {n.name for n in graph.nodes}
+            block = self.build(graph, node, layer)
+            entry.kept, entry.macs_after, entry.kernel_error = True, self.macs_after(layer), block.kernel_error
+            entry.nodes = [n.name for n in graph.nodes if n.name not in names]
+            blocks.append((entry, block))
+        if self.batches is not None and blocks:
+            self._errors(original, graph, blocks, "output_error")
+            for entry, block in blocks:
+                target = original
+                if block.out_index is not None:  # the block's conv computes the original channels in this order
+                    target = original.copy()
+                    target.nodes.append(Node(f"{entry.name}.__target", "channel_permute", [entry.name],
+                                             {"indices": tuple(block.out_index)}, original.node(entry.name).type))
+                refit_last_factor(target, graph, target.nodes[-1].name if block.out_index is not None else entry.name,
+                                  block.last, self.batches)
+            self._errors(original, graph, blocks, "refit_error")
+        return graph
+
+    def _errors(self, original: Graph, graph: Graph, blocks, attr: str) -> None:
+        """Relative output error of every rewritten layer on the calibration data."""
+        num = {e.name: 0.0 for e, _ in blocks}
+        den = dict(num)
+        with torch.no_grad():
+            for batch in self.batches:
+                ref = forward_with_values(original, batch, set(num))[1]
+                got = forward_with_values(graph, batch, {b.last for _, b in blocks})[1]
+                for e, b in blocks:
+                    y = ref[e.name].double() if b.out_index is None else ref[e.name].double()[:, list(b.out_index)]
+                    num[e.name] += float(((got[b.last].double() - y) ** 2).sum())
+                    den[e.name] += float((y ** 2).sum())
+        for e, _ in blocks:
+            setattr(e, attr, float(np.sqrt(num[e.name] / max(den[e.name], 1e-300))))
+
+    def summary(self) -> str:
+        rows = [f"{'layer':24} {'shape':24} {'MMACs':>13} {'kernel':>7} {'output':>7} {'refit':>7}  result"]
+        fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
+        for e in self.plan:
+            mm = f"{e.macs_before / 1e6:.2f}->{e.macs_after / 1e6:.2f}"
+            rows.append(f"{e.name:24} {e.layer:24} {mm:>13} {fmt(e.kernel_error):>7} {fmt(e.output_error):>7} "
+                        f"{fmt(e.refit_error):>7}  {'rewritten' if e.kept else 'kept: ' + e.reason}")
+        return "\n".join(rows)
