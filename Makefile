@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-prune bench-decompose clean
+.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -39,6 +39,9 @@ bench-prune: setup
 
 bench-decompose: setup
 	$(PY) benchmarks/decompose.py
+
+bench-rewrites: setup
+	$(PY) benchmarks/rewrites.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,112 @@
+#!/usr/bin/env python
+"""Shift, group and depthwise-separable rewrites: accuracy, size, FLOPs and measured shave latency.
+
+    python benchmarks/rewrites.py [--finetune-steps 30]
+
+FashionResNet (shave.zoo, trained as in prune_fashion.py, cached in out/) on
+real Fashion-MNIST. For each rewrite: the pass on the captured graph, with
+least-squares refit on 512 training images, then fold_bn, then
+shave.compile (x86, default schedules). Test accuracy on the 10k test
+images before and after a short distillation fine-tune (shave.finetune,
+the original graph as teacher); latency at batch 1 on 2 threads, medians
+of interleaved runs, every variant timed in the same rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CpuWatch, ensure_shave_importable, machine_info, markdown_table, set_thread_env, wait_for_quiet  # noqa: E402
+
+set_thread_env(2)
+ensure_shave_importable()
+
+import torch  # noqa: E402
+
+import shave  # noqa: E402
+from prune_fashion import OUT, accuracy, batches, median_ms, train  # noqa: E402
+from shave.backends.torch import to_torch  # noqa: E402
+from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite  # noqa: E402
+
+VARIANTS = [  # (label, pass factory taking the calibration data)
+    ("ShiftRewrite", lambda d: ShiftRewrite(exclude="stem.*", data=d)),
+    ("ShiftRewrite replicate=2", lambda d: ShiftRewrite(replicate=2, exclude="stem.*", data=d)),
+    ("GroupRewrite groups=2", lambda d: GroupRewrite(groups=2, data=d)),
+    ("GroupRewrite groups=4", lambda d: GroupRewrite(groups=4, data=d)),
+    ("DepthwiseSeparable", lambda d: DepthwiseSeparable(exclude="stem.*", data=d)),
+    ("DepthwiseSeparable multiplier=2", lambda d: DepthwiseSeparable(multiplier=2, exclude="stem.*", data=d)),
+]
+
+
+def fashion_model():
+    from shave.zoo import FashionResNet, load_fashion_mnist
+
+    model = FashionResNet()
+    cache = OUT / "fashion_resnet_e2.pt"
+    if cache.is_file():
+        model.load_state_dict(torch.load(cache, weights_only=True))
+    else:
+        xtr, ytr = load_fashion_mnist("train")
+        train(model, xtr, ytr, 2)
+        OUT.mkdir(exist_ok=True)
+        torch.save(model.state_dict(), cache)
+    return model.eval()
+
+
+def main(argv=None):
+    from shave.zoo import load_fashion_mnist
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--finetune-steps", type=int, default=30)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    info = machine_info(2)
+    print(f"{info['cpu']}, {info['cores']} cores; {time.strftime('%Y-%m-%d')}\n")
+    xtr, ytr = load_fashion_mnist("train")
+    xte, yte = load_fashion_mnist("test")
+    model = fashion_model()
+    x = xte[:1]
+    graph = shave.capture(model, (x,))
+    base = FoldBN()(graph)
+    evaluate = lambda g: accuracy(to_torch(g, trainable=False), xte, yte)  # noqa: E731
+    calib = [xtr[i:i + 64] for i in range(0, 512, 64)]
+    ft_data = batches(xtr, ytr, 128, seed=100)
+    compiled = {"original": shave.compile(base, (x,), passes=[])}
+    st = base.stats()
+    rows = [["original", f"{st['params']:,}", f"{st['flops'] / 1e6:.1f}", "-", f"{evaluate(base):.2f}", "-"]]
+    for label, make in VARIANTS:
+        t0 = time.perf_counter()
+        p = make(calib)
+        g = FoldBN()(p(graph))
+        kept = [e for e in p.plan if e.kept]
+        err = sum(e.refit_error for e in kept) / max(len(kept), 1)
+        score = evaluate(g)
+        tuned = shave.finetune(g, ft_data, steps=args.finetune_steps, teacher=base)
+        compiled[label] = shave.compile(tuned, (x,), passes=[])
+        st = g.stats()
+        rows.append([label, f"{st['params']:,}", f"{st['flops'] / 1e6:.1f}", f"{err:.3f}", f"{score:.2f}",
+                     f"{evaluate(tuned):.2f}"])
+        print(f"  {label}: {len(kept)} layers rewritten, {score:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
+        print("    " + p.summary().replace("\n", "\n    "), flush=True)
+    quiet = wait_for_quiet(60)
+    xn = x.numpy()
+    with CpuWatch() as watch:
+        ms = median_ms(compiled, xn, rounds=5, runs=20)
+    with torch.inference_mode(), CpuWatch():
+        eager = median_ms({"eager": model}, x, rounds=5, runs=20)["eager"]
+    for row, key in zip(rows, compiled):
+        row += [f"{ms[key]:.3f}", f"{ms['original'] / ms[key]:.2f}x"]
+    print(f"\nFashionResNet on Fashion-MNIST (test accuracy %, 10k images); PyTorch eager {eager:.3f} ms; other "
+          f"processes {watch.others_pct or 0:.1f} % of the CPUs while timing (before: {quiet or 0:.1f} %)\n")
+    headers = ["rewrite", "params", "MFLOPs", "layer error", "accuracy", f"after {args.finetune_steps}-step fine-tune",
+               "shave ms", "speed-up"]
+    print(markdown_table(headers, rows, right=set(range(1, 8))))
+    print("\nlayer error: mean over rewritten layers of ||y_block - y|| / ||y|| on the calibration data, after refit")
+
+
+if __name__ == "__main__":
+    main()
