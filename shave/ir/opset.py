@@ -184,3 +184,5 @@ register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel r
 )
 
 from . import opset_rewrites  # noqa: E402,F401  (shift, channel_shuffle)
+
+from . import opset_quant  # noqa: E402,F401  (int8 and fake-quant ops)

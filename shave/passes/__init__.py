@@ -5,9 +5,11 @@ from .fold_bn import FoldBN
 from .manager import run_passes, run_probes
 from .prune import Prune
 from .rewrites import DepthwiseSeparable, GroupRewrite, ShiftRewrite
+from .quantize import Quantize
 
 DEFAULT_PASSES = ("fold_bn",)
 
 __all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune", "Decompose",
+           "Quantize",
            "ShiftRewrite", "GroupRewrite", "DepthwiseSeparable",
            "DEFAULT_PASSES"]

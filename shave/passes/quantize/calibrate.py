@@ -1,0 +1,120 @@
+"""Calibration: activation ranges from running the float graph (as torch) on user data.
+
+Methods choose the clipping range [lo, hi] of each activation (always containing 0):
+  "minmax"      the observed minimum and maximum;
+  "percentile"  the p-th and (100-p)-th percentiles (p=99.99 by default);
+  "mse"         the range, shrunk from min-max (60 factors from 1 down to 0.02), that minimises the mean squared
+                quantization error on the observed values.
+A value is sampled (at most SAMPLES per batch, seeded) for the percentile and MSE methods;
+the minimum and maximum are taken over every element.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ...backends.torch.module import forward_with_values
+from ...errors import PassError
+from ...ir import Graph
+
+METHODS = ("minmax", "percentile", "mse")
+SAMPLES = 1 << 16
+
+
+def calibration_batches(graph: Graph, data) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration data as a list of input tuples, checked against the graph's inputs."""
+    if data is None:
+        raise PassError("Quantize needs calibration data: an iterable of example inputs")
+    try:
+        items = list(data)
+    except TypeError:
+        raise PassError(f"Quantize calibration must be an iterable of example inputs, "
+                        f"got {type(data).__name__}") from None
+    if not items:
+        raise PassError("Quantize calibration data is empty: give at least one example input")
+    batches = []
+    for i, item in enumerate(items):
+        item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
+        if len(item) != len(graph.inputs):
+            raise PassError(f"Quantize calibration item {i} has {len(item)} inputs; the graph takes "
+                            f"{len(graph.inputs)}")
+        batch = []
+        for x, (name, t) in zip(item, graph.inputs):
+            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
+            if x.ndim != len(t.shape) or tuple(x.shape[1:]) != tuple(t.shape[1:]):
+                want = "(N, " + ", ".join(str(d) for d in t.shape[1:]) + ")"
+                raise PassError(f"Quantize calibration item {i}: input {name!r} has shape {tuple(x.shape)}, "
+                                f"the graph wants {want}")
+            batch.append(x.to(getattr(torch, t.dtype)))
+        batches.append(tuple(batch))
+    return batches
+
+
+class Observer:
+    """Running min/max and a sample of one activation."""
+
+    def __init__(self, seed: int):
+        self.lo, self.hi = np.inf, -np.inf
+        self.samples: list[np.ndarray] = []
+        self.rng = np.random.default_rng(seed)
+
+    def add(self, t: torch.Tensor) -> None:
+        a = t.detach().reshape(-1).numpy()
+        self.lo, self.hi = min(self.lo, float(a.min())), max(self.hi, float(a.max()))
+        if a.size > SAMPLES:
+            a = a[self.rng.choice(a.size, SAMPLES, replace=False)]
+        self.samples.append(a.astype(np.float32))
+
+    def range(self, method: str, percentile: float) -> tuple[float, float]:
+        lo, hi = min(self.lo, 0.0), max(self.hi, 0.0)
+        if method == "minmax":
+            return lo, hi
+        x = np.concatenate(self.samples)
+        if method == "percentile":
+            plo, phi = np.percentile(x, [100.0 - percentile, percentile])
+            return min(float(plo), 0.0) if self.lo < 0 else 0.0, max(float(phi), 0.0)
+        best = None
+        for f in np.geomspace(1.0, 0.02, 60):
+            clo, chi = lo * f, hi * f
+            scale, zp = qparams(clo, chi)
+            q = np.clip(np.round(x / scale) + zp, 0, 255)
+            err = float(np.mean(((q - zp) * scale - x) ** 2))
+            if best is None or err < best[0]:
+                best = (err, clo, chi)
+        return best[1], best[2]
+
+
+def qparams(lo: float, hi: float) -> tuple[float, int]:
+    """(scale, zero point) of asymmetric uint8 covering [lo, hi] (which contains 0)."""
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if hi - lo <= 0:
+        return 1.0, 0
+    scale = float(np.float32((hi - lo) / 255.0))
+    zp = int(np.clip(round(-lo / scale), 0, 255))
+    return scale, zp
+
+
+def activation_ranges(graph: Graph, values, batches, method: str, percentile: float) -> dict[str, tuple]:
+    """{value: (scale, zero_point)} of each named value of `graph` over the calibration batches."""
+    if method not in METHODS:
+        raise PassError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+    inputs = {name for name, _ in graph.inputs}
+    obs = {v: Observer(seed=i) for i, v in enumerate(sorted(values))}
+    with torch.no_grad():
+        for batch in batches:
+            _, kept = forward_with_values(graph, batch, set(values))
+            for v, o in obs.items():
+                if v in inputs:
+                    o.add(batch[[n for n, _ in graph.inputs].index(v)])
+                else:
+                    o.add(kept[v])
+    return {v: qparams(*o.range(method, percentile)) for v, o in obs.items()}
+
+
+def weight_scales(w: np.ndarray, qmax: int, per_channel: bool) -> np.ndarray:
+    """Symmetric per-output-channel (or one per-tensor) scales for an int8 weight."""
+    amax = np.abs(w.reshape(w.shape[0], -1)).max(axis=1).astype(np.float64)
+    if not per_channel:
+        amax = np.full_like(amax, amax.max())
+    scales = np.where(amax > 0, amax / qmax, 1.0)
+    return scales.astype(np.float32)

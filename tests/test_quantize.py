@@ -1,0 +1,227 @@
+"""Int8 quantization: integer ops vs a numpy reference, calibration, simulation, conversion, errors."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import shave
+from shave.errors import PassError
+from shave.ir import get_op
+from shave.passes import FoldBN, Quantize
+from shave.passes.quantize import convert, qparams
+
+
+# ---------------------------------------------------------------- numpy integer reference
+def np_conv_int(x, w, stride, pad, groups):
+    """Exact int64 conv (NCHW, OIHW) by explicit sums."""
+    n, c, h, wd = x.shape
+    oc, icg, kh, kw = w.shape
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pad[0], pad[0]), (pad[1], pad[1])))
+    oh = (h + 2 * pad[0] - kh) // stride[0] + 1
+    ow = (wd + 2 * pad[1] - kw) // stride[1] + 1
+    out = np.zeros((n, oc, oh, ow), np.int64)
+    ocg = oc // groups
+    for o in range(oc):
+        gi = o // ocg
+        for i in range(icg):
+            for a in range(kh):
+                for b in range(kw):
+                    patch = xp[:, gi * icg + i, a:a + stride[0] * oh:stride[0], b:b + stride[1] * ow:stride[1]]
+                    out[:, o] += patch * int(w[o, i, a, b])
+    return out
+
+
+def np_requant(acc, mult, out_zp, out_dtype, lo, hi, r=None, r_zp=0, r_mult=0.0, axis=1):
+    assert np.abs(acc).max() < 2 ** 31
+    shape = [1] * acc.ndim
+    shape[axis] = -1
+    y = acc.astype(np.int32).astype(np.float32) * mult.reshape(shape)
+    if r is not None:
+        y = y + (r.astype(np.int32) - r_zp).astype(np.float32) * np.float32(r_mult)
+    if out_dtype == "uint8":
+        q = np.rint(y) + out_zp
+        return np.clip(q, 0 if lo is None else lo, 255 if hi is None else hi).astype(np.uint8)
+    return np.clip(y, -np.inf if lo is None else lo, np.inf if hi is None else hi).astype(np.float32)
+
+
+def _qconv_case(rng, c=8, oc=16, k=3, stride=(1, 1), pad=(1, 1), groups=1, residual=False, out_dtype="uint8",
+                lo=None, hi=None):
+    x = rng.integers(0, 256, (2, c, 9, 7), dtype=np.uint8)
+    w = rng.integers(-63, 64, (oc, c // groups, k, k), dtype=np.int8)
+    b = rng.integers(-5000, 5000, oc).astype(np.int32)
+    m = (rng.uniform(0.5, 2.0, oc) * 1e-3).astype(np.float32)
+    attrs = dict(stride=stride, padding=pad, dilation=(1, 1), groups=groups, x_zp=int(rng.integers(0, 256)),
+                 out_zp=17, out_dtype=out_dtype, lo=lo, hi=hi)
+    acc = np_conv_int(x.astype(np.int64) - attrs["x_zp"], w, stride, pad, groups) + b.reshape(1, -1, 1, 1)
+    args = [x, w, b, m]
+    r = None
+    if residual:
+        r = rng.integers(0, 256, acc.shape, dtype=np.uint8)
+        attrs.update(r_zp=100, r_mult=0.37)
+        args.append(r)
+    ref = np_requant(acc, m, 17, out_dtype, lo, hi, r, 100, 0.37)
+    return args, attrs, ref
+
+
+@pytest.mark.parametrize("case", [
+    dict(),
+    dict(stride=(2, 2), pad=(0, 0), k=1),
+    dict(residual=True, lo=17),
+    dict(groups=8, c=8, oc=8),
+    dict(out_dtype="float32", lo=0.0, hi=6.0),
+    dict(out_dtype="float32", residual=True),
+])
+def test_qconv2d_reference_is_integer_exact(rng, case):
+    args, attrs, ref = _qconv_case(rng, **case)
+    got = get_op("qconv2d").kernel(*[torch.from_numpy(a) for a in args], **attrs).numpy()
+    assert got.dtype == ref.dtype
+    np.testing.assert_array_equal(got, ref)
+    if case.get("out_dtype", "uint8") == "uint8":
+        assert len(np.unique(got)) > 20  # the requantized outputs span the range, not a saturated constant
+
+
+def test_qlinear_quantize_dequantize_reference_exact(rng):
+    x = rng.integers(0, 256, (3, 40), dtype=np.uint8)
+    w = rng.integers(-127, 128, (12, 40), dtype=np.int8)
+    b = rng.integers(-3000, 3000, 12).astype(np.int32)
+    m = rng.uniform(1e-4, 1e-3, 12).astype(np.float32)
+    acc = (x.astype(np.int64) - 3) @ w.astype(np.int64).T + b
+    for out_dtype in ("uint8", "float32"):
+        got = get_op("qlinear").kernel(*map(torch.from_numpy, (x, w, b, m)), x_zp=3, out_zp=5,
+                                       out_dtype=out_dtype, lo=None, hi=None).numpy()
+        np.testing.assert_array_equal(got, np_requant(acc, m, 5, out_dtype, None, None, axis=-1))
+    f = (rng.standard_normal((4, 50)) * 3).astype(np.float32)
+    f[0, :3] = [0.5 * 0.05, 1.5 * 0.05, 2.5 * 0.05]  # ties round to even
+    q = get_op("quantize").kernel(torch.from_numpy(f), scale=0.05, zero_point=128).numpy()
+    np.testing.assert_array_equal(q, np.clip(np.rint(f / np.float32(0.05)) + 128, 0, 255).astype(np.uint8))
+    d = get_op("dequantize").kernel(torch.from_numpy(q), scale=0.05, zero_point=128).numpy()
+    np.testing.assert_array_equal(d, (q.astype(np.int32) - 128).astype(np.float32) * np.float32(0.05))
+
+
+# ---------------------------------------------------------------- the pass on a tiny model
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.b1 = nn.BatchNorm2d(8)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.dw = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.c2(y) + y)
+        y = torch.clamp(self.dw(y), 0, 6)
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    m = Tiny().eval()
+    with torch.no_grad():
+        m.b1.running_mean.uniform_(-0.2, 0.2)
+    x = torch.randn(1, 3, 12, 12)
+    g = FoldBN()(shave.capture(m, (x,)))
+    gen = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(3)]
+    return g, cal
+
+
+def _run(g, x):
+    return shave.to_torch(g)(x).detach().numpy()
+
+
+def test_quantize_tiny_model_close_and_integer(tiny):
+    g, cal = tiny
+    before = str(g)
+    q = Quantize(cal)
+    gi = q(g)
+    assert str(g) == before  # the input graph is not changed
+    ops = gi.op_counts()
+    assert ops.get("qconv2d") == 3 and ops.get("qlinear") == 1 and "conv2d" not in ops, ops
+    assert all(gi.params[n.inputs[1]].dtype == np.int8 for n in gi.nodes if n.op in ("qconv2d", "qlinear"))
+    assert all(np.abs(gi.params[n.inputs[1]]).max() <= 63 for n in gi.nodes if n.op == "qconv2d")  # reduce_range
+    # conv -> conv stays uint8 between layers: c2's input is c1's output directly, no quantize between
+    c2 = next(n for n in gi.nodes if n.op == "qconv2d" and len(n.inputs) == 5)
+    assert gi.producer(c2.inputs[0]).op == "qconv2d" and gi.type_of(c2.inputs[0]).dtype == "uint8"
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    ref, got = _run(g, x), _run(gi, x)
+    err = np.abs(got - ref).max() / np.abs(ref).max()
+    assert 0 < err < 0.05, err
+    # the simulation (fake quant) tracks the integer graph far closer than float does
+    sim = Quantize(cal, simulate=True)(g)
+    assert "fake_quant" in sim.op_counts() and "qconv2d" not in sim.op_counts()
+    err_sim = np.abs(_run(sim, x) - got).max() / np.abs(ref).max()
+    assert err_sim < err / 3, (err_sim, err)
+    # convert() of the simulation is the integer graph
+    np.testing.assert_array_equal(_run(convert(sim), x), got)
+    assert len(q.layers) == 4 and all(lq.quantized for lq in q.layers)
+
+
+def test_calibration_methods_on_tiny_data(tiny):
+    g, cal = tiny
+    xs = torch.cat(cal)
+    lo, hi = float(xs.min()), float(xs.max())
+    for method in ("minmax", "percentile", "mse"):
+        gi = Quantize(cal, method=method, percentile=99.0)(g)
+        qn = next(n for n in gi.nodes if n.op == "quantize" and n.inputs[0] == "x")
+        scale, zp = qn.attrs["scale"], qn.attrs["zero_point"]
+        if method == "minmax":
+            assert (scale, zp) == qparams(lo, hi)
+        elif method == "percentile":  # clipping ranges are narrower than the extremes
+            assert scale < qparams(lo, hi)[0]
+        else:
+            assert scale <= qparams(lo, hi)[0]
+    # on a heavy-tailed activation MSE clipping has a lower error than min-max
+    from shave.passes.quantize.calibrate import Observer
+    obs = Observer(0)
+    torch.manual_seed(0)
+    t = torch.distributions.Laplace(0.0, 1.0).sample((60000,)) ** 3  # tails far longer than a gaussian
+    obs.add(t)
+
+    def mse(r):
+        s, z = qparams(*r)
+        return float(((torch.clamp(torch.round(t / s) + z, 0, 255) - z) * s - t).pow(2).mean())
+
+    assert mse(obs.range("mse", 99.99)) < mse(obs.range("minmax", 99.99))
+    # per-tensor weights: one scale per layer
+    gt = Quantize(cal, per_channel=False)(g)
+    n = next(n for n in gt.nodes if n.op == "qconv2d")
+    assert np.abs(gt.params[n.inputs[1]]).max() == 63
+
+
+def test_exclude_and_sensitivity(tiny):
+    g, cal = tiny
+    q = Quantize(cal, exclude=["fc"])
+    gi = q(g)
+    assert "linear" in gi.op_counts() and "qlinear" not in gi.op_counts()
+    assert [lq.reason for lq in q.layers if not lq.quantized] == ["excluded"]
+    q = Quantize(cal, max_layer_error=0.0)
+    gi = q(g)  # every layer has some error: all stay float
+    assert all(lq.sensitivity > 0 and not lq.quantized for lq in q.layers)
+    assert "qconv2d" not in gi.op_counts()
+    assert "sensitivity" in q.summary()
+
+
+def test_quantization_aware_finetuning_trains_through_fake_quant(tiny):
+    g, cal = tiny
+    sim = Quantize(cal, simulate=True)(g)
+    data = [(x, torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(i))) for i, x in enumerate(cal)]
+    tuned = shave.finetune(sim, data, steps=3, lr=1e-2)
+    w = next(n for n in sim.nodes if n.op == "fake_quant_channel").inputs[0]
+    assert not np.array_equal(tuned.params[w], sim.params[w])  # gradients reached the weights
+    gi = convert(tuned)
+    assert "qconv2d" in gi.op_counts()
+
+
+def test_bad_calibration_data_is_one_clear_line(tiny):
+    g, _ = tiny
+    cases = [([], "empty"), (None, "needs calibration data"), ([torch.randn(4, 3, 10, 12)], "shape (4, 3, 10, 12)"),
+             ([torch.randn(3, 12, 12)], "the graph wants (N, 3, 12, 12)"), (5, "iterable")]
+    for data, words in cases:
+        with pytest.raises(PassError) as e:
+            Quantize(data)(g)
+        assert words in str(e.value) and "\n" not in str(e.value), str(e.value)
+    with pytest.raises(PassError, match="unknown calibration method 'kl'"):
+        Quantize([torch.randn(1, 3, 12, 12)], method="kl")
