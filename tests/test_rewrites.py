@@ -148,8 +148,9 @@ def _scheduled_calls(g):
         return _count_calls(schedule_module(to_relax(g), target))
 
 
-def test_tvm_shift_folds_into_the_next_conv_and_matches_the_ir(rng):
-    g, _ = _shift_net(rng, c=12)
+@pytest.mark.parametrize("c", [12, 16])  # 16: the shift reads the previous conv's blocked output
+def test_tvm_shift_folds_into_the_next_conv_and_matches_the_ir(rng, c):
+    g, _ = _shift_net(rng, c=c)
     g.node("conv2").attrs = _conv_attrs(stride=2, padding=1)  # padding and stride around the folded shift
     g = verify(infer_types(g))
     calls = _scheduled_calls(g)

@@ -126,6 +126,43 @@ def test_rewrite_fuses_supported_and_skips_grouped():
             assert int(f.attrs["op_pattern"]) == 8
 
 
+class Chain(nn.Module):
+    """Convs feeding convs (blocked in between), a 12-channel layer (not a multiple of 8:
+    NCHW around it), a residual read blocked, and a conv output also read by a pool (NCHW)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, 2, 1)
+        self.dw = nn.Conv2d(16, 16, 3, 1, 1, groups=16)
+        self.pw = nn.Conv2d(16, 16, 1)
+        self.odd = nn.Conv2d(16, 12, 3, 1, 1)
+        self.b = nn.Conv2d(12, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y + self.pw(torch.clamp(self.dw(y), 0, 6))
+        z = self.b(torch.relu(self.odd(y)))
+        return z.mean((2, 3)) + nn.functional.max_pool2d(y, 2).mean((2, 3))
+
+
+def test_activations_between_conv_kernels_stay_blocked():
+    torch.manual_seed(0)
+    model, x = Chain().eval(), torch.randn(2, 3, 15, 13)
+    target = resolve_target("x86")
+    import tvm
+
+    kernels = {}
+    with tvm.target.Target(target):
+        schedule_module(to_relax(shave.capture(model, (x,))), target, kernels)
+    layout = {(s.c, s.oc, s.kh, s.depthwise): (s.in_blocked, s.out_blocked, s.res_blocked) for s in kernels}
+    assert layout[(3, 16, 3, False)] == (False, True, False)  # graph input NCHW; output read by dw and pw only
+    assert layout[(16, 16, 3, True)] == (True, True, False)
+    assert layout[(16, 16, 1, False)] == (True, False, True)  # output also read by the pool: NCHW
+    assert layout[(16, 12, 3, False)] == (False, False, False)  # 12 channels: no whole blocks
+    assert layout[(12, 16, 1, False)] == (False, False, False)
+    _check(model, x)
+
+
 class MLP(nn.Module):
     def __init__(self, k, j, bias):
         super().__init__()
@@ -159,6 +196,19 @@ TILE_SPECS = {
     "1x1_c40_oc70": (1, 40, 5, 11, 70, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "clip:0.0:6.0", False),
     "dw_s2_c19": (1, 19, 13, 15, 19, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", False),
 }
+# the same kernels with input, output and residual in the blocked [N, C/8, H, W, 8] layout
+BLOCKED_SPECS = {
+    "3x3_c16_oc24_w13_blocked": (2, 16, 9, 13, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+    "1x1_s2_c32_oc16_blocked": (1, 32, 11, 10, 16, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), False, None, True),
+    "dw_s1_c24_blocked": (1, 24, 13, 15, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", True),
+    "dw_s2_c16_blocked": (2, 16, 14, 9, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "relu", False),
+}
+TILE_SPECS.update(BLOCKED_SPECS)
+
+
+def _to_blocked(a):
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // 8, 8, h, w).transpose(0, 1, 3, 4, 2))
 
 
 @pytest.mark.parametrize("name", sorted(TILE_SPECS))
@@ -190,11 +240,16 @@ def test_every_candidate_tile_computes_the_conv(name):
     assert len(tiles) >= 2 and len(set(tiles)) == len(tiles)
     target = tvm.target.Target(resolve_target("x86"))
     dev = tvm.cpu()
+    blocked = name in BLOCKED_SPECS
+    if blocked:
+        x, r = _to_blocked(x), _to_blocked(r)
     for tile in tiles:
-        spec = ConvSpec(*fields, vec=8, tile=tile)
+        spec = ConvSpec(*fields, vec=8, tile=tile, in_blocked=blocked, out_blocked=blocked, res_blocked=blocked)
         lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=target)
-        args = [x, pack_weight(spec, wt), b] + ([r] if res else []) + [np.zeros(ref.shape, np.float32)]
+        args = [x, pack_weight(spec, wt), b] + ([r] if res else []) + [np.zeros(spec.out_shape(), np.float32)]
         bufs = [tvm.runtime.tensor(a, dev) for a in args]
         lib["main"](*bufs)
         out = bufs[-1].numpy()
+        if blocked:
+            out = out.transpose(0, 1, 4, 2, 3).reshape(ref.shape)
         assert np.abs(out - ref).max() / np.abs(ref).max() <= TOL, tile

@@ -19,6 +19,14 @@ in three stages:
 Weights are constants: they are packed in numpy at compile time to
 [OC/v, C/v, KH, KW, v(in), v(out)] (dense) or [C/v, KH, KW, v] (depthwise), so
 every weight load in the inner loop is one contiguous vector.
+
+Between two such kernels the activation can stay blocked: with `in_blocked` the
+input X is already [N, C/v, H, W, v] (C a multiple of v), so `pack` is a
+contiguous vector copy that only adds the zero border; with `out_blocked` the
+output Y (and with `res_blocked` the residual) is [N, OC/v, OH, OW, v], stored as
+whole vectors straight from the register tile. That removes the two transposes
+(NCHW -> NCHWc gather in `pack`, NCHWc -> NCHW scatter in `out`) per layer, which
+cost as much as the reduction itself in depthwise and short 1x1 convs.
 """
 from __future__ import annotations
 
@@ -45,6 +53,9 @@ class ConvSpec:
     residual: bool
     vec: int
     tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
+    in_blocked: bool = False  # X is [N, C/v, H, W, v]
+    out_blocked: bool = False  # Y is [N, OC/v, OH, OW, v]
+    res_blocked: bool = False  # the residual is [N, OC/v, OH, OW, v]
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
 
     @property
@@ -54,6 +65,13 @@ class ConvSpec:
     @property
     def ow(self) -> int:
         return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    def out_shape(self, blocked: bool | None = None) -> tuple[int, ...]:
+        """Shape of Y (or, with blocked=True/False, of an output/residual in that layout)."""
+        blocked = self.out_blocked if blocked is None else blocked
+        if blocked:
+            return (self.n, self.oc // self.vec, self.oh, self.ow, self.vec)
+        return (self.n, self.oc, self.oh, self.ow)
 
 
 def _pick_reg_n(ow: int, max_reg: int) -> int:
@@ -99,6 +117,8 @@ def plan(spec: ConvSpec) -> dict:
     ocb_in, reg_n = spec.tile or default_tile(spec)
     if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
         raise ValueError(f"invalid conv tile {spec.tile}")
+    if (spec.in_blocked and spec.c % v) or ((spec.out_blocked or spec.res_blocked) and spec.oc % v):
+        raise ValueError("a blocked layout needs channels that are a multiple of the vector width")
     owp = math.ceil(spec.ow / reg_n) * reg_n
     ocb = math.ceil(ocb / ocb_in) * ocb_in
     # input-channel block: v, or all channels when there are fewer (the 3-channel stem)
@@ -163,7 +183,10 @@ def compute_primfunc(spec: ConvSpec):
     wp = (owp - 1) * sw + dw * (kw - 1) + 1
     cb = ocb if spec.depthwise else icb
 
-    X = te.placeholder((n, c, h, w), "float32", name="X")
+    if spec.in_blocked:
+        X = te.placeholder((n, c // v, h, w, v), "float32", name="X")
+    else:
+        X = te.placeholder((n, c, h, w), "float32", name="X")
     if spec.depthwise:
         Wt = te.placeholder((ocb, kh, kw, v), "float32", name="W")
     else:
@@ -172,7 +195,7 @@ def compute_primfunc(spec: ConvSpec):
     args = [X, Wt, B]
     Res = None
     if spec.residual:
-        Res = te.placeholder((n, oc, oh, ow), "float32", name="R")
+        Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R")
         args.append(Res)
     DY = DX = None
     if spec.shift:
@@ -182,10 +205,13 @@ def compute_primfunc(spec: ConvSpec):
     def pack_fn(b, i, y, x, j):
         ch = i * vi + j
         iy, ix = y - pt, x - pl
-        ok = tirx.all(ch < c, iy >= 0, iy < h, ix >= 0, ix < w)
+        inside = [iy >= 0, iy < h, ix >= 0, ix < w]
         if DY is not None:  # a folded shift: read X[ch, iy - dy[ch], ix - dx[ch]]; zero outside X or in the padding
             iy, ix = iy - DY[tirx.min(ch, c - 1)], ix - DX[tirx.min(ch, c - 1)]
-            ok = tirx.all(ok, iy >= 0, iy < h, ix >= 0, ix < w)
+            inside += [iy >= 0, iy < h, ix >= 0, ix < w]
+        if spec.in_blocked:  # vi == v and c % v == 0: every channel of the block exists
+            return tirx.if_then_else(tirx.all(*inside), X[b, i, iy, ix, j], tirx.const(0.0, "float32"))
+        ok = tirx.all(ch < c, *inside)
         return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
 
     P = te.compute((n, cb, hp, wp, vi), pack_fn, name="pack")
@@ -205,13 +231,18 @@ def compute_primfunc(spec: ConvSpec):
                 P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
                 axis=[rcb, rkh, rkw, rci]), name="conv")
 
-    def out_fn(b, o, y, x):
-        val = Cc[b, o // v, y, x, o % v] + B[o]
+    def epilogue(val, b, o, y, x, j):
+        """bias, residual, activation for output channel o * v + j."""
+        val = val + B[o * v + j]
         if Res is not None:
-            val = val + Res[b, o, y, x]
+            val = val + (Res[b, o, y, x, j] if spec.res_blocked else Res[b, o * v + j, y, x])
         return _act(val, spec.act)
 
-    Y = te.compute((n, oc, oh, ow), out_fn, name="out")
+    if spec.out_blocked:
+        Y = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(Cc[b, o, y, x, j], b, o, y, x, j), name="out")
+    else:
+        Y = te.compute((n, oc, oh, ow),
+                       lambda b, o, y, x: epilogue(Cc[b, o // v, y, x, o % v], b, o // v, y, x, o % v), name="out")
     return te.create_prim_func(args + [Y])
 
 
@@ -221,9 +252,14 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     pack = sch.get_sblock("pack")
     conv = sch.get_sblock("conv")
     out = sch.get_sblock("out")
-    # pack: parallel over (n, cblock, row)
-    b, i, y, x, j = sch.get_loops(pack)
-    sch.parallel(sch.fuse(b, i, y))
+    vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
+    pack_per_row = spec.depthwise and vector_pack  # a copy, cheap to redo per row; a gather is not
+    if not pack_per_row:
+        # pack: one pass, parallel over (n, cblock, row)
+        b, i, y, x, j = sch.get_loops(pack)
+        sch.parallel(sch.fuse(b, i, y))
+        if vector_pack:
+            sch.vectorize(j)
     # conv
     sch.set_scope(conv, 0, "local")
     loops = sch.get_loops(conv)
@@ -234,6 +270,11 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         outer = sch.fuse(b, o, y)
         first_r = rkh
         unrolled = [xi]
+        if pack_per_row:
+            # the kh input rows one output row needs, packed inside the row loop: they stay
+            # in L1 instead of a whole padded copy of the input going out to L2/L3 and back
+            sch.compute_at(pack, outer)
+            sch.vectorize(sch.get_loops(pack)[-1])
     else:
         b, o, y, x, j, rcb, rkh, rkw, rci = loops
         oo, oi = sch.split(o, [None, ocb_in])
@@ -252,5 +293,11 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     sch.vectorize(iloops[-1])
     for lp in iloops[-1 - len(unrolled):-1]:
         sch.unroll(lp)
-    for lp in sch.get_loops(out)[-2:]:
-        sch.unroll(lp)
+    if spec.out_blocked:  # under xo: (channel blocks of the tile,) columns, lanes
+        tile_loops = sch.get_loops(out)[-(len(unrolled) + 1):]
+        sch.vectorize(tile_loops[-1])
+        for lp in tile_loops[:-1]:
+            sch.unroll(lp)
+    else:
+        for lp in sch.get_loops(out)[-2:]:
+            sch.unroll(lp)

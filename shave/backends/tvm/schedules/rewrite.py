@@ -110,14 +110,22 @@ def _folded_shift(x, var2val, consumers, uses, claimed):
 def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: dict | None = None) -> tvm.IRModule:
     """Replace every fusable conv chain in every Relax function of `mod`.
     `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made;
-    `tiles` maps a ConvSpec (with tile=None) to the register tile to use instead of the default."""
+    `tiles` maps a ConvSpec (with tile=None) to the register tile to use instead of the default.
+    Activations passed only between these kernels stay in the blocked layout."""
     kernels = {} if kernels is None else kernels
     tiles = tiles or {}
     new_funcs = {}
     bb = relax.BlockBuilder(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            new = _rewrite_function(func, vec, kernels, bb, tiles)
+            chains = _find_chains(func, vec)
+            if not chains:
+                continue
+            try:
+                new = _emit(func, chains, _blocked_tails(func, chains), kernels, bb, tiles)
+            except _KernelFailed:
+                # a kernel could not be built: emit every layer in NCHW, skipping the ones that fail
+                new = _emit(func, chains, set(), kernels, bb, tiles)
             if new is not None:
                 new_funcs[gv] = new
     mod = bb.get()
@@ -126,20 +134,46 @@ def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: 
     return mod
 
 
-def _rewrite_function(func, vec, kernels, bb, tiles):
+class _KernelFailed(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class _Chain:
+    spec: ConvSpec  # layout fields not yet set
+    vars: list  # bound vars of the chain, conv first; the last one is the tail
+    x: relax.Expr  # the conv's input
+    weight: np.ndarray
+    bias: np.ndarray
+    residual: relax.Var | None
+    drop: list  # bindings made dead by the rewrite (reshapes of the bias)
+    shift: tuple = ()  # (DY, DX) constants of a shift folded into the input packing (x is then its input)
+
+    @property
+    def tail(self):
+        return self.vars[-1]
+
+
+def _uses(func):
+    used = []
+    _collect_vars(func.body, used)
+    uses: dict = {}
+    for v in used:
+        uses[v] = uses.get(v, 0) + 1
+    return uses
+
+
+def _find_chains(func, vec) -> list[_Chain]:
+    """conv2d -> [bias add] -> [residual add] -> [relu/clip] chains, every intermediate used once."""
     body = func.body
     if not isinstance(body, relax.SeqExpr):
-        return None
+        return []
     var2val = {}
-    uses: dict = {}
     for blk in body.blocks:
         for bd in blk.bindings:
             if isinstance(bd, relax.VarBinding):
                 var2val[bd.var] = bd.value
-    used = []
-    _collect_vars(body, used)
-    for v in used:
-        uses[v] = uses.get(v, 0) + 1
+    uses = _uses(func)
     consumers: dict = {}
     for blk in body.blocks:
         for bd in blk.bindings:
@@ -157,8 +191,7 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
             return cs[0]
         return None
 
-    replace: dict = {}  # tail var -> new value
-    drop: set = set()
+    chains = []
     for blk in body.blocks:
         if not isinstance(blk, relax.DataflowBlock):
             continue
@@ -175,6 +208,7 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
             bias = np.zeros(spec.oc, np.float32)
             residual = None
             act = None
+            drop = []
             cur = bd.var
             # bias
             nxt = sole_consumer(cur)
@@ -186,7 +220,7 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
                             and (val.ndim == 1 or val.shape[-3:] == (spec.oc, 1, 1))):
                         bias = val.reshape(-1).astype(np.float32)
                         if reshape_call is not None and isinstance(other[0], relax.Var) and uses.get(other[0]) == 1:
-                            drop.add(other[0])
+                            drop.append(other[0])
                         chain.append(nxt)
                         cur = nxt
             # residual
@@ -213,36 +247,75 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
                 if act is not None:
                     chain.append(nxt)
                     cur = nxt
-            spec = ConvSpec(**{**spec.__dict__, "act": act, "residual": residual is not None})
-            shift = _folded_shift(bd.value.args[0], var2val, consumers, uses, claimed)
-            if shift is not None:
-                spec = dataclasses.replace(spec, shift=True)
-            if spec in tiles:
-                spec = dataclasses.replace(spec, tile=tuple(tiles[spec]))
-            try:
-                gv = kernels.get(spec)
-                if gv is None:
-                    name = f"shave_conv{len(kernels)}"
-                    prim = build_primfunc(spec).with_attr("op_pattern", 8).with_attr("global_symbol", name)
-                    gv = bb.add_func(prim, name)
-                    kernels[spec] = gv
-                wp = pack_weight(spec, bd.value.args[1].value.numpy())
-            except Exception:
-                continue
-            args = [bd.value.args[0], relax.const(wp), relax.const(bias)]
-            if residual is not None:
-                args.append(residual)
-            if shift is not None:  # the conv reads the shift's input; the shift binding goes
-                args[0] = shift[1]
-                args += shift[2:]
-                drop.add(shift[0])
-                claimed.add(shift[0])
+            spec = dataclasses.replace(spec, act=act, residual=residual is not None)
             claimed.update(chain)
-            replace[cur] = bb.normalize(relax.call_tir(gv, args, relax.TensorType(out_shape, "float32")))
-            drop.update(chain[:-1])
+            x, shift = bd.value.args[0], _folded_shift(bd.value.args[0], var2val, consumers, uses, claimed)
+            if shift is not None:  # the kernel reads the shift's input; the shift binding goes
+                x, spec = shift[1], dataclasses.replace(spec, shift=True)
+                drop.append(shift[0])
+                claimed.add(shift[0])
+            chains.append(_Chain(spec, chain, x, bd.value.args[1].value.numpy(), bias, residual, drop,
+                                 tuple(shift[2:]) if shift is not None else ()))
+    return chains
+
+
+def _blocked_tails(func, chains: list[_Chain]) -> set:
+    """Tails whose every use is as the input or the residual of another chain: those
+    values can be produced and consumed in the blocked layout."""
+    uses = _uses(func)
+    as_operand: dict = {}
+    for ch in chains:
+        for v in (ch.x, ch.residual):
+            if isinstance(v, relax.Var):
+                as_operand[v] = as_operand.get(v, 0) + 1
+    by_tail = {ch.tail: ch for ch in chains}
+    blocked = set()
+    for tail, ch in by_tail.items():
+        if (isinstance(tail, relax.DataflowVar) and as_operand.get(tail, 0) == uses.get(tail, 0) > 0
+                and ch.spec.oc % ch.spec.vec == 0):
+            blocked.add(tail)
+    # a consumer reading a blocked input needs whole channel blocks too (same tensor: c == oc)
+    return blocked
+
+
+def _emit(func, chains: list[_Chain], blocked: set, kernels, bb, tiles):
+    """The function with every chain replaced by a call_tir to its kernel. With a
+    non-empty `blocked`, a kernel that fails to build raises _KernelFailed."""
+    replace: dict = {}  # tail var -> (new var, new value)
+    drop: set = set()
+    new_var = {ch.tail: relax.DataflowVar(str(ch.tail.name) + "_blocked", relax.TensorType(
+        ch.spec.out_shape(blocked=True), "float32")) for ch in chains if ch.tail in blocked}
+    for ch in chains:
+        spec = dataclasses.replace(ch.spec, in_blocked=ch.x in blocked, out_blocked=ch.tail in blocked,
+                                   res_blocked=ch.residual is not None and ch.residual in blocked)
+        base = dataclasses.replace(spec, in_blocked=False, out_blocked=False, res_blocked=False)
+        tile = tiles.get(spec, tiles.get(base))
+        if tile is not None:
+            spec = dataclasses.replace(spec, tile=tuple(tile))
+        try:
+            gv = kernels.get(spec)
+            if gv is None:
+                name = f"shave_conv{len(kernels)}"
+                prim = build_primfunc(spec).with_attr("op_pattern", 8).with_attr("global_symbol", name)
+                gv = bb.add_func(prim, name)
+                kernels[spec] = gv
+            wp = pack_weight(spec, ch.weight)
+        except Exception:
+            if blocked:
+                raise _KernelFailed() from None
+            continue
+        args = [new_var.get(ch.x, ch.x), relax.const(wp), relax.const(ch.bias)]
+        if ch.residual is not None:
+            args.append(new_var.get(ch.residual, ch.residual))
+        args += list(ch.shift)
+        value = bb.normalize(relax.call_tir(gv, args, relax.TensorType(spec.out_shape(), "float32")))
+        replace[ch.tail] = (new_var.get(ch.tail, ch.tail), value)
+        drop.update(ch.vars[:-1])
+        drop.update(ch.drop)
 
     if not replace:
         return None
+    body = func.body
     blocks = []
     for blk in body.blocks:
         bds = []
@@ -251,7 +324,7 @@ def _rewrite_function(func, vec, kernels, bb, tiles):
                 if bd.var in drop:
                     continue
                 if bd.var in replace:
-                    bd = relax.VarBinding(bd.var, replace[bd.var])
+                    bd = relax.VarBinding(*replace[bd.var])
             bds.append(bd)
         blocks.append(relax.DataflowBlock(bds) if isinstance(blk, relax.DataflowBlock) else relax.BindingBlock(bds))
     new_body = relax.SeqExpr(blocks, body.body)
