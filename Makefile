@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites clean
+.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites bench-quantize clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -42,6 +42,9 @@ bench-decompose: setup
 
 bench-rewrites: setup
 	$(PY) benchmarks/rewrites.py
+
+bench-quantize: setup
+	flock /tmp/shave-cpu.lock $(PY) benchmarks/quantize.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

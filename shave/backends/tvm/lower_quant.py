@@ -1,0 +1,87 @@
+"""Relax lowering of the int8 ops (ir/opset_quant.py), integer all the way to the requantization.
+
+qconv2d / qlinear: (x - x_zp) and the weight widened to int32, conv2d / matmul with an int32
+accumulator, + int32 bias, then the requantization in float32 in the reference's order
+(float32(acc) * mult [+ float32(r - r_zp) * r_mult]), round half to even (TVM's round is LLVM's
+nearbyint), + out_zp, clamp, uint8. The result is integer-exact against the reference kernels.
+"""
+from __future__ import annotations
+
+import numpy as np
+from tvm import relax
+
+from .lower import _channel, lowers
+
+R = relax.op
+
+
+def _i32(v) -> relax.Constant:
+    return relax.const(np.int32(v), "int32")
+
+
+def _f32(v) -> relax.Constant:
+    return relax.const(np.float32(v), "float32")
+
+
+def _requantize(bb, y, a):
+    if a["out_dtype"] == "uint8":
+        q = bb.emit(R.add(R.round(y), _f32(a["out_zp"])))
+        lo = 0 if a["lo"] is None else a["lo"]
+        hi = 255 if a["hi"] is None else a["hi"]
+        return R.astype(R.clip(q, float(lo), float(hi)), "uint8")
+    if a["lo"] is None and a["hi"] is None:
+        return y
+    big = float(np.finfo(np.float32).max)
+    return R.clip(y, -big if a["lo"] is None else float(a["lo"]), big if a["hi"] is None else float(a["hi"]))
+
+
+def _centred(bb, x, zp):
+    x32 = bb.emit(R.astype(x, "int32"))
+    return bb.emit(R.subtract(x32, _i32(zp))) if zp else x32
+
+
+@lowers("qconv2d")
+def _qconv2d(bb, ins, a, node):
+    x = _centred(bb, ins[0], a["x_zp"])
+    w = bb.emit(R.astype(ins[1], "int32"))
+    acc = bb.emit(R.nn.conv2d(x, w, strides=a["stride"], padding=a["padding"], dilation=a["dilation"],
+                              groups=a["groups"], out_dtype="int32"))
+    acc = bb.emit(R.add(acc, _channel(ins[2], 4)))
+    y = bb.emit(R.multiply(R.astype(acc, "float32"), _channel(ins[3], 4)))
+    if len(ins) > 4:
+        r = _centred(bb, ins[4], a.get("r_zp", 0))
+        y = bb.emit(R.add(y, R.multiply(R.astype(r, "float32"), _f32(a["r_mult"]))))
+    return _requantize(bb, y, a)
+
+
+@lowers("qlinear")
+def _qlinear(bb, ins, a, node):
+    x = _centred(bb, ins[0], a["x_zp"])
+    w = bb.emit(R.astype(ins[1], "int32"))
+    acc = bb.emit(R.add(R.matmul(x, R.permute_dims(w), out_dtype="int32"), ins[2]))
+    return _requantize(bb, bb.emit(R.multiply(R.astype(acc, "float32"), ins[3])), a)
+
+
+@lowers("quantize")
+def _quantize(bb, ins, a, node):
+    q = bb.emit(R.add(R.round(R.divide(ins[0], _f32(a["scale"]))), _f32(a["zero_point"])))
+    return R.astype(R.clip(q, 0.0, 255.0), "uint8")
+
+
+@lowers("dequantize")
+def _dequantize(bb, ins, a, node):
+    return R.multiply(R.astype(_centred(bb, ins[0], a["zero_point"]), "float32"), _f32(a["scale"]))
+
+
+@lowers("fake_quant")
+def _fake_quant(bb, ins, a, node):
+    s = _f32(a["scale"])
+    q = bb.emit(R.clip(R.add(R.round(R.divide(ins[0], s)), _f32(a["zero_point"])), float(a["qmin"]), float(a["qmax"])))
+    return R.multiply(R.subtract(q, _f32(a["zero_point"])), s)
+
+
+@lowers("fake_quant_channel")
+def _fake_quant_channel(bb, ins, a, node):
+    nd = len(node.type.shape)
+    s = _channel(ins[1], nd, 0)
+    return R.multiply(R.clip(R.round(R.divide(ins[0], s)), -float(a["qmax"]), float(a["qmax"])), s)
