@@ -38,6 +38,9 @@ CASES = {
     "3x3_s2_c17_oc3": (dict(cin=17, cout=3, k=3, stride=2, padding=1), (1, 17, 13, 15)),
     "7x7_s2_stem_c3": (dict(cin=3, cout=16, k=7, stride=2, padding=3, act="relu"), (1, 3, 29, 31)),
     "1x1_c13_oc17": (dict(cin=13, cout=17, k=1, act="relu6"), (1, 13, 7, 5)),
+    "3x3_grouped2_c16_oc32": (dict(cin=16, cout=32, k=3, padding=1, groups=2, act="relu"), (1, 16, 9, 7)),
+    "1x1_grouped4_c8_oc32_s2": (dict(cin=8, cout=32, k=1, stride=2, groups=4), (2, 8, 9, 11)),
+    "1x1_grouped2_c32_residual": (dict(cin=32, cout=32, k=1, groups=2, residual=True, act="relu"), (1, 32, 5, 6)),
     "1x1_spatial_1x1": (dict(cin=24, cout=40, k=1, act="relu"), (1, 24, 1, 1)),
     "1x1_residual": (dict(cin=16, cout=16, k=1, residual=True), (1, 16, 7, 7)),
     "3x3_residual_relu": (dict(cin=9, cout=9, k=3, padding=1, act="relu", residual=True), (1, 9, 5, 6)),
@@ -120,7 +123,9 @@ def test_rewrite_fuses_supported_and_skips_grouped():
     names, mod = _scheduled_kernels(ConvAct(6, 12, 3, padding=1, act="relu"), x)
     assert len(names) == 1
     names, mod = _scheduled_kernels(ConvAct(6, 12, 3, padding=1, groups=2), x)
-    assert names == []  # grouped conv keeps TVM's own lowering
+    assert names == []  # groups narrower than a vector block keep TVM's own lowering
+    names, _ = _scheduled_kernels(ConvAct(16, 32, 3, padding=1, groups=2), torch.randn(1, 16, 8, 8))
+    assert len(names) == 1
     for f in mod.functions.values():
         if hasattr(f, "attrs") and f.attrs is not None and "op_pattern" in f.attrs:
             assert int(f.attrs["op_pattern"]) == 8
@@ -202,7 +207,9 @@ BLOCKED_SPECS = {
     "1x1_s2_c32_oc16_blocked": (1, 32, 11, 10, 16, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), False, None, True),
     "dw_s1_c24_blocked": (1, 24, 13, 15, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", True),
     "dw_s2_c16_blocked": (2, 16, 14, 9, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "relu", False),
+    "3x3_grouped2_c32_oc16_blocked": (1, 32, 7, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
 }
+GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
 TILE_SPECS.update(BLOCKED_SPECS)
 
 
@@ -219,15 +226,16 @@ def test_every_candidate_tile_computes_the_conv(name):
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles, pack_weight
 
     fields = TILE_SPECS[name]
-    base = ConvSpec(*fields, vec=8)
+    groups = GROUPS.get(name, 1)
+    base = ConvSpec(*fields, vec=8, groups=groups)
     n, c, h, w, oc, kh, kw, stride, pad, dil, dw, act, res = fields
     rng = np.random.default_rng(0)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
-    wt = rng.standard_normal((oc, 1 if dw else c, kh, kw)).astype(np.float32)
+    wt = rng.standard_normal((oc, 1 if dw else c // groups, kh, kw)).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32)
     xt = torch.nn.functional.pad(torch.from_numpy(x), (pad[1], pad[3], pad[0], pad[2]))
     ref = torch.nn.functional.conv2d(xt, torch.from_numpy(wt), torch.from_numpy(b), stride, 0, dil,
-                                     oc if dw else 1)
+                                     oc if dw else groups)
     r = rng.standard_normal(tuple(ref.shape)).astype(np.float32)
     if res:
         ref = ref + torch.from_numpy(r)
@@ -244,7 +252,8 @@ def test_every_candidate_tile_computes_the_conv(name):
     if blocked:
         x, r = _to_blocked(x), _to_blocked(r)
     for tile in tiles:
-        spec = ConvSpec(*fields, vec=8, tile=tile, in_blocked=blocked, out_blocked=blocked, res_blocked=blocked)
+        spec = ConvSpec(*fields, vec=8, tile=tile, in_blocked=blocked, out_blocked=blocked, res_blocked=blocked,
+                        groups=groups)
         lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=target)
         args = [x, pack_weight(spec, wt), b] + ([r] if res else []) + [np.zeros(spec.out_shape(), np.float32)]
         bufs = [tvm.runtime.tensor(a, dev) for a in args]

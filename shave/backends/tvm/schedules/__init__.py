@@ -9,9 +9,10 @@ alone):
 1. Convolutions (`conv.py`). Each `conv2d` with constant weights, followed by
    its chain of bias add, optional residual add and optional relu/clip (every
    intermediate used once), becomes one `call_tir` to a PrimFunc built and
-   scheduled here. Dense convs (groups=1) and depthwise convs (groups=C=OC)
-   are handled; other grouped convs, non-NCHW or non-float32 convs keep TVM's
-   default lowering.
+   scheduled here. Dense convs, grouped convs whose groups hold whole vector
+   blocks of output channels (and whole blocks, or fewer than one, of input
+   channels), and depthwise convs (groups=C=OC) are handled; other grouped
+   convs, non-NCHW or non-float32 convs keep TVM's default lowering.
 
    Layout: the graph stays NCHW; each kernel packs its input to NCHWc (v =
    vector lanes of the target: 8 for AVX2, 16 for AVX-512, 4 for NEON/SSE)
@@ -23,8 +24,9 @@ alone):
    The per-layer repacking is one pass over the input (cheap next to the
    reduction, which reads it C_out*K*K/v times) and the unpacking back to NCHW
    happens on the register tile inside the epilogue, so no extra pass over
-   the output. Keeping NCHWc across layers would save the input pass but
-   needs every other operator in a blocked layout; not done.
+   the output. Between two conv kernels (a value read only by conv kernels,
+   as input or residual, with whole channel blocks) the activation stays
+   NCHWc and both transposes disappear; any other reader gets NCHW.
 
    Register tile: `reg_n` output columns x `ocb_in` channel blocks
    (2 x 4..6 for dense, 1 x 8 for depthwise: 8-12 of the 16 ymm registers as

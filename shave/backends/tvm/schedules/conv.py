@@ -17,7 +17,8 @@ in three stages:
    register tile, computed inside the tile loop (no extra pass over memory).
 
 Weights are constants: they are packed in numpy at compile time to
-[OC/v, C/v, KH, KW, v(in), v(out)] (dense) or [C/v, KH, KW, v] (depthwise), so
+[OC/v, C/v, KH, KW, v(in), v(out)] (dense; grouped: C/groups/v input blocks, those
+of the output block's group) or [C/v, KH, KW, v] (depthwise), so
 every weight load in the inner loop is one contiguous vector.
 
 Between two such kernels the activation can stay blocked: with `in_blocked` the
@@ -56,6 +57,7 @@ class ConvSpec:
     in_blocked: bool = False  # X is [N, C/v, H, W, v]
     out_blocked: bool = False  # Y is [N, OC/v, OH, OW, v]
     res_blocked: bool = False  # the residual is [N, OC/v, OH, OW, v]
+    groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
 
     @property
@@ -119,11 +121,17 @@ def plan(spec: ConvSpec) -> dict:
         raise ValueError(f"invalid conv tile {spec.tile}")
     if (spec.in_blocked and spec.c % v) or ((spec.out_blocked or spec.res_blocked) and spec.oc % v):
         raise ValueError("a blocked layout needs channels that are a multiple of the vector width")
+    cg = spec.c // spec.groups
+    if spec.groups > 1 and (spec.depthwise or (spec.oc // spec.groups) % v or (cg % v and cg > v)
+                            or (spec.in_blocked and cg % v)):
+        raise ValueError(f"grouped conv {spec.c}->{spec.oc} in {spec.groups} groups does not fit vector blocks of {v}")
     owp = math.ceil(spec.ow / reg_n) * reg_n
     ocb = math.ceil(ocb / ocb_in) * ocb_in
     # input-channel block: v, or all channels when there are fewer (the 3-channel stem)
-    vi = v if spec.depthwise else min(v, spec.c)
-    return {"ocb": ocb, "ocb_in": ocb_in, "reg_n": reg_n, "owp": owp, "icb": math.ceil(spec.c / vi), "vi": vi}
+    # (a grouped conv: the channels of one group, so blocks never straddle two groups)
+    vi = v if spec.depthwise else min(v, spec.c // spec.groups)
+    return {"ocb": ocb, "ocb_in": ocb_in, "reg_n": reg_n, "owp": owp, "icb": math.ceil(spec.c / vi), "vi": vi,
+            "icb_g": math.ceil(spec.c // spec.groups / vi), "ocb_g": spec.oc // spec.groups // v}
 
 
 def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
@@ -135,9 +143,9 @@ def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
         wp = np.zeros((cb * v, spec.kh, spec.kw), np.float32)
         wp[:spec.oc] = w[:, 0]
         return np.ascontiguousarray(wp.reshape(cb, v, spec.kh, spec.kw).transpose(0, 2, 3, 1))
-    ocb, icb, vi = p["ocb"], p["icb"], p["vi"]
+    ocb, icb, vi = p["ocb"], p["icb_g"], p["vi"]  # W is [OC, C/groups, KH, KW]: its group's channels
     wp = np.zeros((ocb * v, icb * vi, spec.kh, spec.kw), np.float32)
-    wp[:spec.oc, :spec.c] = w
+    wp[:spec.oc, :spec.c // spec.groups] = w
     wp = wp.reshape(ocb, v, icb, vi, spec.kh, spec.kw)  # O, o, I, i, kh, kw
     return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 3, 1))  # O, I, kh, kw, i, o
 
@@ -190,7 +198,7 @@ def compute_primfunc(spec: ConvSpec):
     if spec.depthwise:
         Wt = te.placeholder((ocb, kh, kw, v), "float32", name="W")
     else:
-        Wt = te.placeholder((ocb, icb, kh, kw, vi, v), "float32", name="W")
+        Wt = te.placeholder((ocb, p["icb_g"], kh, kw, vi, v), "float32", name="W")
     B = te.placeholder((oc,), "float32", name="B")
     args = [X, Wt, B]
     Res = None
@@ -223,12 +231,18 @@ def compute_primfunc(spec: ConvSpec):
             lambda b, o, y, x, j: te.sum(P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j] * Wt[o, rkh, rkw, j],
                                          axis=[rkh, rkw]), name="conv")
     else:
-        rcb = te.reduce_axis((0, icb), name="rcb")
+        rcb = te.reduce_axis((0, p["icb_g"]), name="rcb")
         rci = te.reduce_axis((0, vi), name="rci")
+
+        def in_block(o):  # first input block of output block o's group (padding blocks: the last group)
+            if spec.groups == 1:
+                return 0
+            return tirx.min(o // p["ocb_g"], spec.groups - 1) * p["icb_g"]
+
         Cc = te.compute(
             (n, ocb, oh, owp, v),
             lambda b, o, y, x, j: te.sum(
-                P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
+                P[b, in_block(o) + rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
                 axis=[rcb, rkh, rkw, rci]), name="conv")
 
     def epilogue(val, b, o, y, x, j):

@@ -78,17 +78,18 @@ def _conv_spec(call, vec):
     n, c, h, wd = xs
     oc, icg, kh, kw = ws
     groups = int(a.groups)
-    if groups == 1 and icg == c:
+    if groups == c and icg == 1 and oc == c:
+        depthwise, groups = True, 1
+    elif icg * groups == c and oc % groups == 0 and (groups == 1 or (oc // groups) % vec == 0
+                                                     and (icg % vec == 0 or icg < vec)):
         depthwise = False
-    elif groups == c and icg == 1 and oc == c:
-        depthwise = True
     else:
         return None
     pad = tuple(int(p) for p in a.padding)
     if len(pad) == 2:
         pad = pad * 2
     spec = ConvSpec(n, c, h, wd, oc, kh, kw, tuple(int(s) for s in a.strides), pad,
-                    tuple(int(d) for d in a.dilation), depthwise, None, False, vec)
+                    tuple(int(d) for d in a.dilation), depthwise, None, False, vec, groups=groups)
     if spec.oh < 1 or spec.ow < 1:
         return None
     return spec
@@ -264,17 +265,19 @@ def _blocked_tails(func, chains: list[_Chain]) -> set:
     values can be produced and consumed in the blocked layout."""
     uses = _uses(func)
     as_operand: dict = {}
+    unreadable = set()  # inputs of grouped convs whose groups are narrower than a vector block
     for ch in chains:
         for v in (ch.x, ch.residual):
             if isinstance(v, relax.Var):
                 as_operand[v] = as_operand.get(v, 0) + 1
+        if (ch.spec.c // ch.spec.groups) % ch.spec.vec:
+            unreadable.add(ch.x)
     by_tail = {ch.tail: ch for ch in chains}
     blocked = set()
     for tail, ch in by_tail.items():
         if (isinstance(tail, relax.DataflowVar) and as_operand.get(tail, 0) == uses.get(tail, 0) > 0
-                and ch.spec.oc % ch.spec.vec == 0):
+                and ch.spec.oc % ch.spec.vec == 0 and tail not in unreadable):
             blocked.add(tail)
-    # a consumer reading a blocked input needs whole channel blocks too (same tensor: c == oc)
     return blocked
 
 
