@@ -4,13 +4,21 @@ qconv2d / qlinear: (x - x_zp) and the weight widened to int32, conv2d / matmul w
 accumulator, + int32 bias, then the requantization in float32 in the reference's order
 (float32(acc) * mult [+ float32(r - r_zp) * r_mult]), round half to even (TVM's round is LLVM's
 nearbyint), + out_zp, clamp, uint8. The result is integer-exact against the reference kernels.
+
+A dense qconv2d (groups=1) with constant weights within +-64 (reduce_range) is instead one
+call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
+here; scheduled for the target, with vpmaddubsw on AVX2, by schedule_module).
 """
 from __future__ import annotations
 
 import numpy as np
+import tvm
 from tvm import relax
 
 from .lower import _channel, lowers
+from .schedules import int8
+
+_Const = tvm.ir.expr.Constant
 
 R = relax.op
 
@@ -40,8 +48,43 @@ def _centred(bb, x, zp):
     return bb.emit(R.subtract(x32, _i32(zp))) if zp else x32
 
 
+def _qconv_kernel(bb, ins, a, node):
+    """call_tir to the int8 conv kernel, or None where it does not apply."""
+    consts = ins[1:4]
+    if not all(isinstance(v, _Const) for v in consts):
+        return None
+    w, bias, mult = (v.value.numpy() for v in consts)
+    xs = tuple(int(d) for d in ins[0].ty.shape.values)
+    if not int8.supports(w, a["groups"]) or len(xs) != 4:
+        return None
+    pad = tuple(int(p) for p in a["padding"])
+    pad = pad * 2 if len(pad) == 2 else pad
+    res = len(ins) > 4
+    spec = int8.QConvSpec(
+        *xs, int(w.shape[0]), int(w.shape[2]), int(w.shape[3]), tuple(int(s) for s in a["stride"]), pad,
+        tuple(int(d) for d in a["dilation"]), int(a["x_zp"]), int(a["out_zp"]), a["out_dtype"],
+        None if a["lo"] is None else float(a["lo"]), None if a["hi"] is None else float(a["hi"]),
+        res, int(a.get("r_zp", 0)) if res else 0, float(a.get("r_mult", 0.0)) if res else 0.0)
+    if spec.oh < 1 or spec.ow < 1:
+        return None
+    try:
+        b = int8.fold_bias(spec, w, bias)
+    except ValueError:
+        return None
+    prim = int8.compute_primfunc(spec).with_attr("shave.qconv", spec.to_json())
+    gv = bb.add_func(prim, "shave_qconv")
+    args = [ins[0], relax.const(int8.pack_weight(spec, w)), relax.const(b), relax.const(mult.astype(np.float32))]
+    if res:
+        args.append(ins[4])
+    out = (spec.n, spec.oc, spec.oh, spec.ow)
+    return relax.call_tir(gv, args, relax.TensorType(out, a["out_dtype"]))
+
+
 @lowers("qconv2d")
 def _qconv2d(bb, ins, a, node):
+    call = _qconv_kernel(bb, ins, a, node)
+    if call is not None:
+        return call
     x = _centred(bb, ins[0], a["x_zp"])
     w = bb.emit(R.astype(ins[1], "int32"))
     acc = bb.emit(R.nn.conv2d(x, w, strides=a["stride"], padding=a["padding"], dilation=a["dilation"],

@@ -34,6 +34,9 @@ alone):
    reg_n inside the kernel so odd widths keep the same inner loop. The outer
    (batch, channel block, output row) loops are fused and run in parallel.
 
+   Int8 convs (qconv2d) come from the lowering as marked call_tir kernels
+   (`int8.py`: u8 x s8 -> i32 with vpmaddubsw/vpmaddwd on AVX2, fused requantization).
+
 2. Every other operator: TVM's legalization, FoldConstant and FuseOps /
    FuseTIR, then a generic rule (`generic.py`): for each block, the outer
    spatial loops are fused and run in parallel, and the innermost spatial
@@ -53,6 +56,7 @@ from .dense import linear_to_conv
 from .rewrite import fuse_convs
 from .generic import schedule_generic
 from .gpu import schedule_gpu
+from .int8 import schedule_qconvs
 from .legalize import legalize_and_fuse
 
 __all__ = ["schedule_module", "vector_lanes"]
@@ -88,6 +92,7 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
+        mod = schedule_qconvs(mod, target)  # int8 conv kernels (int8.py), before anything fuses them
         mod = fuse_convs(linear_to_conv(mod), vec, kernels, tiles)
         mod = legalize_and_fuse(mod)
         mod = schedule_generic(mod, vec)

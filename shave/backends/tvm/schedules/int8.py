@@ -1,0 +1,285 @@
+"""Int8 conv kernel: uint8 activations x int8 weights -> int32, requantized in the epilogue.
+
+One PrimFunc per qconv2d layer (dense, groups=1) computes the reference op of
+ir/opset_quant.py bit for bit:
+
+1. `pack`: the input, re-laid out as [N, C/4, Hp, Wp, 4] uint8 (4 channels = one
+   int32 per pixel); the spatial border is filled with the input zero point (so it
+   contributes x_zp * w, removed with everything else below), padded channels with 0.
+2. `conv`: sum(x_q * w_q) into an int32 [N, OC/8, OH, OWp, 8] accumulator over
+   weights packed at compile time to [OC/8, C/4, KH, KW, 8(out), 4(in)] int8 (32
+   bytes, one ymm, per step). On x86 with AVX2 the 8x4 step is tensorized: the 4
+   input bytes broadcast to 32, `vpmaddubsw` (u8 x s8 -> 16 x i16 pair sums; the
+   weights are within +-64, so 2 * 255 * 64 < 2^15 cannot saturate) then `vpmaddwd`
+   with ones (-> 8 x i32) added to the accumulator. Register tile: `reg_n` output
+   columns x `ocb_in` blocks of 8 channels, fully unrolled; the (batch, channel
+   block, row) loops run in parallel. Elsewhere the same compute runs with a plain
+   schedule (int32 lanes, same tiling).
+3. `out`: + int32 bias, where the bias already holds -x_zp * sum(w) per channel
+   (compile time), then float32(acc) * mult [+ float32(r - r_zp) * r_mult], round
+   half to even, + out_zp, clamp, uint8 (or the clamped float32), written to NCHW
+   from the register tile.
+
+Lowering (lower_quant.py) emits the unscheduled compute as a call_tir marked with
+the `shave.qconv` attribute (the spec); `schedule_qconvs` schedules it for the target.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from .conv import _pick_reg_n
+
+VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
+MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
+INTRIN = "shave_dot_8x4_u8i8i32_avx2"
+
+
+@dataclass(frozen=True)
+class QConvSpec:
+    n: int
+    c: int
+    h: int
+    w: int
+    oc: int
+    kh: int
+    kw: int
+    stride: tuple
+    pad: tuple  # top, left, bottom, right
+    dilation: tuple
+    x_zp: int
+    out_zp: int
+    out_dtype: str  # "uint8" or "float32"
+    lo: float | None
+    hi: float | None
+    residual: bool = False
+    r_zp: int = 0
+    r_mult: float = 0.0
+    tile: tuple | None = None  # (ocb_in, reg_n); None: the default
+
+    @property
+    def oh(self) -> int:
+        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+
+    @property
+    def ow(self) -> int:
+        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @staticmethod
+    def from_json(s: str) -> "QConvSpec":
+        d = json.loads(s)
+        for k in ("stride", "pad", "dilation", "tile"):
+            if d[k] is not None:
+                d[k] = tuple(d[k])
+        return QConvSpec(**d)
+
+
+def plan(spec: QConvSpec) -> dict:
+    ocb = math.ceil(spec.oc / VO)
+    if spec.tile is not None:
+        ocb_in, reg_n = spec.tile
+    else:  # accumulators + weights + broadcast + ones + temporaries within the 16 ymm registers
+        ocb_in = 2 if ocb >= 2 else 1
+        reg_n = _pick_reg_n(spec.ow, 5 if ocb_in == 2 else 8)
+    return {"ocb": math.ceil(ocb / ocb_in) * ocb_in, "ocb_in": ocb_in, "reg_n": reg_n,
+            "owp": math.ceil(spec.ow / reg_n) * reg_n, "icb": math.ceil(spec.c / VI)}
+
+
+def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
+    """OIHW int8 -> [OC/8, C/4, KH, KW, 8, 4] int8 (zero padded)."""
+    p = plan(spec)
+    wp = np.zeros((p["ocb"] * VO, p["icb"] * VI, spec.kh, spec.kw), np.int8)
+    wp[:spec.oc, :spec.c] = w
+    wp = wp.reshape(p["ocb"], VO, p["icb"], VI, spec.kh, spec.kw)  # O, o, I, i, kh, kw
+    return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 1, 3))  # O, I, kh, kw, o, i
+
+
+def fold_bias(spec: QConvSpec, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """int32 bias with the input zero point's share, -x_zp * sum(w), folded in."""
+    b = bias.astype(np.int64) - spec.x_zp * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
+    if np.abs(b).max(initial=0) >= 2 ** 31:
+        raise ValueError("folded int8 bias overflows int32")
+    return b.astype(np.int32)
+
+
+def supports(w: np.ndarray, groups: int) -> bool:
+    return groups == 1 and w.ndim == 4 and int(np.abs(w.astype(np.int32)).max(initial=0)) <= MAX_W
+
+
+def compute_primfunc(spec: QConvSpec):
+    """Arguments: X uint8 NCHW, packed W int8, bias int32 [OC], mult float32 [OC], (R uint8 NCHW), Y."""
+    from tvm import te, tirx
+
+    p = plan(spec)
+    ocb, owp, icb = p["ocb"], p["owp"], p["icb"]
+    n, c, h, w, oc = spec.n, spec.c, spec.h, spec.w, spec.oc
+    kh, kw = spec.kh, spec.kw
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = spec.pad[0], spec.pad[1]
+    oh, ow = spec.oh, spec.ow
+    hp = (oh - 1) * sh + dh * (kh - 1) + 1
+    wp = (owp - 1) * sw + dw * (kw - 1) + 1
+    X = te.placeholder((n, c, h, w), "uint8", name="X")
+    Wt = te.placeholder((ocb, icb, kh, kw, VO, VI), "int8", name="W")
+    B = te.placeholder((oc,), "int32", name="B")
+    M = te.placeholder((oc,), "float32", name="M")
+    args = [X, Wt, B, M]
+    Res = None
+    if spec.residual:
+        Res = te.placeholder((n, oc, oh, ow), "uint8", name="R")
+        args.append(Res)
+
+    def pack_fn(b, i, y, x, j):
+        ch = i * VI + j
+        iy, ix = y - pt, x - pl
+        inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
+        val = tirx.if_then_else(inside, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(spec.x_zp, "uint8"))
+        return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8"))
+
+    P = te.compute((n, icb, hp, wp, VI), pack_fn, name="pack")
+    rcb = te.reduce_axis((0, icb), name="rcb")
+    rkh = te.reduce_axis((0, kh), name="rkh")
+    rkw = te.reduce_axis((0, kw), name="rkw")
+    rci = te.reduce_axis((0, VI), name="rci")
+    Cc = te.compute(
+        (n, ocb, oh, owp, VO),
+        lambda b, o, y, x, j: te.sum(
+            P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci].astype("int32")
+            * Wt[o, rcb, rkh, rkw, j, rci].astype("int32"), axis=[rcb, rkh, rkw, rci]), name="conv")
+
+    f32 = lambda v: tirx.const(float(np.float32(v)), "float32")  # noqa: E731
+
+    def epilogue(b, o, y, x):
+        val = (Cc[b, o // VO, y, x, o % VO] + B[o]).astype("float32") * M[o]
+        if Res is not None:
+            val = val + (Res[b, o, y, x].astype("int32") - spec.r_zp).astype("float32") * f32(spec.r_mult)
+        if spec.out_dtype == "uint8":
+            q = tirx.round(val) + f32(spec.out_zp)
+            q = tirx.min(tirx.max(q, f32(0 if spec.lo is None else spec.lo)), f32(255 if spec.hi is None else spec.hi))
+            return q.astype("uint8")
+        if spec.lo is not None:
+            val = tirx.max(val, f32(spec.lo))
+        if spec.hi is not None:
+            val = tirx.min(val, f32(spec.hi))
+        return val
+
+    Y = te.compute((n, oc, oh, ow), epilogue, name="out")
+    return te.create_prim_func(args + [Y])
+
+
+_registered = False
+
+
+def _register_intrin():
+    global _registered
+    if _registered:
+        return
+    from tvm.script import tirx as T
+    from tvm.s_tir import TensorIntrin
+
+    @T.prim_func(s_tir=True)
+    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 4):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            a32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
+            a = T.reinterpret(T.broadcast(a32, 8), dtype="uint8x32")
+            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                            a, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+
+    try:
+        TensorIntrin.register(INTRIN, desc, impl)
+    except Exception:
+        TensorIntrin.register(INTRIN, desc, impl, override=True)
+    _registered = True
+
+
+def schedule(spec: QConvSpec, avx2: bool):
+    """The scheduled PrimFunc of `spec` (tensorized with vpmaddubsw/vpmaddwd when avx2)."""
+    import tvm
+
+    p = plan(spec)
+    sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    pack, conv, out = sch.get_sblock("pack"), sch.get_sblock("conv"), sch.get_sblock("out")
+    b, i, y, x, j = sch.get_loops(pack)
+    sch.parallel(sch.fuse(b, i, y))
+    sch.set_scope(conv, 0, "local")
+    b, o, y, x, j, rcb, rkh, rkw, rci = sch.get_loops(conv)
+    oo, oi = sch.split(o, [None, p["ocb_in"]])
+    xo, xi = sch.split(x, [None, p["reg_n"]])
+    if avx2:  # the 8x4 (j, rci) step is the tensorized intrinsic
+        sch.reorder(b, oo, y, xo, rcb, rkh, rkw, oi, xi, j, rci)
+    else:  # int32 lanes over j, the 4 input channels one after another
+        sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
+    sch.parallel(sch.fuse(b, oo, y))
+    if not avx2:
+        sch.vectorize(j)
+    sch.reverse_compute_at(out, xo)
+    init = sch.decompose_reduction(conv, rcb)
+    iloops = sch.get_loops(init)
+    sch.vectorize(iloops[-1])
+    for lp in iloops[-3:-1]:
+        sch.unroll(lp)
+    if avx2:
+        _register_intrin()
+        sch.tensorize(j, INTRIN)
+    sch.unroll(oi)
+    sch.unroll(xi)
+    for lp in sch.get_loops(out)[-2:]:
+        sch.unroll(lp)
+    return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+def has_avx2(target: dict) -> bool:
+    import tvm
+
+    if target.get("kind") != "llvm" or str(target.get("mtriple", "")).startswith(("aarch64", "arm")):
+        return False
+    try:
+        feats = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(target))}
+    except Exception:
+        return False
+    return "avx2" in feats
+
+
+def schedule_qconvs(mod, target: dict):
+    """Schedule every PrimFunc the int8 lowering marked (`shave.qconv`) for `target`."""
+    from tvm import tirx
+
+    avx2 = has_avx2(target)
+    updates = {}
+    for gv, func in mod.functions.items():
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "shave.qconv" in func.attrs:
+            spec = QConvSpec.from_json(str(func.attrs["shave.qconv"]))
+            try:
+                new = schedule(spec, avx2)
+            except Exception:
+                if not avx2:
+                    raise
+                new = schedule(spec, False)
+            updates[gv] = new.with_attr("global_symbol", gv.name_hint)
+    for gv, f in updates.items():
+        mod[gv] = f
+    return mod
