@@ -6,10 +6,11 @@ from .manager import run_passes, run_probes
 from .prune import Prune
 from .rewrites import DepthwiseSeparable, GroupRewrite, ShiftRewrite
 from .quantize import Quantize
+from .share import ShareWeights
 
 DEFAULT_PASSES = ("fold_bn",)
 
 __all__ = ["Pass", "FunctionPass", "register_pass", "get_pass", "registered_passes", "run_passes", "run_probes", "FoldBN", "Prune", "Decompose",
-           "Quantize",
+           "Quantize", "ShareWeights",
            "ShiftRewrite", "GroupRewrite", "DepthwiseSeparable",
            "DEFAULT_PASSES"]

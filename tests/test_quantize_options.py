@@ -1,0 +1,96 @@
+"""Quantize options for accuracy: weight ranges, weight clipping, bias correction, float first/last layer."""
+import numpy as np
+import pytest
+import torch
+from test_quantize import Tiny  # noqa: F401  (the shared tiny model)
+from test_quantize import tiny  # noqa: F401  (fixture)
+
+import shave
+from shave.backends.torch.module import forward_with_values
+from shave.errors import PassError
+from shave.passes import Quantize
+from shave.passes.quantize import weight_scales
+
+
+def _qweights(gi):
+    """{(node name, groups): int8 weight}"""
+    return {(n.name, n.attrs.get("groups", 1)): gi.params[n.inputs[1]] for n in gi.nodes
+            if n.op in ("qconv2d", "qlinear")}
+
+
+def test_reduce_range_dense_gives_depthwise_eight_bits(tiny):  # noqa: F811
+    g, cal = tiny
+    q = Quantize(cal, reduce_range="dense")
+    w = _qweights(q(g))
+    dw = [k for k in w if k[1] > 1]
+    assert len(dw) == 1 and 63 < np.abs(w[dw[0]]).max() <= 127
+    assert all(np.abs(v).max() <= 63 for k, v in w.items() if k not in dw)
+    assert all(np.abs(v).max() > 63 for v in _qweights(Quantize(cal, reduce_range=False)(g)).values())
+
+
+def test_mse_weight_clipping(rng):
+    w = rng.standard_t(4, (4, 2000)).astype(np.float32)  # heavy tails: clipping them pays at 15 levels
+    w[3] = rng.uniform(-1, 1, 2000)  # flat: nothing to clip
+    smax, smse = weight_scales(w, 7, True, "max"), weight_scales(w, 7, True, "mse")
+    assert np.all(smse[:3] < 0.8 * smax[:3]) and smse[3] > 0.9 * smax[3]
+
+    def err(s):
+        return ((np.clip(np.round(w / s[:, None]), -7, 7) * s[:, None] - w) ** 2).sum(1)
+    assert np.all(err(smse) <= err(smax) * (1 + 1e-6)) and np.all(err(smse)[:3] < 0.7 * err(smax)[:3])
+    with pytest.raises(PassError, match="unknown weight method 'kl'"):
+        Quantize([np.zeros((1, 3, 12, 12), np.float32)], weight_method="kl")
+
+
+def _channel_means(graph, cal, names):
+    """{layer: per-channel mean of its output over the calibration data}"""
+    sums, count = {}, {}
+    with torch.no_grad():
+        for b in cal:
+            _, kept = forward_with_values(graph, (b,), set(names))
+            for k, t in kept.items():
+                sums[k] = sums.get(k, 0) + t.double().sum([d for d in range(t.ndim) if d != 1])
+                count[k] = count.get(k, 0) + t.numel() // t.shape[1]
+    return {k: (v / count[k]).numpy() for k, v in sums.items()}
+
+
+def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
+    g, cal = tiny
+    before = str(g)
+    layers = [n.name for n in g.nodes if n.op in ("conv2d", "linear")]
+    fm = _channel_means(g, cal, layers)
+    plain = Quantize(cal, simulate=True, method="percentile")
+    corr = Quantize(cal, simulate=True, method="percentile", bias_correction=True)
+    sp, sc = plain(g), corr(g)
+    assert str(g) == before
+    pm, cm = _channel_means(sp, cal, layers), _channel_means(sc, cal, layers)
+    for k in layers:
+        assert np.abs(cm[k] - fm[k]).max() < 1e-5 * np.abs(fm[k]).max() + 1e-6, k
+    shift = max(np.abs(pm[k] - fm[k]).max() for k in layers)
+    assert shift > 1e-3  # without the correction the means do move
+    assert all(x.bias_shift is not None and x.bias_shift > 0 for x in corr.layers)
+    assert "bias shift" in corr.summary()
+    # the corrected biases carry over to the integer graph
+    gi = Quantize(cal, method="percentile", bias_correction=True)(g)
+    x = torch.cat(cal)
+    ref = shave.to_torch(g)(x).detach()
+    err_c = float((shave.to_torch(gi)(x).detach() - ref).abs().mean())
+    err_p = float((shave.to_torch(Quantize(cal, method="percentile")(g))(x).detach() - ref).abs().mean())
+    assert err_c < err_p, (err_c, err_p)
+    # "weights" mode corrects only the weights' rounding error
+    w = Quantize(cal, simulate=True, method="percentile", bias_correction="weights")
+    w(g)
+    assert all(x.bias_shift is not None for x in w.layers)
+    with pytest.raises(PassError, match="bias_correction must be"):
+        Quantize(cal, bias_correction="mean")
+
+
+def test_keep_ends_float(tiny):  # noqa: F811
+    g, cal = tiny
+    q = Quantize(cal, keep_ends_float=True)
+    gi = q(g)
+    ops = gi.op_counts()
+    assert ops.get("conv2d") == 1 and ops.get("linear") == 1 and ops.get("qconv2d") == 2, ops
+    assert [x.quantized for x in q.layers] == [False, True, True, False]
+    assert q.layers[0].reason == "first/last layer" and "first/last layer" in q.summary()
+    with pytest.raises(PassError, match="reduce_range must be"):
+        Quantize(cal, reduce_range="x")
