@@ -321,3 +321,34 @@ def test_compiled_reduce_range_graph_uses_int8_kernel_bit_exact(tiny):
     for seed in (9, 10):
         x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
         np.testing.assert_array_equal(shave.compile(gi, (x,))(x.numpy()), _run(gi, x))
+
+
+def test_speed_fallback_sends_slower_layers_back_to_float(tiny):
+    """With a target, each int8 layer is timed against its float32 layer (here a fake timer);
+    the slower ones stay float32, the summary reports both times."""
+    from shave.passes.quantize.speed import too_slow
+
+    assert set(too_slow({"a": (1.0, 0.5), "b": (1.0, 0.9), "c": (1.0, 1.2)}, 1.5)) == {"b", "c"}
+    g, cal = tiny
+    q0 = Quantize(cal)
+    q0(g)
+    names = [x.name for x in q0.layers]
+    slow = names[1]
+    seen = []
+
+    def timer(graphs, target):
+        f, qg = (gr.nodes[0] for gr in graphs)
+        assert f.op in ("conv2d", "linear") and qg.op in ("qconv2d", "qlinear") and target["kind"] == "llvm"
+        seen.append(f.name)
+        return [1e-3, 2e-3] if f.name == slow else [2e-3, 1e-3]
+
+    q = Quantize(cal, target="x86", speed_timer=timer)
+    gi = q(g)
+    assert sorted(seen) == sorted(names)
+    info = {x.name: x for x in q.layers}
+    assert not info[slow].quantized and info[slow].reason.startswith("slower: int8 2 ms vs float32 1 ms")
+    assert all(x.quantized and x.int8_ms == 1.0 for x in q.layers if x.name != slow)
+    assert sum(n.op in ("qconv2d", "qlinear") for n in gi.nodes) == len(names) - 1
+    assert "int8 2 ms / fp32 1 ms" in q.summary()
+    x = torch.randn(1, 3, 12, 12)
+    assert _run(gi, x).shape == _run(g, x).shape
