@@ -23,12 +23,24 @@ the graph leaves the int8 domain.
 `max_layer_error`: measured sensitivity. Each unit is simulated alone on the
 calibration data and the relative error of the graph's output is recorded
 (`self.layers[i].sensitivity`); units above the bound stay float32.
-`exclude`: node names or fnmatch patterns of layers to keep in float32.
+`exclude`: node names or fnmatch patterns of layers to keep in float32;
+`keep_ends_float=True` also keeps the graph's first and last layer in float32.
+
+Weights: `weight_method="max"` maps each channel's largest |w| to the largest code;
+"mse" clips each channel's range where its squared weight error is least.
+`reduce_range`: True keeps every weight in [-63, 63], False uses [-127, 127], and
+"dense" (the default) limits only the layers whose AVX2 kernels sum u8 x s8 pairs (dense
+and grouped convs, linear) and gives depthwise convs the full 8 bits.
+
 `target` (a target name or dict; default None: off): per-layer speed check (speed.py). Each
 quantized layer's int8 kernel alone is timed against its float32 kernel alone on the target;
 layers with fp32 / int8 below `min_speedup` (default 1.0) stay float32 ("slower: ...").
 `speed_timer(graphs, target) -> seconds` replaces the compile-and-time step (tests).
 
+`bias_correction` (default on): after the weights and activations are fake-quantized,
+each quantized layer's bias is corrected, in graph order, by the per-channel mean shift
+of its output on the calibration data (quantized graph, earlier layers already corrected,
+minus the float graph); `self.layers[i].bias_shift` records the largest shift.
 After a run, `self.layers` says, per layer, what happened and why.
 """
 from __future__ import annotations
@@ -76,6 +88,7 @@ class LayerQuant:
     reason: str = ""
     fused: str = ""  # "add+relu", ...
     sensitivity: float | None = None  # output error with only this layer quantized
+    bias_shift: float | None = None  # largest per-channel bias correction
     fp32_ms: float | None = None  # the layer's compiled kernel alone (with a target: speed.py)
     int8_ms: float | None = None
 
@@ -124,8 +137,9 @@ def find_units(graph: Graph, skip=lambda n: False) -> list[Unit]:
     return units
 
 
-def simulate(graph: Graph, units: list[Unit], ranges: dict, wscales: dict, qmax: int) -> Graph:
-    """The float graph with fake-quant ops on the units' inputs, residuals and weights (a copy)."""
+def simulate(graph: Graph, units: list[Unit], ranges: dict, wscales: dict, qmax) -> Graph:
+    """The float graph with fake-quant ops on the units' inputs, residuals and weights (a copy).
+    `qmax`: the weights' largest code, one int or {layer name: int}."""
     g = graph.copy()
     fq: dict[str, str] = {}
 
@@ -144,7 +158,8 @@ def simulate(graph: Graph, units: list[Unit], ranges: dict, wscales: dict, qmax:
         x = fake(layer.inputs[0], layer.name)
         w = layer.inputs[1]
         s = g.add_param(f"{layer.name}.wscale", wscales[layer.name])
-        fw = Node(g.fresh_name(f"{layer.name}.wq"), "fake_quant_channel", [w, s], {"qmax": qmax},
+        lq = qmax[layer.name] if isinstance(qmax, dict) else qmax
+        fw = Node(g.fresh_name(f"{layer.name}.wq"), "fake_quant_channel", [w, s], {"qmax": lq},
                   g.type_of(w))
         g.nodes.insert(g.nodes.index(layer), fw)
         layer.inputs = [x, fw.name] + layer.inputs[2:]
@@ -274,21 +289,92 @@ def _reorder(g: Graph) -> Graph:
     return g
 
 
+def _is_depthwise(graph: Graph, n: Node) -> bool:
+    w = graph.params[n.inputs[1]]
+    return n.op == "conv2d" and n.attrs["groups"] > 1 and n.attrs["groups"] == w.shape[0] and w.shape[1] == 1
+
+
+def _channel_mean(t: torch.Tensor) -> torch.Tensor:
+    dims = [d for d in range(t.ndim) if d != 1]
+    return t.double().sum(dim=dims)
+
+
+def bias_correct(graph: Graph, sim: Graph, layers: list[str], batches, mode: str = "output"
+                 ) -> tuple[Graph, dict[str, float]]:
+    """`sim` (a copy) with each listed layer's bias shifted, in graph order, so that the
+    per-channel mean of its output on `batches` equals the float graph's (mode "output"), or equals
+    that of the same layer with float weights on the same (quantized) input (mode "weights":
+    only the weights' rounding error is corrected); {layer: max |shift|}."""
+    from ...backends.torch.module import _call
+
+    layers = set(layers)
+    fsum: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for b in batches if mode == "output" else ():
+            _, kept = forward_with_values(graph, b, layers)
+            for v, t in kept.items():
+                fsum[v] = fsum.get(v, 0) + _channel_mean(t)
+    g = sim.copy()
+    last = {v: i for i, n in enumerate(g.nodes) for v in n.inputs}
+    keep = set(g.outputs)
+    envs = [{name: x for (name, _), x in zip(g.inputs, b)} for b in batches]
+    shifts = {}
+    with torch.no_grad():
+        for i, n in enumerate(g.nodes):
+            fn, attrs = _call(g, n)
+            consts = {v: torch.from_numpy(np.array(g.params[v])) for v in n.inputs if g.is_param(v)}
+            for env in envs:
+                env[n.name] = fn(*[consts[v] if v in consts else env[v] for v in n.inputs], **attrs)
+            if n.name in layers and mode == "weights":
+                wq = g.producer(n.inputs[1])
+                consts[n.inputs[1]] = torch.from_numpy(np.array(g.params[wq.inputs[0]]))
+                fsum[n.name] = sum(_channel_mean(fn(*[consts[v] if v in consts else env[v] for v in n.inputs],
+                                                    **attrs)) for env in envs)
+            if n.name in fsum:
+                qsum = sum(_channel_mean(env[n.name]) for env in envs)
+                per_channel = sum(env[n.name].numel() for env in envs) / qsum.numel()
+                delta = ((qsum - fsum[n.name]) / per_channel).float()
+                old = np.asarray(g.params[n.inputs[2]], np.float32) if len(n.inputs) > 2 else \
+                    np.zeros(delta.numel(), np.float32)
+                n.inputs = n.inputs[:2] + [g.add_param(f"{n.name}.bias.corrected", old - delta.numpy())]
+                shape = [1] * env[n.name].ndim
+                shape[1] = -1
+                for env in envs:
+                    env[n.name] = env[n.name] - delta.reshape(shape)
+                shifts[n.name] = float(delta.abs().max())
+            for v in n.inputs:
+                if last.get(v) == i and v not in keep:
+                    for env in envs:
+                        env.pop(v, None)
+    return verify(g.remove_dead()), shifts
+
+
 @register_pass("quantize", contract="lossy")
 class Quantize(Pass):
     def __init__(self, calibration=None, method: str = "minmax", per_channel: bool = True, exclude=(),
-                 percentile: float = 99.99, reduce_range: bool = True, simulate: bool = False,
-                 max_layer_error: float | None = None, target=None, min_speedup: float = 1.0, speed_timer=None):
-        from .calibrate import METHODS
+                 percentile: float = 99.99, reduce_range=True, simulate: bool = False,
+                 max_layer_error: float | None = None, weight_method: str = "max",
+                 bias_correction: bool = False, keep_ends_float: bool = False,
+                 target=None, min_speedup: float = 1.0, speed_timer=None):
+        from .calibrate import METHODS, WEIGHT_METHODS
 
         if method not in METHODS:
             raise PassError(f"unknown calibration method {method!r}; known: {', '.join(METHODS)}")
+        if weight_method not in WEIGHT_METHODS:
+            raise PassError(f"unknown weight method {weight_method!r}; known: {', '.join(WEIGHT_METHODS)}")
+        if bias_correction not in (True, False, "output", "weights"):
+            raise PassError(f"Quantize bias_correction must be True, False, 'output' or 'weights', "
+                            f"got {bias_correction!r}")
+        if reduce_range not in (True, False, "dense"):
+            raise PassError(f"Quantize reduce_range must be True, False or 'dense', got {reduce_range!r}")
         if not 50.0 < percentile <= 100.0:
             raise PassError(f"Quantize percentile must be in (50, 100], got {percentile}")
         self.calibration, self.method, self.per_channel = calibration, method, per_channel
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.percentile, self.reduce_range, self.simulate = percentile, reduce_range, simulate
         self.max_layer_error = max_layer_error
+        self.weight_method, self.bias_correction = weight_method, bias_correction
+        self.keep_ends_float = keep_ends_float
         self.target, self.min_speedup, self.speed_timer = target, min_speedup, speed_timer
         self._slow: set = set()  # layers the speed check sent back to float32
         self.layers: list[LayerQuant] = []
@@ -296,21 +382,35 @@ class Quantize(Pass):
     def _excluded(self, n: Node) -> bool:
         return n.name in self._slow or any(fnmatch.fnmatchcase(n.name, p) for p in self.exclude)
 
+    def _qmax(self, graph: Graph, n: Node) -> int:
+        if self.reduce_range == "dense":
+            return 127 if _is_depthwise(graph, n) else 63
+        return 63 if self.reduce_range else 127
+
     def run(self, graph: Graph) -> Graph:
         batches = calibration_batches(graph, self.calibration)
-        qmax = 63 if self.reduce_range else 127
         all_units = find_units(graph)
-        units = [u for u in all_units if not self._excluded(u.layer)]
-        self.layers = [LayerQuant(u.layer.name, _describe(graph, u.layer), not self._excluded(u.layer),
-                                  "" if not self._excluded(u.layer) else "excluded",
+        ends = {all_units[0].layer.name, all_units[-1].layer.name} if self.keep_ends_float and all_units else set()
+
+        def why_float(u: Unit) -> str:
+            return "excluded" if self._excluded(u.layer) else ("first/last layer" if u.layer.name in ends else "")
+
+        units = [u for u in all_units if not why_float(u)]
+        self.layers = [LayerQuant(u.layer.name, _describe(graph, u.layer), not why_float(u), why_float(u),
                                   "+".join(n.op for n in u.nodes[1:])) for u in all_units]
         values = {u.layer.inputs[0] for u in units} | {u.residual for u in units if u.residual}
         ranges = activation_ranges(graph, values, batches, self.method, self.percentile)
-        wscales = {u.layer.name: weight_scales(np.asarray(graph.params[u.layer.inputs[1]]), qmax, self.per_channel)
-                   for u in units}
+        qmax = {u.layer.name: self._qmax(graph, u.layer) for u in units}
+        wscales = {u.layer.name: weight_scales(np.asarray(graph.params[u.layer.inputs[1]]), qmax[u.layer.name],
+                                               self.per_channel, self.weight_method) for u in units}
         if self.max_layer_error is not None:
             units = self._sensitivity(graph, units, ranges, wscales, qmax, batches)
         sim = simulate(graph, units, ranges, wscales, qmax)
+        if self.bias_correction and units:
+            mode = "output" if self.bias_correction is True else self.bias_correction
+            sim, shifts = bias_correct(graph, sim, [u.layer.name for u in units], batches, mode)
+            for x in self.layers:
+                x.bias_shift = shifts.get(x.name, x.bias_shift)
         if self.simulate:
             return sim
         gi = convert(sim)
@@ -367,7 +467,8 @@ class Quantize(Pass):
         for x in self.layers:
             sens = "" if x.sensitivity is None else f"  sensitivity {x.sensitivity:.3g}"
             state = "int8" if x.quantized else f"float32 ({x.reason})"
+            shift = "" if x.bias_shift is None else f"  bias shift {x.bias_shift:.3g}"
             if x.int8_ms is not None:
-                sens += f"  int8 {x.int8_ms:.3g} ms / fp32 {x.fp32_ms:.3g} ms"
-            rows.append(f"{x.name:32s} {x.layer:28s} {state}{' +' + x.fused if x.fused else ''}{sens}")
+                shift += f"  int8 {x.int8_ms:.3g} ms / fp32 {x.fp32_ms:.3g} ms"
+            rows.append(f"{x.name:32s} {x.layer:28s} {state}{' +' + x.fused if x.fused else ''}{sens}{shift}")
         return "\n".join(rows)
