@@ -352,3 +352,25 @@ def test_speed_fallback_sends_slower_layers_back_to_float(tiny):
     assert "int8 2 ms / fp32 1 ms" in q.summary()
     x = torch.randn(1, 3, 12, 12)
     assert _run(gi, x).shape == _run(g, x).shape
+
+
+def test_qlinear_lowers_to_int8_kernel_bit_exact(rng):
+    """A 2-d qlinear (7-bit weights) runs as the int8 conv kernel, batch along the width; bit-exact."""
+    from shave.backends.tvm.lower import to_relax
+    from shave.ir import Graph, Node
+    from shave.ir.types import TensorType
+
+    x = rng.integers(0, 256, (3, 21), dtype=np.uint8)
+    w = rng.integers(-64, 65, (11, 21), dtype=np.int8)
+    b = rng.integers(-5000, 5000, 11).astype(np.int32)
+    m = (rng.uniform(0.5, 2.0, 11) * 1e-3).astype(np.float32)
+    for out_dtype, lo in (("uint8", 17), ("float32", None)):
+        g = Graph(inputs=[("x", TensorType((3, 21), "uint8"))])
+        ins = ["x"] + [g.add_param(k, v) for k, v in (("w", w), ("b", b), ("m", m))]
+        attrs = dict(x_zp=29, out_zp=17, out_dtype=out_dtype, lo=lo, hi=None)
+        g.nodes.append(Node("fc", "qlinear", ins, attrs, TensorType((3, 11), out_dtype)))
+        g.outputs = ["fc"]
+        assert "shave_qconv" in to_relax(g).script()
+        acc = (x.astype(np.int64) - 29) @ w.T.astype(np.int64) + b
+        ref = np_requant(acc, m, 17, out_dtype, lo, None, axis=1)
+        np.testing.assert_array_equal(shave.compile(g, (torch.from_numpy(x),))(x), ref)

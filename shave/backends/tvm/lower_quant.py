@@ -5,8 +5,8 @@ accumulator, + int32 bias, then the requantization in float32 in the reference's
 (float32(acc) * mult [+ float32(r - r_zp) * r_mult]), round half to even (TVM's round is LLVM's
 nearbyint), + out_zp, clamp, uint8. The result is integer-exact against the reference kernels.
 
-A dense qconv2d (groups=1) with constant weights within +-64 (reduce_range) is instead one
-call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
+A dense qconv2d (groups=1) or 2-d qlinear (as a 1x1 conv, batch along the width) with constant
+weights within +-64 (reduce_range) is instead one call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
 here; scheduled for the target, with vpmaddubsw on AVX2, by schedule_module).
 """
 from __future__ import annotations
@@ -48,23 +48,20 @@ def _centred(bb, x, zp):
     return bb.emit(R.subtract(x32, _i32(zp))) if zp else x32
 
 
-def _qconv_kernel(bb, ins, a, node):
-    """call_tir to the int8 conv kernel, or None where it does not apply."""
-    consts = ins[1:4]
-    if not all(isinstance(v, _Const) for v in consts):
+def _consts(ins):
+    """numpy weight, bias, multiplier of a qconv2d/qlinear, or None when they are not constants."""
+    if not all(isinstance(v, _Const) for v in ins[1:4]):
         return None
-    w, bias, mult = (v.value.numpy() for v in consts)
-    xs = tuple(int(d) for d in ins[0].ty.shape.values)
-    if not int8.supports(w, a["groups"]) or len(xs) != 4:
-        return None
-    pad = tuple(int(p) for p in a["padding"])
-    pad = pad * 2 if len(pad) == 2 else pad
-    res = len(ins) > 4
+    return tuple(v.value.numpy() for v in ins[1:4])
+
+
+def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=None):
+    """call_tir to the int8 conv kernel on NCHW uint8 `x` of shape xs, or None where it does not apply."""
     spec = int8.QConvSpec(
-        *xs, int(w.shape[0]), int(w.shape[2]), int(w.shape[3]), tuple(int(s) for s in a["stride"]), pad,
-        tuple(int(d) for d in a["dilation"]), int(a["x_zp"]), int(a["out_zp"]), a["out_dtype"],
-        None if a["lo"] is None else float(a["lo"]), None if a["hi"] is None else float(a["hi"]),
-        res, int(a.get("r_zp", 0)) if res else 0, float(a.get("r_mult", 0.0)) if res else 0.0)
+        *xs, int(w.shape[0]), int(w.shape[2]), int(w.shape[3]), stride, pad, dilation, int(a["x_zp"]),
+        int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
+        None if a["hi"] is None else float(a["hi"]), residual is not None,
+        int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0)
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:
@@ -73,11 +70,37 @@ def _qconv_kernel(bb, ins, a, node):
         return None
     prim = int8.compute_primfunc(spec).with_attr("shave.qconv", spec.to_json())
     gv = bb.add_func(prim, "shave_qconv")
-    args = [ins[0], relax.const(int8.pack_weight(spec, w)), relax.const(b), relax.const(mult.astype(np.float32))]
-    if res:
-        args.append(ins[4])
+    args = [x, relax.const(int8.pack_weight(spec, w)), relax.const(b), relax.const(mult.astype(np.float32))]
+    if residual is not None:
+        args.append(residual)
     out = (spec.n, spec.oc, spec.oh, spec.ow)
     return relax.call_tir(gv, args, relax.TensorType(out, a["out_dtype"]))
+
+
+def _qconv_kernel(bb, ins, a, node):
+    consts = _consts(ins)
+    if consts is None or not int8.supports(consts[0], a["groups"]):
+        return None
+    xs = tuple(int(d) for d in ins[0].ty.shape.values)
+    pad = tuple(int(p) for p in a["padding"])
+    return _kernel_call(bb, ins[0], xs, *consts, a, tuple(int(s) for s in a["stride"]),
+                        pad * 2 if len(pad) == 2 else pad, tuple(int(d) for d in a["dilation"]),
+                        ins[4] if len(ins) > 4 else None)
+
+
+def _qlinear_kernel(bb, ins, a, node):
+    """A 2-d qlinear as the int8 conv kernel: a 1x1 conv with the batch along the width."""
+    consts = _consts(ins)
+    xs = tuple(int(d) for d in ins[0].ty.shape.values)
+    if consts is None or len(xs) != 2 or not int8.supports(consts[0][:, :, None, None], 1):
+        return None
+    (n, k), oc = xs, consts[0].shape[0]
+    x = bb.emit(R.reshape(R.permute_dims(ins[0]), (1, k, 1, n)))
+    call = _kernel_call(bb, x, (1, k, 1, n), consts[0][:, :, None, None], consts[1], consts[2], a, (1, 1),
+                        (0, 0, 0, 0), (1, 1))
+    if call is None:
+        return None
+    return R.permute_dims(R.reshape(bb.emit(call), (oc, n)))
 
 
 @lowers("qconv2d")
@@ -99,6 +122,9 @@ def _qconv2d(bb, ins, a, node):
 
 @lowers("qlinear")
 def _qlinear(bb, ins, a, node):
+    call = _qlinear_kernel(bb, ins, a, node)
+    if call is not None:
+        return call
     x = _centred(bb, ins[0], a["x_zp"])
     w = bb.emit(R.astype(ins[1], "int32"))
     acc = bb.emit(R.add(R.matmul(x, R.permute_dims(w), out_dtype="int32"), ins[2]))
