@@ -240,7 +240,8 @@ def test_compiled_int8_graph_is_bit_exact_and_integer(tiny, tmp_path):
     from shave.backends.tvm.lower import to_relax
 
     text = to_relax(gi).script()
-    assert 'out_dtype="int32"' in text and text.count("R.nn.conv2d") == 3
+    # 8-bit weights: the two dense convs stay int32 conv2d; the depthwise conv runs on the int8 kernel
+    assert 'out_dtype="int32"' in text and text.count("R.nn.conv2d") == 2 and "shave_qconv" in text
     gw = [n.inputs[1] for n in gi.nodes if n.op in ("qconv2d", "qlinear")]
     assert all(gi.params[w].dtype == np.int8 for w in gw)
 
@@ -255,17 +256,19 @@ _INT8_CASES = [  # (c, oc, k, stride, pad, residual, out_dtype, lo, hi)
 ]
 
 
-def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi):
+def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, depthwise=False):
     from shave.backends.tvm.schedules import int8
 
     x = rng.integers(0, 256, (2, c, 11, 9), dtype=np.uint8)
-    w = rng.integers(-64, 65, (oc, c, k, k), dtype=np.int8)
+    w = rng.integers(-127 if depthwise else -64, 128 if depthwise else 65, (oc, 1 if depthwise else c, k, k),
+                     dtype=np.int8)
     b = rng.integers(-5000, 5000, oc).astype(np.int32)
     m = (rng.uniform(0.5, 2.0, oc) * 1e-3).astype(np.float32)
     x_zp = int(rng.integers(0, 256))
     spec = int8.QConvSpec(2, c, 11, 9, oc, k, k, (stride, stride), (pad,) * 4, (1, 1), x_zp, 17, out_dtype,
-                          lo, hi, residual, 100 if residual else 0, 0.37 if residual else 0.0)
-    acc = np_conv_int(x.astype(np.int64) - x_zp, w, (stride, stride), (pad, pad), 1) + b.reshape(1, -1, 1, 1)
+                          lo, hi, residual, 100 if residual else 0, 0.37 if residual else 0.0, depthwise=depthwise)
+    acc = np_conv_int(x.astype(np.int64) - x_zp, w, (stride, stride), (pad, pad), c if depthwise else 1)
+    acc += b.reshape(1, -1, 1, 1)
     r = rng.integers(0, 256, acc.shape, dtype=np.uint8) if residual else None
     ref = np_requant(acc, m, 17, out_dtype, lo, hi, r, 100, 0.37)
     args = [x, int8.pack_weight(spec, w), int8.fold_bias(spec, w, b), m] + ([r] if residual else [])
@@ -295,6 +298,17 @@ def test_int8_kernel_bit_exact(rng, case):
     spec, args, ref = _int8_kernel_case(rng, *case)
     _, out = _run_kernel(int8.schedule(spec, int8.has_avx2(_host_target())), args, ref)
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("case", [(20, 20, 3, 1, 1, True, "uint8", None, None),
+                                  (13, 13, 3, 2, 1, False, "uint8", 17, 80),
+                                  (8, 8, 5, 1, 2, False, "float32", -0.5, None)])
+def test_int8_depthwise_kernel_bit_exact(rng, case):
+    """The depthwise int8 kernel (int32 lanes, 8-bit weights) equals the integer reference."""
+    from shave.backends.tvm.schedules import int8
+
+    spec, args, ref = _int8_kernel_case(rng, *case, depthwise=True)
+    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, True), args, ref)[1], ref)
 
 
 def test_int8_kernel_plain_schedule_and_asm(rng):

@@ -55,13 +55,14 @@ def _consts(ins):
     return tuple(v.value.numpy() for v in ins[1:4])
 
 
-def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=None):
+def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=None, depthwise=False):
     """call_tir to the int8 conv kernel on NCHW uint8 `x` of shape xs, or None where it does not apply."""
     spec = int8.QConvSpec(
         *xs, int(w.shape[0]), int(w.shape[2]), int(w.shape[3]), stride, pad, dilation, int(a["x_zp"]),
         int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
         None if a["hi"] is None else float(a["hi"]), residual is not None,
-        int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0)
+        int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
+        depthwise=depthwise)
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:
@@ -85,7 +86,7 @@ def _qconv_kernel(bb, ins, a, node):
     pad = tuple(int(p) for p in a["padding"])
     return _kernel_call(bb, ins[0], xs, *consts, a, tuple(int(s) for s in a["stride"]),
                         pad * 2 if len(pad) == 2 else pad, tuple(int(d) for d in a["dilation"]),
-                        ins[4] if len(ins) > 4 else None)
+                        ins[4] if len(ins) > 4 else None, a["groups"] > 1)
 
 
 def _qlinear_kernel(bb, ins, a, node):

@@ -1,7 +1,7 @@
 """Int8 conv kernel: uint8 activations x int8 weights -> int32, requantized in the epilogue.
 
-One PrimFunc per qconv2d layer (dense, groups=1) computes the reference op of
-ir/opset_quant.py bit for bit:
+One PrimFunc per qconv2d layer (dense, groups=1; or depthwise, below) computes the
+reference op of ir/opset_quant.py bit for bit:
 
 1. `pack`: the input, re-laid out as [N, C/4, Hp, Wp, 4] uint8 (4 channels = one
    int32 per pixel); the spatial border is filled with the input zero point (so it
@@ -19,6 +19,10 @@ ir/opset_quant.py bit for bit:
    (compile time), then float32(acc) * mult [+ float32(r - r_zp) * r_mult], round
    half to even, + out_zp, clamp, uint8 (or the clamped float32), written to NCHW
    from the register tile.
+
+Depthwise (groups = C = OC): the input packed [N, C/8, Hp, Wp, 8] uint8, weights
+[C/8, KH, KW, 8] widened to int32 at compile time (any 8-bit weight), each tap a zero-extend,
+an int32 multiply and add over 8 channel lanes; tile of reg_n columns as conv.py's depthwise.
 
 Lowering (lower_quant.py) emits the unscheduled compute as a call_tir marked with
 the `shave.qconv` attribute (the spec); `schedule_qconvs` schedules it for the target.
@@ -60,6 +64,7 @@ class QConvSpec:
     r_zp: int = 0
     r_mult: float = 0.0
     tile: tuple | None = None  # (ocb_in, reg_n); None: the default
+    depthwise: bool = False  # groups = C = OC: int32 lanes over 8 channels, no u8 x s8 pair sums
 
     @property
     def oh(self) -> int:
@@ -85,6 +90,8 @@ def plan(spec: QConvSpec) -> dict:
     ocb = math.ceil(spec.oc / VO)
     if spec.tile is not None:
         ocb_in, reg_n = spec.tile
+    elif spec.depthwise:
+        ocb_in, reg_n = 1, _pick_reg_n(spec.ow, 8)
     else:  # accumulators + weights + broadcast + ones + temporaries within the 16 ymm registers
         ocb_in = 2 if ocb >= 2 else 1
         reg_n = _pick_reg_n(spec.ow, 5 if ocb_in == 2 else 8)
@@ -93,8 +100,12 @@ def plan(spec: QConvSpec) -> dict:
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
-    """OIHW int8 -> [OC/8, C/4, KH, KW, 8, 4] int8 (zero padded)."""
+    """OIHW int8 -> [OC/8, C/4, KH, KW, 8, 4] int8 (depthwise: [C/8, KH, KW, 8] int32), zero padded."""
     p = plan(spec)
+    if spec.depthwise:
+        wp = np.zeros((p["ocb"] * VO, spec.kh, spec.kw), np.int32)
+        wp[:spec.oc] = w[:, 0]
+        return np.ascontiguousarray(wp.reshape(p["ocb"], VO, spec.kh, spec.kw).transpose(0, 2, 3, 1))
     wp = np.zeros((p["ocb"] * VO, p["icb"] * VI, spec.kh, spec.kw), np.int8)
     wp[:spec.oc, :spec.c] = w
     wp = wp.reshape(p["ocb"], VO, p["icb"], VI, spec.kh, spec.kw)  # O, o, I, i, kh, kw
@@ -110,7 +121,12 @@ def fold_bias(spec: QConvSpec, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def supports(w: np.ndarray, groups: int) -> bool:
-    return groups == 1 and w.ndim == 4 and int(np.abs(w.astype(np.int32)).max(initial=0)) <= MAX_W
+    """Dense convs with weights within +-MAX_W (the u8 x s8 pair sums), and depthwise convs."""
+    if w.ndim != 4:
+        return False
+    if groups > 1:
+        return groups == w.shape[0] and w.shape[1] == 1
+    return int(np.abs(w.astype(np.int32)).max(initial=0)) <= MAX_W
 
 
 def compute_primfunc(spec: QConvSpec):
@@ -127,7 +143,10 @@ def compute_primfunc(spec: QConvSpec):
     hp = (oh - 1) * sh + dh * (kh - 1) + 1
     wp = (owp - 1) * sw + dw * (kw - 1) + 1
     X = te.placeholder((n, c, h, w), "uint8", name="X")
-    Wt = te.placeholder((ocb, icb, kh, kw, VO, VI), "int8", name="W")
+    if spec.depthwise:
+        Wt = te.placeholder((ocb, kh, kw, VO), "int32", name="W")
+    else:
+        Wt = te.placeholder((ocb, icb, kh, kw, VO, VI), "int8", name="W")
     B = te.placeholder((oc,), "int32", name="B")
     M = te.placeholder((oc,), "float32", name="M")
     args = [X, Wt, B, M]
@@ -136,19 +155,28 @@ def compute_primfunc(spec: QConvSpec):
         Res = te.placeholder((n, oc, oh, ow), "uint8", name="R")
         args.append(Res)
 
+    vi = VO if spec.depthwise else VI  # channels per packed pixel
+
     def pack_fn(b, i, y, x, j):
-        ch = i * VI + j
+        ch = i * vi + j
         iy, ix = y - pt, x - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
         val = tirx.if_then_else(inside, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(spec.x_zp, "uint8"))
         return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8"))
 
-    P = te.compute((n, icb, hp, wp, VI), pack_fn, name="pack")
-    rcb = te.reduce_axis((0, icb), name="rcb")
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
+    if spec.depthwise:
+        P = te.compute((n, ocb, hp, wp, VO), pack_fn, name="pack")
+        Cc = te.compute(
+            (n, ocb, oh, owp, VO),
+            lambda b, o, y, x, j: te.sum(
+                P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j].astype("int32") * Wt[o, rkh, rkw, j],
+                axis=[rkh, rkw]), name="conv")
+    P = None if spec.depthwise else te.compute((n, icb, hp, wp, VI), pack_fn, name="pack")
+    rcb = te.reduce_axis((0, icb), name="rcb")
     rci = te.reduce_axis((0, VI), name="rci")
-    Cc = te.compute(
+    Cc = Cc if spec.depthwise else te.compute(
         (n, ocb, oh, owp, VO),
         lambda b, o, y, x, j: te.sum(
             P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci].astype("int32")
@@ -226,6 +254,20 @@ def schedule(spec: QConvSpec, avx2: bool):
     b, i, y, x, j = sch.get_loops(pack)
     sch.parallel(sch.fuse(b, i, y))
     sch.set_scope(conv, 0, "local")
+    if spec.depthwise:  # int32 lanes over 8 channels, reg_n columns, as conv.py's depthwise kernel
+        b, o, y, x, j, rkh, rkw = sch.get_loops(conv)
+        xo, xi = sch.split(x, [None, p["reg_n"]])
+        sch.reorder(b, o, y, xo, rkh, rkw, xi, j)
+        sch.parallel(sch.fuse(b, o, y))
+        sch.vectorize(j)
+        sch.unroll(xi)
+        sch.reverse_compute_at(out, xo)
+        init = sch.decompose_reduction(conv, rkh)
+        sch.vectorize(sch.get_loops(init)[-1])
+        sch.unroll(sch.get_loops(init)[-2])
+        for lp in sch.get_loops(out)[-2:]:
+            sch.unroll(lp)
+        return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     b, o, y, x, j, rcb, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     xo, xi = sch.split(x, [None, p["reg_n"]])
