@@ -58,8 +58,8 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
     before = str(g)
     layers = [n.name for n in g.nodes if n.op in ("conv2d", "linear")]
     fm = _channel_means(g, cal, layers)
-    plain = Quantize(cal, simulate=True, method="percentile")
-    corr = Quantize(cal, simulate=True, method="percentile", bias_correction=True)
+    plain = Quantize(cal, simulate=True, method="percentile", bias_correction=False)
+    corr = Quantize(cal, simulate=True, method="percentile", bias_correction="output")
     sp, sc = plain(g), corr(g)
     assert str(g) == before
     pm, cm = _channel_means(sp, cal, layers), _channel_means(sc, cal, layers)
@@ -70,16 +70,18 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
     assert all(x.bias_shift is not None and x.bias_shift > 0 for x in corr.layers)
     assert "bias shift" in corr.summary()
     # the corrected biases carry over to the integer graph
-    gi = Quantize(cal, method="percentile", bias_correction=True)(g)
+    gi = Quantize(cal, method="percentile", bias_correction="output")(g)
     x = torch.cat(cal)
     ref = shave.to_torch(g)(x).detach()
     err_c = float((shave.to_torch(gi)(x).detach() - ref).abs().mean())
-    err_p = float((shave.to_torch(Quantize(cal, method="percentile")(g))(x).detach() - ref).abs().mean())
+    err_p = float((shave.to_torch(Quantize(cal, method="percentile", bias_correction=False)(g))(x).detach()
+                   - ref).abs().mean())
     assert err_c < err_p, (err_c, err_p)
-    # "weights" mode corrects only the weights' rounding error
-    w = Quantize(cal, simulate=True, method="percentile", bias_correction="weights")
+    # "weights" (the default) corrects only the weights' rounding error: other shifts than "output"
+    w = Quantize(cal, simulate=True, method="percentile")
     w(g)
-    assert all(x.bias_shift is not None for x in w.layers)
+    assert all(a.bias_shift > 0 for a in w.layers)
+    assert any(abs(a.bias_shift - b.bias_shift) > 1e-3 * b.bias_shift for a, b in zip(w.layers, corr.layers))
     with pytest.raises(PassError, match="bias_correction must be"):
         Quantize(cal, bias_correction="mean")
 
