@@ -41,6 +41,10 @@ CASES = {
     "3x3_grouped2_c16_oc32": (dict(cin=16, cout=32, k=3, padding=1, groups=2, act="relu"), (1, 16, 9, 7)),
     "1x1_grouped4_c8_oc32_s2": (dict(cin=8, cout=32, k=1, stride=2, groups=4), (2, 8, 9, 11)),
     "1x1_grouped2_c32_residual": (dict(cin=32, cout=32, k=1, groups=2, residual=True, act="relu"), (1, 32, 5, 6)),
+    # groups narrower than a vector block: merged (4 groups of 4 -> 2 of 8; 12 of 2 -> 3 of 8 outputs; 3 -> 1)
+    "3x3_grouped4_c16_oc16_merged": (dict(cin=16, cout=16, k=3, padding=1, groups=4, act="relu"), (1, 16, 7, 9)),
+    "3x3_dw_multiplier2_c12_merged": (dict(cin=12, cout=24, k=3, padding=1, groups=12), (2, 12, 6, 5)),
+    "1x1_grouped3_c6_oc12_merged": (dict(cin=6, cout=12, k=1, groups=3), (1, 6, 5, 5)),
     "1x1_spatial_1x1": (dict(cin=24, cout=40, k=1, act="relu"), (1, 24, 1, 1)),
     "1x1_residual": (dict(cin=16, cout=16, k=1, residual=True), (1, 16, 7, 7)),
     "3x3_residual_relu": (dict(cin=9, cout=9, k=3, padding=1, act="relu", residual=True), (1, 9, 5, 6)),
@@ -118,14 +122,13 @@ def _scheduled_kernels(model, x):
     return [gv.name_hint for gv in mod.functions if gv.name_hint.startswith("shave_conv")], mod
 
 
-def test_rewrite_fuses_supported_and_skips_grouped():
+def test_rewrite_fuses_dense_and_grouped_convs():
     x = torch.randn(1, 6, 8, 8)
     names, mod = _scheduled_kernels(ConvAct(6, 12, 3, padding=1, act="relu"), x)
     assert len(names) == 1
-    names, mod = _scheduled_kernels(ConvAct(6, 12, 3, padding=1, groups=2), x)
-    assert names == []  # groups narrower than a vector block keep TVM's own lowering
-    names, _ = _scheduled_kernels(ConvAct(16, 32, 3, padding=1, groups=2), torch.randn(1, 16, 8, 8))
-    assert len(names) == 1
+    for cin, cout, groups, shape in [(6, 12, 2, (1, 6, 8, 8)), (16, 32, 2, (1, 16, 8, 8)), (8, 24, 8, (1, 8, 5, 5))]:
+        names, mod = _scheduled_kernels(ConvAct(cin, cout, 3, padding=1, groups=groups), torch.randn(shape))
+        assert len(names) == 1  # grouped convs too (narrow groups merged)
     for f in mod.functions.values():
         if hasattr(f, "attrs") and f.attrs is not None and "op_pattern" in f.attrs:
             assert int(f.attrs["op_pattern"]) == 8
@@ -262,3 +265,16 @@ def test_every_candidate_tile_computes_the_conv(name):
         if blocked:
             out = out.transpose(0, 1, 4, 2, 3).reshape(ref.shape)
         assert np.abs(out - ref).max() / np.abs(ref).max() <= TOL, tile
+
+
+def test_narrow_groups_merge_into_whole_vector_blocks():
+    from shave.backends.tvm.schedules.rewrite import _kernel_groups, _merge_groups
+
+    assert _kernel_groups(16, 16, 4, 8) == 2
+    assert _kernel_groups(12, 24, 12, 8) == 3
+    assert _kernel_groups(6, 12, 3, 8) == 1
+    assert _kernel_groups(128, 128, 32, 8) == 16  # ResNeXt 32x4d: pairs of groups
+    assert _kernel_groups(64, 64, 2, 8) == 2
+    w = np.arange(4 * 1 * 1 * 1, dtype=np.float32).reshape(4, 1, 1, 1) + 1  # 4 groups of 1 -> 2 of 2
+    merged = _merge_groups(w, 4, 2)[:, :, 0, 0]
+    assert merged.tolist() == [[1, 0], [0, 2], [3, 0], [0, 4]]
