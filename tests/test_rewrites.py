@@ -354,3 +354,30 @@ def test_tvm_build_of_rewritten_network_matches_the_ir(block_graph):
     out = FoldBN()(ShiftRewrite(layers="conv2")(GroupRewrite(groups=2, layers="conv3")(g)))
     cm = shave.compile(out, (torch.from_numpy(x),), passes=[])
     assert rel_err(cm(x), run_graph(out, [x])[0]) < 1e-5
+
+
+@pytest.mark.parametrize("conv_s,block_s,rewritten", [(2e-5, 1e-5, True), (1e-5, 2e-5, False)])
+def test_a_block_measured_slower_than_its_conv_is_not_applied(block_graph, monkeypatch, conv_s, block_s, rewritten):
+    """With a target, each block and its conv are compiled and timed alone (here: a stand-in
+    timer, so the decision is what is tested, not the machine); a slower block keeps the conv."""
+    import shave.passes.decompose.auto as auto
+    import shave.passes.rewrites.base as base
+
+    calls = []
+
+    def fake_time(graphs, target):
+        calls.append([g.nodes[0].op for g in graphs])
+        assert len(graphs[0].nodes) == 1 and graphs[0].nodes[0].op == "conv2d"
+        return [conv_s, block_s]
+
+    monkeypatch.setattr(auto, "time_graphs", fake_time)
+    monkeypatch.setattr(base, "_TIMED", {})
+    g, _ = block_graph
+    p = DepthwiseSeparable(layers="conv2", target="x86", min_speedup=1.5)
+    out = p(g)
+    assert len(calls) == 1
+    entry = next(e for e in p.plan if e.name == "conv2")
+    assert entry.kept == rewritten and entry.seconds == (conv_s, block_s)
+    assert any(n.name == "conv2" for n in out.nodes) != rewritten
+    if not rewritten:
+        assert "0.50x" in entry.reason

@@ -9,6 +9,12 @@ squares to the original layer's output on that data (decompose/refine.py,
 asymmetric: the input comes from the rewritten network) and measures every
 layer's output error on the data before and after the refit.
 
+With a `target` (e.g. "x86"), every rewritten layer is also compiled alone,
+before and after, and timed on that target (decompose/auto.py's interleaved
+rounds); a layer whose block is not at least `min_speedup` times faster keeps
+its conv, with the measured ratio as the reason. Fewer MACs in a block that
+runs slower (a grouped conv narrower than a vector block, say) is not a win.
+
 Errors per layer (RewritePlan):
 - kernel_error: ||W - W_block|| / ||W|| for the dense kernel the initial block
   stands for (the weight energy the rewrite drops);
@@ -53,6 +59,30 @@ class RewritePlan:
     output_error: float | None = None
     refit_error: float | None = None
     nodes: list = field(default_factory=list)  # the block's nodes
+    seconds: tuple | None = None  # (conv alone, block alone) as compiled and timed on the target
+
+
+_TIMED: dict = {}  # (pass, layer, input shape, target) -> (conv s, block s), for this process
+
+
+def _settings(p) -> tuple:
+    return tuple(sorted((k, v) for k, v in vars(p).items() if isinstance(v, (int, float, str, bool))))
+
+
+def _block_graph(graph: Graph, names: list) -> Graph | None:
+    """The block's nodes alone, its one data input as the graph input (None if it has several)."""
+    nodes = [n for n in graph.nodes if n.name in set(names)]
+    made = {n.name for n in nodes}
+    ins = list(dict.fromkeys(v for n in nodes for v in n.inputs if v not in made and not graph.is_param(v)))
+    if len(ins) != 1 or not nodes:
+        return None
+    g = Graph(inputs=[("x", graph.type_of(ins[0]))])
+    for n in nodes:
+        inputs = ["x" if v == ins[0] else (g.add_param(v, graph.params[v]) if graph.is_param(v) else v)
+                  for v in n.inputs]
+        g.nodes.append(Node(n.name, n.op, inputs, dict(n.attrs), n.type, n.source))
+    g.outputs = [nodes[-1].name]
+    return g
 
 
 def new_node(graph: Graph, base: str, op: str, inputs: list, attrs: dict, source: str, before: Node | None) -> Node:
@@ -66,7 +96,12 @@ def new_node(graph: Graph, base: str, op: str, inputs: list, attrs: dict, source
 class ConvRewrite(Pass):
     """Base of ShiftRewrite, GroupRewrite and DepthwiseSeparable (see base.py's docstring)."""
 
-    def __init__(self, layers=None, exclude=(), data=None):
+    def __init__(self, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0):
+        if target is not None:
+            from ...backends.tvm.target import resolve_target
+
+            target = resolve_target(target)
+        self.target, self.min_speedup = target, float(min_speedup)
         self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.batches = calibration_batches(data) if data is not None else None
@@ -118,7 +153,40 @@ class ConvRewrite(Pass):
 
     # -------------------------------------------------------------------------------------- rewrite
     def run(self, graph: Graph) -> Graph:
+        slow = {}
+        if self.target is not None:
+            trial = graph.copy()
+            self._rewrite(trial, {})
+            slow = self._too_slow(graph, trial)
+        return self._rewrite(graph, slow, refit=True)
+
+    def _too_slow(self, original: Graph, rewritten: Graph) -> dict:
+        """{layer: reason} for the rewritten layers whose block is not min_speedup x faster."""
+        from ..decompose.auto import time_graphs
+        from ..decompose.rewrite import layer_graph
+
+        slow = {}
+        for e in self.plan:
+            if not e.kept:
+                continue
+            block = _block_graph(rewritten, e.nodes)
+            if block is None:
+                continue
+            key = (type(self).__name__, _settings(self), e.layer, original.type_of(original.node(e.name).inputs[0]).shape,
+                   tuple(sorted(self.target.items())))
+            if key not in _TIMED:
+                _TIMED[key] = tuple(time_graphs([layer_graph(original, original.node(e.name)), block], self.target))
+            before, after = _TIMED[key]
+            if before < self.min_speedup * after:
+                slow[e.name] = (f"block measured {before / after:.2f}x the conv's speed on "
+                                f"{self.target.get('kind')} (< {self.min_speedup:g}x)", (before, after))
+            else:
+                e.seconds = (before, after)
+        return slow
+
+    def _rewrite(self, graph: Graph, slow: dict, refit: bool = False) -> Graph:
         original = graph.copy()
+        timed = {e.name: e.seconds for e in self.plan if e.seconds}
         self.plan, blocks = [], []
         for node, named in self.selected(graph):
             why = self._why_not(graph, node)
@@ -128,6 +196,8 @@ class ConvRewrite(Pass):
             self.plan.append(entry)
             if why is None and self.macs_after(layer) >= before and not named:
                 why = "would not need fewer operations"
+            if why is None and node.name in slow:
+                why, entry.seconds = slow[node.name]
             if why is not None:
                 entry.reason = why
                 continue
@@ -135,8 +205,9 @@ class ConvRewrite(Pass):
             block = self.build(graph, node, layer)
             entry.kept, entry.macs_after, entry.kernel_error = True, self.macs_after(layer), block.kernel_error
             entry.nodes = [n.name for n in graph.nodes if n.name not in names]
+            entry.seconds = timed.get(node.name)
             blocks.append((entry, block))
-        if self.batches is not None and blocks:
+        if refit and self.batches is not None and blocks:
             self._errors(original, graph, blocks, "output_error")
             for entry, block in blocks:
                 target = original
