@@ -1,18 +1,23 @@
 #!/usr/bin/env python
 """Int8 quantization: accuracy, agreement, latency and file size, shave vs ONNX Runtime's own int8.
 
-    python benchmarks/quantize.py [--perturbed 500] [--rounds 5] [--skip-latency]
+    python benchmarks/quantize.py [--perturbed 500] [--calib 128] [--rounds 5] [--skip-latency] [--sweep] [--quick]
 
 1. Fashion-MNIST ResNet (shave.zoo.FashionResNet, trained weights from out/fashion_resnet_e2.pt,
    else 2 epochs of training): test accuracy (10k images) of fp32 and of the int8 graph for each
    calibration method (256 training images), through the integer reference kernels.
 2. MobileNetV2 with real ImageNet weights: top-1 agreement of int8 with fp32 on the 20 real images
-   and on `--perturbed` copies of them (random crop + resize, flip, brightness, gaussian noise;
-   calibration on 64 other perturbed copies).
+   and on `--perturbed` copies of them (random crop + resize, flip, brightness, gaussian noise, seed 2;
+   calibration on `--calib` other perturbed copies, seed 1). Each setting is evaluated through its
+   fake-quant simulation (torch); the default setting also through the compiled shave int8 artifact
+   (batch 1), and ONNX Runtime's int8 model on the same images. `--sweep` evaluates the whole table
+   of settings (weight bits, weight clipping, bias correction, first/last layer float, calibration size).
 3. Latency, batch 1, 2 threads, medians of interleaved rounds (under `flock /tmp/shave-cpu.lock`):
    shave fp32, shave int8, ONNX Runtime fp32 and ONNX Runtime int8 (quantize_static, QDQ, per-channel,
    u8 activations x s8 weights, a CalibrationDataReader over the same calibration data); and the
    artifact file sizes (shave) and model file sizes (ONNX).
+`--share`: also k-means weight sharing of MobileNetV2 at 8/5/4/3 bits (rates, sizes, errors).
+`--quick`: 100 perturbed copies, 32 calibration images, 2 latency rounds, one Fashion-MNIST method.
 Results are printed and written to out/quantize.json.
 """
 from __future__ import annotations
@@ -35,9 +40,38 @@ import torch.nn.functional as F  # noqa: E402
 
 import shave  # noqa: E402
 from shave.passes import FoldBN, Quantize  # noqa: E402
+from shave.passes.quantize import convert  # noqa: E402
 from shave.zoo import FashionResNet, imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "out"
+
+
+CALIB = 64  # calibration images (perturbed copies, seed 1) for MobileNetV2
+# MobileNetV2 settings: Quantize keywords (and "calib": the number of calibration images)
+SWEEP = {
+    "7-bit weights, minmax": dict(method="minmax", reduce_range=True, bias_correction=False),
+    "7-bit weights, percentile": dict(method="percentile", reduce_range=True, bias_correction=False),
+    "8-bit weights, percentile": dict(method="percentile", reduce_range=False, bias_correction=False),
+    "8-bit weights, MSE activations": dict(method="mse", reduce_range=False, bias_correction=False),
+    "7-bit dense / 8-bit depthwise, percentile": dict(method="percentile", reduce_range="dense",
+                                                      bias_correction=False),
+    "8-bit, percentile, MSE weight clipping": dict(method="percentile", reduce_range=False, weight_method="mse",
+                                                   bias_correction=False),
+    "8-bit, percentile, first/last layer float": dict(method="percentile", reduce_range=False,
+                                                      keep_ends_float=True, bias_correction=False),
+    "8-bit, percentile, bias correction (output)": dict(method="percentile", reduce_range=False,
+                                                        bias_correction="output"),
+    "7-bit dense / 8-bit depthwise, bias corr. (weights)": dict(method="percentile", reduce_range="dense"),
+    "8-bit, bias corr. (weights), MSE weight clipping": dict(method="percentile", reduce_range=False,
+                                                             weight_method="mse"),
+    "8-bit, bias corr. (weights), 32 calibration images": dict(method="percentile", reduce_range=False, calib=32),
+    "8-bit, bias corr. (weights), 256 calibration images": dict(method="percentile", reduce_range=False,
+                                                                calib=256),
+    # the recommended setting: 8-bit weights, percentile activations, bias correction (weights, the default)
+    "default": dict(method="percentile", reduce_range=False),
+}
+DEFAULT = "default"
+TABLE = ("8-bit weights, percentile", DEFAULT)  # the rows without --sweep
 
 
 def perturbed_copies(x: torch.Tensor, n: int, seed: int) -> torch.Tensor:
@@ -118,8 +152,11 @@ def median_ms(engines: dict, rounds: int, runs: int = 20) -> dict:
     return {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
 
 
-def latency_and_size(label, model, graph, gq, x, calib, rounds) -> dict:
+def latency_and_size(label, model, graph, gq, x, calib, rounds, agree_on=None) -> dict:
+    """Latency and file sizes of shave fp32 / int8 and ORT fp32 / int8; with `agree_on` (images, and
+    the fp32 top-1 of each), also the top-1 agreement of the compiled shave int8 and ORT int8 models."""
     xn = x.numpy()
+    extra = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d)
         cms = {"shave fp32": shave.compile(graph, (x,)), "shave int8": shave.compile(gq, (x,))}
@@ -129,20 +166,47 @@ def latency_and_size(label, model, graph, gq, x, calib, rounds) -> dict:
         engines = {k: (lambda cm=cm: cm(xn)) for k, cm in cms.items()}
         engines.update({k: (lambda s=s: s.run(None, {"input": xn})) for k, s in sess.items()})
         ms = median_ms(engines, rounds)
-        ort_int8_top = [int(np.argmax(sess["ort int8"].run(None, {"input": b[i:i + 1].numpy()})[0]))
-                        for b in calib[:1] for i in range(len(b))]
+        if agree_on is not None:
+            imgs, ref = agree_on
+            for k, fn in (("shave int8", lambda a: cms["shave int8"](a)),
+                          ("ort int8", lambda a: sess["ort int8"].run(None, {"input": a}))):
+                top = torch.tensor([int(np.argmax(np.asarray(fn(imgs[i:i + 1].numpy())[0]))) for i in range(len(imgs))])
+                extra[k] = top
     print(f"\n{label}: latency (ms, batch 1, median) and file size (bytes)")
     for k in ms:
         print(f"  {k:12s} {ms[k]:8.3f} ms   {sizes[k]:>10,d} B")
-    return {"ms": ms, "bytes": sizes, "ort_int8_calib_top1": ort_int8_top}
+    return {"ms": ms, "bytes": sizes}, extra
+
+
+def share_table(graph, imgs, ref_top) -> dict:
+    """k-means weight sharing (ShareWeights) at 8/5/4/3 bits: rates, zlib sizes, errors, agreement."""
+    from shave.passes import ShareWeights
+
+    rows = {}
+    print("\nMobileNetV2, k-means weight sharing (size only), 20 real images:")
+    for bits in (8, 5, 4, 3):
+        p = ShareWeights(bits=bits, data=[imgs])
+        top = predict(p(graph), imgs)
+        rows[bits] = {"rate": p.total_rate, "model_rate": p.model_rate, "zlib": p.total_zlib,
+                      "output_error": p.output_error, "agreement": float((top == ref_top).float().mean()) * 100}
+        print(f"  {bits} bits: rate {p.total_rate:.2f}x (whole model {p.model_rate:.2f}x), weights' zlib size "
+              f"{p.total_zlib[0]:,} -> {p.total_zlib[1]:,} B, output error {p.output_error:.3g}, "
+              f"top-1 agreement {rows[bits]['agreement']:.0f} %", flush=True)
+    return rows
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--perturbed", type=int, default=500)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--calib", type=int, default=CALIB)
     ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--sweep", action="store_true", help="evaluate every MobileNetV2 setting of SWEEP")
+    ap.add_argument("--share", action="store_true", help="also k-means weight sharing of MobileNetV2 (size only)")
+    ap.add_argument("--quick", action="store_true", help="a short run (100 perturbed, 32 calibration images)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.perturbed, args.calib, args.rounds = min(args.perturbed, 100), min(args.calib, 32), 2
     torch.manual_seed(0)
     result = {}
 
@@ -154,7 +218,7 @@ def main(argv=None) -> None:
     calib = [xt[i:i + 64] for i in range(0, 256, 64)]
     acc = {"fp32": float((predict(g, x, 1000) == y).float().mean()) * 100}
     graphs = {}
-    for method in ("minmax", "percentile", "mse"):
+    for method in ("minmax",) if args.quick else ("minmax", "percentile", "mse"):
         graphs[method] = Quantize(calib, method=method)(g)
         acc[f"int8 {method}"] = float((predict(graphs[method], x, 1000) == y).float().mean()) * 100
     print(f"Fashion-MNIST ResNet ({source}), test accuracy % on 10k images:")
@@ -163,34 +227,60 @@ def main(argv=None) -> None:
     result["fashion"] = {"accuracy": acc, "weights": source}
     if not args.skip_latency:
         result["fashion"].update(latency_and_size("Fashion-MNIST ResNet", model, g, graphs["minmax"], x[:1],
-                                                  calib, args.rounds))
+                                                  calib, args.rounds)[0])
 
     # 2. MobileNetV2
     mv2 = pretrained_mobilenet_v2().eval()
     imgs, labels = imagenet_samples()
     gm = FoldBN()(shave.capture(mv2, (imgs[:1],)))
-    cal = list(perturbed_copies(imgs, 64, seed=1).split(16))
+    cal_all = perturbed_copies(imgs, max(args.calib, 256 if args.sweep else 0), seed=1)
     pert = perturbed_copies(imgs, args.perturbed, seed=2)
-    ref_real, ref_pert = predict(gm, imgs), predict(gm, pert)
-    agree = {}
-    configs = {"percentile, 8-bit weights": dict(method="percentile", reduce_range=False),
-               "percentile, 7-bit weights": dict(method="percentile")}
-    for name, kw in configs.items():
+    evalset = torch.cat([imgs, pert])
+    ref = predict(gm, evalset)
+
+    def agreement(top) -> dict:
+        return {"real20": float((top[:20] == ref[:20]).float().mean()) * 100,
+                "perturbed": float((top[20:] == ref[20:]).float().mean()) * 100}
+
+    agree, default_sim, sim_top = {}, None, None
+    settings = SWEEP if args.sweep else {k: SWEEP[k] for k in TABLE}
+    print(f"MobileNetV2: top-1 agreement with fp32 (%), 20 real images / {len(pert)} perturbed copies "
+          f"(fake-quant simulation)", flush=True)
+    for name, kw in settings.items():
+        kw = dict(kw)
+        ncal = kw.pop("calib", args.calib)
+        cal = list(cal_all[:ncal].split(16))
         t0 = time.perf_counter()
-        q = Quantize(cal, **kw)
-        gq = q(gm)
-        real, pt = predict(gq, imgs), predict(gq, pert)
-        agree[name] = {"real20": float((real == ref_real).float().mean()) * 100,
-                       "perturbed": float((pt == ref_pert).float().mean()) * 100,
-                       "int8_layers": sum(lq.quantized for lq in q.layers), "layers": len(q.layers),
-                       "seconds": time.perf_counter() - t0}
-        print(f"MobileNetV2 {name}: top-1 agreement with fp32 {agree[name]['real20']:.1f} % on the 20 real images, "
-              f"{agree[name]['perturbed']:.1f} % on {len(pert)} perturbed copies", flush=True)
+        q = Quantize(cal, simulate=True, **kw)
+        sim = q(gm)
+        seconds = time.perf_counter() - t0
+        top = predict(sim, evalset)
+        agree[name] = agreement(top) | {
+            "int8_layers": sum(lq.quantized for lq in q.layers), "layers": len(q.layers),
+            "calib": ncal, "quantize_seconds": seconds}
+        print(f"  {name:44s} {agree[name]['real20']:5.1f} / {agree[name]['perturbed']:5.1f}   "
+              f"({agree[name]['int8_layers']}/{agree[name]['layers']} layers int8, calibration {ncal} images, "
+              f"{seconds:.0f} s)", flush=True)
+        if name == DEFAULT:
+            default_sim, sim_top = sim, top
     result["mobilenet_v2"] = {"agreement": agree, "fp32_top1_vs_labels":
-                              float((ref_real == torch.tensor(labels)).float().mean()) * 100}
+                              float((ref[:20] == torch.tensor(labels)).float().mean()) * 100}
     if not args.skip_latency:
-        gq = Quantize(cal, method="percentile", reduce_range=False)(gm)
-        result["mobilenet_v2"].update(latency_and_size("MobileNetV2", mv2, gm, gq, imgs[:1], cal, args.rounds))
+        gq = convert(default_sim)
+        cal = list(cal_all[:args.calib].split(16))
+        timing, tops = latency_and_size("MobileNetV2", mv2, gm, gq, imgs[:1], cal, args.rounds,
+                                        agree_on=(evalset, ref))
+        result["mobilenet_v2"].update(timing)
+        for k, top in tops.items():
+            a = agreement(top)
+            result["mobilenet_v2"][f"{k} agreement"] = a
+            print(f"  {k + ' (compiled, ' + DEFAULT + ')' if k == 'shave int8' else k + ' (quantize_static)':44s} "
+                  f"{a['real20']:5.1f} / {a['perturbed']:5.1f}")
+        same = float((tops["shave int8"] == sim_top).float().mean()) * 100
+        result["mobilenet_v2"]["compiled_vs_simulation_top1_same"] = same
+        print(f"  compiled shave int8 and its simulation give the same top-1 on {same:.1f} % of the images")
+    if args.share:
+        result["mobilenet_v2"]["share_weights"] = share_table(gm, imgs, ref[:20])
     OUT.mkdir(exist_ok=True)
     (OUT / "quantize.json").write_text(json.dumps(result, indent=1))
 
