@@ -240,8 +240,8 @@ def test_compiled_int8_graph_is_bit_exact_and_integer(tiny, tmp_path):
     from shave.backends.tvm.lower import to_relax
 
     text = to_relax(gi).script()
-    # 8-bit weights: the two dense convs stay int32 conv2d; the depthwise conv runs on the int8 kernel
-    assert 'out_dtype="int32"' in text and text.count("R.nn.conv2d") == 2 and "shave_qconv" in text
+    # 8-bit weights too: every conv and the linear run on the int8 kernels (int16 pairs for the dense ones)
+    assert "R.nn.conv2d" not in text and text.count('"shave.qconv"') == 4
     gw = [n.inputs[1] for n in gi.nodes if n.op in ("qconv2d", "qlinear")]
     assert all(gi.params[w].dtype == np.int8 for w in gw)
 
@@ -256,17 +256,18 @@ _INT8_CASES = [  # (c, oc, k, stride, pad, residual, out_dtype, lo, hi)
 ]
 
 
-def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, depthwise=False):
+def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, depthwise=False, wide=False):
     from shave.backends.tvm.schedules import int8
 
     x = rng.integers(0, 256, (2, c, 11, 9), dtype=np.uint8)
-    w = rng.integers(-127 if depthwise else -64, 128 if depthwise else 65, (oc, 1 if depthwise else c, k, k),
-                     dtype=np.int8)
+    wmax = 127 if depthwise or wide else 64
+    w = rng.integers(-wmax, wmax + 1, (oc, 1 if depthwise else c, k, k), dtype=np.int8)
     b = rng.integers(-5000, 5000, oc).astype(np.int32)
     m = (rng.uniform(0.5, 2.0, oc) * 1e-3).astype(np.float32)
     x_zp = int(rng.integers(0, 256))
     spec = int8.QConvSpec(2, c, 11, 9, oc, k, k, (stride, stride), (pad,) * 4, (1, 1), x_zp, 17, out_dtype,
-                          lo, hi, residual, 100 if residual else 0, 0.37 if residual else 0.0, depthwise=depthwise)
+                          lo, hi, residual, 100 if residual else 0, 0.37 if residual else 0.0, depthwise=depthwise,
+                          wide=wide)
     acc = np_conv_int(x.astype(np.int64) - x_zp, w, (stride, stride), (pad, pad), c if depthwise else 1)
     acc += b.reshape(1, -1, 1, 1)
     r = rng.integers(0, 256, acc.shape, dtype=np.uint8) if residual else None
@@ -290,12 +291,14 @@ def _run_kernel(func, args, ref):
     return lib, targs[-1].numpy()
 
 
+@pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("case", _INT8_CASES)
-def test_int8_kernel_bit_exact(rng, case):
-    """The scheduled u8 x s8 kernel (tensorized on AVX2, plain elsewhere) equals the integer reference."""
+def test_int8_kernel_bit_exact(rng, case, wide):
+    """The scheduled u8 x s8 kernel (tensorized on AVX2, plain elsewhere) equals the integer reference;
+    so does its int16 variant for 8-bit weights (wide)."""
     from shave.backends.tvm.schedules import int8
 
-    spec, args, ref = _int8_kernel_case(rng, *case)
+    spec, args, ref = _int8_kernel_case(rng, *case, wide=wide)
     _, out = _run_kernel(int8.schedule(spec, int8.has_avx2(_host_target())), args, ref)
     np.testing.assert_array_equal(out, ref)
 

@@ -5,8 +5,8 @@ accumulator, + int32 bias, then the requantization in float32 in the reference's
 (float32(acc) * mult [+ float32(r - r_zp) * r_mult]), round half to even (TVM's round is LLVM's
 nearbyint), + out_zp, clamp, uint8. The result is integer-exact against the reference kernels.
 
-A dense qconv2d (groups=1) or 2-d qlinear (as a 1x1 conv, batch along the width) with constant
-weights within +-64 (reduce_range) is instead one call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
+A dense or depthwise qconv2d, or a 2-d qlinear (as a 1x1 conv, batch along the width), with
+constant weights is instead one call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
 here; scheduled for the target, with vpmaddubsw on AVX2, by schedule_module).
 """
 from __future__ import annotations
@@ -62,7 +62,7 @@ def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=No
         int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
         None if a["hi"] is None else float(a["hi"]), residual is not None,
         int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
-        depthwise=depthwise)
+        depthwise=depthwise, wide=not depthwise and int8.needs_wide(w))
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:

@@ -14,7 +14,9 @@ reference op of ir/opset_quant.py bit for bit:
    with ones (-> 8 x i32) added to the accumulator. Register tile: `reg_n` output
    columns x `ocb_in` blocks of 8 channels, fully unrolled; the (batch, channel
    block, row) loops run in parallel. Elsewhere the same compute runs with a plain
-   schedule (int32 lanes, same tiling).
+   schedule (int32 lanes, same tiling). Weights beyond +-64 (8-bit, `wide`): the input
+   is packed as int16 pairs and the weights as int16 [OC/8, C/2, KH, KW, 8, 2], one
+   `vpmaddwd` per step (16 multiply-adds, exact for any 8-bit weight).
 3. `out`: + int32 bias, where the bias already holds -x_zp * sum(w) per channel
    (compile time), then float32(acc) * mult [+ float32(r - r_zp) * r_mult], round
    half to even, + out_zp, clamp, uint8 (or the clamped float32), written to NCHW
@@ -41,6 +43,7 @@ from .conv import _pick_reg_n
 VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
 INTRIN = "shave_dot_8x4_u8i8i32_avx2"
+INTRIN_WIDE = "shave_dot_8x2_i16i16i32_avx2"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,12 @@ class QConvSpec:
     r_mult: float = 0.0
     tile: tuple | None = None  # (ocb_in, reg_n); None: the default
     depthwise: bool = False  # groups = C = OC: int32 lanes over 8 channels, no u8 x s8 pair sums
+    wide: bool = False  # dense with 8-bit weights (beyond +-MAX_W): int16 pairs, vpmaddwd only
+
+    @property
+    def vi(self) -> int:
+        """Input channels per packed pixel: 4 bytes, 2 int16 (wide) or the 8 lanes (depthwise)."""
+        return VO if self.depthwise else (2 if self.wide else VI)
 
     @property
     def oh(self) -> int:
@@ -96,7 +105,7 @@ def plan(spec: QConvSpec) -> dict:
         ocb_in = 2 if ocb >= 2 else 1
         reg_n = _pick_reg_n(spec.ow, 5 if ocb_in == 2 else 8)
     return {"ocb": math.ceil(ocb / ocb_in) * ocb_in, "ocb_in": ocb_in, "reg_n": reg_n,
-            "owp": math.ceil(spec.ow / reg_n) * reg_n, "icb": math.ceil(spec.c / VI)}
+            "owp": math.ceil(spec.ow / reg_n) * reg_n, "icb": math.ceil(spec.c / spec.vi)}
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
@@ -106,9 +115,9 @@ def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
         wp = np.zeros((p["ocb"] * VO, spec.kh, spec.kw), np.int32)
         wp[:spec.oc] = w[:, 0]
         return np.ascontiguousarray(wp.reshape(p["ocb"], VO, spec.kh, spec.kw).transpose(0, 2, 3, 1))
-    wp = np.zeros((p["ocb"] * VO, p["icb"] * VI, spec.kh, spec.kw), np.int8)
+    wp = np.zeros((p["ocb"] * VO, p["icb"] * spec.vi, spec.kh, spec.kw), np.int16 if spec.wide else np.int8)
     wp[:spec.oc, :spec.c] = w
-    wp = wp.reshape(p["ocb"], VO, p["icb"], VI, spec.kh, spec.kw)  # O, o, I, i, kh, kw
+    wp = wp.reshape(p["ocb"], VO, p["icb"], spec.vi, spec.kh, spec.kw)  # O, o, I, i, kh, kw
     return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 1, 3))  # O, I, kh, kw, o, i
 
 
@@ -121,12 +130,15 @@ def fold_bias(spec: QConvSpec, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
 
 
 def supports(w: np.ndarray, groups: int) -> bool:
-    """Dense convs with weights within +-MAX_W (the u8 x s8 pair sums), and depthwise convs."""
+    """Dense and depthwise convs (other grouped convs keep the integer fallback)."""
     if w.ndim != 4:
         return False
-    if groups > 1:
-        return groups == w.shape[0] and w.shape[1] == 1
-    return int(np.abs(w.astype(np.int32)).max(initial=0)) <= MAX_W
+    return groups == 1 or (groups == w.shape[0] and w.shape[1] == 1)
+
+
+def needs_wide(w: np.ndarray) -> bool:
+    """Weights beyond +-MAX_W would saturate vpmaddubsw's pair sums: the int16 variant."""
+    return int(np.abs(w.astype(np.int32)).max(initial=0)) > MAX_W
 
 
 def compute_primfunc(spec: QConvSpec):
@@ -146,7 +158,7 @@ def compute_primfunc(spec: QConvSpec):
     if spec.depthwise:
         Wt = te.placeholder((ocb, kh, kw, VO), "int32", name="W")
     else:
-        Wt = te.placeholder((ocb, icb, kh, kw, VO, VI), "int8", name="W")
+        Wt = te.placeholder((ocb, icb, kh, kw, VO, spec.vi), "int16" if spec.wide else "int8", name="W")
     B = te.placeholder((oc,), "int32", name="B")
     M = te.placeholder((oc,), "float32", name="M")
     args = [X, Wt, B, M]
@@ -155,14 +167,15 @@ def compute_primfunc(spec: QConvSpec):
         Res = te.placeholder((n, oc, oh, ow), "uint8", name="R")
         args.append(Res)
 
-    vi = VO if spec.depthwise else VI  # channels per packed pixel
+    vi = spec.vi
+    pdt = "int16" if spec.wide else "uint8"
 
     def pack_fn(b, i, y, x, j):
         ch = i * vi + j
         iy, ix = y - pt, x - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
         val = tirx.if_then_else(inside, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(spec.x_zp, "uint8"))
-        return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8"))
+        return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8")).astype(pdt)
 
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
@@ -173,9 +186,9 @@ def compute_primfunc(spec: QConvSpec):
             lambda b, o, y, x, j: te.sum(
                 P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j].astype("int32") * Wt[o, rkh, rkw, j],
                 axis=[rkh, rkw]), name="conv")
-    P = None if spec.depthwise else te.compute((n, icb, hp, wp, VI), pack_fn, name="pack")
+    P = None if spec.depthwise else te.compute((n, icb, hp, wp, vi), pack_fn, name="pack")
     rcb = te.reduce_axis((0, icb), name="rcb")
-    rci = te.reduce_axis((0, VI), name="rci")
+    rci = te.reduce_axis((0, vi), name="rci")
     Cc = Cc if spec.depthwise else te.compute(
         (n, ocb, oh, owp, VO),
         lambda b, o, y, x, j: te.sum(
@@ -237,10 +250,35 @@ def _register_intrin():
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
-    try:
-        TensorIntrin.register(INTRIN, desc, impl)
-    except Exception:
-        TensorIntrin.register(INTRIN, desc, impl, override=True)
+    @T.prim_func(s_tir=True)
+    def desc16(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+               C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def impl16(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+               C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            a32 = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
+            a = T.reinterpret(T.broadcast(a32, 8), dtype="int16x16")
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
+                dtype="int32x8")
+
+    for name, d, i in ((INTRIN, desc, impl), (INTRIN_WIDE, desc16, impl16)):
+        try:
+            TensorIntrin.register(name, d, i)
+        except Exception:
+            TensorIntrin.register(name, d, i, override=True)
     _registered = True
 
 
@@ -286,7 +324,7 @@ def schedule(spec: QConvSpec, avx2: bool):
         sch.unroll(lp)
     if avx2:
         _register_intrin()
-        sch.tensorize(j, INTRIN)
+        sch.tensorize(j, INTRIN_WIDE if spec.wide else INTRIN)
     sch.unroll(oi)
     sch.unroll(xi)
     for lp in sch.get_loops(out)[-2:]:
