@@ -225,17 +225,19 @@ def _register_intrin():
     from tvm.script import tirx as T
     from tvm.s_tir import TensorIntrin
 
-    @T.prim_func(s_tir=True)
-    def desc(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 4):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+    def description(k, adt, bdt):  # C[i] += A[k'] * B[i, k'] over the 8 x k step, int32
+        @T.prim_func(s_tir=True)
+        def desc(A: T.Buffer((k,), adt, offset_factor=1), B: T.Buffer((8, k), bdt, offset_factor=1),
+                 C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:8], A[0:k], B[0:8, 0:k])
+                T.writes(C[0:8])
+                for i in T.serial(0, 8):
+                    for r in T.serial(0, k):
+                        with T.sblock("update"):
+                            vi, vk = T.axis.remap("SR", [i, r])
+                            C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+        return desc
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
@@ -251,18 +253,6 @@ def _register_intrin():
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
     @T.prim_func(s_tir=True)
-    def desc16(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-               C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            for i in T.serial(0, 8):
-                for k in T.serial(0, 2):
-                    with T.sblock("update"):
-                        vi, vk = T.axis.remap("SR", [i, k])
-                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-    @T.prim_func(s_tir=True)
     def impl16(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
                C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
         with T.sblock("root"):
@@ -274,7 +264,8 @@ def _register_intrin():
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
                 dtype="int32x8")
 
-    for name, d, i in ((INTRIN, desc, impl), (INTRIN_WIDE, desc16, impl16)):
+    for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
+                       (INTRIN_WIDE, description(2, "int16", "int16"), impl16)):
         try:
             TensorIntrin.register(name, d, i)
         except Exception:
