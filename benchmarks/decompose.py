@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuWatch, ensure_shave_importable, machine_info, markdown_table, set_thread_env, wait_for_quiet  # noqa: E402
+from common import ensure_shave_importable, machine_info, markdown_table, set_thread_env  # noqa: E402
 
 set_thread_env(2)
 ensure_shave_importable()
@@ -32,7 +32,7 @@ ensure_shave_importable()
 import torch  # noqa: E402
 
 import shave  # noqa: E402
-from prune_fashion import OUT, accuracy, batches, median_ms, train  # noqa: E402
+from prune_fashion import OUT, accuracy, batches, time_variants, train  # noqa: E402
 from shave.backends.torch import to_torch  # noqa: E402
 from shave.passes import Decompose, FoldBN  # noqa: E402
 
@@ -94,15 +94,8 @@ def run_model(name, model, x, evaluate, finetune=None, calib=None, variants=()):
         print(f"  {name} {key}: {score:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         if rule == "auto":
             notes.append(recheck_auto(p, graph))
-    quiet = wait_for_quiet(60)
-    xn = x.numpy()
-    with CpuWatch() as watch:
-        ms = median_ms(compiled, xn, rounds=5, runs=20)
-    with torch.inference_mode(), CpuWatch():
-        eager = median_ms({"eager": model}, x, rounds=5, runs=20)["eager"]
-    for row, key in zip(rows, compiled):
-        row += [f"{ms[key]:.3f}", f"{ms['original'] / ms[key]:.2f}x"]
-    return rows, notes, eager, watch.others_pct, quiet
+    eager, others, quiet = time_variants(compiled, rows, model, x)
+    return rows, notes, eager, others, quiet
 
 
 def main(argv=None):

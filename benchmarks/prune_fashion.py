@@ -76,6 +76,24 @@ def median_ms(engines: dict, x, rounds: int = 10, runs: int = 30) -> dict:
     return {name: float(np.median(t)) * 1e3 for name, t in samples.items()}
 
 
+def time_variants(compiled: dict, rows: list, model, x) -> tuple[float, float | None, float | None]:
+    """Times every compiled variant (`compiled`'s first entry is the reference) in
+    interleaved rounds once the machine is quiet, appends "ms" and "speed-up" to the
+    matching row of `rows`, and returns (PyTorch eager ms, others' CPU % while timing,
+    others' CPU % before)."""
+    from common import CpuWatch, wait_for_quiet
+
+    quiet = wait_for_quiet(60)
+    with CpuWatch() as watch:
+        ms = median_ms(compiled, x.numpy(), rounds=5, runs=20)
+    with torch.inference_mode(), CpuWatch():
+        eager = median_ms({"eager": model}, x, rounds=5, runs=20)["eager"]
+    ref = next(iter(compiled))
+    for row, key in zip(rows, compiled):
+        row += [f"{ms[key]:.3f}", f"{ms[ref] / ms[key]:.2f}x"]
+    return eager, watch.others_pct, quiet
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=2)

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CpuWatch, ensure_shave_importable, machine_info, markdown_table, set_thread_env, wait_for_quiet  # noqa: E402
+from common import ensure_shave_importable, machine_info, markdown_table, set_thread_env  # noqa: E402
 
 set_thread_env(2)
 ensure_shave_importable()
@@ -28,7 +28,7 @@ ensure_shave_importable()
 import torch  # noqa: E402
 
 import shave  # noqa: E402
-from prune_fashion import OUT, accuracy, batches, median_ms, train  # noqa: E402
+from prune_fashion import OUT, accuracy, batches, time_variants, train  # noqa: E402
 from shave.backends.torch import to_torch  # noqa: E402
 from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite  # noqa: E402
 
@@ -94,16 +94,9 @@ def main(argv=None):
                      f"{evaluate(tuned):.2f}"])
         print(f"  {label}: {len(kept)} layers rewritten, {score:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
         print("    " + p.summary().replace("\n", "\n    "), flush=True)
-    quiet = wait_for_quiet(60)
-    xn = x.numpy()
-    with CpuWatch() as watch:
-        ms = median_ms(compiled, xn, rounds=5, runs=20)
-    with torch.inference_mode(), CpuWatch():
-        eager = median_ms({"eager": model}, x, rounds=5, runs=20)["eager"]
-    for row, key in zip(rows, compiled):
-        row += [f"{ms[key]:.3f}", f"{ms['original'] / ms[key]:.2f}x"]
+    eager, others, quiet = time_variants(compiled, rows, model, x)
     print(f"\nFashionResNet on Fashion-MNIST (test accuracy %, 10k images); PyTorch eager {eager:.3f} ms; other "
-          f"processes {watch.others_pct or 0:.1f} % of the CPUs while timing (before: {quiet or 0:.1f} %)\n")
+          f"processes {others or 0:.1f} % of the CPUs while timing (before: {quiet or 0:.1f} %)\n")
     headers = ["rewrite", "layers", "params", "MFLOPs", "layer error", "accuracy", f"after {args.finetune_steps}-step fine-tune",
                "shave ms", "speed-up"]
     print(markdown_table(headers, rows, right=set(range(1, 9))))

@@ -37,6 +37,13 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def out_size(spec, axis: int) -> int:
+    """Output height (axis 0) or width (1) of a conv spec (fields h, w, kh, kw, stride, pad, dilation)."""
+    size, k = (spec.h, spec.kh) if axis == 0 else (spec.w, spec.kw)
+    pad = spec.pad[axis] + spec.pad[axis + 2]
+    return (size + pad - spec.dilation[axis] * (k - 1) - 1) // spec.stride[axis] + 1
+
+
 @dataclass(frozen=True)
 class ConvSpec:
     n: int
@@ -62,11 +69,11 @@ class ConvSpec:
 
     @property
     def oh(self) -> int:
-        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        return out_size(self, 0)
 
     @property
     def ow(self) -> int:
-        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return out_size(self, 1)
 
     def out_shape(self, blocked: bool | None = None) -> tuple[int, ...]:
         """Shape of Y (or, with blocked=True/False, of an output/residual in that layout)."""

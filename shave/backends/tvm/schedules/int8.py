@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv import _pick_reg_n
+from .conv import _pick_reg_n, out_size
 
 VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
@@ -77,11 +77,11 @@ class QConvSpec:
 
     @property
     def oh(self) -> int:
-        return (self.h + self.pad[0] + self.pad[2] - self.dilation[0] * (self.kh - 1) - 1) // self.stride[0] + 1
+        return out_size(self, 0)
 
     @property
     def ow(self) -> int:
-        return (self.w + self.pad[1] + self.pad[3] - self.dilation[1] * (self.kw - 1) - 1) // self.stride[1] + 1
+        return out_size(self, 1)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
