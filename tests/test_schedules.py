@@ -1,4 +1,5 @@
 """Scheduled conv kernels and the generic CPU rule against PyTorch, over awkward shapes."""
+import dataclasses
 import zlib
 
 import numpy as np
@@ -211,6 +212,8 @@ BLOCKED_SPECS = {
     "dw_s1_c24_blocked": (1, 24, 13, 15, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", True),
     "dw_s2_c16_blocked": (2, 16, 14, 9, 16, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "relu", False),
     "3x3_grouped2_c32_oc16_blocked": (1, 32, 7, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+    # no padding and tiles that divide the width: the kernel reads X in place (no input copy)
+    "3x3_pad0_c16_oc16_blocked": (1, 16, 10, 12, 16, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
 }
 GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
 TILE_SPECS.update(BLOCKED_SPECS)
@@ -252,6 +255,10 @@ def test_every_candidate_tile_computes_the_conv(name):
     target = tvm.target.Target(resolve_target("x86"))
     dev = tvm.cpu()
     blocked = name in BLOCKED_SPECS
+    if name.startswith("3x3_pad0"):
+        from shave.backends.tvm.schedules.conv import reads_input_in_place
+
+        assert reads_input_in_place(dataclasses.replace(base, in_blocked=True))
     if blocked:
         x, r = _to_blocked(x), _to_blocked(r)
     for tile in tiles:

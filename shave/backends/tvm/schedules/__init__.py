@@ -26,7 +26,9 @@ alone):
    happens on the register tile inside the epilogue, so no extra pass over
    the output. Between two conv kernels (a value read only by conv kernels,
    as input or residual, with whole channel blocks) the activation stays
-   NCHWc and both transposes disappear; any other reader gets NCHW.
+   NCHWc and both transposes disappear (a conv without padding whose register
+   tiles divide the width reads such an input in place, no copy at all); any
+   other reader gets NCHW.
 
    Register tile: `reg_n` output columns x `ocb_in` channel blocks
    (2 x 4..6 for dense, 1 x 8 for depthwise: 8-12 of the 16 ymm registers as

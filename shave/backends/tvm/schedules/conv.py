@@ -119,6 +119,14 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     return out
 
 
+def reads_input_in_place(spec: ConvSpec) -> bool:
+    """A blocked input that needs no copy: no padding, no shift, and every column the
+    padded register tiles read exists (the tile width divides the output width)."""
+    p = plan(spec)
+    return (spec.in_blocked and not spec.shift and not spec.depthwise and not any(spec.pad)
+            and p["owp"] == spec.ow and p["vi"] == spec.vec)
+
+
 def plan(spec: ConvSpec) -> dict:
     """Tiling decisions for a layer."""
     v = spec.vec
@@ -217,6 +225,8 @@ def compute_primfunc(spec: ConvSpec):
         DY, DX = te.placeholder((c,), "int32", name="DY"), te.placeholder((c,), "int32", name="DX")
         args += [DY, DX]
 
+    in_place = reads_input_in_place(spec)
+
     def pack_fn(b, i, y, x, j):
         ch = i * vi + j
         iy, ix = y - pt, x - pl
@@ -225,6 +235,8 @@ def compute_primfunc(spec: ConvSpec):
             iy, ix = iy - DY[tirx.min(ch, c - 1)], ix - DX[tirx.min(ch, c - 1)]
             inside += [iy >= 0, iy < h, ix >= 0, ix < w]
         if spec.in_blocked:  # vi == v and c % v == 0: every channel of the block exists
+            if in_place:  # always inside X: a plain read, so inlining it leaves no branch in the reduction
+                return X[b, i, iy, ix, j]
             return tirx.if_then_else(tirx.all(*inside), X[b, i, iy, ix, j], tirx.const(0.0, "float32"))
         ok = tirx.all(ch < c, *inside)
         return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
@@ -275,7 +287,9 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     out = sch.get_sblock("out")
     vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
     pack_per_row = spec.depthwise and vector_pack  # a copy, cheap to redo per row; a gather is not
-    if not pack_per_row:
+    if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
+        sch.compute_inline(pack)
+    elif not pack_per_row:
         # pack: one pass, parallel over (n, cblock, row)
         b, i, y, x, j = sch.get_loops(pack)
         sch.parallel(sch.fuse(b, i, y))
