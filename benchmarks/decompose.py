@@ -32,7 +32,7 @@ ensure_shave_importable()
 import torch  # noqa: E402
 
 import shave  # noqa: E402
-from prune_fashion import OUT, accuracy, batches, time_variants, train  # noqa: E402
+from prune_fashion import OUT, accuracy, batches, time_variants, trained_model  # noqa: E402
 from shave.backends.torch import to_torch  # noqa: E402
 from shave.passes import Decompose, FoldBN  # noqa: E402
 
@@ -110,19 +110,11 @@ def main(argv=None):
     headers = ["method", "rank", "params", "MFLOPs", "score", "after fine-tune", "shave ms", "speed-up"]
     for name in args.models.split(","):
         if name == "fashion":
-            from shave.zoo import FashionResNet, load_fashion_mnist
+            from shave.zoo import load_fashion_mnist
 
             xtr, ytr = load_fashion_mnist("train")
             xte, yte = load_fashion_mnist("test")
-            model = FashionResNet()
-            cache = OUT / "fashion_resnet_e2.pt"
-            if cache.is_file():
-                model.load_state_dict(torch.load(cache, weights_only=True))
-            else:
-                train(model, xtr, ytr, 2)
-                OUT.mkdir(exist_ok=True)
-                torch.save(model.state_dict(), cache)
-            model.eval()
+            model, _ = trained_model(2)
             ft_data = batches(xtr, ytr, 128, seed=100)
             rows, notes, eager, others, quiet = run_model(
                 "fashion", model, xte[:1], lambda g: accuracy(to_torch(g, trainable=False), xte, yte),

@@ -53,6 +53,22 @@ def train(model, x, y, epochs, seed=0):
     return model.eval()
 
 
+def trained_model(epochs: int = 2, retrain: bool = False):
+    """FashionResNet trained `epochs` epochs on Fashion-MNIST, cached in out/ (trained and
+    saved when the cache is missing or `retrain`); -> (the model in eval mode, how it was got)."""
+    model = FashionResNet()
+    cache = OUT / f"fashion_resnet_e{epochs}.pt"
+    if cache.is_file() and not retrain:
+        model.load_state_dict(torch.load(cache, weights_only=True))
+        return model.eval(), f"loaded from out/{cache.name}"
+    t0 = time.perf_counter()
+    xtr, ytr = load_fashion_mnist("train")
+    train(model, xtr, ytr, epochs)
+    OUT.mkdir(exist_ok=True)
+    torch.save(model.state_dict(), cache)
+    return model.eval(), f"trained {epochs} epochs in {time.perf_counter() - t0:.0f} s"
+
+
 def accuracy(module, x, y) -> float:
     module.eval()
     with torch.no_grad():
@@ -107,18 +123,7 @@ def main(argv=None) -> None:
 
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
-    model = FashionResNet()
-    cache = OUT / f"fashion_resnet_e{args.epochs}.pt"
-    t0 = time.perf_counter()
-    if cache.is_file() and not args.retrain:
-        model.load_state_dict(torch.load(cache, weights_only=True))
-        model.eval()
-        how = f"loaded from {cache.name}"
-    else:
-        train(model, xtr, ytr, args.epochs)
-        OUT.mkdir(exist_ok=True)
-        torch.save(model.state_dict(), cache)
-        how = f"trained {args.epochs} epochs in {time.perf_counter() - t0:.0f} s"
+    model, how = trained_model(args.epochs, args.retrain)
     x1 = xte[:1]
     graph = shave.capture(model, (x1,))
     base = FoldBN()(graph)

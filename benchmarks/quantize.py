@@ -41,9 +41,8 @@ import torch.nn.functional as F  # noqa: E402
 import shave  # noqa: E402
 from shave.passes import FoldBN, Quantize  # noqa: E402
 from shave.passes.quantize import convert  # noqa: E402
-from shave.zoo import FashionResNet, imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2  # noqa: E402
-
-OUT = Path(__file__).resolve().parent.parent / "out"
+from prune_fashion import OUT, trained_model  # noqa: E402
+from shave.zoo import imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2  # noqa: E402
 
 
 CALIB = 64  # calibration images (perturbed copies, seed 1) for MobileNetV2
@@ -96,18 +95,6 @@ def predict(graph, x, batch=50) -> torch.Tensor:
     m = shave.to_torch(graph)
     with torch.no_grad():
         return torch.cat([m(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
-
-
-def fashion_model():
-    m = FashionResNet().eval()
-    path = OUT / "fashion_resnet_e2.pt"
-    if path.exists():
-        m.load_state_dict(torch.load(path))
-        return m, "out/fashion_resnet_e2.pt"
-    from prune_fashion import train
-
-    xt, yt = load_fashion_mnist("train")
-    return train(m, xt, yt, 2), "trained 2 epochs here"
 
 
 def ort_sessions(model, x, calib, workdir: Path, threads: int = 2):
@@ -211,7 +198,7 @@ def main(argv=None) -> None:
     result = {}
 
     # 1. Fashion-MNIST
-    model, source = fashion_model()
+    model, source = trained_model(2)
     x, y = load_fashion_mnist("test")
     xt, _ = load_fashion_mnist("train")
     g = FoldBN()(shave.capture(model, (x[:1],)))

@@ -28,7 +28,7 @@ ensure_shave_importable()
 import torch  # noqa: E402
 
 import shave  # noqa: E402
-from prune_fashion import OUT, accuracy, batches, time_variants, train  # noqa: E402
+from prune_fashion import accuracy, batches, time_variants, trained_model  # noqa: E402
 from shave.backends.torch import to_torch  # noqa: E402
 from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite  # noqa: E402
 
@@ -43,21 +43,6 @@ VARIANTS = [  # (label, pass factory taking the calibration data); every layer's
 ]
 
 
-def fashion_model():
-    from shave.zoo import FashionResNet, load_fashion_mnist
-
-    model = FashionResNet()
-    cache = OUT / "fashion_resnet_e2.pt"
-    if cache.is_file():
-        model.load_state_dict(torch.load(cache, weights_only=True))
-    else:
-        xtr, ytr = load_fashion_mnist("train")
-        train(model, xtr, ytr, 2)
-        OUT.mkdir(exist_ok=True)
-        torch.save(model.state_dict(), cache)
-    return model.eval()
-
-
 def main(argv=None):
     from shave.zoo import load_fashion_mnist
 
@@ -70,7 +55,7 @@ def main(argv=None):
     print(f"{info['cpu']}, {info['cores']} cores; {time.strftime('%Y-%m-%d')}\n")
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
-    model = fashion_model()
+    model, _ = trained_model(2)
     x = xte[:1]
     graph = shave.capture(model, (x,))
     base = FoldBN()(graph)

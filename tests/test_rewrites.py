@@ -9,7 +9,7 @@ import shave
 from conftest import rel_err
 from shave.backends.torch import run_graph
 from shave.errors import IRError
-from shave.ir import Graph, Node, get_op, infer_types, load_graph, save_graph, verify
+from shave.ir import Graph, Node, infer_types, load_graph, save_graph, verify
 from shave.ir.opset_rewrites import shuffle_indices
 from shave.ir.types import TensorType
 
