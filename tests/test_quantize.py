@@ -328,6 +328,76 @@ def test_int8_kernel_plain_schedule_and_asm(rng):
     assert "vpmaddubsw" in asm and "vpmaddwd" in asm
 
 
+def _blocked(a: np.ndarray) -> np.ndarray:
+    n, c, h, w = a.shape
+    return np.ascontiguousarray(a.reshape(n, c // 8, 8, h, w).transpose(0, 1, 3, 4, 2))
+
+
+_BLOCKED_CASES = [
+    ((16, 24, 1, 1, 0, True, "uint8", None, None), {}),  # 1x1: reads the blocked input in place
+    ((16, 24, 3, 2, 1, True, "uint8", 17, 80), {}),  # 3x3 stride 2: packed from the blocked input
+    ((16, 16, 3, 1, 1, True, "uint8", None, None), {"depthwise": True}),
+    ((16, 24, 1, 1, 0, True, "uint8", 3, None), {"wide": True}),
+]
+
+
+@pytest.mark.parametrize("case,kind,layouts", [
+    (c, k, lay) for c, k in _BLOCKED_CASES for lay in ((True, False), (True, True), (False, True))
+] + [((16, 24, 1, 1, 0, False, "float32", None, 0.5), {}, (True, False))])  # a float output is NCHW
+def test_int8_kernel_blocked_layouts_bit_exact(rng, case, kind, layouts):
+    """[N, C/8, H, W, 8] uint8 input / output / residual (block_qconvs) give the reference's values."""
+    import dataclasses
+
+    from shave.backends.tvm.schedules import int8
+
+    in_b, out_b = layouts
+    spec, args, ref = _int8_kernel_case(rng, *case, **kind)
+    spec = dataclasses.replace(spec, in_blocked=in_b, out_blocked=out_b, res_blocked=out_b and spec.residual)
+    if in_b:
+        args[0] = _blocked(args[0])
+    if spec.res_blocked:
+        args[4] = _blocked(args[4])
+    ref = _blocked(ref) if out_b else ref
+    assert int8.reads_in_place(spec) == (in_b and case[2] == 1 and not kind)
+    _, out = _run_kernel(int8.schedule(spec, int8.has_avx2(_host_target())), args, ref)
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_int8_residual_epilogue_has_no_fused_multiply_add(rng):
+    """TVM's LLVM codegen may contract a multiply and an add into one FMA (one rounding where the
+    reference rounds twice, so a code can differ); the residual epilogue fences its products."""
+    from shave.backends.tvm.schedules import int8
+
+    spec, args, ref = _int8_kernel_case(rng, 16, 24, 1, 1, 0, True, "uint8", None, None)
+    lib, out = _run_kernel(int8.schedule(spec, True), args, ref)
+    np.testing.assert_array_equal(out, ref)
+    asm = "".join(m.inspect_source("asm") for m in [lib.mod] + list(lib.mod.imports) if m.kind == "llvm")
+    assert "vfmadd" not in asm
+
+
+def test_compiled_int8_chain_stays_blocked_between_kernels(tiny):
+    """Values only int8 kernels read (c1 -> c2 input and residual, c2 -> depthwise) are passed as
+    [N, C/8, H, W, 8]; the depthwise output, read by a float mean, stays NCHW; bit-exact build."""
+    from shave.backends.tvm.lower import to_relax
+    from shave.backends.tvm.schedules import int8
+    from shave.backends.tvm.schedules.int8_blocked import block_qconvs
+
+    g, cal = tiny
+    gi = Quantize(cal, reduce_range=False)(g)
+    mod = block_qconvs(to_relax(gi))
+    specs = [int8.QConvSpec.from_json(str(f.attrs["shave.qconv"])) for _, f in mod.functions.items()
+             if f.attrs is not None and "shave.qconv" in f.attrs]
+    layouts = sorted((s.depthwise, s.in_blocked, s.out_blocked, s.res_blocked) for s in specs if s.c == s.oc == 8)
+    assert layouts == [(False, True, True, True), (True, True, False, False)], layouts
+    stem = next(s for s in specs if s.c == 3)
+    assert stem.out_blocked and not stem.in_blocked
+    linear = next(s for s in specs if s.kh == 1)  # a 1x1 kernel with the batch along the width
+    assert not (linear.in_blocked or linear.out_blocked)
+    for seed in (3, 4):
+        x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(seed))
+        np.testing.assert_array_equal(shave.compile(gi, (x,))(x.numpy()), _run(gi, x))
+
+
 def test_compiled_reduce_range_graph_uses_int8_kernel_bit_exact(tiny):
     """With 7-bit weights the dense int8 convs lower to the int8 kernel; the build stays bit-exact."""
     from shave.backends.tvm.lower import to_relax

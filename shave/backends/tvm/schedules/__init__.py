@@ -59,6 +59,7 @@ from .rewrite import fuse_convs
 from .generic import schedule_generic
 from .gpu import schedule_gpu
 from .int8 import schedule_qconvs
+from .int8_blocked import block_qconvs
 from .legalize import legalize_and_fuse
 
 __all__ = ["schedule_module", "vector_lanes"]
@@ -94,7 +95,7 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
     vec = vector_lanes(target)
     tgt = tvm.target.Target(target)
     with tgt:
-        mod = schedule_qconvs(mod, target)  # int8 conv kernels (int8.py), before anything fuses them
+        mod = schedule_qconvs(block_qconvs(mod), target)  # int8 conv kernels (int8.py), before anything fuses them
         mod = fuse_convs(linear_to_conv(mod), vec, kernels, tiles)
         mod = legalize_and_fuse(mod)
         mod = schedule_generic(mod, vec)

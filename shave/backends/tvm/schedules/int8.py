@@ -27,7 +27,11 @@ Depthwise (groups = C = OC): the input packed [N, C/8, Hp, Wp, 8] uint8, weights
 an int32 multiply and add over 8 channel lanes; tile of reg_n columns as conv.py's depthwise.
 
 Lowering (lower_quant.py) emits the unscheduled compute as a call_tir marked with
-the `shave.qconv` attribute (the spec); `schedule_qconvs` schedules it for the target.
+the `shave.qconv` attribute (the spec); int8_blocked.block_qconvs then switches the
+activations passed only between these kernels to [N, C/8, H, W, 8] uint8 (`in_blocked`,
+`out_blocked`, `res_blocked`: the pack copies 8-byte blocks, a 1x1 u8 x s8 kernel without
+padding reads the blocked input in place, the epilogue stores 8 lanes at once), and
+`schedule_qconvs` schedules every kernel for the target.
 """
 from __future__ import annotations
 
@@ -69,6 +73,9 @@ class QConvSpec:
     tile: tuple | None = None  # (ocb_in, reg_n); None: the default
     depthwise: bool = False  # groups = C = OC: int32 lanes over 8 channels, no u8 x s8 pair sums
     wide: bool = False  # dense with 8-bit weights (beyond +-MAX_W): int16 pairs, vpmaddwd only
+    in_blocked: bool = False  # X is [N, C/8, H, W, 8] uint8 (block_qconvs), not NCHW
+    out_blocked: bool = False  # Y is [N, OC/8, OH, OW, 8] uint8
+    res_blocked: bool = False  # R is [N, OC/8, OH, OW, 8] uint8
 
     @property
     def vi(self) -> int:
@@ -82,6 +89,11 @@ class QConvSpec:
     @property
     def ow(self) -> int:
         return out_size(self, 1)
+
+    def out_shape(self) -> tuple[int, ...]:
+        if self.out_blocked:
+            return (self.n, self.oc // VO, self.oh, self.ow, VO)
+        return (self.n, self.oc, self.oh, self.ow)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -106,6 +118,13 @@ def plan(spec: QConvSpec) -> dict:
         reg_n = _pick_reg_n(spec.ow, 5 if ocb_in == 2 else 8)
     return {"ocb": math.ceil(ocb / ocb_in) * ocb_in, "ocb_in": ocb_in, "reg_n": reg_n,
             "owp": math.ceil(spec.ow / reg_n) * reg_n, "icb": math.ceil(spec.c / spec.vi)}
+
+
+def reads_in_place(spec: QConvSpec) -> bool:
+    """A blocked uint8 input the u8 x s8 kernel reads without a copy: no padding, and the
+    register tiles read only existing columns (the tile width divides the output width)."""
+    return (spec.in_blocked and not spec.depthwise and not spec.wide and not any(spec.pad)
+            and plan(spec)["owp"] == spec.ow)
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
@@ -154,7 +173,9 @@ def compute_primfunc(spec: QConvSpec):
     oh, ow = spec.oh, spec.ow
     hp = (oh - 1) * sh + dh * (kh - 1) + 1
     wp = (owp - 1) * sw + dw * (kw - 1) + 1
-    X = te.placeholder((n, c, h, w), "uint8", name="X")
+    if (spec.in_blocked and c % VO) or ((spec.out_blocked or spec.res_blocked) and oc % VO):
+        raise ValueError("a blocked int8 layout needs channels that are a multiple of 8")
+    X = te.placeholder((n, c // VO, h, w, VO) if spec.in_blocked else (n, c, h, w), "uint8", name="X")
     if spec.depthwise:
         Wt = te.placeholder((ocb, kh, kw, VO), "int32", name="W")
     else:
@@ -164,17 +185,22 @@ def compute_primfunc(spec: QConvSpec):
     args = [X, Wt, B, M]
     Res = None
     if spec.residual:
-        Res = te.placeholder((n, oc, oh, ow), "uint8", name="R")
+        Res = te.placeholder((n, oc // VO, oh, ow, VO) if spec.res_blocked else (n, oc, oh, ow), "uint8", name="R")
         args.append(Res)
 
     vi = spec.vi
     pdt = "int16" if spec.wide else "uint8"
 
+    def x_at(b, ch, iy, ix):
+        if spec.in_blocked:
+            return X[b, ch // VO, iy, ix, ch % VO]
+        return X[b, tirx.min(ch, c - 1), iy, ix]
+
     def pack_fn(b, i, y, x, j):
         ch = i * vi + j
         iy, ix = y - pt, x - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
-        val = tirx.if_then_else(inside, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(spec.x_zp, "uint8"))
+        val = tirx.if_then_else(inside, x_at(b, ch, iy, ix), tirx.const(spec.x_zp, "uint8"))
         return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8")).astype(pdt)
 
     rkh = te.reduce_axis((0, kh), name="rkh")
@@ -186,21 +212,33 @@ def compute_primfunc(spec: QConvSpec):
             lambda b, o, y, x, j: te.sum(
                 P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j].astype("int32") * Wt[o, rkh, rkw, j],
                 axis=[rkh, rkw]), name="conv")
-    P = None if spec.depthwise else te.compute((n, icb, hp, wp, vi), pack_fn, name="pack")
     rcb = te.reduce_axis((0, icb), name="rcb")
     rci = te.reduce_axis((0, vi), name="rci")
-    Cc = Cc if spec.depthwise else te.compute(
-        (n, ocb, oh, owp, VO),
-        lambda b, o, y, x, j: te.sum(
-            P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci].astype("int32")
-            * Wt[o, rcb, rkh, rkw, j, rci].astype("int32"), axis=[rcb, rkh, rkw, rci]), name="conv")
+    if spec.depthwise:
+        pass
+    elif reads_in_place(spec):  # the blocked input itself: 8 // vi steps of vi bytes per block
+        q = VO // vi
+        Cc = te.compute(
+            (n, ocb, oh, owp, VO),
+            lambda b, o, y, x, j: te.sum(
+                X[b, rcb // q, y * sh + rkh * dh, x * sw + rkw * dw, rcb % q * vi + rci].astype("int32")
+                * Wt[o, rcb, rkh, rkw, j, rci].astype("int32"), axis=[rcb, rkh, rkw, rci]), name="conv")
+    else:
+        P = te.compute((n, icb, hp, wp, vi), pack_fn, name="pack")
+        Cc = te.compute(
+            (n, ocb, oh, owp, VO),
+            lambda b, o, y, x, j: te.sum(
+                P[b, rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci].astype("int32")
+                * Wt[o, rcb, rkh, rkw, j, rci].astype("int32"), axis=[rcb, rkh, rkw, rci]), name="conv")
 
     f32 = lambda v: tirx.const(float(np.float32(v)), "float32")  # noqa: E731
 
     def epilogue(b, o, y, x):
         val = (Cc[b, o // VO, y, x, o % VO] + B[o]).astype("float32") * M[o]
         if Res is not None:
-            val = val + (Res[b, o, y, x].astype("int32") - spec.r_zp).astype("float32") * f32(spec.r_mult)
+            r = Res[b, o // VO, y, x, o % VO] if spec.res_blocked else Res[b, o, y, x]
+            # both products rounded to float32 before the add, as the reference: no fused multiply-add
+            val = _fence(val) + _fence((r.astype("int32") - spec.r_zp).astype("float32") * f32(spec.r_mult))
         if spec.out_dtype == "uint8":
             q = tirx.round(val) + f32(spec.out_zp)
             q = tirx.min(tirx.max(q, f32(0 if spec.lo is None else spec.lo)), f32(255 if spec.hi is None else spec.hi))
@@ -211,8 +249,19 @@ def compute_primfunc(spec: QConvSpec):
             val = tirx.min(val, f32(spec.hi))
         return val
 
-    Y = te.compute((n, oc, oh, ow), epilogue, name="out")
+    if spec.out_blocked:
+        Y = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(b, o * VO + j, y, x), name="out")
+    else:
+        Y = te.compute(spec.out_shape(), epilogue, name="out")
     return te.create_prim_func(args + [Y])
+
+
+def _fence(x):
+    """x, with LLVM barred from contracting its multiply into a later add (TVM's LLVM codegen
+    allows floating-point contraction, and an FMA rounds once where the reference rounds twice)."""
+    from tvm import tirx
+
+    return tirx.call_llvm_pure_intrin("float32", "llvm.arithmetic.fence", x)
 
 
 _registered = False
@@ -279,9 +328,12 @@ def schedule(spec: QConvSpec, avx2: bool):
 
     p = plan(spec)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
-    pack, conv, out = sch.get_sblock("pack"), sch.get_sblock("conv"), sch.get_sblock("out")
-    b, i, y, x, j = sch.get_loops(pack)
-    sch.parallel(sch.fuse(b, i, y))
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
+    if not reads_in_place(spec):
+        b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
+        sch.parallel(sch.fuse(b, i, y))
+        if spec.in_blocked:  # contiguous bytes of one channel block
+            sch.vectorize(j)
     sch.set_scope(conv, 0, "local")
     if spec.depthwise:  # int32 lanes over 8 channels, reg_n columns, as conv.py's depthwise kernel
         b, o, y, x, j, rkh, rkw = sch.get_loops(conv)
@@ -294,8 +346,7 @@ def schedule(spec: QConvSpec, avx2: bool):
         init = sch.decompose_reduction(conv, rkh)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.unroll(sch.get_loops(init)[-2])
-        for lp in sch.get_loops(out)[-2:]:
-            sch.unroll(lp)
+        _schedule_out(sch, out, spec)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     b, o, y, x, j, rcb, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
@@ -318,9 +369,18 @@ def schedule(spec: QConvSpec, avx2: bool):
         sch.tensorize(j, INTRIN_WIDE if spec.wide else INTRIN)
     sch.unroll(oi)
     sch.unroll(xi)
-    for lp in sch.get_loops(out)[-2:]:
-        sch.unroll(lp)
+    _schedule_out(sch, out, spec)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
+
+
+def _schedule_out(sch, out, spec: QConvSpec) -> None:
+    """The epilogue under the register tile: the 8 lanes of a blocked output as one vector."""
+    loops = sch.get_loops(out)
+    if spec.out_blocked:
+        sch.vectorize(loops[-1])
+        loops = loops[:-1]
+    for lp in loops[-2:]:
+        sch.unroll(lp)
 
 
 def has_avx2(target: dict) -> bool:

@@ -1,0 +1,100 @@
+"""Keep uint8 activations blocked ([N, C/8, H, W, 8]) between int8 conv kernels.
+
+The int8 lowering (lower_quant.py) emits every quantized conv as a call_tir to its own kernel
+reading and writing NCHW uint8. Here, a value that one int8 kernel writes and only int8 kernels
+read (as their input or their residual) is made blocked instead: its producer writes the
+8 channels of a pixel as one vector, a 1x1 consumer reads it in place (int8.reads_in_place),
+other consumers pack from it with contiguous copies. Values with other readers (dequantize,
+float ops, the graph's outputs, a linear layer's reshape) stay NCHW, as do channel counts
+that are not a multiple of 8.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import tvm
+from tvm import relax
+
+from . import int8
+from .rewrite import _uses
+
+
+def _qconv_calls(mod, func) -> dict:
+    """{bound var: (call_tir value, QConvSpec)} of the int8 kernel calls in `func`."""
+    out = {}
+    for blk in func.body.blocks:
+        for bd in blk.bindings:
+            v = bd.value
+            if not (isinstance(bd, relax.VarBinding) and isinstance(v, relax.Call)
+                    and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir"):
+                continue
+            callee = mod[v.args[0]]
+            if isinstance(callee, tvm.tirx.PrimFunc) and callee.attrs is not None and "shave.qconv" in callee.attrs:
+                out[bd.var] = (v, int8.QConvSpec.from_json(str(callee.attrs["shave.qconv"])))
+    return out
+
+
+def _operands(call, spec):
+    fields = list(call.args[1].fields)
+    return [fields[0]] + ([fields[4]] if spec.residual else [])
+
+
+def block_qconvs(mod: tvm.IRModule) -> tvm.IRModule:
+    """`mod` with the int8 kernels' uint8 activations blocked wherever only int8 kernels read them."""
+    func = mod.functions.get(mod.get_global_var("main")) if any(
+        gv.name_hint == "main" for gv in mod.get_global_vars()) else None
+    if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
+        return mod
+    calls = _qconv_calls(mod, func)
+    if len(calls) < 2:
+        return mod
+    uses = _uses(func)
+    as_operand: dict = {}
+    for call, spec in calls.values():
+        for a in _operands(call, spec):
+            if isinstance(a, relax.Var):
+                as_operand[a] = as_operand.get(a, 0) + 1
+    blocked = {v for v, (_, spec) in calls.items()
+               if isinstance(v, relax.DataflowVar) and spec.out_dtype == "uint8" and spec.oc % int8.VO == 0
+               and as_operand.get(v, 0) == uses.get(v, 0) > 0}
+    if not blocked:
+        return mod
+    bb = relax.BlockBuilder(mod)
+    new_var = {v: relax.DataflowVar(str(v.name) + "_blocked", relax.TensorType(
+        dataclasses.replace(calls[v][1], out_blocked=True).out_shape(), "uint8")) for v in blocked}
+    replace = {}
+    for v, (call, spec) in calls.items():
+        fields = list(call.args[1].fields)
+        new = dataclasses.replace(spec, in_blocked=fields[0] in blocked, out_blocked=v in blocked,
+                                  res_blocked=spec.residual and fields[4] in blocked)
+        if new == spec:
+            continue
+        prim = int8.compute_primfunc(new).with_attr("shave.qconv", new.to_json())
+        gv = bb.add_func(prim, "shave_qconv")
+        args = [new_var.get(a, a) if isinstance(a, relax.Var) else a for a in fields]
+        call = relax.call_tir(gv, args, relax.TensorType(new.out_shape(), new.out_dtype))
+        replace[v] = (new_var.get(v, v), bb.normalize(call))
+    blocks = []
+    for blk in func.body.blocks:
+        bds = [relax.VarBinding(*replace[bd.var]) if isinstance(bd, relax.VarBinding) and bd.var in replace else bd
+               for bd in blk.bindings]
+        blocks.append(relax.DataflowBlock(bds) if isinstance(blk, relax.DataflowBlock) else relax.BindingBlock(bds))
+    mod = bb.get()
+    mod["main"] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
+                                 func.is_pure, func.attrs)
+    # drop the NCHW kernels nothing calls any more
+    called = []
+    _collect_called(mod["main"], called)
+    for gv, f in list(mod.functions.items()):
+        if (isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "shave.qconv" in f.attrs
+                and not any(gv.same_as(c) for c in called)):
+            del mod[gv]
+    return mod
+
+
+def _collect_called(func, out) -> None:
+    for blk in func.body.blocks:
+        for bd in blk.bindings:
+            v = bd.value
+            if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
+                out.append(v.args[0])
