@@ -154,15 +154,21 @@ class Chain(nn.Module):
         return z.mean((2, 3)) + nn.functional.max_pool2d(y, 2).mean((2, 3))
 
 
-def test_activations_between_conv_kernels_stay_blocked():
-    torch.manual_seed(0)
-    model, x = Chain().eval(), torch.randn(2, 3, 15, 13)
-    target = resolve_target("x86")
+def _kernel_specs(model, x):
+    """The ConvSpecs of the conv kernels the schedule makes for `model`."""
     import tvm
 
+    target = resolve_target("x86")
     kernels = {}
     with tvm.target.Target(target):
         schedule_module(to_relax(shave.capture(model, (x,))), target, kernels)
+    return list(kernels)
+
+
+def test_activations_between_conv_kernels_stay_blocked():
+    torch.manual_seed(0)
+    model, x = Chain().eval(), torch.randn(2, 3, 15, 13)
+    kernels = _kernel_specs(model, x)
     layout = {(s.c, s.oc, s.kh, s.depthwise): (s.in_blocked, s.out_blocked, s.res_blocked) for s in kernels}
     assert layout[(3, 16, 3, False)] == (False, True, False)  # graph input NCHW; output read by dw and pw only
     assert layout[(16, 16, 3, True)] == (True, True, False)
@@ -224,18 +230,10 @@ def _to_blocked(a):
     return np.ascontiguousarray(a.reshape(n, c // 8, 8, h, w).transpose(0, 1, 3, 4, 2))
 
 
-@pytest.mark.parametrize("name", sorted(TILE_SPECS))
-def test_every_candidate_tile_computes_the_conv(name):
-    """Tuning may pick any tile of candidate_tiles: each must give the same result."""
-    import tvm
-
-    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles, pack_weight
-
-    fields = TILE_SPECS[name]
-    groups = GROUPS.get(name, 1)
-    base = ConvSpec(*fields, vec=8, groups=groups)
+def _conv_case(fields, groups=1, seed=0):
+    """Random input, weights, bias, residual for ConvSpec `fields` and torch's result."""
     n, c, h, w, oc, kh, kw, stride, pad, dil, dw, act, res = fields
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, c, h, w)).astype(np.float32)
     wt = rng.standard_normal((oc, 1 if dw else c // groups, kh, kw)).astype(np.float32)
     b = rng.standard_normal(oc).astype(np.float32)
@@ -249,29 +247,133 @@ def test_every_candidate_tile_computes_the_conv(name):
         ref = torch.relu(ref)
     elif act:
         ref = torch.clamp(ref, 0.0, 6.0)
-    ref = ref.numpy()
+    return x, wt, b, r, ref.numpy()
+
+
+def _kernel_error(spec, case):
+    """Relative max error of the kernel built for `spec` on `case` (inputs given NCHW)."""
+    import tvm
+
+    from shave.backends.tvm.schedules.conv import build_primfunc, pack_weight
+
+    x, wt, b, r, ref = case
+    if spec.in_blocked:
+        x = _to_blocked(x)
+    if spec.res_blocked:
+        r = _to_blocked(r)
+    lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(resolve_target("x86")))
+    args = [x, pack_weight(spec, wt), b] + ([r] if spec.residual else []) + [np.zeros(spec.out_shape(), np.float32)]
+    bufs = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
+    lib["main"](*bufs)
+    out = bufs[-1].numpy()
+    if spec.out_blocked:
+        out = out.transpose(0, 1, 4, 2, 3).reshape(ref.shape)
+    return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", sorted(TILE_SPECS))
+def test_every_candidate_tile_computes_the_conv(name):
+    """Tuning may pick any tile of candidate_tiles: each must give the same result."""
+    from shave.backends.tvm.schedules.conv import ConvSpec, candidate_tiles
+
+    fields = TILE_SPECS[name]
+    groups = GROUPS.get(name, 1)
+    base = ConvSpec(*fields, vec=8, groups=groups)
+    case = _conv_case(fields, groups)
     tiles = candidate_tiles(base)
     assert len(tiles) >= 2 and len(set(tiles)) == len(tiles)
-    target = tvm.target.Target(resolve_target("x86"))
-    dev = tvm.cpu()
     blocked = name in BLOCKED_SPECS
     if name.startswith("3x3_pad0"):
         from shave.backends.tvm.schedules.conv import reads_input_in_place
 
         assert reads_input_in_place(dataclasses.replace(base, in_blocked=True))
-    if blocked:
-        x, r = _to_blocked(x), _to_blocked(r)
     for tile in tiles:
         spec = ConvSpec(*fields, vec=8, tile=tile, in_blocked=blocked, out_blocked=blocked, res_blocked=blocked,
                         groups=groups)
-        lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=target)
-        args = [x, pack_weight(spec, wt), b] + ([r] if res else []) + [np.zeros(spec.out_shape(), np.float32)]
-        bufs = [tvm.runtime.tensor(a, dev) for a in args]
-        lib["main"](*bufs)
-        out = bufs[-1].numpy()
-        if blocked:
-            out = out.transpose(0, 1, 4, 2, 3).reshape(ref.shape)
-        assert np.abs(out - ref).max() / np.abs(ref).max() <= TOL, tile
+        assert _kernel_error(spec, case) <= TOL, tile
+
+
+WINOGRAD_SPECS = {
+    # name: (ConvSpec fields as TILE_SPECS, (in_blocked, out_blocked, res_blocked))
+    # channels not multiples of 8, odd sizes (partial 2x2 tiles), NCHW in and out
+    "c5_oc13_h11_w9_relu": ((1, 5, 11, 9, 13, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False),
+                            (False, False, False)),
+    "c16_oc24_h9_w13_residual_blocked": ((2, 16, 9, 13, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+                                         (True, True, True)),
+    "c24_oc16_h10_w7_pad0_nchw_to_blocked": ((1, 24, 10, 7, 16, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), False, None,
+                                              False), (False, True, False)),
+    "c16_oc16_h7_w7_blocked_to_nchw_relu6": ((1, 16, 7, 7, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False,
+                                              "clip:0.0:6.0", True), (True, False, True)),
+    "c9_oc9_h5_w6_asym_pad_residual_nchw": ((1, 9, 5, 6, 9, 3, 3, (1, 1), (0, 1, 2, 1), (1, 1), False, "relu", True),
+                                            (False, False, False)),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "staged"])
+@pytest.mark.parametrize("name", sorted(WINOGRAD_SPECS))
+def test_winograd_kernel_matches_torch(name, fused, monkeypatch):
+    from shave.backends.tvm.schedules import winograd
+    from shave.backends.tvm.schedules.conv import ConvSpec
+
+    monkeypatch.setattr(winograd, "FUSED_WEIGHT_BYTES", 1 << 40 if fused else 0)
+    fields, (ib, ob, rb) = WINOGRAD_SPECS[name]
+    spec = ConvSpec(*fields, vec=8, in_blocked=ib, out_blocked=ob, res_blocked=rb and fields[-1], winograd=True)
+    assert winograd.plan(spec)["fused"] == fused
+    assert _kernel_error(spec, _conv_case(fields)) <= TOL
+
+
+def test_every_winograd_tile_computes_the_conv():
+    from shave.backends.tvm.schedules.conv import ConvSpec, candidate_tiles
+
+    fields = (1, 16, 9, 13, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True)
+    base = ConvSpec(*fields, vec=8, winograd=True)
+    case = _conv_case(fields)
+    tiles = candidate_tiles(base)
+    assert len(tiles) >= 3 and len(set(tiles)) == len(tiles)
+    for tile in tiles[1:]:
+        assert _kernel_error(dataclasses.replace(base, tile=tile), case) <= TOL, tile
+
+
+def test_winograd_rule():
+    from shave.backends.tvm.schedules.conv import ConvSpec
+    from shave.backends.tvm.schedules.winograd import use_winograd
+
+    def spec(c=64, oc=64, k=3, stride=1, dilation=1, depthwise=False, groups=1, hw=56):
+        return ConvSpec(1, c, hw, hw, oc, k, k, (stride, stride), (k // 2,) * 4, (dilation, dilation), depthwise,
+                        "relu", False, 8, groups=groups)
+
+    assert use_winograd(spec())  # ResNet-18's 3x3 layers
+    assert use_winograd(spec(512, 512, hw=7))
+    assert not use_winograd(spec(stride=2))
+    assert not use_winograd(spec(k=1))
+    assert not use_winograd(spec(depthwise=True))
+    assert not use_winograd(spec(groups=2))
+    assert not use_winograd(spec(dilation=2))
+    assert not use_winograd(spec(c=8, oc=8))  # few channels: the transforms outweigh the saved multiplies
+
+
+class WinogradNet(nn.Module):
+    """A Winograd layer (3x3, 32 channels, residual) between a stride-2 conv and a 1x1 conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 32, 3, 2, 1)
+        self.body = nn.Conv2d(32, 32, 3, 1, 1)
+        self.head = nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.down(x))
+        return self.head(torch.relu(self.body(y) + y))
+
+
+def test_rewrite_picks_winograd_by_the_rule():
+    torch.manual_seed(0)
+    model, x = WinogradNet().eval(), torch.randn(1, 3, 19, 17)
+    algo = {(s.c, s.oc, s.kh, s.stride): (s.winograd, s.in_blocked, s.out_blocked) for s in _kernel_specs(model, x)}
+    assert algo[(32, 32, 3, (1, 1))] == (True, True, True)
+    assert algo[(3, 32, 3, (2, 2))][0] is False
+    assert algo[(32, 8, 1, (1, 1))][0] is False
+    _check(model, x)
 
 
 def test_narrow_groups_merge_into_whole_vector_blocks():

@@ -36,6 +36,11 @@ alone):
    reg_n inside the kernel so odd widths keep the same inner loop. The outer
    (batch, channel block, output row) loops are fused and run in parallel.
 
+   Dense 3x3 convs with stride 1 and dilation 1 and at least 32 input and output
+   channels run as Winograd F(2x2, 3x3) instead (`winograd.py`: 2.25x fewer
+   multiplies; same spec, layouts and fused epilogue, so they sit in the same
+   blocked chains).
+
    Int8 convs (qconv2d) come from the lowering as marked call_tir kernels
    (`int8.py`: u8 x s8 -> i32 with vpmaddubsw/vpmaddwd on AVX2, fused requantization).
 

@@ -66,6 +66,7 @@ class ConvSpec:
     res_blocked: bool = False  # the residual is [N, OC/v, OH, OW, v]
     groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
+    winograd: bool = False  # computed by the Winograd F(2x2, 3x3) kernel (winograd.py) instead
 
     @property
     def oh(self) -> int:
@@ -83,6 +84,13 @@ class ConvSpec:
         return (self.n, self.oc, self.oh, self.ow)
 
 
+def _winograd():
+    """The Winograd kernel module (specs with winograd=True are built there)."""
+    from . import winograd
+
+    return winograd
+
+
 def _pick_reg_n(ow: int, max_reg: int) -> int:
     """Tile width in [max_reg/2, max_reg] that wastes the fewest padded columns (then the widest)."""
     if ow <= max_reg:
@@ -97,6 +105,8 @@ def _pick_reg_n(ow: int, max_reg: int) -> int:
 
 def default_tile(spec: ConvSpec) -> tuple[int, int]:
     """(ocb_in, reg_n) of the default plan: 8-12 accumulators of the 16 ymm registers."""
+    if spec.winograd:
+        return _winograd().default_tile(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         return 1, _pick_reg_n(spec.ow, 8)
@@ -107,6 +117,8 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
 def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     """Register tiles worth measuring for a layer (the default first): accumulators
     ocb_in x reg_n between 4 and 14 vectors, widths chosen to waste few padded columns."""
+    if spec.winograd:
+        return _winograd().candidate_tiles(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     shapes = [(1, 4), (1, 8), (1, 14)] if spec.depthwise else [(1, 8), (1, 12), (2, 4), (2, 6), (4, 3)]
     out = [default_tile(spec)]
@@ -122,6 +134,8 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
 def reads_input_in_place(spec: ConvSpec) -> bool:
     """A blocked input that needs no copy: no padding, no shift, and every column the
     padded register tiles read exists (the tile width divides the output width)."""
+    if spec.winograd:
+        return False
     p = plan(spec)
     return (spec.in_blocked and not spec.shift and not spec.depthwise and not any(spec.pad)
             and p["owp"] == spec.ow and p["vi"] == spec.vec)
@@ -151,6 +165,8 @@ def plan(spec: ConvSpec) -> dict:
 
 def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     """OIHW (depthwise: C,1,KH,KW) -> the blocked layout the kernel reads."""
+    if spec.winograd:
+        return _winograd().pack_weight(spec, w)
     v = spec.vec
     p = plan(spec)
     if spec.depthwise:
@@ -183,6 +199,8 @@ def build_primfunc(spec: ConvSpec):
 
 def default_schedule(spec: ConvSpec):
     """The default schedule applied to `compute_primfunc(spec)`; its trace replays it."""
+    if spec.winograd:
+        return _winograd().default_schedule(spec)
     import tvm
 
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
@@ -192,34 +210,25 @@ def default_schedule(spec: ConvSpec):
 
 def compute_primfunc(spec: ConvSpec):
     """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc."""
+    if spec.winograd:
+        return _winograd().compute_primfunc(spec)
     from tvm import te, tirx
 
     v = spec.vec
     p = plan(spec)
     ocb, ocb_in, reg_n, owp, icb, vi = p["ocb"], p["ocb_in"], p["reg_n"], p["owp"], p["icb"], p["vi"]
-    n, c, h, w, oc = spec.n, spec.c, spec.h, spec.w, spec.oc
+    n, c, h, w = spec.n, spec.c, spec.h, spec.w
     kh, kw = spec.kh, spec.kw
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
     pt, pl = spec.pad[0], spec.pad[1]
-    oh, ow = spec.oh, spec.ow
+    oh = spec.oh
     hp = (oh - 1) * sh + dh * (kh - 1) + 1
     wp = (owp - 1) * sw + dw * (kw - 1) + 1
     cb = ocb if spec.depthwise else icb
 
-    if spec.in_blocked:
-        X = te.placeholder((n, c // v, h, w, v), "float32", name="X")
-    else:
-        X = te.placeholder((n, c, h, w), "float32", name="X")
-    if spec.depthwise:
-        Wt = te.placeholder((ocb, kh, kw, v), "float32", name="W")
-    else:
-        Wt = te.placeholder((ocb, p["icb_g"], kh, kw, vi, v), "float32", name="W")
-    B = te.placeholder((oc,), "float32", name="B")
-    args = [X, Wt, B]
-    Res = None
-    if spec.residual:
-        Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R")
-        args.append(Res)
+    w_shape = (ocb, kh, kw, v) if spec.depthwise else (ocb, p["icb_g"], kh, kw, vi, v)
+    X, Wt, B, Res = kernel_args(spec, w_shape)
+    args = [X, Wt, B] + ([Res] if Res is not None else [])
     DY = DX = None
     if spec.shift:
         DY, DX = te.placeholder((c,), "int32", name="DY"), te.placeholder((c,), "int32", name="DX")
@@ -264,6 +273,31 @@ def compute_primfunc(spec: ConvSpec):
                 P[b, in_block(o) + rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
                 axis=[rcb, rkh, rkw, rci]), name="conv")
 
+    return te.create_prim_func(args + [output_stage(spec, Cc, B, Res)])
+
+
+def kernel_args(spec: ConvSpec, w_shape):
+    """Placeholders X (NCHW or blocked), packed weights of `w_shape`, bias, residual (or None)."""
+    from tvm import te
+
+    v = spec.vec
+    if spec.in_blocked:
+        X = te.placeholder((spec.n, spec.c // v, spec.h, spec.w, v), "float32", name="X")
+    else:
+        X = te.placeholder((spec.n, spec.c, spec.h, spec.w), "float32", name="X")
+    Wt = te.placeholder(w_shape, "float32", name="W")
+    B = te.placeholder((spec.oc,), "float32", name="B")
+    Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R") if spec.residual else None
+    return X, Wt, B, Res
+
+
+def output_stage(spec: ConvSpec, acc, B, Res):
+    """Y (blocked or NCHW) = act(acc + bias [+ residual]) from the blocked result `acc`
+    ([N, OC/v, >= OH, >= OW, v])."""
+    from tvm import te
+
+    v = spec.vec
+
     def epilogue(val, b, o, y, x, j):
         """bias, residual, activation for output channel o * v + j."""
         val = val + B[o * v + j]
@@ -272,11 +306,10 @@ def compute_primfunc(spec: ConvSpec):
         return _act(val, spec.act)
 
     if spec.out_blocked:
-        Y = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(Cc[b, o, y, x, j], b, o, y, x, j), name="out")
-    else:
-        Y = te.compute((n, oc, oh, ow),
-                       lambda b, o, y, x: epilogue(Cc[b, o // v, y, x, o % v], b, o // v, y, x, o % v), name="out")
-    return te.create_prim_func(args + [Y])
+        return te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(acc[b, o, y, x, j], b, o, y, x, j),
+                          name="out")
+    return te.compute(spec.out_shape(),
+                      lambda b, o, y, x: epilogue(acc[b, o // v, y, x, o % v], b, o // v, y, x, o % v), name="out")
 
 
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:

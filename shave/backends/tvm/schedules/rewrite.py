@@ -8,6 +8,7 @@ import tvm
 from tvm import relax
 
 from .conv import ConvSpec, build_primfunc, pack_weight
+from .winograd import use_winograd
 
 _Const = tvm.ir.expr.Constant
 
@@ -91,7 +92,7 @@ def _conv_spec(call, vec):
                     tuple(int(d) for d in a.dilation), depthwise, None, False, vec, groups=groups)
     if spec.oh < 1 or spec.ow < 1:
         return None
-    return spec
+    return dataclasses.replace(spec, winograd=use_winograd(spec))
 
 
 def _kernel_groups(c: int, oc: int, groups: int, vec: int) -> int:
@@ -277,7 +278,7 @@ def _find_chains(func, vec) -> list[_Chain]:
             claimed.update(chain)
             x, shift = bd.value.args[0], _folded_shift(bd.value.args[0], var2val, consumers, uses, claimed)
             if shift is not None:  # the kernel reads the shift's input; the shift binding goes
-                x, spec = shift[1], dataclasses.replace(spec, shift=True)
+                x, spec = shift[1], dataclasses.replace(spec, shift=True, winograd=False)
                 drop.append(shift[0])
                 claimed.add(shift[0])
             weight = bd.value.args[1].value.numpy()
