@@ -48,6 +48,7 @@ VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channel
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
 INTRIN = "shave_dot_8x4_u8i8i32_avx2"
 INTRIN_WIDE = "shave_dot_8x2_i16i16i32_avx2"
+INTRIN_WIDE_U8 = "shave_dot_8x2_u8i16i32_avx2"  # the same, the 2 input bytes widened in a register
 
 
 @dataclass(frozen=True)
@@ -121,10 +122,10 @@ def plan(spec: QConvSpec) -> dict:
 
 
 def reads_in_place(spec: QConvSpec) -> bool:
-    """A blocked uint8 input the u8 x s8 kernel reads without a copy: no padding, and the
-    register tiles read only existing columns (the tile width divides the output width)."""
-    return (spec.in_blocked and not spec.depthwise and not spec.wide and not any(spec.pad)
-            and plan(spec)["owp"] == spec.ow)
+    """A blocked uint8 input a dense kernel reads without a copy (the wide variant widens each
+    byte pair in a register): no padding, and the register tiles read only existing columns
+    (the tile width divides the output width)."""
+    return spec.in_blocked and not spec.depthwise and not any(spec.pad) and plan(spec)["owp"] == spec.ow
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
@@ -301,20 +302,27 @@ def _register_intrin():
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
-    @T.prim_func(s_tir=True)
-    def impl16(A: T.Buffer((2,), "int16", offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-               C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
-        with T.sblock("root"):
-            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-            T.writes(C[0:8])
-            a32 = T.reinterpret(A.vload([0], "int16x2"), dtype="int32")
-            a = T.reinterpret(T.broadcast(a32, 8), dtype="int16x16")
-            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
-                dtype="int32x8")
+    def impl16(adt):  # int16 pairs; a uint8 pair is widened in the register (vpmovzxbw)
+        @T.prim_func(s_tir=True)
+        def impl(A: T.Buffer((2,), adt, offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
+                 C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+            with T.sblock("root"):
+                T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+                T.writes(C[0:8])
+                if adt == "uint8":
+                    a16 = T.reinterpret(A.vload([0], "uint8x2"), dtype="int16")
+                    a = T.cast(T.reinterpret(T.broadcast(a16, 8), dtype="uint8x16"), "int16x16")
+                else:
+                    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                                      dtype="int16x16")
+                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
+                    dtype="int32x8")
+        return impl
 
     for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
-                       (INTRIN_WIDE, description(2, "int16", "int16"), impl16)):
+                       (INTRIN_WIDE, description(2, "int16", "int16"), impl16("int16")),
+                       (INTRIN_WIDE_U8, description(2, "uint8", "int16"), impl16("uint8"))):
         try:
             TensorIntrin.register(name, d, i)
         except Exception:
@@ -366,7 +374,7 @@ def schedule(spec: QConvSpec, avx2: bool):
         sch.unroll(lp)
     if avx2:
         _register_intrin()
-        sch.tensorize(j, INTRIN_WIDE if spec.wide else INTRIN)
+        sch.tensorize(j, (INTRIN_WIDE_U8 if reads_in_place(spec) else INTRIN_WIDE) if spec.wide else INTRIN)
     sch.unroll(oi)
     sch.unroll(xi)
     _schedule_out(sch, out, spec)
