@@ -28,9 +28,10 @@ calibration data and the relative error of the graph's output is recorded
 
 Weights: `weight_method="max"` maps each channel's largest |w| to the largest code;
 "mse" clips each channel's range where its squared weight error is least.
-`reduce_range`: True keeps every weight in [-63, 63], False uses [-127, 127], and
-"dense" (the default) limits only the layers whose AVX2 kernels sum u8 x s8 pairs (dense
-and grouped convs, linear) and gives depthwise convs the full 8 bits.
+`reduce_range`: True (the default) keeps every weight in [-63, 63], False uses [-127, 127],
+and "dense" limits only the layers whose AVX2 kernels sum u8 x s8 pairs (dense and grouped
+convs, linear) and gives depthwise convs the full 8 bits. 8-bit dense weights run on an
+int16 kernel that does half the multiply-adds per instruction (schedules/int8.py).
 
 `target` (a target name or dict; default None: off): per-layer speed check (speed.py). Each
 quantized layer's int8 kernel alone is timed against its float32 kernel alone on the target;
