@@ -215,16 +215,14 @@ def compute_primfunc(spec: QConvSpec):
                 axis=[rkh, rkw]), name="conv")
     rcb = te.reduce_axis((0, icb), name="rcb")
     rci = te.reduce_axis((0, vi), name="rci")
-    if spec.depthwise:
-        pass
-    elif reads_in_place(spec):  # the blocked input itself: 8 // vi steps of vi bytes per block
+    if reads_in_place(spec):  # the blocked input itself: 8 // vi steps of vi bytes per block
         q = VO // vi
         Cc = te.compute(
             (n, ocb, oh, owp, VO),
             lambda b, o, y, x, j: te.sum(
                 X[b, rcb // q, y * sh + rkh * dh, x * sw + rkw * dw, rcb % q * vi + rci].astype("int32")
                 * Wt[o, rcb, rkh, rkw, j, rci].astype("int32"), axis=[rcb, rkh, rkw, rci]), name="conv")
-    else:
+    elif not spec.depthwise:
         P = te.compute((n, icb, hp, wp, vi), pack_fn, name="pack")
         Cc = te.compute(
             (n, ocb, oh, owp, VO),

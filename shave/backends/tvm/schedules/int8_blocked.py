@@ -41,8 +41,8 @@ def _operands(call, spec):
 
 def block_qconvs(mod: tvm.IRModule) -> tvm.IRModule:
     """`mod` with the int8 kernels' uint8 activations blocked wherever only int8 kernels read them."""
-    func = mod.functions.get(mod.get_global_var("main")) if any(
-        gv.name_hint == "main" for gv in mod.get_global_vars()) else None
+    mains = [gv for gv in mod.get_global_vars() if gv.name_hint == "main"]
+    func = mod[mains[0]] if mains else None
     if not isinstance(func, relax.Function) or not isinstance(func.body, relax.SeqExpr):
         return mod
     calls = _qconv_calls(mod, func)
