@@ -16,7 +16,7 @@ import tvm
 from tvm import relax
 
 from . import int8
-from .rewrite import _uses
+from .rewrite import _uses, rebind
 
 
 def _qconv_calls(mod, func) -> dict:
@@ -74,14 +74,8 @@ def block_qconvs(mod: tvm.IRModule) -> tvm.IRModule:
         args = [new_var.get(a, a) if isinstance(a, relax.Var) else a for a in fields]
         call = relax.call_tir(gv, args, relax.TensorType(new.out_shape(), new.out_dtype))
         replace[v] = (new_var.get(v, v), bb.normalize(call))
-    blocks = []
-    for blk in func.body.blocks:
-        bds = [relax.VarBinding(*replace[bd.var]) if isinstance(bd, relax.VarBinding) and bd.var in replace else bd
-               for bd in blk.bindings]
-        blocks.append(relax.DataflowBlock(bds) if isinstance(blk, relax.DataflowBlock) else relax.BindingBlock(bds))
     mod = bb.get()
-    mod["main"] = relax.Function(func.params, relax.SeqExpr(blocks, func.body.body), func.ret_ty,
-                                 func.is_pure, func.attrs)
+    mod["main"] = rebind(func, replace)
     # drop the NCHW kernels nothing calls any more
     called = []
     _collect_called(mod["main"], called)

@@ -347,9 +347,14 @@ def _emit(func, chains: list[_Chain], blocked: set, kernels, bb, tiles):
 
     if not replace:
         return None
-    body = func.body
+    return rebind(func, replace, drop)
+
+
+def rebind(func, replace: dict, drop=frozenset()):
+    """`func` with the bindings of `replace`'s vars bound to (new var, new value) instead and
+    the bindings of `drop`'s vars removed."""
     blocks = []
-    for blk in body.blocks:
+    for blk in func.body.blocks:
         bds = []
         for bd in blk.bindings:
             if isinstance(bd, relax.VarBinding):
@@ -359,6 +364,6 @@ def _emit(func, chains: list[_Chain], blocked: set, kernels, bb, tiles):
                     bd = relax.VarBinding(*replace[bd.var])
             bds.append(bd)
         blocks.append(relax.DataflowBlock(bds) if isinstance(blk, relax.DataflowBlock) else relax.BindingBlock(bds))
-    new_body = relax.SeqExpr(blocks, body.body)
+    new_body = relax.SeqExpr(blocks, func.body.body)
     return relax.Function(func.params, new_body, func.ret_ty if hasattr(func, "ret_ty") else None,
                           func.is_pure, func.attrs)
