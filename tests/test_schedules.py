@@ -220,6 +220,11 @@ BLOCKED_SPECS = {
     "3x3_grouped2_c32_oc16_blocked": (1, 32, 7, 9, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
     # no padding and tiles that divide the width: the kernel reads X in place (no input copy)
     "3x3_pad0_c16_oc16_blocked": (1, 16, 10, 12, 16, 3, 3, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
+    # 1x1 stride 1 unpadded: computed on the flat 1 x H*W view (flat_view); 3 output blocks
+    # (tile 3 x n), batch 2, a residual, tiles that do not divide 7*7 (a padded tail)
+    "1x1_flat_c24_oc24_7x7_blocked": (2, 24, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
+    # tiles along H*W = 48 that divide it: X read in place across row ends
+    "1x1_flat_pad0_c16_oc40_8x6_blocked": (1, 16, 8, 6, 40, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
 }
 GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
 TILE_SPECS.update(BLOCKED_SPECS)
@@ -283,7 +288,7 @@ def test_every_candidate_tile_computes_the_conv(name):
     tiles = candidate_tiles(base)
     assert len(tiles) >= 2 and len(set(tiles)) == len(tiles)
     blocked = name in BLOCKED_SPECS
-    if name.startswith("3x3_pad0"):
+    if "pad0" in name:
         from shave.backends.tvm.schedules.conv import reads_input_in_place
 
         assert reads_input_in_place(dataclasses.replace(base, in_blocked=True))
@@ -291,6 +296,24 @@ def test_every_candidate_tile_computes_the_conv(name):
         spec = ConvSpec(*fields, vec=8, tile=tile, in_blocked=blocked, out_blocked=blocked, res_blocked=blocked,
                         groups=groups)
         assert _kernel_error(spec, case) <= TOL, tile
+
+
+def test_flat_view_of_pointwise_convs():
+    """1x1 stride-1 unpadded convs run on the 1 x H*W view, with the spec's own tensor shapes
+    in the kernel's signature; other convs are left as they are."""
+    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, default_tile, flat_view
+
+    spec = ConvSpec(2, 24, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, True, 8,
+                    in_blocked=True, out_blocked=True)
+    view = flat_view(spec)
+    assert (view.h, view.w, view.oh, view.ow) == (1, 49, 1, 49)
+    assert default_tile(spec)[0] == 3  # 3 output blocks: no fourth, empty one
+    f = build_primfunc(spec)
+    shapes = [tuple(int(d) for d in p.shape) for p in f.params]
+    assert shapes[0] == spec.in_shape() and shapes[3] == spec.out_shape(False) and shapes[-1] == spec.out_shape()
+    for other in (dataclasses.replace(spec, stride=(2, 2)), dataclasses.replace(spec, pad=(1, 1, 1, 1)),
+                  dataclasses.replace(spec, kh=3, kw=3), dataclasses.replace(spec, depthwise=True)):
+        assert flat_view(other) is other
 
 
 WINOGRAD_SPECS = {

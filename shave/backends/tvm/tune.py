@@ -264,7 +264,7 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
     `mod` with every kernel replaced by its best record."""
     import tvm
 
-    from .schedules.conv import default_schedule
+    from .schedules.conv import default_schedule, restore_shapes
 
     calls = _count_calls(mod)
     present = {g.name_hint for g in mod.get_global_vars()}
@@ -334,7 +334,7 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
                 sch = tvm.s_tir.Schedule(workload)
                 try:
                     top[0].trace.apply_to_schedule(sch, remove_postproc=False)
-                    func = sch.mod["main"]
+                    func = restore_shapes(spec, sch.mod["main"])
                     old = mod[gv]
                     for k in ("global_symbol", "op_pattern"):
                         if old.attrs and k in old.attrs:

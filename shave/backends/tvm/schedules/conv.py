@@ -31,6 +31,7 @@ cost as much as the reduction itself in depthwise and short 1x1 convs.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -76,12 +77,51 @@ class ConvSpec:
     def ow(self) -> int:
         return out_size(self, 1)
 
+    def in_shape(self) -> tuple[int, ...]:
+        """Shape of X."""
+        if self.in_blocked:
+            return (self.n, self.c // self.vec, self.h, self.w, self.vec)
+        return (self.n, self.c, self.h, self.w)
+
     def out_shape(self, blocked: bool | None = None) -> tuple[int, ...]:
         """Shape of Y (or, with blocked=True/False, of an output/residual in that layout)."""
         blocked = self.out_blocked if blocked is None else blocked
         if blocked:
             return (self.n, self.oc // self.vec, self.oh, self.ow, self.vec)
         return (self.n, self.oc, self.oh, self.ow)
+
+
+def flat_view(spec: ConvSpec) -> ConvSpec:
+    """A 1x1 stride-1 unpadded conv is the same conv on a 1 x (H*W) image: its input, output
+    and residual are contiguous in either layout, so the kernel computes that view and
+    its register tiles run along all H*W pixels instead of one row (no padded columns at
+    every row end, e.g. 7 of 8 columns used at 7x7; and tiles that divide H*W read a
+    blocked input in place). Other specs are returned as they are."""
+    if (spec.kh == spec.kw == 1 and spec.stride == (1, 1) and not any(spec.pad) and spec.h > 1
+            and not (spec.depthwise or spec.winograd or spec.shift)):
+        return dataclasses.replace(spec, h=1, w=spec.h * spec.w)
+    return spec
+
+
+def restore_shapes(spec: ConvSpec, func):
+    """`func`, a kernel computed on `flat_view(spec)`, taking and returning the tensors
+    of `spec` (the flat buffers become views of them: same memory, no copy)."""
+    view = flat_view(spec)
+    if view is spec:
+        return func
+    from tvm import tirx
+
+    shapes = {0: spec.in_shape(), len(func.params) - 1: spec.out_shape()}
+    if spec.residual:
+        shapes[3] = spec.out_shape(spec.res_blocked)
+    params, decls = [], []
+    for i, p in enumerate(func.params):
+        if i in shapes:
+            q = tirx.decl_buffer(shapes[i], p.dtype, name=p.name)
+            decls.append(tirx.DeclBuffer(p, data=q.data))
+            p = q
+        params.append(p)
+    return tirx.PrimFunc(params, tirx.SeqStmt(decls + [func.body]), func.ret_type, func.attrs)
 
 
 def _winograd():
@@ -107,9 +147,12 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
     """(ocb_in, reg_n) of the default plan: 8-12 accumulators of the 16 ymm registers."""
     if spec.winograd:
         return _winograd().default_tile(spec)
+    spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         return 1, _pick_reg_n(spec.ow, 8)
+    if ocb == 3:  # 2 would compute a fourth, empty block
+        return 3, _pick_reg_n(spec.ow, 4)
     ocb_in = 2 if ocb >= 2 else 1
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
 
@@ -119,11 +162,12 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     ocb_in x reg_n between 4 and 14 vectors, widths chosen to waste few padded columns."""
     if spec.winograd:
         return _winograd().candidate_tiles(spec)
+    spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
-    shapes = [(1, 4), (1, 8), (1, 14)] if spec.depthwise else [(1, 8), (1, 12), (2, 4), (2, 6), (4, 3)]
+    shapes = [(1, 4), (1, 8), (1, 14)] if spec.depthwise else [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)]
     out = [default_tile(spec)]
     for ocb_in, max_reg in shapes:
-        if ocb_in > ocb:
+        if ocb_in > ocb or (ocb % ocb_in and ocb < 4 * ocb_in):  # no tile that is mostly empty blocks
             continue
         t = (ocb_in, _pick_reg_n(spec.ow, max_reg))
         if t not in out:
@@ -136,13 +180,15 @@ def reads_input_in_place(spec: ConvSpec) -> bool:
     padded register tiles read exists (the tile width divides the output width)."""
     if spec.winograd:
         return False
+    spec = flat_view(spec)
     p = plan(spec)
     return (spec.in_blocked and not spec.shift and not spec.depthwise and not any(spec.pad)
             and p["owp"] == spec.ow and p["vi"] == spec.vec)
 
 
 def plan(spec: ConvSpec) -> dict:
-    """Tiling decisions for a layer."""
+    """Tiling decisions for a layer (for a 1x1 conv: on its flat view)."""
+    spec = flat_view(spec)
     v = spec.vec
     ocb = math.ceil(spec.oc / v)
     ocb_in, reg_n = spec.tile or default_tile(spec)
@@ -194,7 +240,7 @@ def _act(x, act):
 
 def build_primfunc(spec: ConvSpec):
     """The scheduled PrimFunc. Arguments: X, packed W, bias [OC], (residual), Y."""
-    return default_schedule(spec).mod["main"].with_attr("tirx.is_scheduled", True)
+    return restore_shapes(spec, default_schedule(spec).mod["main"]).with_attr("tirx.is_scheduled", True)
 
 
 def default_schedule(spec: ConvSpec):
@@ -203,17 +249,20 @@ def default_schedule(spec: ConvSpec):
         return _winograd().default_schedule(spec)
     import tvm
 
+    spec = flat_view(spec)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     _schedule(sch, spec, plan(spec))
     return sch
 
 
 def compute_primfunc(spec: ConvSpec):
-    """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc."""
+    """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc,
+    in the shapes of `flat_view(spec)` (`restore_shapes` makes them the spec's)."""
     if spec.winograd:
         return _winograd().compute_primfunc(spec)
     from tvm import te, tirx
 
+    spec = flat_view(spec)
     v = spec.vec
     p = plan(spec)
     ocb, ocb_in, reg_n, owp, icb, vi = p["ocb"], p["ocb_in"], p["reg_n"], p["owp"], p["icb"], p["vi"]
@@ -280,11 +329,7 @@ def kernel_args(spec: ConvSpec, w_shape):
     """Placeholders X (NCHW or blocked), packed weights of `w_shape`, bias, residual (or None)."""
     from tvm import te
 
-    v = spec.vec
-    if spec.in_blocked:
-        X = te.placeholder((spec.n, spec.c // v, spec.h, spec.w, v), "float32", name="X")
-    else:
-        X = te.placeholder((spec.n, spec.c, spec.h, spec.w), "float32", name="X")
+    X = te.placeholder(spec.in_shape(), "float32", name="X")
     Wt = te.placeholder(w_shape, "float32", name="W")
     B = te.placeholder((spec.oc,), "float32", name="B")
     Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R") if spec.residual else None
@@ -348,7 +393,13 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         oo, oi = sch.split(o, [None, ocb_in])
         xo, xi = sch.split(x, [None, reg_n])
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
-        outer = sch.fuse(b, oo, y)
+        if spec.oh == 1:  # a flat view (one long row): chunks of tiles along it are the parallel work
+            ntiles = p["owp"] // reg_n
+            per_chunk = max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * reg_n <= 64)
+            xc, xo = sch.split(xo, [None, per_chunk])
+            outer = sch.fuse(b, oo, y, xc)
+        else:
+            outer = sch.fuse(b, oo, y)
         first_r = rcb
         unrolled = [oi, xi]
     sch.parallel(outer)
