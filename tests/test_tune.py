@@ -86,3 +86,42 @@ def test_tune_errors(tmp_path, tracker):
     (tmp_path / "bad" / LEDGER).write_text("{not json")
     with pytest.raises(shave.CompileError, match="unreadable shave-tasks.json"):
         shave.compile(m, (x,), tune=shave.TuneOptions(trials=2, database=tmp_path / "bad"))
+
+
+@pytest.mark.parametrize("confirm, chosen", [((1.0, 0.9, 1.0, 0.9), "challenger"),  # wins twice
+                                             ((1.0, 1.0, 1.0, 0.9), "default"),  # the win was a burst
+                                             ((1.0, 0.99, 1.0, 0.99), "default")])  # inside the margin
+def test_tile_search_keeps_the_default_unless_a_tile_wins_twice(tmp_path, monkeypatch, confirm, chosen):
+    """A burst of load during the first measurement must not pick a tile: the challenger
+    is measured again against the default, interleaved, and must win both times by TILE_MARGIN."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from shave.backends.tvm import tune
+    from shave.backends.tvm.schedules.conv import candidate_tiles, default_tile
+
+    spec = ConvSpec(1, 16, 14, 14, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False, 8)
+    tiles = candidate_tiles(spec)
+    default, challenger = "{}x{}".format(*default_tile(spec)), "{}x{}".format(*tiles[1])
+    calls = []
+
+    def fake_measure(ms_, mods, tgt, runner, opts):
+        calls.append(len(mods))
+        if len(calls) == 1:  # the first pass over every candidate: the challenger looks 20 % faster
+            return [1.0 if i != 1 else 0.8 for i in range(len(mods))]
+        return list(confirm)  # default, challenger, default, challenger
+
+    monkeypatch.setattr(tune, "_measure", fake_measure)
+    opts = shave.TuneOptions(trials=0, database=tmp_path, progress=False)
+    ledger, result = {}, tune.TuneResult()
+    got, _ = tune._choose_tiles(ms, [spec], {"kind": "llvm"}, None, opts, ledger,
+                                lambda: None, result)
+    assert calls == [len(tiles), 4]
+    entry = next(iter(ledger.values()))
+    assert entry["chosen"] == (challenger if chosen == "challenger" else default)
+    assert got[spec] == tuple(int(x) for x in entry["chosen"].split("x"))
+    assert result.tiles_changed == (chosen == "challenger")
+    # a later compile reads the choice from the ledger without measuring
+    calls.clear()
+    again, _ = tune._choose_tiles(ms, [spec], {"kind": "llvm"}, None, opts, tune._load_ledger(tmp_path),
+                                  lambda: None, tune.TuneResult())
+    assert calls == [] and again == got
