@@ -6,7 +6,9 @@
     python benchmarks/latency.py --tune-trials 200      # adds "shave tuned" (MetaSchedule, out/tuning)
 
 For each model and engine: warm-up, then the median (and p10/p90, IQR) of
-single timed calls, the time relative to eager and to ONNX Runtime, the
+single timed calls, taken in --rounds rounds that interleave the engines (so a
+slow spell of the machine falls on all of them), the time relative to eager and
+to ONNX Runtime (the median of the per-round ratios), the
 GFLOP/s achieved against the machine's fp32 peak, and the largest output
 difference from eager. See benchmarks/README.md for how to read the table.
 """
@@ -17,6 +19,8 @@ import json
 import os
 import sys
 import time
+
+import numpy as np
 
 QUIET_PCT = 5.0  # others' CPU share (%) above which a timing counts as disturbed
 
@@ -40,6 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per engine before timing, at most")
     p.add_argument("--budget", type=float, default=25.0,
                    help="seconds of timed runs per engine; slow engines get fewer than --repeats runs")
+    p.add_argument("--rounds", type=int, default=10,
+                   help="time the engines in this many rounds, each engine a block of repeats/rounds runs per "
+                        "round (the order rotating, a pause between blocks), so a slow spell of the machine "
+                        "hits every engine; ratios are medians of the per-round ratios")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before timing each engine, wait up to this long for other processes to leave the "
                         "CPUs (under 5%% busy over 2 s), and time an engine again (twice at most) if "
@@ -59,23 +67,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+PAUSE_S = 0.3  # between timed blocks: lets the previous engine's spinning worker threads go idle
+
+
 def time_engine(engine, args, common, max_tries: int = 3):
     """measure() under a CpuWatch. With --wait-quiet, wait for quiet first, and if other
     processes still took the CPUs during timing, try again (up to `max_tries`), keeping
     the least disturbed attempt."""
     best = None
-    for attempt in range(max_tries if args.wait_quiet > 0 else 1):
+    tries = max_tries if args.wait_quiet > 0 else 1
+    for attempt in range(tries):
         if args.wait_quiet > 0:
             common.wait_for_quiet(args.wait_quiet)
         with common.CpuWatch() as watch:
-            timing, out = common.measure(engine.run, warmup=args.warmup, repeats=args.repeats,
-                                         budget_s=args.budget)
+            timing, out = common.measure(engine.run, warmup=args.warmup,
+                                         repeats=max(1, -(-args.repeats // args.rounds)),
+                                         budget_s=args.budget / args.rounds, min_repeats=max(1, 3 // args.rounds))
         if best is None or (watch.others_pct or 0) < (best[2].others_pct or 0):
             best = (timing, out, watch)
         if watch.others_pct is None or watch.others_pct < QUIET_PCT:
             break
         print(f"  {engine.name:<14} other processes took {watch.others_pct:.0f}% of the CPUs while timed"
-              + ("; timing again" if attempt + 1 < max_tries else ""), flush=True)
+              + ("; timing again" if attempt + 1 < tries else ""), flush=True)
     return best
 
 
@@ -90,24 +103,50 @@ def bench_model(name: str, args, common) -> dict:
                   "shave-tuned": {"target": args.target, "trials": 64 if args.tune_trials is None else args.tune_trials, "database": args.tune_db}}
 
     results, ref, flops = [], None, None
+    engines = {}  # result dict id -> engine, for those built
     for ename in args.engines:
         r = {"model": name, "engine": ename, "ok": False}
         try:
             engine = common.ENGINES[ename](model, x, args.threads, **factory_kw.get(ename, {}))
-            r.update(engine=engine.name, setup_s=engine.setup_s, info=engine.info)
-            timing, out, watch = time_engine(engine, args, common)
-            r.update(ok=True, timing=timing, out=out, others_cpu_pct=watch.others_pct,
-                     cores_busy=watch.self_cores)
+            r.update(engine=engine.name, setup_s=engine.setup_s, info=engine.info, blocks=[], watches=[])
+            engines[id(r)] = engine
             flops = flops or engine.info.get("flops")
-            print(f"  {engine.name:<14} median {common.fmt_ms(timing.median):>8} ms over {timing.runs:>3} runs"
-                  + (f"  (setup {engine.setup_s:.1f} s)" if engine.setup_s is not None else ""), flush=True)
-            if ename == "eager":
-                ref = out
-            del engine
+            print(f"  {engine.name:<14} ready" + (f" (setup {engine.setup_s:.1f} s)" if engine.setup_s is not None
+                                                   else ""), flush=True)
         except Exception as e:  # keep going: one broken engine should not hide the others
-            r["error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            r["error"] = _error(e)
             print(f"  {ename:<14} FAILED  {r['error']}", flush=True)
         results.append(r)
+
+    timed = [r for r in results if id(r) in engines]
+    for rnd in range(args.rounds):  # every engine once per round, the order rotating
+        for r in timed[rnd % len(timed):] + timed[:rnd % len(timed)] if timed else []:
+            if "error" in r:
+                continue
+            time.sleep(PAUSE_S)
+            try:
+                timing, out, watch = time_engine(engines[id(r)], args, common)
+            except Exception as e:
+                r["error"] = _error(e)
+                print(f"  {r['engine']:<14} FAILED  {r['error']}", flush=True)
+                continue
+            r["blocks"].append(timing)
+            r["watches"].append(watch)
+            r["out"] = out
+    for r in timed:
+        if "error" in r:
+            continue
+        blocks, watches = r.pop("blocks"), r.pop("watches")
+        timing = common.Timing([t for b in blocks for t in b.samples_ms], sum(b.warmup_runs for b in blocks))
+        busy = [w.others_pct for w in watches if w.others_pct is not None]
+        cores = [w.self_cores for w in watches if w.self_cores is not None]
+        r.update(ok=True, timing=timing, round_medians=[b.median for b in blocks],
+                 others_cpu_pct=max(busy) if busy else None, cores_busy=float(np.median(cores)) if cores else None)
+        print(f"  {r['engine']:<14} median {common.fmt_ms(timing.median):>8} ms over {timing.runs:>3} runs "
+              f"in {len(blocks)} round(s)", flush=True)
+        if r["engine"] == "pytorch eager":
+            ref = r["out"]
+    engines.clear()
 
     if ref is None:  # no eager run to compare with: take the reference output separately
         with torch.inference_mode():
@@ -118,10 +157,24 @@ def bench_model(name: str, args, common) -> dict:
         except Exception as e:
             print(f"  (FLOP count unavailable: {type(e).__name__}: {e})")
     for r in results:
+        out = r.pop("out", None)
         if r["ok"]:
-            r["max_abs_diff"], r["max_rel_diff"] = common.output_diff(r.pop("out"), ref)
+            r["max_abs_diff"], r["max_rel_diff"] = common.output_diff(out, ref)
     return {"model": name, "description": desc, "input_shape": list(x.shape), "flops": flops,
             "output_max_abs": float(abs(ref).max()), "engines": results}
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+
+
+def paired_ratio(r: dict, ref: dict) -> float:
+    """Median over rounds of r's round median / ref's (the same round): both engines timed
+    minutes apart at most, so a slow spell of the machine cancels out."""
+    a, b = r.get("round_medians") or [], ref.get("round_medians") or []
+    if len(a) == len(b) and a:
+        return float(np.median([x / y for x, y in zip(a, b)]))
+    return r["timing"].median / ref["timing"].median
 
 
 def render(models: list[dict], machine: dict) -> str:
@@ -138,7 +191,7 @@ def render(models: list[dict], machine: dict) -> str:
                 rows.append([m["model"], r["engine"], "FAILED"] + [""] * (len(headers) - 3))  # why: under the table
                 continue
             t = r["timing"]
-            ratio = lambda ref: fmt_ratio(t.median / ref["timing"].median) if ref else "-"  # noqa: E731
+            ratio = lambda ref: fmt_ratio(paired_ratio(r, ref)) if ref else "-"  # noqa: E731
             gflops = m["flops"] / (t.median / 1e3) / 1e9 if m["flops"] else None
             peak = machine["peak_gflops"]
             diff = "0 (reference)" if r is eager else f"{r['max_abs_diff']:.2e} (rel {r['max_rel_diff']:.1e})"
@@ -193,7 +246,8 @@ def main(argv=None) -> int:
             models.append({"model": name, "error": f"{type(e).__name__}: {e}", "flops": None, "engines": [
                 {"model": name, "engine": "(model)", "ok": False, "error": f"{type(e).__name__}: {e}"}]})
 
-    print("\n## Results (times in ms per inference; t/eager, t/ORT > 1 means slower)\n")
+    print(f"\n## Results (times in ms per inference, {args.rounds} round(s); t/eager, t/ORT: median of the "
+          "per-round ratios, > 1 means slower)\n")
     print(render(models, machine))
     print()
     for m in models:
@@ -230,7 +284,7 @@ def main(argv=None) -> int:
 
     if args.json:
         out = {"config": {k: getattr(args, k) for k in ("models", "engines", "batch", "threads", "repeats",
-                                                        "warmup", "budget", "wait_quiet", "target",
+                                                        "warmup", "budget", "rounds", "wait_quiet", "target",
                                                         "tune_trials", "tune_db")},
                "machine": machine, "versions": versions, "loadavg_before": load_before, "wall_s": wall,
                "models": []}
