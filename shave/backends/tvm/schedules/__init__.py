@@ -31,10 +31,15 @@ alone):
    other reader gets NCHW.
 
    Register tile: `reg_n` output columns x `ocb_in` channel blocks
-   (2 x 4..6 for dense, 1 x 8 for depthwise: 8-12 of the 16 ymm registers as
-   accumulators), fully unrolled, the output width padded to a multiple of
-   reg_n inside the kernel so odd widths keep the same inner loop. The outer
-   (batch, channel block, output row) loops are fused and run in parallel.
+   (2 x 4..6 for dense, 3 x 4 when there are 3 blocks, 1 x 8 for depthwise:
+   8-12 of the 16 ymm registers as accumulators), fully unrolled, the output
+   width padded to a multiple of reg_n inside the kernel so odd widths keep
+   the same inner loop. The outer (batch, channel block, output row) loops are
+   fused and run in parallel. A 1x1 stride-1 unpadded conv is computed on its
+   flat 1 x H*W view (`conv.flat_view`; the tensors are contiguous either way,
+   and the kernel's buffers are views of the spec's shapes): its tiles run
+   along all pixels, so a 7x7 map has no padded column per row, and chunks of
+   tiles are the parallel work.
 
    Dense 3x3 convs with stride 1 and dilation 1 and at least 32 input and output
    channels run as Winograd F(2x2, 3x3) instead (`winograd.py`: 2.25x fewer
