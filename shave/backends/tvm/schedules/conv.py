@@ -124,6 +124,25 @@ def restore_shapes(spec: ConvSpec, func):
     return tirx.PrimFunc(params, tirx.SeqStmt(decls + [func.body]), func.ret_type, func.attrs)
 
 
+# TVM's lowering (LowerTVMBuiltin) turns a CPU buffer into a stack array only when its scope
+# is "global" and it has fewer than this many bytes; any other buffer is a
+# TVMBackendAllocWorkspace / FreeWorkspace call pair where it is allocated, here inside the
+# parallel loop. So the per-tile buffers (the accumulator, a depthwise tile's input patch)
+# stay "global" and under this size.
+STACK_BYTES = 1024
+
+
+def _dw_max_reg(spec) -> int:
+    """Widest depthwise tile (<= 8 columns) whose packed input patch (kh rows x the columns
+    the tile reads x v lanes) is a stack array."""
+    best = 1
+    for r in range(1, 9):
+        cols = (r - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
+        if spec.kh * cols * spec.vec * 4 < STACK_BYTES:
+            best = r
+    return best
+
+
 def _winograd():
     """The Winograd kernel module (specs with winograd=True are built there)."""
     from . import winograd
@@ -150,7 +169,7 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
-        return 1, _pick_reg_n(spec.ow, 8)
+        return 1, _pick_reg_n(spec.ow, _dw_max_reg(spec))
     if ocb == 3:  # 2 would compute a fourth, empty block
         return 3, _pick_reg_n(spec.ow, 4)
     ocb_in = 2 if ocb >= 2 else 1
@@ -164,7 +183,10 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
         return _winograd().candidate_tiles(spec)
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
-    shapes = [(1, 4), (1, 8), (1, 14)] if spec.depthwise else [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)]
+    if spec.depthwise:
+        shapes = [(1, _dw_max_reg(spec)), (1, max(2, _dw_max_reg(spec) // 2))]
+    else:
+        shapes = [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)]
     out = [default_tile(spec)]
     for ocb_in, max_reg in shapes:
         if ocb_in > ocb or (ocb % ocb_in and ocb < 4 * ocb_in):  # no tile that is mostly empty blocks
@@ -364,17 +386,18 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     conv = sch.get_sblock("conv")
     out = sch.get_sblock("out")
     vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
-    pack_per_row = spec.depthwise and vector_pack  # a copy, cheap to redo per row; a gather is not
+    pack_per_tile = spec.depthwise and vector_pack  # a copy, cheap to redo per tile; a gather is not
     if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
         sch.compute_inline(pack)
-    elif not pack_per_row:
+    elif not pack_per_tile:
         # pack: one pass, parallel over (n, cblock, row)
         b, i, y, x, j = sch.get_loops(pack)
         sch.parallel(sch.fuse(b, i, y))
         if vector_pack:
             sch.vectorize(j)
     # conv
-    sch.set_scope(conv, 0, "local")
+    # the accumulator stays "global": compacted to the register tile (< STACK_BYTES) it is a
+    # stack array that LLVM keeps in registers; "local" made it a workspace call per row or tile
     loops = sch.get_loops(conv)
     if spec.depthwise:
         b, o, y, x, j, rkh, rkw = loops
@@ -383,10 +406,11 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         outer = sch.fuse(b, o, y)
         first_r = rkh
         unrolled = [xi]
-        if pack_per_row:
-            # the kh input rows one output row needs, packed inside the row loop: they stay
-            # in L1 instead of a whole padded copy of the input going out to L2/L3 and back
-            sch.compute_at(pack, outer)
+        if pack_per_tile:
+            # the input patch one register tile reads (kh rows x its columns), packed inside
+            # the tile loop: a stack array in L1 instead of a whole padded copy of the input
+            # going out to L2/L3 and back (and small enough not to be a workspace call per tile)
+            sch.compute_at(pack, xo)
             sch.vectorize(sch.get_loops(pack)[-1])
     else:
         b, o, y, x, j, rcb, rkh, rkw, rci = loops
