@@ -48,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="time the engines in this many rounds, each engine a block of repeats/rounds runs per "
                         "round (the order rotating, a pause between blocks), so a slow spell of the machine "
                         "hits every engine; ratios are medians of the per-round ratios")
+    p.add_argument("--pause", type=float, default=PAUSE_S, metavar="SECONDS",
+                   help="sleep before each timed block, so the previous engine's spinning worker threads "
+                        "(PyTorch's OpenMP, ONNX Runtime's and TVM's pools) go idle")
     p.add_argument("--wait-quiet", type=float, default=0.0, metavar="SECONDS",
                    help="before timing each engine, wait up to this long for other processes to leave the "
                         "CPUs (under 5%% busy over 2 s), and time an engine again (twice at most) if "
@@ -67,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-PAUSE_S = 0.3  # between timed blocks: lets the previous engine's spinning worker threads go idle
+PAUSE_S = 0.5  # between timed blocks: lets the previous engine's spinning worker threads go idle
 
 
 def time_engine(engine, args, common, max_tries: int = 3):
@@ -123,7 +126,7 @@ def bench_model(name: str, args, common) -> dict:
         for r in timed[rnd % len(timed):] + timed[:rnd % len(timed)] if timed else []:
             if "error" in r:
                 continue
-            time.sleep(PAUSE_S)
+            time.sleep(args.pause)
             try:
                 timing, out, watch = time_engine(engines[id(r)], args, common)
             except Exception as e:
