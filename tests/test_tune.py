@@ -125,3 +125,4 @@ def test_tile_search_keeps_the_default_unless_a_tile_wins_twice(tmp_path, monkey
     again, _ = tune._choose_tiles(ms, [spec], {"kind": "llvm"}, None, opts, tune._load_ledger(tmp_path),
                                   lambda: None, tune.TuneResult())
     assert calls == [] and again == got
+    assert "chosen" in next(iter(tune._load_ledger(tmp_path).values()))

@@ -274,6 +274,7 @@ def _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner) -> None:
     from .schedules.conv import default_schedule
 
     duel = []  # (spec, entry, challenger)
+    decided = 0
     for spec in specs:
         entry = ledger[keys[spec]]
         if "chosen" in entry or "candidates" not in entry:
@@ -284,7 +285,10 @@ def _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner) -> None:
             duel.append((spec, entry, best))
         else:
             entry["chosen"] = entry["default"]
+            decided += 1
     if not duel:
+        if decided:
+            _save_ledger(opts.database, ledger)
         return
     mods = []
     for spec, entry, best in duel:
