@@ -314,6 +314,19 @@ def test_int8_depthwise_kernel_bit_exact(rng, case):
     np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, True), args, ref)[1], ref)
 
 
+@pytest.mark.parametrize("depthwise, wide", [(False, False), (False, True), (True, False)])
+def test_int8_kernel_has_no_workspace_allocation_in_its_parallel_loop(rng, depthwise, wide):
+    """The accumulator is a stack array: a "local" one was a TVMBackendAllocWorkspace call per tile."""
+    from shave.backends.tvm.schedules import int8
+
+    spec, args, ref = _int8_kernel_case(rng, 16, 16, 3, 1, 1, False, "uint8", None, None, depthwise=depthwise,
+                                        wide=wide)
+    lib, out = _run_kernel(int8.schedule(spec, True), args, ref)
+    np.testing.assert_array_equal(out, ref)
+    lambdas = [f for f in lib.jit().inspect_source("ll").split("\ndefine ") if "parallel_lambda" in f.split("\n", 1)[0]]
+    assert lambdas and all("@__TVMBackendAllocWorkspace" not in f for f in lambdas)
+
+
 def test_int8_kernel_plain_schedule_and_asm(rng):
     """The plain schedule (non-AVX2 targets) is exact too; on AVX2 the kernel is vpmaddubsw + vpmaddwd."""
     from shave.backends.tvm.schedules import int8

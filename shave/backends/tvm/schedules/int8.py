@@ -276,7 +276,7 @@ def _register_intrin():
     def description(k, adt, bdt):  # C[i] += A[k'] * B[i, k'] over the 8 x k step, int32
         @T.prim_func(s_tir=True)
         def desc(A: T.Buffer((k,), adt, offset_factor=1), B: T.Buffer((8, k), bdt, offset_factor=1),
-                 C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+                 C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:8], A[0:k], B[0:8, 0:k])
                 T.writes(C[0:8])
@@ -289,33 +289,40 @@ def _register_intrin():
 
     @T.prim_func(s_tir=True)
     def impl(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
-             C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+             C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
-            a32 = T.reinterpret(A.vload([0], "uint8x4"), dtype="int32")
-            a = T.reinterpret(T.broadcast(a32, 8), dtype="uint8x32")
-            pairs = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                                            a, B.vload([0, 0], dtype="int8x32"), dtype="int16x16")
+            # one expression: a name bound inside the body (a = ...) becomes a buffer, which TVM
+            # allocates from the workspace pool at every use of the intrinsic
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.call_llvm_pure_intrin(  # u8 x s8 byte pairs summed to int16
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                                  dtype="uint8x32"),
+                    B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
+                T.int16x16(1), dtype="int32x8")
 
     def impl16(adt):  # int16 pairs; a uint8 pair is widened in the register (vpmovzxbw)
         @T.prim_func(s_tir=True)
         def impl(A: T.Buffer((2,), adt, offset_factor=1), B: T.Buffer((8, 2), "int16", offset_factor=1),
-                 C: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+                 C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
             with T.sblock("root"):
                 T.reads(C[0:8], A[0:2], B[0:8, 0:2])
                 T.writes(C[0:8])
-                if adt == "uint8":
-                    a16 = T.reinterpret(A.vload([0], "uint8x2"), dtype="int16")
-                    a = T.cast(T.reinterpret(T.broadcast(a16, 8), dtype="uint8x16"), "int16x16")
+                if adt == "uint8":  # one expression each (see impl above)
+                    C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                        T.cast(T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x2"), dtype="int16"), 8),
+                                             dtype="uint8x16"), "int16x16"),
+                        B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
                 else:
-                    a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                                      dtype="int16x16")
-                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
-                    dtype="int32x8")
+                    C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
+                                      dtype="int16x16"),
+                        B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
         return impl
 
     for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
@@ -340,7 +347,8 @@ def schedule(spec: QConvSpec, avx2: bool):
         sch.parallel(sch.fuse(b, i, y))
         if spec.in_blocked:  # contiguous bytes of one channel block
             sch.vectorize(j)
-    sch.set_scope(conv, 0, "local")
+    # the accumulator stays "global" (the intrinsics' C too): a stack array under 1 KB kept in
+    # registers, where "local" made it a workspace allocation per tile (conv.STACK_BYTES)
     if spec.depthwise:  # int32 lanes over 8 channels, reg_n columns, as conv.py's depthwise kernel
         b, o, y, x, j, rkh, rkw = sch.get_loops(conv)
         xo, xi = sch.split(x, [None, p["reg_n"]])
