@@ -16,6 +16,15 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+def workspace_calls_in_parallel_loops(executable) -> int:
+    """Parallel loop bodies (`__tvm_parallel_lambda` functions) of a compiled kernel's LLVM IR
+    that allocate from TVM's workspace pool; raises if the kernel has no parallel loop."""
+    ir = executable.jit().inspect_source("ll")
+    lambdas = [f for f in ir.split("\ndefine ") if "parallel_lambda" in f.split("\n", 1)[0]]
+    assert lambdas, "no parallel loop in the kernel"
+    return sum("@__TVMBackendAllocWorkspace" in f for f in lambdas)
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

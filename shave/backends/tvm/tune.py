@@ -250,21 +250,25 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
         _save_ledger(opts.database, ledger)
     for spec in specs:
         entry = ledger[keys[spec]]
-        timed = {k: v for k, v in entry["candidates"].items() if v is not None}
-        if entry["default"] not in timed:
+        if entry["default"] not in _timed(entry):
             raise CompileError(f"tuning: the default schedule of a {spec.kh}x{spec.kw} conv failed on the tuning "
                                f"runner ({errors.get(spec, 'no timing recorded in the database')})")
     _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner)
     tiles, default_s, chosen_s = {}, {}, {}
     for spec in specs:
         entry = ledger[keys[spec]]
-        timed = {k: v for k, v in entry["candidates"].items() if v is not None}
+        timed = _timed(entry)
         best = entry.get("chosen", min(timed, key=timed.get))  # ledgers written before "chosen": the fastest
         default_s[spec] = timed[entry["default"]]
         chosen_s[spec] = timed[best]
         tiles[spec] = tuple(int(x) for x in best.split("x"))
         result.tiles_changed += best != entry["default"]
     return tiles, (default_s, chosen_s)
+
+
+def _timed(entry: dict) -> dict:
+    """{tile: seconds} of a ledger entry's candidates that ran."""
+    return {k: v for k, v in entry["candidates"].items() if v is not None}
 
 
 def _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner) -> None:
@@ -279,7 +283,7 @@ def _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner) -> None:
         entry = ledger[keys[spec]]
         if "chosen" in entry or "candidates" not in entry:
             continue
-        timed = {k: v for k, v in entry["candidates"].items() if v is not None}
+        timed = _timed(entry)
         best = min(timed, key=timed.get)
         if best != entry["default"] and timed[best] <= TILE_MARGIN * timed[entry["default"]]:
             duel.append((spec, entry, best))

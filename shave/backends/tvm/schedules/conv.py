@@ -31,9 +31,8 @@ cost as much as the reduction itself in depthwise and short 1x1 convs.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -99,7 +98,7 @@ def flat_view(spec: ConvSpec) -> ConvSpec:
     blocked input in place). Other specs are returned as they are."""
     if (spec.kh == spec.kw == 1 and spec.stride == (1, 1) and not any(spec.pad) and spec.h > 1
             and not (spec.depthwise or spec.winograd or spec.shift)):
-        return dataclasses.replace(spec, h=1, w=spec.h * spec.w)
+        return replace(spec, h=1, w=spec.h * spec.w)
     return spec
 
 

@@ -293,16 +293,14 @@ def _register_intrin():
         with T.sblock("root"):
             T.reads(C[0:8], A[0:4], B[0:8, 0:4])
             T.writes(C[0:8])
-            # one expression: a name bound inside the body (a = ...) becomes a buffer, which TVM
-            # allocates from the workspace pool at every use of the intrinsic
+            # names bound with T.meta_var are substituted as expressions: a plain `a = ...` in the
+            # body becomes a buffer, which TVM allocates from the workspace pool at every use
+            a = T.meta_var(T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
+                                         dtype="uint8x32"))
+            pairs = T.meta_var(T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                                                       a, B.vload([0, 0], dtype="int8x32"), dtype="int16x16"))
             C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.call_llvm_pure_intrin(  # u8 x s8 byte pairs summed to int16
-                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8),
-                                  dtype="uint8x32"),
-                    B.vload([0, 0], dtype="int8x32"), dtype="int16x16"),
-                T.int16x16(1), dtype="int32x8")
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), pairs, T.int16x16(1), dtype="int32x8")
 
     def impl16(adt):  # int16 pairs; a uint8 pair is widened in the register (vpmovzxbw)
         @T.prim_func(s_tir=True)
@@ -311,18 +309,15 @@ def _register_intrin():
             with T.sblock("root"):
                 T.reads(C[0:8], A[0:2], B[0:8, 0:2])
                 T.writes(C[0:8])
-                if adt == "uint8":  # one expression each (see impl above)
-                    C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                        T.cast(T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x2"), dtype="int16"), 8),
-                                             dtype="uint8x16"), "int16x16"),
-                        B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+                if adt == "uint8":
+                    a = T.meta_var(T.cast(T.reinterpret(T.broadcast(
+                        T.reinterpret(A.vload([0], "uint8x2"), dtype="int16"), 8), dtype="uint8x16"), "int16x16"))
                 else:
-                    C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-                        T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                        T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8),
-                                      dtype="int16x16"),
-                        B.vload([0, 0], dtype="int16x16"), dtype="int32x8")
+                    a = T.meta_var(T.reinterpret(T.broadcast(
+                        T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16"))
+                C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                    T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"), a, B.vload([0, 0], dtype="int16x16"),
+                    dtype="int32x8")
         return impl
 
     for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
