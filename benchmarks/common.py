@@ -27,11 +27,6 @@ import numpy as np
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
-# fp32 FLOPs one core can retire per cycle: two 256-bit FMA pipes x 8 lanes x 2 (multiply + add),
-# as on AVX2 Zen and Skylake-class cores. The peak figure is a ceiling, not a target.
-FP32_FLOP_PER_CYCLE = 32
-
-
 def ensure_shave_importable() -> None:
     """Let `python benchmarks/x.py` work from a checkout where shave is not pip-installed."""
     try:
@@ -332,15 +327,28 @@ def _cpuinfo_field(name: str) -> str | None:
 
 
 def machine_info(threads: int) -> dict:
-    """CPU model, clock, and the fp32 peak for the cores `threads` can use."""
+    """CPU model, its ISA as shave targets it (LLVM CPU name, vector width, int8 dot product),
+    clock, and the fp32 peak for the cores `threads` can use: fp32 FLOPs one core retires per
+    cycle from shave.isa (lanes x 2 x FMA pipes: 32 on AVX2, 64 on AVX-512 with two FMA pipes),
+    a ceiling, not a target."""
+    from shave.isa import isa
+
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     mhz = _cpuinfo_field("cpu MHz")
     mhz = float(mhz) if mhz else None
     used = min(threads, cores)
-    peak = used * FP32_FLOP_PER_CYCLE * mhz / 1e3 if mhz else None
+    host = isa(platform.machine() == "aarch64" and "arm64" or "x86")
+    flop = host.fp32_flops_per_cycle
+    peak = used * flop * mhz / 1e3 if mhz else None
     return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
-            "cores": cores, "cpu_mhz": mhz, "cores_used": used, "flop_per_cycle": FP32_FLOP_PER_CYCLE,
+            "isa": host.describe(), "cores": cores, "cpu_mhz": mhz, "cores_used": used, "flop_per_cycle": flop,
             "peak_gflops": peak, "python": platform.python_version()}
+
+
+def host_line(threads: int = 2) -> str:
+    """One line naming the host a benchmark ran on: CPU model, cores, ISA as shave targets it."""
+    info = machine_info(threads)
+    return f"host: {info['cpu']}, {info['cores']} cores; {info['isa']}"
 
 
 def loadavg() -> tuple[float, float, float] | None:

@@ -106,7 +106,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     info = machine_info(2)
-    print(f"{info['cpu']}, {info['cores']} cores; {time.strftime('%Y-%m-%d')}\n")
+    print(f"{info['cpu']}, {info['cores']} cores, {info['isa']}; {time.strftime('%Y-%m-%d')}\n")
     headers = ["method", "rank", "params", "MFLOPs", "score", "after fine-tune", "shave ms", "speed-up"]
     for name in args.models.split(","):
         if name == "fashion":

@@ -230,6 +230,7 @@ def main(argv=None) -> int:
     print("# Latency: PyTorch eager vs ONNX Runtime vs shave")
     print(f"cpu: {machine['cpu']}, {machine['cores']} cores visible"
           + (f", {machine['cpu_mhz']:.0f} MHz (/proc/cpuinfo)" if machine["cpu_mhz"] else ""))
+    print(f"isa: {machine['isa']}")
     if machine["peak_gflops"]:
         print(f"fp32 peak for {machine['cores_used']} core(s): {machine['cores_used']} x "
               f"{machine['flop_per_cycle']} flop/cycle x {machine['cpu_mhz'] / 1e3:.2f} GHz "

@@ -31,6 +31,9 @@ from shave.backends.torch import to_torch  # noqa: E402
 from shave.passes import FoldBN, Prune  # noqa: E402
 from shave.zoo import FashionResNet, load_fashion_mnist  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import host_line  # noqa: E402
+
 OUT = Path(__file__).resolve().parent.parent / "out"
 
 
@@ -120,6 +123,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
+    print(host_line())
 
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")

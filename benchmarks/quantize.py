@@ -43,6 +43,7 @@ import shave  # noqa: E402
 from shave.passes import FoldBN, Quantize  # noqa: E402
 from shave.passes.quantize import convert  # noqa: E402
 from prune_fashion import OUT, trained_model  # noqa: E402
+from common import host_line  # noqa: E402
 from shave.zoo import imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2  # noqa: E402
 
 
@@ -200,6 +201,7 @@ def main(argv=None) -> None:
     if args.quick:
         args.perturbed, args.calib, args.rounds = min(args.perturbed, 100), min(args.calib, 32), 2
     torch.manual_seed(0)
+    print(host_line())
     result = {}
 
     # 1. Fashion-MNIST

@@ -52,7 +52,7 @@ def main(argv=None):
     torch.set_num_threads(2)
     torch.manual_seed(0)
     info = machine_info(2)
-    print(f"{info['cpu']}, {info['cores']} cores; {time.strftime('%Y-%m-%d')}\n")
+    print(f"{info['cpu']}, {info['cores']} cores, {info['isa']}; {time.strftime('%Y-%m-%d')}\n")
     xtr, ytr = load_fashion_mnist("train")
     xte, yte = load_fashion_mnist("test")
     model, _ = trained_model(2)

@@ -13,6 +13,7 @@ from .backends.tvm.tune import TuneOptions
 from .backends.tvm.target import required_features, resolve_target, target_arch
 from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
+from .isa import compiling_for
 from .ir import Graph, verify
 from .passes import DEFAULT_PASSES, run_passes, run_probes
 from .report import Report, relative_error
@@ -125,7 +126,8 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                bytes=stats["bytes"], nodes=stats["nodes"],
                error=relative_error(run_probes(graph, probes), reference), seconds=time.perf_counter() - t0)
 
-    graph, report = run_passes(graph, list(passes), probes, reference, report)
+    with compiling_for(spec):  # passes given no target= plan for this one
+        graph, report = run_passes(graph, list(passes), probes, reference, report)
 
     library, seconds, tuned = build(graph, spec, tune)
     manifest = {

@@ -11,6 +11,33 @@ torch.set_num_threads(2)
 from shave.testing import BLOCK_TORCH  # noqa: F401  (tests import it from here)
 
 
+# Explicit targets, one per instruction-set path, for tests that must not depend on the host's CPU
+# (the development and CI machines are AVX2-only AMD or AVX-512 VNNI Intel). Every path is built and
+# its assembly checked on any host; the code is run only where `runs_here` says the host can.
+AVX2 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "haswell", "num-cores": 2}
+AVX512_VNNI = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "icelake-server", "num-cores": 2}
+AVX512 = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512", "num-cores": 2}  # no VNNI
+NEON = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72", "mattr": ["+neon"], "num-cores": 4}
+NEON_DOT = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a76", "mattr": ["+neon", "+dotprod"],
+            "num-cores": 4}
+
+
+def runs_here(target: dict) -> bool:
+    """Whether code built for `target` can execute on this machine (same architecture, and every
+    CPU feature the code needs is in /proc/cpuinfo)."""
+    from shave.runtime.module import target_mismatch
+    from shave.backends.tvm.target import required_features, target_arch
+
+    return target_mismatch({"arch": target_arch(target), "cpu_features": required_features(target),
+                            "name": "test", "dict": target}) is None
+
+
+def asm_of(executable) -> str:
+    """The assembly of every LLVM module a compiled kernel or library holds."""
+    mods = [executable.mod] + list(executable.mod.imports)
+    return "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

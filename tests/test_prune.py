@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import shave
-from conftest import rel_err
+from conftest import AVX2, AVX512, NEON, rel_err
 from shave.backends.torch import run_graph
 from shave.errors import PassError
 from shave.ir import Graph, Node, TensorType, infer_types
@@ -92,6 +92,24 @@ def test_rounding_to_vector_width_and_ratio_bounds():
         Prune(ratio=1.0)
     with pytest.raises(PassError, match="unknown pruning criterion 'taylor2'"):
         Prune(criterion="taylor2")
+    with pytest.raises(PassError, match="round_to must be 'auto', an int or None, got '8'"):
+        Prune(round_to="8")
+
+
+@pytest.mark.parametrize("target, kept", [(AVX512, 32), (AVX2, 24), (NEON, 20)])
+def test_auto_rounding_follows_the_target_not_the_host(target, kept):
+    """round_to="auto" is the fp32 vector width of the pass's target (16, 8, 4 lanes), or of the
+    shave.compile that runs it when it has none."""
+    from shave.isa import compiling_for
+
+    g = _two_conv_graph(c=40)  # keep 20 of 40, rounded up to whole vectors
+    p = Prune(ratio=0.5, target=target)
+    p(g)
+    assert p.plan == [("0", 40, kept)]
+    q = Prune(ratio=0.5)
+    with compiling_for(target):
+        q(g)
+    assert q.plan == p.plan
 
 
 def test_exclude_and_global_ratio():

@@ -9,9 +9,9 @@ from torch import nn
 
 import shave
 from shave.backends.tvm.lower import to_relax
-from shave.backends.tvm.schedules import schedule_module, vector_lanes
-from shave.backends.tvm.target import resolve_target
-from conftest import workspace_calls_in_parallel_loops
+from shave.backends.tvm.schedules import schedule_module
+from shave.isa import isa
+from conftest import AVX2, AVX512, AVX512_VNNI, NEON, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
 
 TOL = 1e-5
 
@@ -116,7 +116,7 @@ def test_small_network_with_default_passes():
 
 def _scheduled_kernels(model, x):
     graph = shave.capture(model.eval(), (x,))
-    target = resolve_target("x86")
+    target = AVX2  # layouts and tiles depend on the vector width: an explicit one, not the host's
     import tvm
 
     with tvm.target.Target(target):
@@ -159,7 +159,7 @@ def _kernel_specs(model, x):
     """The ConvSpecs of the conv kernels the schedule makes for `model`."""
     import tvm
 
-    target = resolve_target("x86")
+    target = AVX2
     kernels = {}
     with tvm.target.Target(target):
         schedule_module(to_relax(shave.capture(model, (x,))), target, kernels)
@@ -198,11 +198,57 @@ def test_linear_layers_become_conv_kernels(n, k, j, bias):
     _check(model, x)
 
 
-def test_vector_lanes():
-    assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "znver3"}) == 8
-    assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "skylake-avx512"}) == 16
-    assert vector_lanes({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": "x86-64"}) == 4
-    assert vector_lanes({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a72"}) == 4
+def test_isa_of_explicit_targets():
+    """One description per target, from LLVM's features for its mcpu/mattr, never from the host."""
+    x86 = lambda cpu: isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})  # noqa: E731
+    got = {name: (d.fp32_lanes, d.vector_registers, d.int8_dot, d.fp32_flops_per_cycle) for name, d in [
+        ("znver3", x86("znver3")), ("haswell", isa(AVX2)), ("skylake-avx512", isa(AVX512)),
+        ("icelake-server", isa(AVX512_VNNI)), ("sapphirerapids", x86("sapphirerapids")),
+        ("alderlake", x86("alderlake")), ("x86-64", x86("x86-64")), ("a72", isa(NEON)), ("a76", isa(NEON_DOT)),
+        ("h100", isa("h100"))]}
+    assert got == {"znver3": (8, 16, "avx2", 32), "haswell": (8, 16, "avx2", 32),
+                   "skylake-avx512": (16, 32, "avx2", 64), "icelake-server": (16, 32, "avx512_vnni", 64),
+                   "sapphirerapids": (16, 32, "avx512_vnni", 64), "alderlake": (8, 16, "avx_vnni", 32),
+                   "x86-64": (4, 16, "none", 8), "a72": (4, 32, "none", 16), "a76": (4, 32, "neon_dot", 16),
+                   "h100": (1, 0, "none", 2)}
+    assert isa(AVX2).int8_pairs_saturate and not isa(AVX512_VNNI).int8_pairs_saturate
+    assert isa("rpi5").int8_dot == "neon_dot" and isa("rpi4").channel_multiple == 4
+    assert isa("h100").channel_multiple == 8
+
+
+# fp32 conv kernels for each vector ISA: (target, lanes, what the inner loop's FMA looks like)
+FP32_ISAS = {"avx2": (AVX2, 8, r"vfmadd\d+ps\s+[^\n]*%ymm"), "avx512": (AVX512, 16, r"vfmadd\d+ps\s+[^\n]*%zmm"),
+             "neon": (NEON, 4, r"fmla\s+v\d+\.4s")}
+
+
+@pytest.mark.parametrize("isa_name", sorted(FP32_ISAS))
+@pytest.mark.parametrize("name", ["3x3_c16_oc24_w13_blocked", "dw_s2_c19", "1x1_c40_oc70"])
+def test_fp32_conv_kernel_for_each_isa(isa_name, name):
+    """Each ISA's kernel is built whatever the host and has its vector FMAs (ymm / zmm / NEON .4s);
+    it is run against torch where the host can run it (AVX-512 code needs an AVX-512 host, NEON
+    code runs under emulation in test_targets instead)."""
+    import re
+
+    import tvm
+
+    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles
+
+    target, lanes, fma = FP32_ISAS[isa_name]
+    fields = TILE_SPECS[name]
+    blocked = name in BLOCKED_SPECS and fields[1] % lanes == 0 and fields[4] % lanes == 0
+    spec = ConvSpec(*fields, vec=lanes, regs=isa(target).vector_registers, in_blocked=blocked,
+                    out_blocked=blocked, res_blocked=blocked and fields[-1])
+    lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(target))
+    asm = asm_of(lib)
+    assert re.search(fma, asm), f"no {isa_name} vector FMA in the kernel"
+    if isa_name == "avx2":
+        assert "%zmm" not in asm
+    # the tile search tries larger register tiles where there are 32 registers, not with 16
+    wide = ConvSpec(1, 64, 14, 14, 128, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False, lanes,
+                    regs=isa(target).vector_registers)
+    assert any(o * r > 14 for o, r in candidate_tiles(wide)) == (isa(target).vector_registers == 32)
+    if runs_here(target):
+        assert _kernel_error(spec, _conv_case(fields), target) <= TOL
 
 
 TILE_SPECS = {
@@ -231,9 +277,9 @@ GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
 TILE_SPECS.update(BLOCKED_SPECS)
 
 
-def _to_blocked(a):
+def _to_blocked(a, v=8):
     n, c, h, w = a.shape
-    return np.ascontiguousarray(a.reshape(n, c // 8, 8, h, w).transpose(0, 1, 3, 4, 2))
+    return np.ascontiguousarray(a.reshape(n, c // v, v, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def _conv_case(fields, groups=1, seed=0):
@@ -256,7 +302,7 @@ def _conv_case(fields, groups=1, seed=0):
     return x, wt, b, r, ref.numpy()
 
 
-def _kernel_error(spec, case):
+def _kernel_error(spec, case, target=AVX2):
     """Relative max error of the kernel built for `spec` on `case` (inputs given NCHW)."""
     import tvm
 
@@ -264,10 +310,10 @@ def _kernel_error(spec, case):
 
     x, wt, b, r, ref = case
     if spec.in_blocked:
-        x = _to_blocked(x)
+        x = _to_blocked(x, spec.vec)
     if spec.res_blocked:
-        r = _to_blocked(r)
-    lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(resolve_target("x86")))
+        r = _to_blocked(r, spec.vec)
+    lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(target))
     args = [x, pack_weight(spec, wt), b] + ([r] if spec.residual else []) + [np.zeros(spec.out_shape(), np.float32)]
     bufs = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
     lib["main"](*bufs)
@@ -428,5 +474,5 @@ def test_no_workspace_allocation_inside_the_parallel_loop(fields):
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc
 
     spec = ConvSpec(*fields, vec=8, in_blocked=True, out_blocked=True, res_blocked=fields[-1])
-    ex = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(resolve_target("x86")))
+    ex = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(AVX2))
     assert workspace_calls_in_parallel_loops(ex) == 0

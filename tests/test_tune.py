@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import shave
+from conftest import AVX2
 from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, compute_primfunc, default_schedule
 from shave.backends.tvm.tune import LEDGER
 
@@ -45,11 +46,13 @@ def test_default_trace_replays_the_default_kernel():
 
 
 def test_tune_over_rpc_then_reuse_without_tuning(tmp_path, tracker):
+    """Built for an explicit AVX2 CPU (runs on every x86 host here): the tile candidates depend on
+    the vector width, which 'x86' would take from the host (16 lanes on AVX-512: fewer tiles)."""
     m, x = _model(), torch.randn(1, 3, 14, 14)
     db = tmp_path / "db"
     opts = shave.TuneOptions(trials=4, trials_per_iter=4, database=db, rpc=f"127.0.0.1:{tracker}/shave-test",
                              progress=False)
-    cm = shave.compile(m, (x,), tune=opts)
+    cm = shave.compile(m, (x,), target=AVX2, tune=opts)
     t = cm.tuning
     assert t.tasks == 2 and t.tuned_now == 2 and t.trials >= 4 and t.tiles_measured >= 4
     # the default schedule is a record: a kernel's best is never slower than its default, as measured
@@ -65,7 +68,8 @@ def test_tune_over_rpc_then_reuse_without_tuning(tmp_path, tracker):
     assert "tuned 2 conv kernels" in cm.report.rows[-1].changes
 
     # same kernels, same database, measured here this time: nothing is tuned again
-    again = shave.compile(m, (x,), tune=shave.TuneOptions(trials=4, trials_per_iter=4, database=db, progress=False))
+    again = shave.compile(m, (x,), target=AVX2,
+                          tune=shave.TuneOptions(trials=4, trials_per_iter=4, database=db, progress=False))
     assert again.tuning.tuned_now == 0 and again.tuning.trials == 0 and again.tuning.tiles_measured == 0
     assert again.tuning.kernels == t.kernels
     assert (db / "records.json").read_text().splitlines() == records

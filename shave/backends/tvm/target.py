@@ -11,7 +11,7 @@ from ...errors import TargetError
 # Only the ones that decide whether generated x86 code can execute are listed.
 # LLVM's feature name -> /proc/cpuinfo's.
 _X86_FEATURES = {"avx2": "avx2", "fma": "fma", "avx512f": "avx512f", "avx512bw": "avx512bw",
-                 "avx512vnni": "avx512_vnni"}
+                 "avx512vl": "avx512vl", "avx512vnni": "avx512_vnni", "avxvnni": "avx_vnni"}
 
 
 def host_cpu() -> str:

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ...errors import PassError
+from ...isa import isa
 from ...ir import Graph
 from ..base import Pass, register_pass
 from ..prune.data_criteria import calibration_batches
@@ -98,9 +99,7 @@ class Decompose(Pass):
     def _lanes(self) -> int:
         if self.round_to != "auto":
             return int(self.round_to or 1)
-        from ...backends.tvm.schedules import vector_lanes
-
-        return vector_lanes(self._target())
+        return isa(self._target()).channel_multiple
 
     def selected(self, graph: Graph) -> list[tuple]:
         """[(node, named exactly)] in graph order."""

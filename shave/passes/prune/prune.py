@@ -1,6 +1,6 @@
 """Prune: filter pruning with channel propagation to every consumer.
 
-    Prune(ratio=0.5, criterion="l1", per_layer=True, exclude=(), round_to="auto")
+    Prune(ratio=0.5, criterion="l1", per_layer=True, exclude=(), round_to="auto", data=None, target=None)
 
 Channels are removed in units found by the dependency analysis, so a residual
 stream, a concat, a depthwise conv or a channel shuffle is pruned consistently
@@ -18,18 +18,22 @@ in every tensor that carries it. Criteria score each unit:
 
 With per_layer=True each group loses `ratio` of its units; otherwise units
 are ranked globally by their score divided by their group's mean score.
-A group always keeps at least one unit, and with round_to (the target's
-vector width for "auto") the number of kept channels is rounded up to a
-multiple of it where the group is at least that wide.
+A group always keeps at least one unit, and with round_to the number of kept
+channels is rounded up to a multiple of it where the group is at least that
+wide. "auto" is the fp32 vector width of `target` (shave.isa: 8 on AVX2, 16 on
+AVX-512, 4 on NEON); without `target=`, the target of the shave.compile running
+the pass, else this machine.
 """
 from __future__ import annotations
 
 import fnmatch
 import math
+import numbers
 
 import numpy as np
 
 from ...errors import PassError
+from ...isa import isa, pass_target
 from ...ir import Graph
 from ..base import Pass, register_pass
 from .apply import remove_channels
@@ -37,15 +41,6 @@ from .data_criteria import calibration_batches, reconstruct, taylor_scores
 from .dependency import ChannelGroup, analyse
 
 CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "reconstruction")
-
-
-def default_vector_lanes() -> int:
-    """fp32 lanes of this host's widest vector unit (8 on AVX2, 16 on AVX-512, 4 on NEON)."""
-    from ...backends.tvm.schedules import vector_lanes
-    from ...backends.tvm.target import host_arch, host_cpu
-
-    triple = {"x86_64": "x86_64-linux-gnu", "aarch64": "aarch64-linux-gnu"}.get(host_arch(), "")
-    return vector_lanes({"kind": "llvm", "mtriple": triple, "mcpu": host_cpu()})
 
 
 def _filter_norm(graph: Graph, group: ChannelGroup, produces: set, p: int) -> np.ndarray:
@@ -79,16 +74,25 @@ def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> i
 @register_pass("prune", contract="lossy")
 class Prune(Pass):
     def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
-                 round_to="auto", data=None):
+                 round_to="auto", data=None, target=None):
         if not 0.0 <= ratio < 1.0:
             raise PassError(f"Prune ratio must be in [0, 1), got {ratio}")
         if criterion not in CRITERIA:
             raise PassError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
         self.ratio, self.criterion, self.per_layer = ratio, criterion, per_layer
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-        self.round_to = default_vector_lanes() if round_to == "auto" else int(round_to or 1)
+        if round_to != "auto" and not (round_to is None or (isinstance(round_to, numbers.Integral)
+                                                             and not isinstance(round_to, bool))):
+            raise PassError(f"Prune round_to must be 'auto', an int or None, got {round_to!r}")
+        self.round_to, self.target = round_to, target
         self.batches = calibration_batches(data) if criterion in ("taylor", "reconstruction") else None
         self.plan: list[tuple[str, int, int]] = []  # (group, units before, units kept), after a run
+
+    def lanes(self) -> int:
+        """The multiple kept channel counts are rounded to."""
+        if self.round_to == "auto":
+            return isa(pass_target(self.target)).channel_multiple
+        return int(self.round_to or 1)
 
     def scores(self, graph: Graph, group: ChannelGroup, produces: set) -> np.ndarray:
         """Data-free scores ("taylor" is scored in select; "reconstruction" ranks by l1 where it cannot apply)."""
@@ -126,7 +130,8 @@ class Prune(Pass):
                     dropped[gi] += 1
                     budget -= 1
             ratios = [d / g.size for d, g in zip(dropped, groups)]
-        keeps = [_keep_count(g.size, _unit_width(g), r, self.round_to) for g, r in zip(groups, ratios)]
+        round_to = self.lanes()
+        keeps = [_keep_count(g.size, _unit_width(g), r, round_to) for g, r in zip(groups, ratios)]
         chosen = {}
         if self.criterion == "reconstruction":
             chosen = reconstruct(graph, groups, analysis.reduces, self.batches, keeps)

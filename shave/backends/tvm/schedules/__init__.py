@@ -71,26 +71,9 @@ from .gpu import schedule_gpu
 from .int8 import schedule_qconvs
 from .int8_blocked import block_qconvs
 from .legalize import legalize_and_fuse
+from ....isa import isa
 
-__all__ = ["schedule_module", "vector_lanes"]
-
-
-def vector_lanes(target: dict) -> int:
-    """fp32 lanes of the widest vector register the target has."""
-    if target.get("kind") != "llvm":
-        return 1
-    triple = str(target.get("mtriple", ""))
-    if triple.startswith(("aarch64", "arm")):
-        return 4
-    try:
-        feats = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(target))}
-    except Exception:
-        feats = set()
-    if "avx512f" in feats:
-        return 16
-    if "avx" in feats or "avx2" in feats:
-        return 8
-    return 4
+__all__ = ["schedule_module"]
 
 
 def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None,
@@ -102,11 +85,11 @@ def schedule_module(mod: tvm.IRModule, target: dict, kernels: dict | None = None
         return schedule_gpu(mod, target)
     if target.get("kind") != "llvm":
         return mod
-    vec = vector_lanes(target)
+    desc = isa(target)
     tgt = tvm.target.Target(target)
     with tgt:
         mod = schedule_qconvs(block_qconvs(mod), target)  # int8 conv kernels (int8.py), before anything fuses them
-        mod = fuse_convs(linear_to_conv(mod), vec, kernels, tiles)
+        mod = fuse_convs(linear_to_conv(mod), desc, kernels, tiles)
         mod = legalize_and_fuse(mod)
-        mod = schedule_generic(mod, vec)
+        mod = schedule_generic(mod, desc.fp32_lanes)
     return mod

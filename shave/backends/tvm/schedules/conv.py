@@ -67,6 +67,7 @@ class ConvSpec:
     groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
     winograd: bool = False  # computed by the Winograd F(2x2, 3x3) kernel (winograd.py) instead
+    regs: int = 16  # vector registers of the target (shave.isa): 16 ymm, 32 zmm or NEON
 
     @property
     def oh(self) -> int:
@@ -175,9 +176,17 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
 
 
+# Dense register tiles (ocb_in, max reg_n) worth measuring: 4-14 accumulators, which with the
+# ocb_in weight vectors and a broadcast fit 16 registers; with 32 (AVX-512, NEON) also tiles of
+# up to 28 accumulators (fewer loads per FMA: (ocb_in + reg_n) / (ocb_in * reg_n)).
+DENSE_TILES = {16: [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)],
+               32: [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3), (1, 24), (2, 12), (3, 8), (4, 6), (6, 4)]}
+
+
 def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     """Register tiles worth measuring for a layer (the default first): accumulators
-    ocb_in x reg_n between 4 and 14 vectors, widths chosen to waste few padded columns."""
+    ocb_in x reg_n that fit the target's register file (DENSE_TILES), widths chosen to waste
+    few padded columns."""
     if spec.winograd:
         return _winograd().candidate_tiles(spec)
     spec = flat_view(spec)
@@ -185,7 +194,7 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     if spec.depthwise:
         shapes = [(1, _dw_max_reg(spec)), (1, max(2, _dw_max_reg(spec) // 2))]
     else:
-        shapes = [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)]
+        shapes = DENSE_TILES[32 if spec.regs >= 32 else 16]
     out = [default_tile(spec)]
     for ocb_in, max_reg in shapes:
         if ocb_in > ocb or (ocb % ocb_in and ocb < 4 * ocb_in):  # no tile that is mostly empty blocks

@@ -63,8 +63,9 @@ def _const_value(expr, var2val):
     return None, None
 
 
-def _conv_spec(call, vec):
+def _conv_spec(call, isa):
     """A ConvSpec for a conv2d call this rewrite can handle, else None."""
+    vec = isa.fp32_lanes
     a = call.attrs
     x, w = call.args
     if not isinstance(w, _Const):
@@ -89,7 +90,8 @@ def _conv_spec(call, vec):
     if len(pad) == 2:
         pad = pad * 2
     spec = ConvSpec(n, c, h, wd, oc, kh, kw, tuple(int(s) for s in a.strides), pad,
-                    tuple(int(d) for d in a.dilation), depthwise, None, False, vec, groups=groups)
+                    tuple(int(d) for d in a.dilation), depthwise, None, False, vec, groups=groups,
+                    regs=isa.vector_registers)
     if spec.oh < 1 or spec.ow < 1:
         return None
     return dataclasses.replace(spec, winograd=use_winograd(spec))
@@ -134,8 +136,9 @@ def _folded_shift(x, var2val, consumers, uses, claimed):
     return x, src, dy, dx
 
 
-def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: dict | None = None) -> tvm.IRModule:
-    """Replace every fusable conv chain in every Relax function of `mod`.
+def fuse_convs(mod: tvm.IRModule, isa, kernels: dict | None = None, tiles: dict | None = None) -> tvm.IRModule:
+    """Replace every fusable conv chain in every Relax function of `mod`, with kernels sized
+    for `isa` (shave.isa.ISA: vector lanes, register file).
     `kernels`, if given, is filled with {ConvSpec: GlobalVar} of the kernels made;
     `tiles` maps a ConvSpec (with tile=None) to the register tile to use instead of the default.
     Activations passed only between these kernels stay in the blocked layout."""
@@ -145,7 +148,7 @@ def fuse_convs(mod: tvm.IRModule, vec: int, kernels: dict | None = None, tiles: 
     bb = relax.BlockBuilder(mod)
     for gv, func in list(mod.functions.items()):
         if isinstance(func, relax.Function):
-            chains = _find_chains(func, vec)
+            chains = _find_chains(func, isa)
             if not chains:
                 continue
             try:
@@ -190,7 +193,7 @@ def _uses(func):
     return uses
 
 
-def _find_chains(func, vec) -> list[_Chain]:
+def _find_chains(func, isa) -> list[_Chain]:
     """conv2d -> [bias add] -> [residual add] -> [relu/clip] chains, every intermediate used once."""
     body = func.body
     if not isinstance(body, relax.SeqExpr):
@@ -225,7 +228,7 @@ def _find_chains(func, vec) -> list[_Chain]:
         for bd in blk.bindings:
             if not (isinstance(bd, relax.VarBinding) and _is_op(bd.value, "relax.nn.conv2d")) or bd.var in claimed:
                 continue
-            spec = _conv_spec(bd.value, vec)
+            spec = _conv_spec(bd.value, isa)
             if spec is None:
                 continue
             chain = [bd.var]

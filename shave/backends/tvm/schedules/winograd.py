@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .conv import ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .conv import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
 
 # F(2, 3) (Lavin & Gray): Y = A^T [(G g G^T) . (B^T d B)] A
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
@@ -67,7 +67,7 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     ocb = math.ceil(spec.oc / spec.vec)
     tw = tiles_shape(spec)[1]
     out = [default_tile(spec)]
-    for ocb_in, max_reg in [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)]:
+    for ocb_in, max_reg in DENSE_TILES[32 if spec.regs >= 32 else 16]:
         if ocb_in > ocb:
             continue
         t = (ocb_in, _pick_reg_n(tw, max_reg))
