@@ -9,7 +9,8 @@ from shave.errors import PassError
 from shave.ir import get_op
 from shave.passes import FoldBN, Quantize
 from shave.passes.quantize import convert, qparams
-from conftest import workspace_calls_in_parallel_loops
+from shave.isa import compiling_for
+from conftest import AVX2, AVX512_VNNI, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
 
 
 # ---------------------------------------------------------------- numpy integer reference
@@ -137,12 +138,13 @@ def test_quantize_tiny_model_close_and_integer(tiny):
     g, cal = tiny
     before = str(g)
     q = Quantize(cal, bias_correction=False)  # uncorrected: the error is the rounding's alone
-    gi = q(g)
+    with compiling_for(AVX2):  # reduce_range="auto": 7-bit weights where the dot product saturates
+        gi = q(g)
     assert str(g) == before  # the input graph is not changed
     ops = gi.op_counts()
     assert ops.get("qconv2d") == 3 and ops.get("qlinear") == 1 and "conv2d" not in ops, ops
     assert all(gi.params[n.inputs[1]].dtype == np.int8 for n in gi.nodes if n.op in ("qconv2d", "qlinear"))
-    assert all(np.abs(gi.params[n.inputs[1]]).max() <= 63 for n in gi.nodes if n.op == "qconv2d")  # reduce_range
+    assert all(np.abs(gi.params[n.inputs[1]]).max() <= 63 for n in gi.nodes if n.op == "qconv2d")  # on AVX2
     # conv -> conv stays uint8 between layers: c2's input is c1's output directly, no quantize between
     c2 = next(n for n in gi.nodes if n.op == "qconv2d" and len(n.inputs) == 5)
     assert gi.producer(c2.inputs[0]).op == "qconv2d" and gi.type_of(c2.inputs[0]).dtype == "uint8"
@@ -257,7 +259,10 @@ _INT8_CASES = [  # (c, oc, k, stride, pad, residual, out_dtype, lo, hi)
 ]
 
 
-def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, depthwise=False, wide=False):
+def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, depthwise=False, wide=False,
+                      dot="avx2"):
+    """A kernel spec, its arguments and the integer reference; `wide`: 8-bit weights (beyond +-64),
+    packed as the lowering packs them for a target whose int8 dot product is `dot`."""
     from shave.backends.tvm.schedules import int8
 
     x = rng.integers(0, 256, (2, c, 11, 9), dtype=np.uint8)
@@ -268,7 +273,8 @@ def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, d
     x_zp = int(rng.integers(0, 256))
     spec = int8.QConvSpec(2, c, 11, 9, oc, k, k, (stride, stride), (pad,) * 4, (1, 1), x_zp, 17, out_dtype,
                           lo, hi, residual, 100 if residual else 0, 0.37 if residual else 0.0, depthwise=depthwise,
-                          wide=wide)
+                          **int8.variant(w, depthwise, dot))
+    assert spec.wide == (wide and dot == "avx2" and not depthwise)
     acc = np_conv_int(x.astype(np.int64) - x_zp, w, (stride, stride), (pad, pad), c if depthwise else 1)
     acc += b.reshape(1, -1, 1, 1)
     r = rng.integers(0, 256, acc.shape, dtype=np.uint8) if residual else None
@@ -277,16 +283,17 @@ def _int8_kernel_case(rng, c, oc, k, stride, pad, residual, out_dtype, lo, hi, d
     return spec, args, ref
 
 
-def _host_target():
-    from shave.backends.tvm.target import resolve_target
-
-    return resolve_target("x86")
-
-
-def _run_kernel(func, args, ref):
+def _build_kernel(func, target=AVX2):
     import tvm
 
-    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=_host_target())
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(target))
+
+
+def _run_kernel(func, args, ref, target=AVX2):
+    """Build for `target` (AVX2 by default: it runs on every x86 host here) and run here."""
+    import tvm
+
+    lib = _build_kernel(func, target)
     targs = [tvm.runtime.tensor(a) for a in args] + [tvm.runtime.tensor(np.zeros(ref.shape, ref.dtype))]
     lib["main"](*targs)
     return lib, targs[-1].numpy()
@@ -295,13 +302,48 @@ def _run_kernel(func, args, ref):
 @pytest.mark.parametrize("wide", [False, True])
 @pytest.mark.parametrize("case", _INT8_CASES)
 def test_int8_kernel_bit_exact(rng, case, wide):
-    """The scheduled u8 x s8 kernel (tensorized on AVX2, plain elsewhere) equals the integer reference;
-    so does its int16 variant for 8-bit weights (wide)."""
+    """The AVX2 u8 x s8 kernel (vpmaddubsw pairs) equals the integer reference; so does its int16
+    variant for 8-bit weights (wide)."""
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, *case, wide=wide)
-    _, out = _run_kernel(int8.schedule(spec, int8.has_avx2(_host_target())), args, ref)
+    _, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
+
+
+# int8 dot products beside AVX2's: (target, the step's instruction in the assembly)
+INT8_DOTS = {"avx512_vnni": (AVX512_VNNI, "vpdpbusd"), "neon_dot": (NEON_DOT, "sdot")}
+
+
+@pytest.mark.parametrize("dot", sorted(INT8_DOTS))
+@pytest.mark.parametrize("case", _INT8_CASES[:3] + [(16, 24, 1, 1, 0, True, "uint8", None, None, "blocked")])
+def test_int8_kernel_for_each_dot_product(rng, case, dot):
+    """8-bit weights on VNNI (vpdpbusd, no saturation: plain int8 packing) and Arm +dotprod (sdot on
+    x - 128, the bias compensating): the kernel is built for its target on any host with the
+    instruction in its assembly, run where the host can, and its compute (packing, shift, folded
+    bias) is checked here in any case through the plain schedule."""
+    import dataclasses
+    import re
+
+    from shave.backends.tvm.schedules import int8
+
+    target, instr = INT8_DOTS[dot]
+    blocked = case[-1] == "blocked"
+    spec, args, ref = _int8_kernel_case(rng, *case[:9], wide=True, dot=dot)
+    if blocked:  # 1x1 from a blocked input: VNNI reads it in place, sdot packs (shifting)
+        spec = dataclasses.replace(spec, in_blocked=True, out_blocked=True, res_blocked=True)
+        args[0], args[4], ref = _blocked(args[0]), _blocked(args[4]), _blocked(ref)
+        assert int8.reads_in_place(spec) == (dot == "avx512_vnni")
+    assert not spec.wide and not spec.pairs and spec.shifted == (dot == "neon_dot")
+    assert int8.step_intrin(spec, dot) is not None
+    asm = asm_of(_build_kernel(int8.schedule(spec, dot), target))
+    assert re.search(rf"\b{instr}\b", asm), f"no {instr} in the {dot} kernel"
+    assert "vpmaddubsw" not in asm and "vpmaddwd" not in asm
+    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, "none"), args, ref)[1], ref)
+    if runs_here(target):
+        np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, dot), args, ref, target)[1], ref)
+    # an AVX2 host given a spec packed for VNNI (8-bit weights in bytes) must not use the pair sums
+    assert int8.step_intrin(spec, "avx2") is None
 
 
 @pytest.mark.parametrize("case", [(20, 20, 3, 1, 1, True, "uint8", None, None),
@@ -312,7 +354,7 @@ def test_int8_depthwise_kernel_bit_exact(rng, case):
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, *case, depthwise=True)
-    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, True), args, ref)[1], ref)
+    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, "avx2"), args, ref)[1], ref)
 
 
 @pytest.mark.parametrize("depthwise, wide", [(False, False), (False, True), (True, False)])
@@ -322,23 +364,20 @@ def test_int8_kernel_has_no_workspace_allocation_in_its_parallel_loop(rng, depth
 
     spec, args, ref = _int8_kernel_case(rng, 16, 16, 3, 1, 1, False, "uint8", None, None, depthwise=depthwise,
                                         wide=wide)
-    lib, out = _run_kernel(int8.schedule(spec, True), args, ref)
+    lib, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
     assert workspace_calls_in_parallel_loops(lib) == 0
 
 
 def test_int8_kernel_plain_schedule_and_asm(rng):
-    """The plain schedule (non-AVX2 targets) is exact too; on AVX2 the kernel is vpmaddubsw + vpmaddwd."""
+    """The plain schedule (targets without a dot product) is exact too; on AVX2 the kernel is
+    vpmaddubsw + vpmaddwd (no VNNI instruction, no zmm)."""
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, *_INT8_CASES[0])
-    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, False), args, ref)[1], ref)
-    if not int8.has_avx2(_host_target()):
-        pytest.skip("host has no AVX2")
-    lib, _ = _run_kernel(int8.schedule(spec, True), args, ref)
-    mods = [lib.mod] + list(lib.mod.imports)
-    asm = "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
-    assert "vpmaddubsw" in asm and "vpmaddwd" in asm
+    np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, "none"), args, ref)[1], ref)
+    asm = asm_of(_build_kernel(int8.schedule(spec, "avx2")))
+    assert "vpmaddubsw" in asm and "vpmaddwd" in asm and "vpdpbusd" not in asm and "%zmm" not in asm
 
 
 def _blocked(a: np.ndarray) -> np.ndarray:
@@ -372,7 +411,7 @@ def test_int8_kernel_blocked_layouts_bit_exact(rng, case, kind, layouts):
         args[4] = _blocked(args[4])
     ref = _blocked(ref) if out_b else ref
     assert int8.reads_in_place(spec) == (in_b and case[2] == 1 and not kind.get("depthwise"))
-    _, out = _run_kernel(int8.schedule(spec, int8.has_avx2(_host_target())), args, ref)
+    _, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
 
 
@@ -382,10 +421,11 @@ def test_int8_residual_epilogue_has_no_fused_multiply_add(rng):
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, 16, 24, 1, 1, 0, True, "uint8", None, None)
-    lib, out = _run_kernel(int8.schedule(spec, True), args, ref)
+    lib, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
-    asm = "".join(m.inspect_source("asm") for m in [lib.mod] + list(lib.mod.imports) if m.kind == "llvm")
-    assert "vfmadd" not in asm
+    assert "vfmadd" not in asm_of(lib)
+    vnni = _int8_kernel_case(rng, 16, 24, 1, 1, 0, True, "uint8", None, None, wide=True, dot="avx512_vnni")[0]
+    assert "vfmadd" not in asm_of(_build_kernel(int8.schedule(vnni, "avx512_vnni"), AVX512_VNNI))
 
 
 def test_compiled_int8_chain_stays_blocked_between_kernels(tiny):

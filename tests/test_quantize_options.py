@@ -10,6 +10,7 @@ from shave.backends.torch.module import forward_with_values
 from shave.errors import PassError
 from shave.passes import Quantize
 from shave.passes.quantize import weight_scales
+from conftest import AVX2, AVX512_VNNI, NEON_DOT
 
 
 def _qweights(gi):
@@ -26,6 +27,25 @@ def test_reduce_range_dense_gives_depthwise_eight_bits(tiny):  # noqa: F811
     assert len(dw) == 1 and 63 < np.abs(w[dw[0]]).max() <= 127
     assert all(np.abs(v).max() <= 63 for k, v in w.items() if k not in dw)
     assert all(np.abs(v).max() > 63 for v in _qweights(Quantize(cal, reduce_range=False)(g)).values())
+
+
+@pytest.mark.parametrize("target, seven_bits", [(AVX2, True), (AVX512_VNNI, False), (NEON_DOT, False)])
+def test_reduce_range_auto_follows_the_targets_dot_product(tiny, target, seven_bits):  # noqa: F811
+    """The default, "auto": 7-bit weights only where the int8 dot product saturates on 8-bit ones
+    (AVX2's vpmaddubsw pairs); VNNI and Arm sdot get 8 bits. The target is the compile's."""
+    from shave.isa import compiling_for
+
+    g, cal = tiny
+    q = Quantize(cal)
+    assert q.reduce_range == "auto"
+    with compiling_for(target):
+        assert q.weight_range() is seven_bits
+        w = _qweights(q(g))
+    assert all(np.abs(v).max() <= 63 for v in w.values()) == seven_bits
+    x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    cm = shave.compile(g, (x,), target=target, passes=[Quantize(cal)])
+    got = [n for n in cm.graph.nodes if n.op == "qconv2d"]
+    assert got and all(np.abs(cm.graph.params[n.inputs[1]]).max() <= 63 for n in got) == seven_bits
 
 
 def test_mse_weight_clipping(rng):

@@ -82,9 +82,23 @@ def _mobilenet():
     return pretrained_mobilenet_v2().eval(), images[:1]
 
 
+def _fashion_int8():
+    """The Fashion ResNet quantized (8-bit weights: no target here saturates) as an IR graph, which
+    is its own reference: the compiled int8 code must give the reference kernels' numbers."""
+    from shave.backends.torch import run_graph
+    from shave.passes import FoldBN, Quantize
+
+    model, x = _fashion()
+    train, _ = load_fashion_mnist("train")
+    g = Quantize([train[i:i + 16] for i in range(0, 64, 16)], reduce_range=False)(
+        FoldBN()(shave.capture(model, (x,))))
+    return g, x, run_graph(g, [x.numpy()])[0]
+
+
 @pytest.fixture(scope="module")
 def arm_artifacts(tmp_path_factory):
-    """FashionResNet for a Raspberry Pi 4, the real-weight MobileNetV2 for Graviton2."""
+    """FashionResNet for a Raspberry Pi 4, the real-weight MobileNetV2 for Graviton2, and the int8
+    FashionResNet for a Raspberry Pi 5 (sdot kernels) and a Pi 4 (no dot product: plain int32 lanes)."""
     if shutil.which("aarch64-linux-gnu-gcc") is None and ON_X86:
         pytest.skip("ARM tests skipped: the cross linker aarch64-linux-gnu-gcc is not installed "
                     "(apt-get install gcc-aarch64-linux-gnu)")
@@ -97,6 +111,12 @@ def arm_artifacts(tmp_path_factory):
             ref = model(x).numpy()
         np.save(d / f"{name}_in.npy", x.numpy())
         out[name] = dict(cm=cm, path=cm.export(d / f"{name}.shave"), x=x, ref=ref, target=target)
+    g, x, ref = _fashion_int8()
+    for target in ("rpi5", "rpi4"):
+        name = f"fashion_int8_{target}"
+        cm = shave.compile(g, (x,), target=target)
+        np.save(d / f"{name}_in.npy", x.numpy())
+        out[name] = dict(cm=cm, path=cm.export(d / f"{name}.shave"), x=x, ref=ref, target=target, exact=True)
     return d, out
 
 
@@ -109,6 +129,22 @@ def test_arm_artifacts_hold_aarch64_code(arm_artifacts):
         assert a["cm"].manifest["target"]["name"] == a["target"]
         build = a["cm"].report.rows[-1]
         assert build.stage.startswith("build (llvm ") and (build.error is None) == ON_X86
+
+
+def test_arm_int8_kernels_use_sdot_where_the_cpu_has_it(arm_artifacts, tmp_path):
+    """Cortex-A76 (+dotprod) int8 convs are sdot kernels; the Cortex-A72 build has no sdot."""
+    import subprocess
+
+    objdump = shutil.which("aarch64-linux-gnu-objdump") or shutil.which("objdump")
+    _, arts = arm_artifacts
+    counts = {}
+    for target in ("rpi5", "rpi4"):
+        so = tmp_path / f"{target}.so"
+        so.write_bytes(_library(arts[f"fashion_int8_{target}"]["path"]))
+        text = subprocess.run([objdump, "-d", str(so)], capture_output=True, text=True).stdout
+        assert "fmla" in text or "mul" in text, f"{objdump} could not disassemble aarch64 code"
+        counts[target] = len(re.findall(r"\bsdot\b", text))
+    assert counts["rpi5"] > 0 and counts["rpi4"] == 0, counts
 
 
 @pytest.mark.skipif(not ON_X86, reason="checks refusal of aarch64 code on x86_64")
@@ -158,6 +194,9 @@ def test_arm_artifacts_run_and_match_pytorch(arm_artifacts):
     for name, a in arts.items():
         y = np.load(d / f"{name}_out.npy")
         assert y.shape == a["ref"].shape
+        if a.get("exact"):  # int8: the reference kernels' numbers, bit for bit
+            np.testing.assert_array_equal(y, a["ref"], err_msg=name)
+            continue
         assert rel_err(y, a["ref"]) <= 1e-4, (name, rel_err(y, a["ref"]))
         np.testing.assert_allclose(y, a["ref"], rtol=0, atol=1e-4 * np.abs(a["ref"]).max())
         assert (y.argmax(1) == a["ref"].argmax(1)).all()

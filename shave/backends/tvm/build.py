@@ -18,14 +18,14 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
     import tvm
 
     t0 = time.perf_counter()
-    mod = to_relax(graph)
+    mod = to_relax(graph, target)
     tuned = None
     try:
         with tvm.target.Target(target), codegen_for(target):
             if tune is None:
                 mod = schedule_module(mod, target)
             else:
-                mod, tuned = tune_module(lambda: to_relax(graph), target, tune)
+                mod, tuned = tune_module(lambda: to_relax(graph, target), target, tune)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except CompileError:
         raise

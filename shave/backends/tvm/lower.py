@@ -10,6 +10,8 @@ in.
 from __future__ import annotations
 
 
+from contextvars import ContextVar
+
 import numpy as np
 import tvm
 from tvm import relax
@@ -192,8 +194,27 @@ def _shape(expr) -> tuple[int, ...]:
     return tuple(int(d) for d in expr.ty.shape.values)
 
 
-def to_relax(graph: Graph) -> tvm.IRModule:
-    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`."""
+# The int8 dot product (shave.isa INT8_DOTS) the graph is being lowered for: it decides how int8
+# conv weights are packed (lower_quant). Without a target, AVX2's (the packing every x86 target
+# can run; the schedule falls back to plain code elsewhere).
+LOWERING_DOT: ContextVar = ContextVar("shave_lowering_dot", default="avx2")
+
+
+def to_relax(graph: Graph, target: dict | None = None) -> tvm.IRModule:
+    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`;
+    int8 kernels' weights packed for `target`'s dot product (AVX2's without one)."""
+    if target is None:
+        return _to_relax(graph)
+    from ...isa import isa
+
+    token = LOWERING_DOT.set(isa(target).int8_dot)
+    try:
+        return _to_relax(graph)
+    finally:
+        LOWERING_DOT.reset(token)
+
+
+def _to_relax(graph: Graph) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     vars_ = [relax.Var(name, relax.TensorType(t.shape, t.dtype)) for name, t in graph.inputs]
     env: dict[str, relax.Expr] = {name: v for (name, _), v in zip(graph.inputs, vars_)}

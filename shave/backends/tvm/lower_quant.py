@@ -6,8 +6,9 @@ accumulator, + int32 bias, then the requantization in float32 in the reference's
 nearbyint), + out_zp, clamp, uint8. The result is integer-exact against the reference kernels.
 
 A dense or depthwise qconv2d, or a 2-d qlinear (as a 1x1 conv, batch along the width), with
-constant weights is instead one call_tir to the int8 kernel of schedules/int8.py (weights packed, x_zp folded into the bias
-here; scheduled for the target, with vpmaddubsw on AVX2, by schedule_module).
+constant weights is instead one call_tir to the int8 kernel of schedules/int8.py (weights packed for
+the target's dot product, x_zp folded into the bias here; scheduled for the target, with vpdpbusd
+on VNNI, vpmaddubsw on AVX2, sdot on Arm +dotprod, by schedule_module).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lower import _channel, lowers
+from .lower import LOWERING_DOT, _channel, lowers
 from .schedules import int8
 
 _Const = tvm.ir.expr.Constant
@@ -62,7 +63,7 @@ def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=No
         int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
         None if a["hi"] is None else float(a["hi"]), residual is not None,
         int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
-        depthwise=depthwise, wide=not depthwise and int8.needs_wide(w))
+        depthwise=depthwise, **int8.variant(w, depthwise, LOWERING_DOT.get()))
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:

@@ -1,15 +1,16 @@
 """Quantize: int8 conv/linear layers with calibrated activation ranges.
 
     Quantize(calibration, method="minmax", per_channel=True, exclude=(), percentile=99.99,
-             reduce_range=True, simulate=False, max_layer_error=None)
+             reduce_range="auto", simulate=False, max_layer_error=None)
 
 A *unit* is a conv2d or linear with a constant weight, plus what follows it and
 can be fused into its requantization: an `add` of another activation (the
 residual) and then a relu / relu6 / clamp. Each unit's input (and residual) is
 quantized to uint8 with a per-tensor scale calibrated on `calibration` (an
 iterable of example inputs, run through the float graph as torch); its weight
-to int8, symmetric per output channel. `reduce_range` (default) keeps weights in
-[-63, 63] so that AVX2's u8 x s8 pair sums (vpmaddubsw) cannot saturate int16.
+to int8, symmetric per output channel, with 7 bits ([-63, 63]) where the target's dot
+product would saturate on 8-bit weights (AVX2's vpmaddubsw pair sums) and the full 8 bits
+elsewhere (`reduce_range="auto"`).
 
 With simulate=True the result is the float graph with fake-quant ops
 (fake_quant on activations, fake_quant_channel on weights): the simulation for
@@ -28,10 +29,14 @@ calibration data and the relative error of the graph's output is recorded
 
 Weights: `weight_method="max"` maps each channel's largest |w| to the largest code;
 "mse" clips each channel's range where its squared weight error is least.
-`reduce_range`: True (the default) keeps every weight in [-63, 63], False uses [-127, 127],
-and "dense" limits only the layers whose AVX2 kernels sum u8 x s8 pairs (dense and grouped
-convs, linear) and gives depthwise convs the full 8 bits. 8-bit dense weights run on an
-int16 kernel that does half the multiply-adds per instruction (schedules/int8.py).
+`reduce_range`: True keeps every weight in [-63, 63], False uses [-127, 127], and "dense"
+limits only the layers whose AVX2 kernels sum u8 x s8 pairs (dense and grouped convs,
+linear) and gives depthwise convs the full 8 bits. On AVX2, 8-bit dense weights run on an
+int16 kernel that does half the multiply-adds per instruction (schedules/int8.py); VNNI
+(vpdpbusd) and Arm's sdot sum without saturating, so 8 bits cost nothing there. "auto" (the
+default) is True where the int8 dot product saturates (shave.isa `int8_pairs_saturate`:
+AVX2 without VNNI) and False elsewhere, for `target` or, without one, the target of the
+shave.compile running the pass (else this machine).
 
 `target` (a target name or dict; default None: off): per-layer speed check (speed.py). Each
 quantized layer's int8 kernel alone is timed against its float32 kernel alone on the target;
@@ -58,6 +63,7 @@ import torch
 
 from ...backends.torch.module import forward_with_values
 from ...errors import PassError
+from ...isa import isa, pass_target
 from ...ir import Graph, Node, verify
 from ...ir.types import TensorType
 from ..base import Pass, register_pass
@@ -357,7 +363,7 @@ def bias_correct(graph: Graph, sim: Graph, layers: list[str], batches, mode: str
 @register_pass("quantize", contract="lossy")
 class Quantize(Pass):
     def __init__(self, calibration=None, method: str = "minmax", per_channel: bool = True, exclude=(),
-                 percentile: float = 99.99, reduce_range=True, simulate: bool = False,
+                 percentile: float = 99.99, reduce_range="auto", simulate: bool = False,
                  max_layer_error: float | None = None, weight_method: str = "max",
                  bias_correction="weights", keep_ends_float: bool = False,
                  target=None, min_speedup: float = 1.0, speed_timer=None):
@@ -370,8 +376,8 @@ class Quantize(Pass):
         if bias_correction not in (True, False, "output", "weights"):
             raise PassError(f"Quantize bias_correction must be True, False, 'output' or 'weights', "
                             f"got {bias_correction!r}")
-        if reduce_range not in (True, False, "dense"):
-            raise PassError(f"Quantize reduce_range must be True, False or 'dense', got {reduce_range!r}")
+        if reduce_range not in (True, False, "dense", "auto"):
+            raise PassError(f"Quantize reduce_range must be 'auto', True, False or 'dense', got {reduce_range!r}")
         if not 50.0 < percentile <= 100.0:
             raise PassError(f"Quantize percentile must be in (50, 100], got {percentile}")
         self.calibration, self.method, self.per_channel = calibration, method, per_channel
@@ -387,10 +393,17 @@ class Quantize(Pass):
     def _excluded(self, n: Node) -> bool:
         return n.name in self._slow or any(fnmatch.fnmatchcase(n.name, p) for p in self.exclude)
 
-    def _qmax(self, graph: Graph, n: Node) -> int:
-        if self.reduce_range == "dense":
+    def weight_range(self):
+        """reduce_range with "auto" resolved for the target: True, False or "dense"."""
+        if self.reduce_range == "auto":
+            return isa(pass_target(self.target)).int8_pairs_saturate
+        return self.reduce_range
+
+    @staticmethod
+    def _qmax(graph: Graph, n: Node, reduce) -> int:
+        if reduce == "dense":
             return 127 if _is_depthwise(graph, n) else 63
-        return 63 if self.reduce_range else 127
+        return 63 if reduce else 127
 
     def run(self, graph: Graph) -> Graph:
         batches = calibration_batches(graph, self.calibration)
@@ -405,7 +418,8 @@ class Quantize(Pass):
                                   "+".join(n.op for n in u.nodes[1:])) for u in all_units]
         values = {u.layer.inputs[0] for u in units} | {u.residual for u in units if u.residual}
         ranges = activation_ranges(graph, values, batches, self.method, self.percentile)
-        qmax = {u.layer.name: self._qmax(graph, u.layer) for u in units}
+        reduce = self.weight_range()
+        qmax = {u.layer.name: self._qmax(graph, u.layer, reduce) for u in units}
         wscales = {u.layer.name: weight_scales(np.asarray(graph.params[u.layer.inputs[1]]), qmax[u.layer.name],
                                                self.per_channel, self.weight_method) for u in units}
         if self.max_layer_error is not None:

@@ -8,15 +8,23 @@ reference op of ir/opset_quant.py bit for bit:
    contributes x_zp * w, removed with everything else below), padded channels with 0.
 2. `conv`: sum(x_q * w_q) into an int32 [N, OC/8, OH, OWp, 8] accumulator over
    weights packed at compile time to [OC/8, C/4, KH, KW, 8(out), 4(in)] int8 (32
-   bytes, one ymm, per step). On x86 with AVX2 the 8x4 step is tensorized: the 4
-   input bytes broadcast to 32, `vpmaddubsw` (u8 x s8 -> 16 x i16 pair sums; the
-   weights are within +-64, so 2 * 255 * 64 < 2^15 cannot saturate) then `vpmaddwd`
-   with ones (-> 8 x i32) added to the accumulator. Register tile: `reg_n` output
-   columns x `ocb_in` blocks of 8 channels, fully unrolled; the (batch, channel
-   block, row) loops run in parallel. Elsewhere the same compute runs with a plain
-   schedule (int32 lanes, same tiling). Weights beyond +-64 (8-bit, `wide`): the input
-   is packed as int16 pairs and the weights as int16 [OC/8, C/2, KH, KW, 8, 2], one
-   `vpmaddwd` per step (16 multiply-adds, exact for any 8-bit weight).
+   bytes, one ymm, per step). The 8x4 step is tensorized with the target's dot product
+   (shave.isa's `int8_dot`):
+   - AVX-512 VNNI / AVX-VNNI: one `vpdpbusd` (ymm): the 4 input bytes broadcast to 32,
+     u8 x s8 products summed by 4 into the 8 int32 accumulators, no intermediate
+     saturation, so any 8-bit weight is exact.
+   - AVX2: `vpmaddubsw` (u8 x s8 -> 16 x i16 pair sums) then `vpmaddwd` with ones
+     (-> 8 x i32) added to the accumulator. The pair sums saturate unless the weights
+     are within +-64 (2 * 255 * 64 < 2^15); weights beyond (8-bit, `wide`): the input is
+     packed as int16 pairs and the weights as int16 [OC/8, C/2, KH, KW, 8, 2], one
+     `vpmaddwd` per step (16 multiply-adds, exact for any 8-bit weight).
+   - Arm `+dotprod` (`shifted`): `sdot` multiplies signed bytes only, so the pack stores
+     x - 128 as int8 and the bias folds the 128 * sum(w) back in (fold_bias); two
+     `sdot` per step (4 int32 lanes each).
+   Register tile: `reg_n` output columns x `ocb_in` blocks of 8 channels, fully
+   unrolled; the (batch, channel block, row) loops run in parallel. Without a dot
+   product (or where tensorizing fails) the same compute runs with a plain schedule
+   (int32 lanes, same tiling).
 3. `out`: + int32 bias, where the bias already holds -x_zp * sum(w) per channel
    (compile time), then float32(acc) * mult [+ float32(r - r_zp) * r_mult], round
    half to even, + out_zp, clamp, uint8 (or the clamped float32), written to NCHW
@@ -49,6 +57,9 @@ MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
 INTRIN = "shave_dot_8x4_u8i8i32_avx2"
 INTRIN_WIDE = "shave_dot_8x2_i16i16i32_avx2"
 INTRIN_WIDE_U8 = "shave_dot_8x2_u8i16i32_avx2"  # the same, the 2 input bytes widened in a register
+INTRIN_VNNI = "shave_dot_8x4_u8i8i32_vnni"
+INTRIN_SDOT = "shave_dot_8x4_i8i8i32_sdot"
+SHIFT = 128  # the `shifted` variant packs x - SHIFT as int8 (Arm sdot multiplies signed bytes only)
 
 
 @dataclass(frozen=True)
@@ -73,7 +84,9 @@ class QConvSpec:
     r_mult: float = 0.0
     tile: tuple | None = None  # (ocb_in, reg_n); None: the default
     depthwise: bool = False  # groups = C = OC: int32 lanes over 8 channels, no u8 x s8 pair sums
-    wide: bool = False  # dense with 8-bit weights (beyond +-MAX_W): int16 pairs, vpmaddwd only
+    wide: bool = False  # dense with 8-bit weights (beyond +-MAX_W) for AVX2: int16 pairs, vpmaddwd only
+    pairs: bool = True  # the weights are within +-MAX_W: AVX2's vpmaddubsw pair sums cannot saturate
+    shifted: bool = False  # dense, input packed as int8 x - SHIFT (Arm sdot); the bias holds the difference
     in_blocked: bool = False  # X is [N, C/8, H, W, 8] uint8 (block_qconvs), not NCHW
     out_blocked: bool = False  # Y is [N, OC/8, OH, OW, 8] uint8
     res_blocked: bool = False  # R is [N, OC/8, OH, OW, 8] uint8
@@ -124,8 +137,9 @@ def plan(spec: QConvSpec) -> dict:
 def reads_in_place(spec: QConvSpec) -> bool:
     """A blocked uint8 input a dense kernel reads without a copy (the wide variant widens each
     byte pair in a register): no padding, and the register tiles read only existing columns
-    (the tile width divides the output width)."""
-    return spec.in_blocked and not spec.depthwise and not any(spec.pad) and plan(spec)["owp"] == spec.ow
+    (the tile width divides the output width); not for the shifted variant (its pack shifts)."""
+    return (spec.in_blocked and not spec.depthwise and not spec.shifted and not any(spec.pad)
+            and plan(spec)["owp"] == spec.ow)
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
@@ -142,8 +156,10 @@ def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
 
 
 def fold_bias(spec: QConvSpec, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
-    """int32 bias with the input zero point's share, -x_zp * sum(w), folded in."""
-    b = bias.astype(np.int64) - spec.x_zp * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
+    """int32 bias with the input zero point's share, -x_zp * sum(w), folded in (shifted: the
+    kernel sums (x - SHIFT) * w, so -(x_zp - SHIFT) * sum(w))."""
+    zp = spec.x_zp - (SHIFT if spec.shifted else 0)
+    b = bias.astype(np.int64) - zp * w.reshape(w.shape[0], -1).astype(np.int64).sum(1)
     if np.abs(b).max(initial=0) >= 2 ** 31:
         raise ValueError("folded int8 bias overflows int32")
     return b.astype(np.int32)
@@ -154,6 +170,16 @@ def supports(w: np.ndarray, groups: int) -> bool:
     if w.ndim != 4:
         return False
     return groups == 1 or (groups == w.shape[0] and w.shape[1] == 1)
+
+
+def variant(w: np.ndarray, depthwise: bool, dot: str) -> dict:
+    """The QConvSpec fields (wide, pairs, shifted) of a conv with int8 weights `w`, packed for a
+    target whose int8 dot product is `dot`: int16 pairs only where AVX2's pair sums would
+    saturate, x - 128 input only for Arm's sdot."""
+    big = needs_wide(w)
+    if depthwise:
+        return {"pairs": not big}
+    return {"wide": big and dot == "avx2", "pairs": not big, "shifted": dot == "neon_dot"}
 
 
 def needs_wide(w: np.ndarray) -> bool:
@@ -190,7 +216,7 @@ def compute_primfunc(spec: QConvSpec):
         args.append(Res)
 
     vi = spec.vi
-    pdt = "int16" if spec.wide else "uint8"
+    pdt = "int16" if spec.wide else ("int8" if spec.shifted else "uint8")
 
     def x_at(b, ch, iy, ix):
         if spec.in_blocked:
@@ -202,7 +228,10 @@ def compute_primfunc(spec: QConvSpec):
         iy, ix = y - pt, x - pl
         inside = tirx.all(iy >= 0, iy < h, ix >= 0, ix < w)
         val = tirx.if_then_else(inside, x_at(b, ch, iy, ix), tirx.const(spec.x_zp, "uint8"))
-        return tirx.if_then_else(ch < c, val, tirx.const(0, "uint8")).astype(pdt)
+        val = tirx.if_then_else(ch < c, val, tirx.const(0, "uint8"))
+        if spec.shifted:  # x - 128 as int8 (padded channels: -128, against zero weights)
+            return (val.astype("int32") - SHIFT).astype("int8")
+        return val.astype(pdt)
 
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
@@ -320,9 +349,40 @@ def _register_intrin():
                     dtype="int32x8")
         return impl
 
+    @T.prim_func(s_tir=True)
+    def impl_vnni(A: T.Buffer((4,), "uint8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            # vpdpbusd ymm: C += the 4 u8 x s8 products of each int32 lane, summed without saturation
+            # (LLVM 22 declares its byte operands <32 x i8>; TVM's own dot_16x4_vnni passes i32 lanes)
+            C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"), C.vload([0], dtype="int32x8"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 8), dtype="uint8x32"),
+                B.vload([0, 0], dtype="int8x32"), dtype="int32x8")
+
+    @T.prim_func(s_tir=True)
+    def impl_sdot(A: T.Buffer((4,), "int8", offset_factor=1), B: T.Buffer((8, 4), "int8", offset_factor=1),
+                  C: T.Buffer((8,), "int32", offset_factor=1)) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+            T.writes(C[0:8])
+            # two sdot (4 int32 lanes, 16 bytes each): output channels 0-3 and 4-7
+            a = T.meta_var(T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 4),
+                                         dtype="int8x16"))
+            C[T.ramp(T.int32(0), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([0], dtype="int32x4"), a,
+                B.vload([0, 0], dtype="int8x16"), dtype="int32x4")
+            C[T.ramp(T.int32(4), 1, 4)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([4], dtype="int32x4"), a,
+                B.vload([4, 0], dtype="int8x16"), dtype="int32x4")
+
     for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
                        (INTRIN_WIDE, description(2, "int16", "int16"), impl16("int16")),
-                       (INTRIN_WIDE_U8, description(2, "uint8", "int16"), impl16("uint8"))):
+                       (INTRIN_WIDE_U8, description(2, "uint8", "int16"), impl16("uint8")),
+                       (INTRIN_VNNI, description(4, "uint8", "int8"), impl_vnni),
+                       (INTRIN_SDOT, description(4, "int8", "int8"), impl_sdot)):
         try:
             TensorIntrin.register(name, d, i)
         except Exception:
@@ -330,10 +390,27 @@ def _register_intrin():
     _registered = True
 
 
-def schedule(spec: QConvSpec, avx2: bool):
-    """The scheduled PrimFunc of `spec` (tensorized with vpmaddubsw/vpmaddwd when avx2)."""
+def step_intrin(spec: QConvSpec, dot: str) -> str | None:
+    """The tensor intrinsic for the 8x4 (or 8x2) step of a dense `spec` on a target whose int8
+    dot product is `dot` (shave.isa), or None for the plain schedule."""
+    x86 = dot in ("avx512_vnni", "avx_vnni", "avx2")  # every VNNI CPU has AVX2 as well
+    if spec.depthwise:
+        return None
+    if spec.shifted:
+        return INTRIN_SDOT if dot == "neon_dot" else None
+    if spec.wide:
+        return (INTRIN_WIDE_U8 if reads_in_place(spec) else INTRIN_WIDE) if x86 else None
+    if dot in ("avx512_vnni", "avx_vnni"):
+        return INTRIN_VNNI
+    return INTRIN if x86 and spec.pairs else None
+
+
+def schedule(spec: QConvSpec, dot: str):
+    """The scheduled PrimFunc of `spec` for a target whose int8 dot product is `dot` (an
+    shave.isa INT8_DOTS name): tensorized with step_intrin(spec, dot), plain without."""
     import tvm
 
+    intrin = step_intrin(spec, dot)
     p = plan(spec)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
@@ -360,12 +437,12 @@ def schedule(spec: QConvSpec, avx2: bool):
     b, o, y, x, j, rcb, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     xo, xi = sch.split(x, [None, p["reg_n"]])
-    if avx2:  # the 8x4 (j, rci) step is the tensorized intrinsic
+    if intrin:  # the 8x4 (j, rci) step is the tensorized intrinsic
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, oi, xi, j, rci)
     else:  # int32 lanes over j, the 4 input channels one after another
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
     sch.parallel(sch.fuse(b, oo, y))
-    if not avx2:
+    if not intrin:
         sch.vectorize(j)
     sch.reverse_compute_at(out, xo)
     init = sch.decompose_reduction(conv, rcb)
@@ -373,9 +450,9 @@ def schedule(spec: QConvSpec, avx2: bool):
     sch.vectorize(iloops[-1])
     for lp in iloops[-3:-1]:
         sch.unroll(lp)
-    if avx2:
+    if intrin:
         _register_intrin()
-        sch.tensorize(j, (INTRIN_WIDE_U8 if reads_in_place(spec) else INTRIN_WIDE) if spec.wide else INTRIN)
+        sch.tensorize(j, intrin)
     sch.unroll(oi)
     sch.unroll(xi)
     _schedule_out(sch, out, spec)
@@ -392,33 +469,23 @@ def _schedule_out(sch, out, spec: QConvSpec) -> None:
         sch.unroll(lp)
 
 
-def has_avx2(target: dict) -> bool:
-    import tvm
-
-    if target.get("kind") != "llvm" or str(target.get("mtriple", "")).startswith(("aarch64", "arm")):
-        return False
-    try:
-        feats = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target(target))}
-    except Exception:
-        return False
-    return "avx2" in feats
-
-
 def schedule_qconvs(mod, target: dict):
     """Schedule every PrimFunc the int8 lowering marked (`shave.qconv`) for `target`."""
     from tvm import tirx
 
-    avx2 = has_avx2(target)
+    from ....isa import isa
+
+    dot = isa(target).int8_dot
     updates = {}
     for gv, func in mod.functions.items():
         if isinstance(func, tirx.PrimFunc) and func.attrs is not None and "shave.qconv" in func.attrs:
             spec = QConvSpec.from_json(str(func.attrs["shave.qconv"]))
             try:
-                new = schedule(spec, avx2)
+                new = schedule(spec, dot)
             except Exception:
-                if not avx2:
+                if step_intrin(spec, dot) is None:
                     raise
-                new = schedule(spec, False)
+                new = schedule(spec, "none")
             updates[gv] = new.with_attr("global_symbol", gv.name_hint)
     for gv, f in updates.items():
         mod[gv] = f
