@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites bench-quantize clean
+.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -45,6 +45,9 @@ bench-rewrites: setup
 
 bench-quantize: setup
 	flock /tmp/shave-cpu.lock $(PY) benchmarks/quantize.py
+
+bench-threads: setup
+	$(PY) benchmarks/threads.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -132,6 +132,7 @@ class Engine:
     run: Callable[[], np.ndarray]  # one inference on the fixed input, output as numpy
     setup_s: float | None = None  # one-off cost before the first run (export, compile)
     info: dict = field(default_factory=dict)  # what was used, for the notes and the JSON
+    call: Callable[[np.ndarray], np.ndarray] | None = None  # inference on any input (shave, ORT), numpy in/out
 
 
 def eager_engine(model, x, threads: int) -> Engine:
@@ -206,13 +207,15 @@ def onnxruntime_engine(model, x, threads: int, workdir: Path | None = None) -> E
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         setup = time.perf_counter() - t0
-    feed = {sess.get_inputs()[0].name: x.numpy()}
+    name = sess.get_inputs()[0].name
+    feed = {name: x.numpy()}
 
     def run():
         return sess.run(None, feed)[0]
 
     return Engine("onnxruntime", run, setup, {"onnxruntime": ort.__version__, "exporter": exporter,
-                                              "providers": sess.get_providers(), "intra_op_threads": threads})
+                                              "providers": sess.get_providers(), "intra_op_threads": threads},
+                  call=lambda a: sess.run(None, {name: a})[0])
 
 
 def shave_engine(model, x, threads: int, target: str = "x86", tune=None, name: str = "shave") -> Engine:
@@ -240,7 +243,7 @@ def shave_engine(model, x, threads: int, target: str = "x86", tune=None, name: s
             "report": str(cm.report), "report_rows": cm.report.to_dict()["rows"]}
     if cm.tuning is not None:
         info.update(tuning=cm.tuning.summary(), tune_s=cm.tuning.seconds, tune_trials=cm.tuning.trials)
-    return Engine(name, run, setup, info)
+    return Engine(name, run, setup, info, call=cm)
 
 
 def shave_tuned_engine(model, x, threads: int, target: str = "x86", trials: int = 200,

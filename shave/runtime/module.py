@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 
 import numpy as np
 
@@ -15,18 +16,32 @@ from .artifact import LIB, read_artifact
 
 class Runtime:
     """A loaded model. `rt(*inputs)` takes numpy arrays (or anything np.asarray
-    accepts) and returns a numpy array, or a tuple of them for several outputs."""
+    accepts) and returns a numpy array, or a tuple of them for several outputs.
+
+    Safe to call from several threads: TVM's Relax VM keeps its registers in the VM
+    object, so each calling thread runs its own VM over the one loaded library (the
+    weights are shared, not copied: eight VMs of MobileNetV2 add 0.1 MiB)."""
 
     def __init__(self, module, manifest: dict):
         import tvm
-        from tvm import relax
 
         self.manifest = manifest
         self.inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
         self.outputs = [(o["name"], tuple(o["shape"]), o["dtype"]) for o in manifest["outputs"]]
         self._device = tvm.cuda(0) if manifest["target"]["arch"] == "cuda" else tvm.cpu()
-        self._vm = relax.VirtualMachine(module, self._device)
-        self._main = self._vm["main"]
+        self._module = module
+        self._local = threading.local()
+        self._main()  # this thread's VM now: a library that cannot start fails here, not at the first call
+
+    def _main(self):
+        """This thread's VM entry point (made on the thread's first call)."""
+        main = getattr(self._local, "main", None)
+        if main is None:
+            from tvm import relax
+
+            self._local.vm = relax.VirtualMachine(self._module, self._device)
+            main = self._local.main = self._local.vm["main"]
+        return main
 
     def _check(self, args) -> list[np.ndarray]:
         if len(args) != len(self.inputs):
@@ -46,7 +61,7 @@ class Runtime:
 
         # tvm.runtime.tensor copies into memory aligned the way TVM kernels assume
         ins = [tvm.runtime.tensor(np.ascontiguousarray(a), self._device) for a in self._check(args)]
-        out = self._main(*ins)
+        out = self._main()(*ins)
         return [o.numpy() for o in out]
 
     def __call__(self, *args):
