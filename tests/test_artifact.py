@@ -106,6 +106,34 @@ def test_corrupt_truncated_foreign_and_missing(artifact, tmp_path):
         shave.load(other)
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m["inputs"][0].update(shape=[1, 3, 9, 8]), "manifest.json was changed after export: its inputs/outputs"),
+    (lambda m: m["inputs"][0].update(dtype="float64"), "manifest.json was changed after export"),
+    (lambda m: m["outputs"][0].update(shape=[1, 5]), "manifest.json was changed after export"),
+    (lambda m: m.pop("inputs"), "invalid manifest.json: inputs is missing"),
+    (lambda m: m["inputs"][0].update(shape="1x3x8x8"), r"invalid manifest.json: inputs\[0\].shape must be a list"),
+    (lambda m: m["outputs"][0].update(dtype="float8"), r"invalid manifest.json: outputs\[0\].dtype must be a dtype"),
+    (lambda m: m["target"].pop("arch"), "invalid manifest.json: target.arch is missing"),
+])
+def test_edited_manifest_is_refused_at_load(artifact, tmp_path, edit, message):
+    """A manifest edited by hand must not load and then fail inside TVM (or give wrong shapes)."""
+    with pytest.raises(ArtifactError, match=r"e.shave: " + message):
+        shave.load(_rewrite(artifact, tmp_path / "e.shave", edit_manifest=edit))
+
+
+def test_export_errors_name_the_users_path_and_leave_nothing(compiled, tmp_path):
+    cm = compiled[0]
+    with pytest.raises(ArtifactError, match=r"cannot write artifact .*nowhere/m.shave: directory .*nowhere does not exist$"):
+        cm.export(tmp_path / "nowhere" / "m.shave")
+    (tmp_path / "d").mkdir()
+    with pytest.raises(ArtifactError, match=r"cannot write artifact .*/d: it is a directory$"):
+        cm.export(tmp_path / "d")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"]  # no temporary file left behind
+    assert cm.export(tmp_path / "ok.shave").is_file() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "ok.shave"]
+    with pytest.raises(ArtifactError, match="shave.load takes the path of an artifact file, got NoneType"):
+        shave.load(None)
+
+
 def test_unknown_and_invalid_targets():
     model = nn.Conv2d(3, 4, 3).eval()
     with pytest.raises(TargetError, match=r"unknown target 'x68'; known names: x86"):
