@@ -15,7 +15,7 @@ from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .isa import compiling_for
 from .ir import Graph, verify
-from .passes import DEFAULT_PASSES, run_passes, run_probes
+from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
 from .report import Report, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
@@ -101,7 +101,8 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
 
     `model` may also be an IR Graph (from shave.capture, perhaps already
     rewritten); then it is its own reference and example_inputs may be omitted."""
-    spec = resolve_target(target)  # fail fast on a bad target, before any tracing
+    spec = resolve_target(target)  # fail fast on a bad target or pass list, before any tracing
+    passes = [get_pass(p) for p in pass_list(passes)]
     if tune is not None and not isinstance(tune, TuneOptions):
         raise CompileError(f"tune must be None or a shave.TuneOptions, got {type(tune).__name__}")
 
@@ -127,7 +128,7 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                error=relative_error(run_probes(graph, probes), reference), seconds=time.perf_counter() - t0)
 
     with compiling_for(spec):  # passes given no target= plan for this one
-        graph, report = run_passes(graph, list(passes), probes, reference, report)
+        graph, report = run_passes(graph, passes, probes, reference, report)
 
     library, seconds, tuned = build(graph, spec, tune)
     manifest = {

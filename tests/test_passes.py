@@ -108,6 +108,21 @@ def test_pass_lookup_errors():
         get_pass(3)
 
 
+def test_passes_given_as_one_name_or_a_class():
+    """A bare string is one pass (not its characters), a Pass class is made with its defaults, and
+    what cannot be a pass list is one clear error, raised before anything is traced."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4).eval(), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 8, 8)
+    for passes in ("fold_bn", FoldBN, [FoldBN], FoldBN()):
+        cm = shave.compile(model, (x,), passes=passes)
+        assert [r.stage for r in cm.report.rows[1:-1]] == ["fold_bn"], passes
+    with pytest.raises(PassError, match="passes must be a list of pass names, Pass objects or functions, got int"):
+        shave.compile(model, (x,), passes=3)
+    with pytest.raises(PassError, match=r"ratio must be a number in \[0, 1\), got '0.5'"):
+        shave.passes.Prune(ratio="0.5")
+
+
 def test_pass_that_breaks_the_ir_is_named(graph_and_input):
     g, _ = graph_and_input
 

@@ -88,7 +88,7 @@ def test_rounding_to_vector_width_and_ratio_bounds():
     out = p(g)
     assert p.plan == [("0", 20, 16)]  # keep 10 -> rounded up to 16
     assert out.type_of("0").shape[1] == 16
-    with pytest.raises(PassError, match=r"ratio must be in \[0, 1\)"):
+    with pytest.raises(PassError, match=r"ratio must be a number in \[0, 1\)"):
         Prune(ratio=1.0)
     with pytest.raises(PassError, match="unknown pruning criterion 'taylor2'"):
         Prune(criterion="taylor2")

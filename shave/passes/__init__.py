@@ -1,5 +1,5 @@
 """Graph -> Graph rewrites. Every pass here is also registered by name."""
-from .base import FunctionPass, Pass, get_pass, register_pass, registered_passes
+from .base import FunctionPass, Pass, get_pass, pass_list, register_pass, registered_passes
 from .decompose import Decompose
 from .fold_bn import FoldBN
 from .manager import run_passes, run_probes

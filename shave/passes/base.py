@@ -75,9 +75,15 @@ def register_pass(name: str, contract: str = "exact", tolerance: float = 1e-4):
 
 
 def get_pass(spec) -> Pass:
-    """A pass from a registered name, a Pass object, or a plain callable (treated as lossy)."""
+    """A pass from a registered name, a Pass object or class, or a plain callable (treated as lossy)."""
     if isinstance(spec, Pass):
         return spec
+    if isinstance(spec, type) and issubclass(spec, Pass):  # the class itself: made with its defaults
+        try:
+            return spec()
+        except TypeError as e:
+            raise PassError(f"pass class {spec.__name__} cannot be made without arguments ({e}); "
+                            f"pass an object: {spec.__name__}(...)") from None
     if isinstance(spec, str):
         if spec not in _REGISTRY:
             raise PassError(f"unknown pass {spec!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
@@ -89,3 +95,14 @@ def get_pass(spec) -> Pass:
 
 def registered_passes() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def pass_list(passes) -> list:
+    """`passes=` as a list: one name, Pass or function alone counts as a list of one."""
+    if isinstance(passes, (str, Pass, type)) or (callable(passes) and not hasattr(passes, "__iter__")):
+        return [passes]
+    try:
+        return list(passes)
+    except TypeError:
+        raise PassError(f"passes must be a list of pass names, Pass objects or functions, "
+                        f"got {type(passes).__name__}") from None

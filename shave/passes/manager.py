@@ -7,7 +7,7 @@ from ..backends.torch import run_graph
 from ..errors import IRError, PassError
 from ..ir import Graph
 from ..report import Report, op_changes, relative_error
-from .base import get_pass
+from .base import get_pass, pass_list
 
 
 def run_probes(graph: Graph, probes) -> list:
@@ -21,7 +21,7 @@ def run_passes(graph: Graph, passes, probes, reference, report: Report | None = 
     outputs are compared with `reference` (as `run_probes` returns them).
     An exact pass whose error exceeds its tolerance raises PassError naming it."""
     report = report if report is not None else Report()
-    for spec in passes:
+    for spec in pass_list(passes):
         p = get_pass(spec)
         before = graph.op_counts()
         t0 = time.perf_counter()

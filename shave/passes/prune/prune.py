@@ -75,8 +75,8 @@ def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> i
 class Prune(Pass):
     def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
                  round_to="auto", data=None, target=None):
-        if not 0.0 <= ratio < 1.0:
-            raise PassError(f"Prune ratio must be in [0, 1), got {ratio}")
+        if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
+            raise PassError(f"Prune ratio must be a number in [0, 1), got {ratio!r}")
         if criterion not in CRITERIA:
             raise PassError(f"unknown pruning criterion {criterion!r}; known: {', '.join(CRITERIA)}")
         self.ratio, self.criterion, self.per_layer = ratio, criterion, per_layer
