@@ -198,6 +198,33 @@ def test_linear_layers_become_conv_kernels(n, k, j, bias):
     _check(model, x)
 
 
+class NaNPaths(nn.Module):
+    """relu/relu6/clamp/hardswish fused into conv kernels and as separate kernels."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        return (y.mean((2, 3)), nn.functional.relu6(x * 2), nn.functional.hardswish(self.c2(y)),
+                torch.relu(x), torch.clamp(x, -0.5, 0.5))
+
+
+def test_activations_keep_nan_as_pytorch_does():
+    """max(NaN, 0) is 0 in TVM's TOPI code; PyTorch's relu, relu6, clamp and hardswish keep NaN."""
+    torch.manual_seed(0)
+    model = NaNPaths().eval()
+    x = torch.randn(1, 3, 6, 6)
+    cm = shave.compile(model, (x,))
+    x[0, 1, 2, 3] = float("nan")
+    with torch.no_grad():
+        ref = model(x)
+    for r, g in zip(ref, cm(x)):
+        assert torch.equal(torch.isnan(r), torch.isnan(g))
+        torch.testing.assert_close(torch.nan_to_num(g, 7.0), torch.nan_to_num(r, 7.0), rtol=1e-5, atol=1e-5)
+
+
 def test_isa_of_explicit_targets():
     """One description per target, from LLVM's features for its mcpu/mattr, never from the host."""
     x86 = lambda cpu: isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})  # noqa: E731

@@ -45,7 +45,11 @@ def calibration_batches(graph: Graph, data, who: str = "Quantize calibration") -
                 want = "(N, " + ", ".join(str(d) for d in t.shape[1:]) + ")"
                 raise PassError(f"{who} item {i}: input {name!r} has shape {tuple(x.shape)}, "
                                 f"the graph wants {want}")
-            batch.append(x.to(getattr(torch, t.dtype)))
+            x = x.to(getattr(torch, t.dtype))
+            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+                raise PassError(f"{who} item {i}: input {name!r} has NaN or infinite values; "
+                                "activation ranges need finite data")
+            batch.append(x)
         batches.append(tuple(batch))
     return batches
 

@@ -258,14 +258,15 @@ def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
 
 
 def _act(x, act):
-    from tvm import tirx
+    """The fused activation; a NaN stays NaN, as in PyTorch (legalize.nan_keeping_clip)."""
+    from .legalize import nan_keeping_clip
 
     if act is None:
         return x
     if act == "relu":
-        return tirx.max(x, tirx.const(0.0, "float32"))
+        return nan_keeping_clip(x, 0.0)
     _, lo, hi = act.split(":")
-    return tirx.min(tirx.max(x, tirx.const(float(lo), "float32")), tirx.const(float(hi), "float32"))
+    return nan_keeping_clip(x, float(lo), float(hi))
 
 
 def build_primfunc(spec: ConvSpec):
