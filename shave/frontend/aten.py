@@ -188,6 +188,61 @@ def _clamp(cx, n):
     return cx.emit("clamp", [cx.val(n.args[0])], {"min": lo, "max": hi}, n)
 
 
+@converts(aten.leaky_relu.default)
+def _leaky_relu(cx, n):
+    return cx.emit("leaky_relu", [cx.val(n.args[0])], {"negative_slope": float(_arg(n, 1, "negative_slope", 0.01))}, n)
+
+
+# ----------------------------------------------------------- resize and pad
+@converts(aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default,
+          aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default)
+def _upsample(cx, n):
+    bilinear = n.target in (aten.upsample_bilinear2d.vec, aten.upsample_bilinear2d.default)
+    size = tuple(int(d) for d in n.meta["val"].shape[2:])
+    if n.target == aten.upsample_nearest2d.vec:
+        scales = _arg(n, 2, "scale_factors")
+    elif n.target == aten.upsample_bilinear2d.vec:
+        scales = _arg(n, 3, "scale_factors")
+    else:  # .default: (input, output_size, [align_corners,] scales_h, scales_w)
+        first = 3 if bilinear else 2
+        hw = (_arg(n, first, "scales_h"), _arg(n, first + 1, "scales_w"))
+        scales = None if hw[0] is None or hw[1] is None else hw
+    attrs = {"size": size, "mode": "bilinear" if bilinear else "nearest",
+             "align_corners": bool(_arg(n, 2, "align_corners", False)) if bilinear else False,
+             "scales": None if scales is None else tuple(float(s) for s in scales)}
+    return cx.emit("resize", [cx.val(n.args[0])], attrs, n)
+
+
+@converts(aten.pad.default, aten.constant_pad_nd.default, aten.reflection_pad2d.default,
+          aten.replication_pad2d.default, aten.reflection_pad1d.default, aten.replication_pad1d.default)
+def _pad(cx, n):
+    pads = tuple(int(p) for p in n.args[1])
+    if n.target == aten.pad.default:
+        mode, value = _arg(n, 2, "mode", "constant"), _arg(n, 3, "value", None)
+    elif n.target == aten.constant_pad_nd.default:
+        mode, value = "constant", _arg(n, 2, "value", 0.0)
+    else:
+        mode, value = ("reflect" if "reflection" in str(n.target) else "replicate"), None
+    if mode not in ("constant", "reflect", "replicate"):
+        cx.unsupported(n, f"pad mode {mode!r}")
+    return cx.emit("pad", [cx.val(n.args[0])], {"pads": pads, "mode": mode,
+                                                "value": float(value or 0.0) if mode == "constant" else None}, n)
+
+
+@converts(aten.pixel_shuffle.default)
+def _pixel_shuffle(cx, n):
+    return cx.emit("pixel_shuffle", [cx.val(n.args[0])], {"upscale": int(n.args[1])}, n)
+
+
+@converts(aten.amax.default, aten.amin.default)
+def _amax_amin(cx, n):
+    nd = len(n.args[0].meta["val"].shape)
+    dims = _arg(n, 1, "dim", ())
+    axes = tuple(sorted(_axis(d, nd) for d in dims)) if dims else tuple(range(nd))
+    op = "amax" if n.target == aten.amax.default else "amin"
+    return cx.emit(op, [cx.val(n.args[0])], {"axes": axes, "keepdim": bool(_arg(n, 2, "keepdim", False))}, n)
+
+
 @converts(aten.softmax.int, aten._softmax.default)
 def _softmax(cx, n):
     nd = len(n.args[0].meta["val"].shape)

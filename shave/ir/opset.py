@@ -125,6 +125,8 @@ register_op("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=appro
             attrs=("approximate",), channels=ch.elementwise)
 register_op("clamp", lambda x, *, min, max: torch.clamp(x, min, max), flops=_elementwise(2), attrs=("min", "max"),
             channels=ch.elementwise)
+register_op("leaky_relu", lambda x, *, negative_slope: F.leaky_relu(x, negative_slope), flops=_elementwise(2),
+            attrs=("negative_slope",), channels=ch.elementwise)
 register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",),
             channels=ch.softmax)
 
@@ -186,3 +188,5 @@ register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel r
 from . import opset_rewrites  # noqa: E402,F401  (shift, channel_shuffle)
 
 from . import opset_quant  # noqa: E402,F401  (int8 and fake-quant ops)
+
+from . import opset_spatial  # noqa: E402,F401  (resize, pad, pixel_shuffle, amax, amin)

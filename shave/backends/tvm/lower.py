@@ -105,6 +105,58 @@ def _clamp(bb, ins, a, node):
     return R.clip(ins[0], max(lo, -big), min(hi, big))
 
 
+lowers("leaky_relu")(lambda bb, ins, a, n: R.nn.leakyrelu(ins[0], a["negative_slope"]))
+
+
+@lowers("resize")
+def _resize(bb, ins, a, node):
+    in_hw, out_hw = _shape(ins[0])[2:], tuple(a["size"])
+    if a["scales"] is not None and any(abs(1.0 / s - i / o) > 1e-9 for s, i, o in zip(a["scales"], in_hw, out_hw)):
+        # PyTorch maps output pixels through 1 / scale, TVM through in / out: equal only when out = in * scale
+        raise CompileError(f"node {node.name!r}: resize by scale factor {a['scales']} from {in_hw} to {out_hw} "
+                           "(not in * scale) has no TVM lowering; give interpolate a size= instead")
+    if a["mode"] == "nearest":  # torch: src = floor(dst * in / out)
+        return R.image.resize2d(ins[0], out_hw, layout="NCHW", method="nearest_neighbor",
+                                coordinate_transformation_mode="asymmetric", rounding_method="floor")
+    return R.image.resize2d(ins[0], out_hw, layout="NCHW", method="linear",
+                            coordinate_transformation_mode="align_corners" if a["align_corners"] else "half_pixel")
+
+
+@lowers("pad")
+def _pad(bb, ins, a, node):
+    """F.pad order (last axis first) to Relax's per-axis (before, after); negative constant pads crop."""
+    shape = _shape(ins[0])
+    nd, pads = len(shape), list(a["pads"])
+    width = [0] * (2 * nd)
+    for i in range(0, len(pads), 2):
+        axis = nd - 1 - i // 2
+        width[2 * axis], width[2 * axis + 1] = pads[i], pads[i + 1]
+    x = ins[0]
+    if any(w > 0 for w in width):
+        mode = {"constant": "constant", "reflect": "reflect", "replicate": "replicate"}[a["mode"]]
+        x = bb.emit(R.nn.pad(x, [max(w, 0) for w in width], mode, a["value"] or 0.0))
+    crop = [(axis, -width[2 * axis], width[2 * axis + 1]) for axis in range(nd)
+            if width[2 * axis] < 0 or width[2 * axis + 1] < 0]
+    if crop:
+        padded = _shape(x)
+        x = R.strided_slice(x, [c[0] for c in crop], [max(c[1], 0) for c in crop],
+                            [padded[c[0]] + min(c[2], 0) for c in crop])
+    return x
+
+
+@lowers("pixel_shuffle")
+def _pixel_shuffle(bb, ins, a, node):
+    n, c, h, w = _shape(ins[0])
+    r = a["upscale"]
+    x = bb.emit(R.reshape(ins[0], (n, c // (r * r), r, r, h, w)))
+    x = bb.emit(R.permute_dims(x, [0, 1, 4, 2, 5, 3]))
+    return R.reshape(x, (n, c // (r * r), h * r, w * r))
+
+
+lowers("amax")(lambda bb, ins, a, n: R.max(ins[0], list(a["axes"]), a["keepdim"]))
+lowers("amin")(lambda bb, ins, a, n: R.min(ins[0], list(a["axes"]), a["keepdim"]))
+
+
 def _pool_padding(node, in_shape, a):
     """Padding (top, left, bottom, right) that makes TVM's floor-mode window count
     equal torch's output size. torch's ceil_mode drops a last window that would
