@@ -51,12 +51,28 @@ def test_unsupported_op_names_op_and_source_line():
     assert "in forward: return torch.cumsum(x, 1)" in msg
 
 
-def test_untraceable_model_is_one_clear_line():
+def test_unsupported_torch_layer_is_named_as_the_user_wrote_it():
+    """An LSTM is refused as nn.LSTM, not as the first aten op inside it (aten.zeros)."""
+    class Rnn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(4, 8, batch_first=True)
+
+        def forward(self, x):
+            return self.rnn(x)[0]
+
+    with pytest.raises(UnsupportedOpError, match=r"Rnn: unsupported layer nn.LSTM \(rnn\) \(its op aten\.\S+ has no "
+                                                 r"IR form\) at test_frontend.py:\d+ in forward: return self.rnn"):
+        shave.capture(Rnn().eval(), (torch.randn(1, 3, 4),))
+
+
+def test_untraceable_model_is_one_clear_line(capfd):
     with pytest.raises(CaptureError) as e:
         shave.capture(Branchy(), (torch.randn(2, 2),))
     msg = str(e.value)
     assert msg.startswith("cannot trace Branchy: torch.export: ")
     assert "torch.fx: TraceError" in msg and "\n" not in msg
+    assert capfd.readouterr().err == ""  # torch's partial graph and warnings are not printed
 
 
 def test_bad_example_inputs():

@@ -229,6 +229,11 @@ def _pad(cx, n):
                                                 "value": float(value or 0.0) if mode == "constant" else None}, n)
 
 
+@converts(aten.channel_shuffle.default, aten.native_channel_shuffle.default)
+def _channel_shuffle(cx, n):  # nn.ChannelShuffle
+    return cx.emit("channel_shuffle", [cx.val(n.args[0])], {"groups": int(n.args[1])}, n)
+
+
 @converts(aten.pixel_shuffle.default)
 def _pixel_shuffle(cx, n):
     return cx.emit("pixel_shuffle", [cx.val(n.args[0])], {"upscale": int(n.args[1])}, n)

@@ -8,7 +8,10 @@ the copy is put in eval mode.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import operator
 import warnings
 
@@ -115,8 +118,11 @@ class _Converter:
                 conv = CONVERTERS.get(functional if functional is not None else n.target)
                 if conv is None:
                     src = self.source(n)
+                    layer = _torch_layer(n)
+                    what = (f"layer {layer} (its op {_target_name(n)} has no IR form)" if layer
+                            else f"op {_target_name(n)}")
                     raise UnsupportedOpError(
-                        f"{self.what}: unsupported op {_target_name(n)}" + (f" at {src}" if src else f" (node {n.name})")
+                        f"{self.what}: unsupported {what}" + (f" at {src}" if src else f" (node {n.name})")
                         + "; see shave.ir.registered_ops() for what the IR has")
                 self.values[n] = conv(self, n)
                 if functional is not None:
@@ -198,6 +204,19 @@ def _fetch_attr(gm, target: str):
     return obj
 
 
+def _torch_layer(n: torch.fx.Node) -> str | None:
+    """'nn.LSTM (l)' when the node was traced inside a torch.nn layer (not a container), else None:
+    an unsupported layer is named as the user wrote it, not by the first aten op inside it."""
+    stack = n.meta.get("nn_module_stack") or {}
+    if not stack:
+        return None
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__module__", "") + "." + cls.__qualname__
+    if not cls.startswith("torch.nn.modules.") or cls.startswith("torch.nn.modules.container."):
+        return None
+    return f"nn.{cls.rsplit('.', 1)[-1]}" + (f" ({path})" if path else "")
+
+
 # ----------------------------------------------------------------------- paths
 def _via_export(model, args, what) -> Graph:
     ep = torch.export.export(model, args, strict=False)
@@ -257,13 +276,31 @@ def eval_model(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).eval()
 
 
+@contextlib.contextmanager
+def _torch_logs_quiet():
+    """A failed torch.export prints the partial graph to stderr (twice, on data-dependent control
+    flow) and torch logs warnings about it; shave's CaptureError already says why, in one line.
+    While shave traces, torch's loggers are off and what torch prints to stderr is dropped."""
+    names = [n for n in logging.root.manager.loggerDict if n == "torch" or n.startswith("torch.")]
+    loggers = [logging.getLogger(n) for n in names]
+    was = [lg.disabled for lg in loggers]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        for lg, d in zip(loggers, was):
+            lg.disabled = d
+
+
 def capture(model: torch.nn.Module, example_inputs) -> Graph:
     """Trace `model` on `example_inputs` into a verified shave IR graph."""
     model = eval_model(model)
     args = _normalise_inputs(example_inputs)
     what = type(model).__name__
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _torch_logs_quiet():
             graph = _via_export(model, args, what)
     except UnsupportedOpError:
         raise
@@ -271,7 +308,7 @@ def capture(model: torch.nn.Module, example_inputs) -> Graph:
         raise
     except Exception as export_error:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), _torch_logs_quiet():
                 graph = _via_fx(model, args, what)
         except (UnsupportedOpError, CaptureError):
             raise
