@@ -291,11 +291,45 @@ def _resnet18(seed: int = 0):
     return resnet18().eval(), f"ResNet-18, random init (torch.manual_seed({seed}))"
 
 
+def torchvision_models():
+    """torchvision.models, imported without torchvision's package __init__ (which registers C++
+    detection ops that do not exist beside the CPU torch: 'torchvision::nms does not exist');
+    the model definitions are pure Python. torchvision==0.28.0 is installed with --no-deps."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "torchvision" not in sys.modules:
+        spec = importlib.util.find_spec("torchvision")
+        if spec is None:
+            raise ImportError("torchvision is not installed: pip install --no-deps torchvision==0.28.0")
+        pkg = types.ModuleType("torchvision")
+        pkg.__path__, pkg.__file__ = list(spec.submodule_search_locations), spec.origin
+        sys.modules["torchvision"] = pkg
+    return importlib.import_module("torchvision.models")
+
+
+def _torchvision(name: str, label: str, seed: int = 0):
+    def make():
+        import torch
+
+        torch.manual_seed(seed)
+        return getattr(torchvision_models(), name)().eval(), f"{label}, random init (torchvision, seed {seed})"
+    return make
+
+
 # name -> () -> (eval-mode model, description); all take 3x224x224 inputs
 MODELS: dict[str, Callable[[], tuple[object, str]]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet18": _resnet18,
+    "mobilenet_v3_large": _torchvision("mobilenet_v3_large", "MobileNetV3-Large"),
+    "mobilenet_v3_small": _torchvision("mobilenet_v3_small", "MobileNetV3-Small"),
+    "efficientnet_b0": _torchvision("efficientnet_b0", "EfficientNet-B0"),
+    "regnet_y_400mf": _torchvision("regnet_y_400mf", "RegNetY-400MF"),
+    "shufflenet_v2": _torchvision("shufflenet_v2_x1_0", "ShuffleNetV2 x1.0"),
+    "resnet50": _torchvision("resnet50", "ResNet-50"),
 }
+DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
 
 
 def make_input(batch: int, size: int = 224, seed: int = 0):

@@ -26,11 +26,11 @@ QUIET_PCT = 5.0  # others' CPU share (%) above which a timing counts as disturbe
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    from common import DEFAULT_ENGINES, ENGINES, MODELS  # no torch/tvm import happens here
+    from common import DEFAULT_ENGINES, DEFAULT_MODELS, ENGINES, MODELS  # no torch/tvm import happens here
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--models", default=",".join(MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"comma-separated, from: {', '.join(MODELS)}")
     p.add_argument("--engines", default=",".join(DEFAULT_ENGINES), help=f"comma-separated, from: {', '.join(ENGINES)}")
     p.add_argument("--tune-trials", type=int, default=None, metavar="N",
                    help="also time shave tuned: tile search plus N MetaSchedule trials per model (adds engine "

@@ -136,6 +136,40 @@ def test_rewrite_fuses_dense_and_grouped_convs():
             assert int(f.attrs["op_pattern"]) == 8
 
 
+class SEBlock(nn.Module):
+    """MobileNetV3 / EfficientNet style: conv -> hardswish or SiLU, an SE gate (1x1 convs on the
+    pooled map, relu / SiLU, then sigmoid) multiplying it, a projection."""
+
+    def __init__(self, act, gate):
+        super().__init__()
+        self.expand, self.act, self.gate = nn.Conv2d(8, 16, 1), act(), gate()
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.fc1, self.fc2 = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+        self.project = nn.Conv2d(16, 8, 1)
+
+    def forward(self, x):
+        y = self.act(self.dw(self.act(self.expand(x))))
+        gate = self.gate(self.fc2(self.act(self.fc1(y.mean((2, 3), keepdim=True)))))
+        return x + self.project(y * gate)
+
+
+@pytest.mark.parametrize("act, gate", [(nn.Hardswish, nn.Hardsigmoid), (nn.SiLU, nn.Sigmoid)],
+                         ids=["mobilenet_v3", "efficientnet"])
+def test_hardswish_silu_and_gates_fuse_into_conv_kernels(act, gate):
+    """Every activation right after a conv is computed in that conv kernel's epilogue: the scheduled
+    module has the conv kernels and only the SE block's pool and gate multiply besides."""
+    torch.manual_seed(0)
+    model, x = SEBlock(act, gate).eval(), torch.randn(1, 8, 9, 11)
+    names, mod = _scheduled_kernels(model, x)
+    assert len(names) == 5  # expand, dw, fc1, fc2, project
+    others = [gv.name_hint for gv, f in mod.functions.items()
+              if gv.name_hint != "main" and not gv.name_hint.startswith("shave_conv")]
+    assert not [n for n in others if any(a in n for a in ("sigmoid", "silu", "clip", "divide"))], others
+    acts = {s.act for s in _kernel_specs(model, x)}
+    assert acts == ({"hardswish", "hardsigmoid", None} if act is nn.Hardswish else {"silu", "sigmoid", None})
+    _check(model, x)
+
+
 class Chain(nn.Module):
     """Convs feeding convs (blocked in between), a 12-channel layer (not a multiple of 8:
     NCHW around it), a residual read blocked, and a conv output also read by a pool (NCHW)."""

@@ -7,7 +7,8 @@ all scheduled (and marked opaque, so the pipeline's own fusion leaves them
 alone):
 
 1. Convolutions (`conv.py`). Each `conv2d` with constant weights, followed by
-   its chain of bias add, optional residual add and optional relu/clip (every
+   its chain of bias add, optional residual add and optional activation (relu,
+   clip/relu6, sigmoid, SiLU, hardswish, hardsigmoid: conv.ACTS; every
    intermediate used once), becomes one `call_tir` to a PrimFunc built and
    scheduled here. Dense convs, grouped convs whose groups hold whole vector
    blocks of output channels (and whole blocks, or fewer than one, of input

@@ -57,7 +57,7 @@ class ConvSpec:
     pad: tuple[int, int, int, int]  # top, left, bottom, right
     dilation: tuple[int, int]
     depthwise: bool
-    act: str | None  # None, "relu", or "clip:lo:hi"
+    act: str | None  # None, "relu", "clip:lo:hi", "sigmoid", "silu", "hardswish", "hardsigmoid" (ACTS)
     residual: bool
     vec: int
     tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
@@ -257,14 +257,30 @@ def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 3, 1))  # O, I, kh, kw, i, o
 
 
+# The activations a conv kernel applies in its epilogue, on the register tile (no pass over memory):
+# each as PyTorch computes it, in the same order as the Relax lowering of the op (lower.py).
+ACTS = ("relu", "clip", "sigmoid", "silu", "hardswish", "hardsigmoid")
+
+
 def _act(x, act):
     """The fused activation; a NaN stays NaN, as in PyTorch (legalize.nan_keeping_clip)."""
+    from tvm import tirx
+
     from .legalize import nan_keeping_clip
 
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     if act is None:
         return x
     if act == "relu":
         return nan_keeping_clip(x, 0.0)
+    if act == "sigmoid":
+        return tirx.sigmoid(x)
+    if act == "silu":
+        return x * tirx.sigmoid(x)
+    if act == "hardsigmoid":  # relu6(x + 3) / 6
+        return nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0)
+    if act == "hardswish":  # x * (relu6(x + 3) / 6)
+        return x * (nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0))
     _, lo, hi = act.split(":")
     return nan_keeping_clip(x, float(lo), float(hi))
 

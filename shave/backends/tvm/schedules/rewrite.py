@@ -193,8 +193,42 @@ def _uses(func):
     return uses
 
 
+def _const_scalar(expr) -> float | None:
+    if isinstance(expr, _Const) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(()))
+    return None
+
+
+def _hard_activation(x, var2val, consumers, uses, claimed) -> tuple[str, list] | None:
+    """("hardsigmoid", bindings) for clip(x + 3, 0, 6) / 6 and ("hardswish", bindings) for
+    x * (clip(x + 3, 0, 6) / 6), as lower.py emits them, when they are x's only uses (the last
+    binding is the result); else None."""
+    cs = [c for c in consumers.get(x, []) if c not in claimed]
+    add = next((c for c in cs if _is_op(var2val[c], "relax.add")), None)
+    mul = next((c for c in cs if _is_op(var2val[c], "relax.multiply")), None)
+    if add is None or _const_scalar(var2val[add].args[1]) != 3.0 or (uses.get(x, 0), len(cs)) not in ((1, 1), (2, 2)):
+        return None
+    if len(cs) == 2 and mul is None:
+        return None
+    steps = [add]
+    for op, check in (("relax.clip", lambda v: len(v.args) == 3 and (float(v.args[1].value), float(v.args[2].value))
+                       == (0.0, 6.0)), ("relax.divide", lambda v: _const_scalar(v.args[1]) == 6.0)):
+        nxt = consumers.get(steps[-1], [])
+        if uses.get(steps[-1], 0) != 1 or len(nxt) != 1 or not _is_op(var2val[nxt[0]], op) \
+                or not check(var2val[nxt[0]]):
+            return None
+        steps.append(nxt[0])
+    if mul is None:
+        return "hardsigmoid", steps
+    if uses.get(steps[-1], 0) != 1 or consumers.get(steps[-1]) != [mul] \
+            or not {a.same_as(x) or a.same_as(steps[-1]) for a in var2val[mul].args} == {True}:
+        return None
+    return "hardswish", steps + [mul]
+
+
 def _find_chains(func, isa) -> list[_Chain]:
-    """conv2d -> [bias add] -> [residual add] -> [relu/clip] chains, every intermediate used once."""
+    """conv2d -> [bias add] -> [residual add] -> [an activation of conv.ACTS] chains, every
+    intermediate used once (hardswish: its input used by its own add and multiply only)."""
     body = func.body
     if not isinstance(body, relax.SeqExpr):
         return []
@@ -268,6 +302,10 @@ def _find_chains(func, isa) -> list[_Chain]:
                 v = var2val[nxt]
                 if _is_op(v, "relax.nn.relu"):
                     act = "relu"
+                elif _is_op(v, "relax.sigmoid"):
+                    act = "sigmoid"
+                elif _is_op(v, "relax.nn.silu"):
+                    act = "silu"
                 elif _is_op(v, "relax.clip") and len(v.args) == 3:
                     try:
                         lo, hi = float(v.args[1].value), float(v.args[2].value)
@@ -277,6 +315,12 @@ def _find_chains(func, isa) -> list[_Chain]:
                 if act is not None:
                     chain.append(nxt)
                     cur = nxt
+            if act is None:
+                hard = _hard_activation(cur, var2val, consumers, uses, claimed)
+                if hard:
+                    act, steps = hard
+                    chain += steps
+                    cur = steps[-1]
             spec = dataclasses.replace(spec, act=act, residual=residual is not None)
             claimed.update(chain)
             x, shift = bd.value.args[0], _folded_shift(bd.value.args[0], var2val, consumers, uses, claimed)
