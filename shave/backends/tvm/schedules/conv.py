@@ -266,7 +266,7 @@ def _act(x, act):
     """The fused activation; a NaN stays NaN, as in PyTorch (legalize.nan_keeping_clip)."""
     from tvm import tirx
 
-    from .legalize import nan_keeping_clip
+    from .legalize import nan_keeping_clip, vector_sigmoid
 
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     if act is None:
@@ -274,9 +274,9 @@ def _act(x, act):
     if act == "relu":
         return nan_keeping_clip(x, 0.0)
     if act == "sigmoid":
-        return tirx.sigmoid(x)
+        return vector_sigmoid(x)
     if act == "silu":
-        return x * tirx.sigmoid(x)
+        return x * vector_sigmoid(x)
     if act == "hardsigmoid":  # relu6(x + 3) / 6
         return nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0)
     if act == "hardswish":  # x * (relu6(x + 3) / 6)

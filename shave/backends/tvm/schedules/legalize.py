@@ -22,6 +22,41 @@ def nan_keeping_clip(x, lo=None, hi=None, dtype="float32"):
     return x
 
 
+# exp(x) for float32 in vector registers. TVM's tirx.exp becomes LLVM's llvm.exp, which x86 codegen
+# scalarises into one libm expf call per lane (64 calls in a SiLU conv tile). Cephes' expf instead:
+# x = n ln2 + r with |r| <= ln2 / 2, e^r by a degree-5 polynomial, 2^n built in the exponent bits;
+# within 2 ulp of expf, and every step vectorises (FMAs, a floor, an integer shift).
+_EXP_HI, _EXP_LO = 88.3762626647949, -87.3365447504021  # e^x overflows / goes denormal beyond
+_LN2_HI, _LN2_LO = 0.693359375, -2.12194440e-4  # ln 2 in two parts: n * _LN2_HI is exact
+_EXP_POLY = (1.9875691500e-4, 1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1)
+
+
+def vector_exp(x):
+    """TIR float32 e^x that vectorises (see above); a NaN stays NaN. x is clamped to
+    [_EXP_LO, _EXP_HI]: beyond, the result saturates at about 1.2e-38 / 2.4e38 instead of going
+    denormal or to inf (vector_sigmoid, its user, is 0 or 1 to float32 precision there)."""
+    from tvm import tirx
+
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    x = nan_keeping_clip(x, _EXP_LO, _EXP_HI)
+    n = tirx.floor(x * f32(1.44269504088896341) + f32(0.5))
+    r = x - n * f32(_LN2_HI) - n * f32(_LN2_LO)
+    p = f32(_EXP_POLY[0])
+    for c in _EXP_POLY[1:]:
+        p = p * r + f32(c)
+    er = p * (r * r) + r + f32(1.0)
+    two_n = tirx.reinterpret("float32", tirx.shift_left(n.astype("int32") + 127, tirx.const(23, "int32")))
+    return er * two_n
+
+
+def vector_sigmoid(x):
+    """1 / (1 + e^-x) with vector_exp."""
+    from tvm import tirx
+
+    one = tirx.const(1.0, "float32")
+    return one / (one + vector_exp(-x))
+
+
 def _legalize_clip(bb, call):
     """relax.nn.relu / relax.clip on floats as nan_keeping_clip; integers as TOPI does."""
     from tvm import te
@@ -35,9 +70,24 @@ def _legalize_clip(bb, call):
                       x, primfunc_name_hint=name)
 
 
+def _legalize_sigmoid(bb, call):
+    """relax.sigmoid and relax.nn.silu on float32 with vector_sigmoid; other dtypes as TOPI does."""
+    from tvm import te
+
+    x = call.args[0]
+    if str(x.ty.dtype) != "float32":
+        return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+    silu = call.op.name == "relax.nn.silu"
+    name = "silu" if silu else "sigmoid"
+    return bb.call_te(lambda t: te.compute(
+        t.shape, lambda *i: t[i] * vector_sigmoid(t[i]) if silu else vector_sigmoid(t[i]), name=name),
+        x, primfunc_name_hint=name)
+
+
 def legalize_and_fuse(mod: tvm.IRModule) -> tvm.IRModule:
     return tvm.transform.Sequential([
-        relax.transform.LegalizeOps({"relax.nn.relu": _legalize_clip, "relax.clip": _legalize_clip}),
+        relax.transform.LegalizeOps({"relax.nn.relu": _legalize_clip, "relax.clip": _legalize_clip,
+                                     "relax.sigmoid": _legalize_sigmoid, "relax.nn.silu": _legalize_sigmoid}),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
