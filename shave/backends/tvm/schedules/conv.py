@@ -266,7 +266,7 @@ def _act(x, act):
     """The fused activation; a NaN stays NaN, as in PyTorch (legalize.nan_keeping_clip)."""
     from tvm import tirx
 
-    from .legalize import nan_keeping_clip, vector_sigmoid
+    from .legalize import nan_keeping_clip, shared, vector_sigmoid
 
     f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
     if act is None:
@@ -276,11 +276,11 @@ def _act(x, act):
     if act == "sigmoid":
         return vector_sigmoid(x)
     if act == "silu":
-        return x * vector_sigmoid(x)
+        return shared(x, lambda v: v * vector_sigmoid(v), "silu_x")
     if act == "hardsigmoid":  # relu6(x + 3) / 6
         return nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0)
     if act == "hardswish":  # x * (relu6(x + 3) / 6)
-        return x * (nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0))
+        return shared(x, lambda v: v * (nan_keeping_clip(v + f32(3.0), 0.0, 6.0) / f32(6.0)), "hswish_x")
     _, lo, hi = act.split(":")
     return nan_keeping_clip(x, float(lo), float(hi))
 
