@@ -116,3 +116,38 @@ def test_keep_ends_float(tiny):  # noqa: F811
     assert q.layers[0].reason == "first/last layer" and "first/last layer" in q.summary()
     with pytest.raises(PassError, match="reduce_range must be"):
         Quantize(cal, reduce_range="x")
+
+
+class ChannelsLast(torch.nn.Module):
+    """ConvNeXt / MLP style: a Linear on channels-last activations (conv -> permute -> linear)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c, self.fc, self.head = torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.Linear(4, 5), torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        y = self.fc(torch.relu(self.c(x)).permute(0, 2, 3, 1))
+        return self.head(y.mean((1, 2)))
+
+
+def test_bias_correction_of_a_linear_on_channels_last_activations():
+    """A linear layer's output channels are its last axis: averaging over axis 1 crashed here (4
+    spatial rows against 5 features) and is silently wrong when the sizes match. After the
+    "output" correction the simulated layer's per-feature means equal the float layer's."""
+    from shave.backends.torch import run_graph
+
+    torch.manual_seed(0)
+    model, x = ChannelsLast().eval(), torch.randn(2, 3, 4, 4)
+    g = shave.capture(model, (x,))
+    cal = [torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def feature_means(graph):
+        with torch.no_grad():
+            outs = [forward_with_values(graph, (b,), {"fc"})[1]["fc"] for b in cal]
+        return torch.stack([o.double().mean((0, 1, 2)) for o in outs]).mean(0).numpy()
+
+    sim = Quantize(cal, simulate=True, reduce_range=False, bias_correction="output")(g)
+    fm, sm = feature_means(g), feature_means(sim)
+    assert sm.shape == (5,) and np.abs(sm - fm).max() <= 1e-5 * np.abs(fm).max() + 1e-6
+    gi = Quantize(cal, reduce_range=False)(g)  # the default correction ("weights"), then int8
+    np.testing.assert_array_equal(shave.compile(gi, (x,))(x.numpy()), run_graph(gi, [x.numpy()])[0])

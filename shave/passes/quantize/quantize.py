@@ -305,8 +305,15 @@ def _is_depthwise(graph: Graph, n: Node) -> bool:
     return n.op == "conv2d" and n.attrs["groups"] > 1 and n.attrs["groups"] == w.shape[0] and w.shape[1] == 1
 
 
-def _channel_mean(t: torch.Tensor) -> torch.Tensor:
-    dims = [d for d in range(t.ndim) if d != 1]
+def _out_axis(n: Node, ndim: int) -> int:
+    """The axis of a layer's output channels: 1 for a conv, the last for a linear (which may run
+    on channels-last activations, [N, H, W, C], as in ConvNeXt)."""
+    return ndim - 1 if n.op == "linear" else 1
+
+
+def _channel_mean(t: torch.Tensor, axis: int = 1) -> torch.Tensor:
+    """Per-channel sums over every axis but `axis`."""
+    dims = [d for d in range(t.ndim) if d != axis % t.ndim]
     return t.double().sum(dim=dims)
 
 
@@ -324,7 +331,7 @@ def bias_correct(graph: Graph, sim: Graph, layers: list[str], batches, mode: str
         for b in batches if mode == "output" else ():
             _, kept = forward_with_values(graph, b, layers)
             for v, t in kept.items():
-                fsum[v] = fsum.get(v, 0) + _channel_mean(t)
+                fsum[v] = fsum.get(v, 0) + _channel_mean(t, _out_axis(graph.node(v), t.ndim))
     g = sim.copy()
     last = {v: i for i, n in enumerate(g.nodes) for v in n.inputs}
     keep = set(g.outputs)
@@ -340,16 +347,17 @@ def bias_correct(graph: Graph, sim: Graph, layers: list[str], batches, mode: str
                 wq = g.producer(n.inputs[1])
                 consts[n.inputs[1]] = torch.from_numpy(np.array(g.params[wq.inputs[0]]))
                 fsum[n.name] = sum(_channel_mean(fn(*[consts[v] if v in consts else env[v] for v in n.inputs],
-                                                    **attrs)) for env in envs)
+                                                    **attrs), _out_axis(n, env[n.name].ndim)) for env in envs)
             if n.name in fsum:
-                qsum = sum(_channel_mean(env[n.name]) for env in envs)
+                axis = _out_axis(n, envs[0][n.name].ndim)
+                qsum = sum(_channel_mean(env[n.name], axis) for env in envs)
                 per_channel = sum(env[n.name].numel() for env in envs) / qsum.numel()
                 delta = ((qsum - fsum[n.name]) / per_channel).float()
                 old = np.asarray(g.params[n.inputs[2]], np.float32) if len(n.inputs) > 2 else \
                     np.zeros(delta.numel(), np.float32)
                 n.inputs = n.inputs[:2] + [g.add_param(f"{n.name}.bias.corrected", old - delta.numpy())]
                 shape = [1] * env[n.name].ndim
-                shape[1] = -1
+                shape[axis] = -1
                 for env in envs:
                     env[n.name] = env[n.name] - delta.reshape(shape)
                 shifts[n.name] = float(delta.abs().max())
