@@ -52,3 +52,29 @@ def test_compiled_and_loaded_models_are_safe_to_call_from_many_threads(tmp_path)
     assert _hammer(cm, inputs, expected) == []
     rt = shave.load(cm.export(tmp_path / "m.shave"))
     assert _hammer(rt, inputs, expected) == []
+
+
+def test_outputs_belong_to_the_caller(tmp_path):
+    """The runtime reuses its input tensors call after call and hands outputs over without a copy:
+    an output that is a view of an input (a reshape) must still be the caller's own array, and
+    every output must survive the next call unchanged."""
+    class ViewOut(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 1)
+
+        def forward(self, x):
+            return x.reshape(1, -1), self.conv(x)
+
+    torch.manual_seed(0)
+    x0, x1 = torch.randn(1, 2, 4, 4), torch.randn(1, 2, 4, 4)
+    cm = shave.compile(ViewOut().eval(), (x0,))
+    for run in (cm, shave.load(cm.export(tmp_path / "v.shave"))):
+        first = run(x0.numpy())
+        kept = [a.copy() for a in first]
+        second = run(x1.numpy())
+        for a, k in zip(first, kept):
+            np.testing.assert_array_equal(a, k)  # not overwritten by the second call
+        np.testing.assert_array_equal(first[0], x0.numpy().reshape(1, -1))
+        np.testing.assert_array_equal(second[0], x1.numpy().reshape(1, -1))
+        assert all(a.flags.writeable for a in first)
