@@ -37,6 +37,11 @@ def __getattr__(name):
     raise AttributeError(f"module 'shave' has no attribute {name!r}")
 
 
+def __dir__():
+    """The lazy attributes too, so tab completion and dir() show shave.compile, capture, ..."""
+    return sorted(set(globals()) | set(_LAZY) | {"passes", "ir", "zoo", "frontend", "backends", "api"})
+
+
 __all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
            "TargetError", "CompileError", "ArtifactError", "InputError"]

@@ -22,6 +22,9 @@ from .ir import Graph
 
 def finetune(graph: Graph, data, steps: int = 200, lr: float = 1e-3, teacher=None, temperature: float = 4.0,
              alpha: float = 0.5) -> Graph:
+    """`graph` trained for `steps` Adam steps (`lr`) on `data`, an iterable of (inputs, labels)
+    batches, cycled; with a `teacher` (a graph or module) the loss is alpha * cross-entropy +
+    (1 - alpha) * temperature^2 * KL to the teacher's softened outputs. Returns a new graph."""
     student = to_torch(graph, trainable=True).train()
     if isinstance(teacher, Graph):
         teacher = to_torch(teacher, trainable=False)

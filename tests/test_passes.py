@@ -141,3 +141,14 @@ def test_compile_accepts_a_rewritten_graph(graph_and_input):
     np.testing.assert_allclose(cm(x), run_graph(g, [x])[0], rtol=1e-5, atol=1e-5)
     stages = [r.stage for r in cm.report.rows]
     assert stages[0] == "input graph" and stages[1].startswith("build") and len(stages) == 2
+
+
+def test_discovery_help_and_dir():
+    """help() on every pass shows its documentation; dir(shave) lists the lazily imported entry points."""
+    from shave import passes
+
+    for cls in (passes.Prune, passes.Quantize, passes.Decompose, passes.ShiftRewrite, passes.GroupRewrite,
+                passes.DepthwiseSeparable, passes.FoldBN, passes.ShareWeights):
+        assert cls.__doc__ and len(cls.__doc__) > 200, cls
+    assert shave.finetune.__doc__
+    assert {"compile", "capture", "finetune", "load", "TuneOptions", "passes"} <= set(dir(shave))

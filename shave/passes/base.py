@@ -14,6 +14,7 @@ returned. The pass manager (manager.py) adds the numerical check.
 """
 from __future__ import annotations
 
+import sys
 from typing import Callable
 
 from ..errors import PassError
@@ -61,6 +62,8 @@ def register_pass(name: str, contract: str = "exact", tolerance: float = 1e-4):
         if name in _REGISTRY:
             raise ValueError(f"a pass named {name!r} is already registered")
         if isinstance(obj, type) and issubclass(obj, Pass):
+            if not obj.__doc__:  # help(Prune) shows what the pass's module documents
+                obj.__doc__ = sys.modules[obj.__module__].__doc__
             obj.name = name
             obj.contract = contract
             obj.tolerance = tolerance
