@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .backends.torch import to_torch
+from .errors import PassError
 from .ir import Graph
 
 
@@ -31,7 +32,12 @@ def finetune(graph: Graph, data, steps: int = 200, lr: float = 1e-3, teacher=Non
     if teacher is not None:
         teacher.eval()
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-    for _, (x, y) in zip(range(steps), itertools.cycle(data)):
+    for step, batch in zip(range(steps), itertools.cycle(data)):
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise PassError(f"finetune data item {step} is a {type(batch).__name__}"
+                            + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+                            + ": it must yield (inputs, labels) pairs")
+        x, y = batch
         logits = student(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None:

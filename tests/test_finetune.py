@@ -26,6 +26,22 @@ def test_finetune_learns_and_leaves_input_graph_alone():
     assert set(distilled.params) == set(g.params)
 
 
+def test_data_of_the_wrong_form_is_one_clear_error():
+    """finetune wants (inputs, labels) pairs; Quantize takes one batched tensor as one batch."""
+    import pytest
+
+    from shave.passes import Quantize
+
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
+    g = shave.capture(model, (torch.randn(1, 1, 6, 6),))
+    with pytest.raises(shave.PassError, match=r"finetune data item 0 is a Tensor: it must yield \(inputs, labels\)"):
+        shave.finetune(g, [torch.randn(4, 1, 6, 6)], steps=1)
+    with pytest.raises(shave.PassError, match=r"item 0 is a tuple of 3: it must yield"):
+        shave.finetune(g, [(torch.randn(4, 1, 6, 6), torch.zeros(4), torch.zeros(4))], steps=1)
+    gi = Quantize(torch.randn(8, 1, 6, 6))(g)  # a batch of 8 images, not 8 inputs of (1, 6, 6)
+    assert gi.op_counts().get("qconv2d") == 1
+
+
 def test_fashion_mnist_is_real_data():
     x, y = load_fashion_mnist("test")
     assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)

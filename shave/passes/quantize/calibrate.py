@@ -25,6 +25,9 @@ def calibration_batches(graph: Graph, data, who: str = "Quantize calibration") -
     """The calibration data as a list of input tuples, checked against the graph's inputs."""
     if data is None:
         raise PassError(f"{who.split()[0]} needs {who.split()[1]} data: an iterable of example inputs")
+    if isinstance(data, (torch.Tensor, np.ndarray)) and len(graph.inputs) == 1 \
+            and data.ndim == len(graph.inputs[0][1].shape):
+        data = [data]  # one batched tensor is one batch, not an iterable of its samples
     try:
         items = list(data)
     except TypeError:
