@@ -37,7 +37,7 @@ class Runtime:
         """This thread's (VM entry point, input tensors, numpy views of them on the CPU), made on the
         thread's first call. The input tensors are reused call after call: copying into them costs
         about 1 us where allocating an aligned TVM tensor per call cost 37 (a LeNet-sized model ran
-        134 us a call, 72 after)."""
+        134 us a call, 65 after)."""
         state = getattr(self._local, "state", None)
         if state is None:
             import tvm
