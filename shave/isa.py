@@ -56,10 +56,6 @@ class ISA:
         return self.int8_dot == "avx2"
 
     @property
-    def has_vnni(self) -> bool:
-        return self.int8_dot in ("avx512_vnni", "avx_vnni")
-
-    @property
     def channel_multiple(self) -> int:
         """Channel counts that fill whole vectors (what `round_to="auto"` rounds to); 8 on GPUs."""
         return 8 if self.arch == "cuda" else self.fp32_lanes
