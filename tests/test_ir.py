@@ -104,3 +104,55 @@ def test_to_torch_is_trainable_and_named_by_params():
     m(x).sum().backward()
     w = getattr(m, m.param_names["w"])
     assert w.grad is not None and w.grad.abs().sum() > 0
+
+
+# --------------------------------------------------------------------------- op traits
+def test_op_traits_are_consistent():
+    """What passes and backends ask the registry: every layer names its weight, bias and output axis,
+    every activation is unary and per element, every fused epilogue is one the conv kernels compute,
+    and every clamp form agrees with the op's own kernel."""
+    from shave.backends.tvm.schedules.conv import ACTS
+    from shave.ir import ops_with
+
+    for name in registered_ops():
+        op = get_op(name)
+        if op.role == "layer":
+            assert op.weight == 1 and op.bias == 2 and op.out_axis in (0, 1), name
+        else:
+            assert op.weight is None and op.int8 is None, name
+        if op.role == "activation":
+            assert op.num_inputs == (1, 1), name
+        if op.epilogue is not None:
+            assert op.role == "activation"
+            attrs = {"min": -1.0, "max": 2.5} if name == "clamp" else {}
+            assert op.epilogue(attrs).split(":")[0] in ACTS, name
+        if op.clip is not None:
+            attrs = {"min": -1.0, "max": 2.5} if name == "clamp" else {}
+            lo, hi = op.clip(attrs)
+            x = torch.linspace(-10, 10, 101)
+            assert torch.equal(op.kernel(x, **attrs), torch.clamp(x, lo, hi)), name
+    assert ops_with("layer") == {"conv2d", "linear", "conv_transpose2d"}
+    assert {"relu", "hardswish", "silu"} <= ops_with("activation")
+    with pytest.raises(ValueError, match="unknown op role 'layers'"):
+        ops_with("layers")
+    with pytest.raises(ValueError, match="role 'thing' is not one of"):
+        shave.ir.register_op("bad_role_op", torch.relu, role="thing")
+
+
+def test_epilogue_pattern():
+    """Graph.epilogue: layer -> [residual add] -> [activation], each link only where the value feeds
+    nothing else."""
+    g = Graph(inputs=[("x", TensorType((1, 4, 6, 6)))])
+    g.set_param("w", np.ones((4, 4, 1, 1), np.float32))
+    conv = dict(stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1)
+    g.nodes += [Node("c1", "conv2d", ["x", "w"], conv), Node("add", "add", ["c1", "x"]),
+                Node("act", "hardswish", ["add"]), Node("c2", "conv2d", ["act", "w"], conv),
+                Node("r", "relu", ["c2"]), Node("tail", "add", ["c2", "r"])]
+    g.outputs = ["tail"]
+    verify(g)
+    e = g.epilogue(g.node("c1"))
+    assert (e.add.name, e.residual, e.act.name, e.out) == ("add", "x", "act", "act")
+    assert g.epilogue(g.node("c1"), act=lambda n: get_op(n.op).clip is not None).act is None
+    assert g.epilogue(g.node("c1"), residual=lambda v: False).nodes == [g.node("c1")]
+    e2 = g.epilogue(g.node("c2"))  # c2 feeds the relu and the add: nothing fuses
+    assert e2.nodes == [g.node("c2")]

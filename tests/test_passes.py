@@ -152,3 +152,30 @@ def test_discovery_help_and_dir():
         assert cls.__doc__ and len(cls.__doc__) > 200, cls
     assert shave.finetune.__doc__
     assert {"compile", "capture", "finetune", "load", "TuneOptions", "passes"} <= set(dir(shave))
+
+
+def test_layer_selection_is_one_service():
+    """layers=/exclude= mean the same in every pass: names or fnmatch patterns, one error style."""
+    from shave.passes.layers import select_layers, weighted_layers
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.Flatten(), nn.Linear(8 * 4 * 4, 4))
+    g = shave.capture(model, (torch.randn(1, 3, 8, 8),))
+    layers = weighted_layers(g)
+    convs = [n.name for n in layers if n.op == "conv2d"]
+    assert [n.op for n in layers] == ["conv2d", "conv2d", "linear"]
+    pick = lambda **kw: [(n.name, exact) for n, exact in select_layers(  # noqa: E731
+        g, layers, kw.get("layers"), kw.get("exclude", ()), pass_name="P", what="layer", **kw.get("extra", {}))]
+    assert pick() == [(n.name, False) for n in layers]
+    assert pick(layers=[convs[1]]) == [(convs[1], True)]
+    assert pick(layers=["[02]"], exclude=convs[0]) == [(convs[1], False)]
+    assert pick(extra={"why_not": lambda n: "too small" if n.op == "linear" else None}) == [
+        (c, False) for c in convs]
+    relu = next(n.name for n in g.nodes if n.op == "relu")
+    for kw, msg in [({"layers": ["fc*"]}, "P: layers pattern 'fc*' matches no layer"),
+                    ({"layers": ["nope"]}, "P: layers names 'nope', but the graph has no node of that name"),
+                    ({"layers": [relu]}, f"P: node '{relu}' is relu, not a layer"),
+                    ({"layers": [convs[0]], "extra": {"why_not": lambda n: "it is odd"}},
+                     f"P cannot apply to node '{convs[0]}': it is odd")]:
+        with pytest.raises(PassError) as e:
+            pick(**kw)
+        assert str(e.value) == msg

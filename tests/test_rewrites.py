@@ -245,7 +245,7 @@ def test_shift_rewrite_skips_what_it_cannot_do_with_a_reason(block_graph):
     assert {e.name for e in p.plan if e.kept} == {"conv1", "conv2"}
     torch.manual_seed(0)
     valid = shave.capture(nn.Conv2d(4, 4, 3, padding=0), (torch.randn(1, 4, 6, 6),))
-    with pytest.raises(PassError, match="cannot rewrite node 'conv2d': it has padding \\(0, 0\\)"):
+    with pytest.raises(PassError, match="shift_rewrite cannot apply to node 'conv2d': it has padding \\(0, 0\\)"):
         ShiftRewrite(layers="conv2d")(valid)
 
 

@@ -118,7 +118,7 @@ def test_errors_and_registration(net):
         ShareWeights()
     with pytest.raises(PassError, match="at least 2 clusters"):
         ShareWeights(clusters=1)
-    with pytest.raises(PassError, match="matches no conv2d or linear"):
+    with pytest.raises(PassError, match="layers pattern .nothing\\*. matches no layer"):
         ShareWeights(bits=2, layers="nothing*")(net)
     with pytest.raises(PassError, match="ShareWeights evaluation data is empty"):
         ShareWeights(bits=2, data=[])(net)

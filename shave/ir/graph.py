@@ -31,6 +31,23 @@ class Node:
 
 
 @dataclass
+class Epilogue:
+    """A layer with what its epilogue computes: [residual add] then [activation] (Graph.epilogue)."""
+    layer: Node
+    add: Node | None = None
+    residual: str | None = None  # the add's other input
+    act: Node | None = None
+
+    @property
+    def nodes(self) -> list[Node]:
+        return [n for n in (self.layer, self.add, self.act) if n is not None]
+
+    @property
+    def out(self) -> str:
+        return self.nodes[-1].name
+
+
+@dataclass
 class Graph:
     inputs: list[tuple[str, TensorType]] = field(default_factory=list)
     nodes: list[Node] = field(default_factory=list)
@@ -139,6 +156,26 @@ class Graph:
                 chain.insert(0, prev)
             if ok:
                 yield chain
+
+    def epilogue(self, layer: Node, residual=lambda value: True, act=lambda node: True) -> "Epilogue":
+        """What can be computed in `layer`'s epilogue: layer -> [add of one other value] ->
+        [activation], each link taken only where the value before it feeds nothing else.
+        `residual(value)` and `act(node)` say which residual inputs and activations qualify
+        (activation means role "activation" in the op registry)."""
+        from .ops import get_op
+
+        out = Epilogue(layer)
+        cur = layer
+        users = self.users(cur.name)
+        if len(users) == 1 and self.use_count(cur.name) == 1 and users[0].op == "add":
+            other = [v for v in users[0].inputs if v != cur.name]
+            if len(other) == 1 and not self.is_param(other[0]) and residual(other[0]):
+                out.add, out.residual, cur = users[0], other[0], users[0]
+        users = self.users(cur.name)
+        if (len(users) == 1 and self.use_count(cur.name) == 1 and get_op(users[0].op).role == "activation"
+                and act(users[0])):
+            out.act = users[0]
+        return out
 
     # ------------------------------------------------------------------ misc
     def copy(self) -> "Graph":

@@ -51,7 +51,7 @@ register_op(
     "conv2d",
     lambda x, w, b=None, *, stride, padding, dilation, groups: F.conv2d(x, w, b, stride, padding, dilation, groups),
     flops=_conv_flops, check=_check_conv, num_inputs=(2, 3), attrs=("stride", "padding", "dilation", "groups"),
-    channels=ch.conv2d,
+    channels=ch.conv2d, role="layer", weight=1, bias=2, out_axis=0, int8="qconv2d",
 )
 
 
@@ -73,7 +73,7 @@ register_op(
         x, w, b, stride, padding, output_padding, groups, dilation
     ),
     flops=_conv_t_flops, check=_check_conv_t, num_inputs=(2, 3), channels=ch.conv_transpose2d,
-    attrs=("stride", "padding", "output_padding", "groups", "dilation"),
+    attrs=("stride", "padding", "output_padding", "groups", "dilation"), role="layer", weight=1, bias=2, out_axis=1,
 )
 
 
@@ -89,7 +89,8 @@ register_op(
     "linear",
     lambda x, w, b=None: F.linear(x, w, b),
     flops=lambda ins, out, a: 2 * _numel(out) * ins[1].shape[1] + (_numel(out) if len(ins) > 2 else 0),
-    check=_check_linear, num_inputs=(2, 3), channels=ch.linear,
+    check=_check_linear, num_inputs=(2, 3), channels=ch.linear, role="layer", weight=1, bias=2, out_axis=0,
+    int8="qlinear",
 )
 
 
@@ -105,36 +106,44 @@ register_op(
     "batch_norm",  # inference form: (x - mean) / sqrt(var + eps) * weight + bias over axis 1
     lambda x, mean, var, w, b, *, eps: F.batch_norm(x, mean, var, w, b, False, 0.0, eps),
     flops=_elementwise(2), check=_check_bn, num_inputs=(5, 5), attrs=("eps",), channels=ch.batch_norm,
+    role="norm", buffers=(1, 2),
 )
 register_op(
     "layer_norm",
     lambda x, w, b, *, normalized_shape, eps: F.layer_norm(x, normalized_shape, w, b, eps),
     flops=_elementwise(5), num_inputs=(3, 3), attrs=("normalized_shape", "eps"),
-    channels=ch.layer_norm,
+    channels=ch.layer_norm, role="norm",
 )
 
 # ---------------------------------------------------------------- activations
-register_op("relu", F.relu, flops=_elementwise(1), channels=ch.elementwise)
-register_op("relu6", F.relu6, flops=_elementwise(2), channels=ch.elementwise)
-register_op("sigmoid", torch.sigmoid, flops=_elementwise(4), channels=ch.elementwise)
-register_op("tanh", torch.tanh, flops=_elementwise(4), channels=ch.elementwise)
-register_op("hardsigmoid", F.hardsigmoid, flops=_elementwise(3), channels=ch.elementwise)
-register_op("hardswish", F.hardswish, flops=_elementwise(4), channels=ch.elementwise)
-register_op("silu", F.silu, flops=_elementwise(5), channels=ch.elementwise)
-register_op("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=approximate), flops=_elementwise(8),
-            attrs=("approximate",), channels=ch.elementwise)
-register_op("clamp", lambda x, *, min, max: torch.clamp(x, min, max), flops=_elementwise(2), attrs=("min", "max"),
-            channels=ch.elementwise)
-register_op("leaky_relu", lambda x, *, negative_slope: F.leaky_relu(x, negative_slope), flops=_elementwise(2),
-            attrs=("negative_slope",), channels=ch.elementwise)
+def _act(name, kernel, flops, epilogue=None, clip=None, attrs=()):
+    register_op(name, kernel, flops=_elementwise(flops), attrs=attrs, channels=ch.elementwise, role="activation",
+                epilogue=epilogue, clip=clip)
+
+
+_act("relu", F.relu, 1, epilogue=lambda a: "relu", clip=lambda a: (0.0, None))
+_act("relu6", F.relu6, 2, epilogue=lambda a: "clip:0.0:6.0", clip=lambda a: (0.0, 6.0))
+_act("clamp", lambda x, *, min, max: torch.clamp(x, min, max), 2, attrs=("min", "max"),
+     epilogue=lambda a: f"clip:{a['min']}:{a['max']}", clip=lambda a: (a["min"], a["max"]))
+_act("sigmoid", torch.sigmoid, 4, epilogue=lambda a: "sigmoid")
+_act("hardsigmoid", F.hardsigmoid, 3, epilogue=lambda a: "hardsigmoid")
+_act("hardswish", F.hardswish, 4, epilogue=lambda a: "hardswish")
+_act("silu", F.silu, 5, epilogue=lambda a: "silu")
+_act("tanh", torch.tanh, 4)
+_act("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=approximate), 8, attrs=("approximate",))
+_act("leaky_relu", lambda x, *, negative_slope: F.leaky_relu(x, negative_slope), 2, attrs=("negative_slope",))
 register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",),
-            channels=ch.softmax)
+            channels=ch.softmax, role="reduction")
 
 # ------------------------------------------------------- binary (broadcasting)
-register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
-register_op("sub", torch.sub, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
-register_op("mul", torch.mul, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
-register_op("div", torch.div, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise)
+register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise,
+            role="elementwise")
+register_op("sub", torch.sub, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise,
+            role="elementwise")
+register_op("mul", torch.mul, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise,
+            role="elementwise")
+register_op("div", torch.div, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise,
+            role="elementwise")
 
 # -------------------------------------------------------------------- pooling
 def _pool_flops(ins, out, attrs):
@@ -146,6 +155,7 @@ register_op(
     "max_pool2d",
     lambda x, *, kernel, stride, padding, dilation, ceil_mode: F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode),
     flops=_pool_flops, attrs=("kernel", "stride", "padding", "dilation", "ceil_mode"), channels=ch.leading(2),
+    role="pool",
 )
 register_op(
     "avg_pool2d",
@@ -153,36 +163,39 @@ register_op(
         x, kernel, stride, padding, ceil_mode, count_include_pad
     ),
     flops=_pool_flops, attrs=("kernel", "stride", "padding", "ceil_mode", "count_include_pad"),
-    channels=ch.leading(2),
+    channels=ch.leading(2), role="pool",
 )
 register_op(
     "adaptive_avg_pool2d",
     lambda x, *, output_size: F.adaptive_avg_pool2d(x, output_size),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2), role="pool",
 )
 register_op(
     "adaptive_max_pool2d",
     lambda x, *, output_size: F.adaptive_max_pool2d(x, output_size),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2),
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("output_size",), channels=ch.leading(2), role="pool",
 )
 register_op(
     "mean",
     lambda x, *, axes, keepdim: torch.mean(x, axes, keepdim),
-    flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"), channels=ch.mean,
+    flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"), channels=ch.mean, role="reduction",
 )
 
 # ------------------------------------------------------------- data movement
 register_op("concat", lambda *xs, axis: torch.cat(xs, axis), num_inputs=(1, -1), attrs=("axis",),
-            channels=ch.concat)
+            channels=ch.concat, role="movement")
 register_op(
     "slice",
     lambda x, *, axis, start, end, step: x[(slice(None),) * axis + (slice(start, end, step),)],
-    attrs=("axis", "start", "end", "step"), channels=ch.slice_,
+    attrs=("axis", "start", "end", "step"), channels=ch.slice_, role="movement",
 )
-register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",), channels=ch.reshape)
-register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",), channels=ch.permute)
+register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",), channels=ch.reshape,
+            role="movement")
+register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",), channels=ch.permute,
+            role="movement")
 register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel reordering
     "channel_permute", lambda x, *, indices: x[:, list(indices)], attrs=("indices",), channels=ch.channel_permute,
+    role="movement",
 )
 
 from . import opset_rewrites  # noqa: E402,F401  (shift, channel_shuffle)

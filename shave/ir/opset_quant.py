@@ -94,7 +94,7 @@ def _qconv_channels(ins, out, attrs):
 
 register_op(
     "qconv2d", _qconv, flops=_qconv_flops, check=_check_qconv, num_inputs=(4, 5), channels=_qconv_channels,
-    attrs=("stride", "padding", "dilation", "groups", "x_zp", "out_zp", "out_dtype", "lo", "hi"),
+    attrs=("stride", "padding", "dilation", "groups", "x_zp", "out_zp", "out_dtype", "lo", "hi"), role="quant",
 )
 
 
@@ -118,7 +118,7 @@ def _qlinear_channels(ins, out, attrs):
 register_op(
     "qlinear", _qlinear, check=_check_qlinear, num_inputs=(4, 4), channels=_qlinear_channels,
     flops=lambda ins, out, a: 2 * _numel(out) * ins[1].shape[1] + 3 * _numel(out),
-    attrs=("x_zp", "out_zp", "out_dtype", "lo", "hi"),
+    attrs=("x_zp", "out_zp", "out_dtype", "lo", "hi"), role="quant",
 )
 
 
@@ -143,9 +143,9 @@ def _check_u8(ins, attrs):
 
 
 register_op("quantize", _quantize, flops=lambda ins, out, a: 3 * _numel(out), check=_check_float,
-            attrs=("scale", "zero_point"), channels=ch.elementwise)
+            attrs=("scale", "zero_point"), channels=ch.elementwise, role="quant")
 register_op("dequantize", _dequantize, flops=lambda ins, out, a: 2 * _numel(out), check=_check_u8,
-            attrs=("scale", "zero_point"), channels=ch.elementwise)
+            attrs=("scale", "zero_point"), channels=ch.elementwise, role="quant")
 
 
 # ---------------------------------------------------------------- simulation
@@ -178,6 +178,8 @@ def _fq_channel_channels(ins, out, attrs):
 
 
 register_op("fake_quant", _fake_quant, flops=lambda ins, out, a: 4 * _numel(out),
-            attrs=("scale", "zero_point", "qmin", "qmax"), channels=ch.elementwise)
+            attrs=("scale", "zero_point", "qmin", "qmax"), channels=ch.elementwise,
+            role="quant")
 register_op("fake_quant_channel", _fake_quant_channel, flops=lambda ins, out, a: 3 * _numel(out),
-            check=_check_fq_channel, num_inputs=(2, 2), attrs=("qmax",), channels=_fq_channel_channels)
+            check=_check_fq_channel, num_inputs=(2, 2), attrs=("qmax",), channels=_fq_channel_channels,
+            role="quant")

@@ -74,5 +74,7 @@ def _shuffle_rule(in_types, out, attrs):
     return ch.channel_permute(in_types, out, {"indices": shuffle_indices(out.shape[1], attrs["groups"])})
 
 
-register_op("shift", shift, check=_check_shift, attrs=("shifts",), channels=ch.elementwise)
-register_op("channel_shuffle", channel_shuffle, check=_check_shuffle, attrs=("groups",), channels=_shuffle_rule)
+register_op("shift", shift, check=_check_shift, attrs=("shifts",), channels=ch.elementwise,
+            role="movement")
+register_op("channel_shuffle", channel_shuffle, check=_check_shuffle, attrs=("groups",), channels=_shuffle_rule,
+            role="movement")

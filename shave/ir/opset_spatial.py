@@ -51,7 +51,7 @@ def resize(x, *, size, mode, align_corners, scales):
 
 register_op("resize", resize, check=_check_resize, attrs=("size", "mode", "align_corners", "scales"),
             flops=lambda ins, out, a: _numel(out) * (7 if a["mode"] == "bilinear" else 0),
-            channels=ch.leading(2))
+            channels=ch.leading(2), role="movement")
 
 
 def _check_pad(ins, attrs):
@@ -84,7 +84,8 @@ def _pad_rule(in_types, out, attrs):
     return r
 
 
-register_op("pad", pad, check=_check_pad, attrs=("pads", "mode", "value"), channels=_pad_rule)
+register_op("pad", pad, check=_check_pad, attrs=("pads", "mode", "value"), channels=_pad_rule,
+            role="movement")
 
 
 def _check_pixel_shuffle(ins, attrs):
@@ -103,8 +104,9 @@ def _pixel_shuffle_rule(in_types, out, attrs):
 
 
 register_op("pixel_shuffle", lambda x, *, upscale: F.pixel_shuffle(x, upscale), check=_check_pixel_shuffle,
-            attrs=("upscale",), channels=_pixel_shuffle_rule)
+            attrs=("upscale",), channels=_pixel_shuffle_rule, role="movement")
 
 for _name, _fn in (("amax", torch.amax), ("amin", torch.amin)):
     register_op(_name, lambda x, *, axes, keepdim, fn=_fn: fn(x, list(axes), keepdim),
-                flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"), channels=ch.mean)
+                flops=lambda ins, out, a: _numel(ins[0]), attrs=("axes", "keepdim"), channels=ch.mean,
+                role="reduction")

@@ -2,7 +2,7 @@
 
     ShareWeights(bits=None, clusters=None, layers=None, exclude=(), data=None, iters=30)
 
-Each selected layer (conv2d / linear with a constant weight; `layers` and
+Each selected layer (conv2d, linear or conv_transpose2d with a constant weight; `layers` and
 `exclude` take node names or fnmatch patterns) gets its own k-means codebook of
 k = `clusters` (or 2**`bits`) float values: centroids start linearly spaced over
 [min, max] of the layer's weights (the initialisation the paper found best),
@@ -27,7 +27,6 @@ codebook storage would give.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import zlib
 from dataclasses import dataclass
@@ -37,10 +36,10 @@ import torch
 
 from ..backends.torch.module import forward_with_values
 from ..errors import PassError
-from ..ir import Graph
+from ..ir import Graph, get_op, weight_of
 from .base import Pass, register_pass
+from .layers import select_layers, weighted_layers
 
-LAYER_OPS = ("conv2d", "linear")
 BITS = 32
 
 
@@ -98,25 +97,22 @@ class ShareWeights(Pass):
         self.total_zlib: tuple[int, int] | None = None
 
     def _selected(self, graph: Graph) -> list:
-        layers = [n for n in graph.nodes if n.op in LAYER_OPS and graph.is_param(n.inputs[1])]
-        if self.patterns is not None:
-            for p in self.patterns:
-                if not any(fnmatch.fnmatchcase(n.name, p) for n in layers):
-                    raise PassError(f"ShareWeights layers={p!r} matches no conv2d or linear node with a constant weight")
-            layers = [n for n in layers if any(fnmatch.fnmatchcase(n.name, p) for p in self.patterns)]
-        return [n for n in layers if not any(fnmatch.fnmatchcase(n.name, p) for p in self.exclude)]
+        chosen = select_layers(graph, weighted_layers(graph), self.patterns, self.exclude, pass_name="ShareWeights",
+                               what="layer (conv2d, linear, conv_transpose2d) with a constant weight")
+        return [n for n, _ in chosen]
 
     def run(self, graph: Graph) -> Graph:
         original = graph.copy()
         self.layers = []
         before = after = b""
         for n in self._selected(graph):
-            w = np.asarray(graph.params[n.inputs[1]], np.float32)
+            w = np.asarray(graph.params[weight_of(n)], np.float32)
             codebook, idx = kmeans_1d(w, self.k, self.iters)
             shared = codebook[idx].astype(np.float32).reshape(w.shape)
             err = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
             self.layers.append(SharedLayer(n.name, w.size, self.k, compression_rate(w.size, self.k), err))
-            n.inputs = [n.inputs[0], graph.add_param(f"{n.name}.weight.shared", shared)] + n.inputs[2:]
+            slot = get_op(n.op).weight
+            n.inputs[slot] = graph.add_param(f"{n.name}.weight.shared", shared)
             before += w.tobytes()
             after += shared.tobytes()
         if self.layers:

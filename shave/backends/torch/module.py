@@ -12,9 +12,6 @@ import torch.fx as fx
 
 from ...ir import Graph, get_op
 
-# Inputs of these ops, by position, are statistics rather than trainable weights.
-_BUFFER_SLOTS = {"batch_norm": (1, 2)}
-
 
 class _Kernel:
     """A picklable, readable callable for one op (fx prints its name)."""
@@ -58,7 +55,8 @@ class IRModule(fx.GraphModule):
 def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
     """The graph as an nn.Module taking and returning tensors (a tuple when several outputs)."""
     root = torch.nn.Module()
-    buffers = {n.inputs[i] for n in graph.nodes for i in _BUFFER_SLOTS.get(n.op, ()) if i < len(n.inputs)}
+    # inputs the op registry calls statistics (e.g. a batch norm's running mean and var) are not trained
+    buffers = {n.inputs[i] for n in graph.nodes for i in get_op(n.op).buffers if i < len(n.inputs)}
     taken: set[str] = set()
     attr_of: dict[str, str] = {}
     used = {v for n in graph.nodes for v in n.inputs}

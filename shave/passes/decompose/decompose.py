@@ -20,15 +20,15 @@ layer to the original layer's outputs (refine.py).
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
 
 from ...errors import PassError
 from ...isa import isa
-from ...ir import Graph
+from ...ir import Graph, get_op
 from ..base import Pass, register_pass
+from ..layers import select_layers, weighted_layers
 from ..prune.data_criteria import calibration_batches
 from . import ranks
 from .auto import LatencyCache, time_graphs
@@ -37,7 +37,6 @@ from .refine import refit_last_factor
 from .rewrite import layer_graph, replace_with_factors
 
 AUTO_BUDGETS = (0.75, 0.5, 0.25)
-LAYER_OPS = ("conv2d", "linear")
 
 
 @dataclass
@@ -52,10 +51,6 @@ class LayerPlan:
     reason: str = ""
     seconds: tuple | None = None  # (original, decomposed) measured by rank="auto"
     last: str = ""  # the last factor's node
-
-
-def _wildcard(pattern: str) -> bool:
-    return any(ch in pattern for ch in "*?[")
 
 
 @register_pass("decompose", contract="lossy")
@@ -103,30 +98,14 @@ class Decompose(Pass):
 
     def selected(self, graph: Graph) -> list[tuple]:
         """[(node, named exactly)] in graph order."""
-        layers = [n for n in graph.nodes if n.op in LAYER_OPS and graph.is_param(n.inputs[1])]
-        excluded = lambda n: any(fnmatch.fnmatch(n.name, p) for p in self.exclude)  # noqa: E731
-        if self.layers is None:
-            return [(n, False) for n in layers
-                    if not excluded(n) and not_applicable(self.method, Layer.of(graph, n)) is None]
-        exact = set()
-        for pat in self.layers:
-            if _wildcard(pat):
-                if not any(fnmatch.fnmatch(n.name, pat) for n in layers):
-                    raise PassError(f"layers pattern {pat!r} matches no conv2d or linear node")
-                continue
-            try:
-                node = graph.node(pat)
-            except KeyError:
-                raise PassError(f"layers names {pat!r}, but the graph has no node of that name") from None
-            if node not in layers:
-                raise PassError(f"node {pat!r} is {node.op}, not a conv2d or linear layer with a constant weight")
-            why = not_applicable(self.method, Layer.of(graph, node))
-            if why:
-                raise PassError(f"cannot apply {self.method} to node {pat!r} ({Layer.of(graph, node).describe()}): {why}")
-            exact.add(pat)
-        return [(n, n.name in exact) for n in layers if not excluded(n) and (
-            n.name in exact or (any(fnmatch.fnmatch(n.name, p) for p in self.layers if _wildcard(p))
-                                and not_applicable(self.method, Layer.of(graph, n)) is None))]
+        def why_not(n):
+            why = not_applicable(self.method, Layer.of(graph, n))
+            return why and f"{self.method} does not apply to {Layer.of(graph, n).describe()}: {why}"
+
+        # the factorisations work on the weight as a matrix (output channels, everything else)
+        candidates = [n for n in weighted_layers(graph) if get_op(n.op).out_axis == 0]
+        return select_layers(graph, candidates, self.layers, self.exclude, pass_name=f"Decompose({self.method})",
+                             what="conv2d or linear node with a constant weight", why_not=why_not)
 
     def candidate_ranks(self, graph: Graph, node, layer: Layer) -> list:
         """Ranks to try for this layer, largest first (one, except for rank='auto' without a rule)."""

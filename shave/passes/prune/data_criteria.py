@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ...backends.torch.module import forward_with_values
 from ...errors import PassError
-from ...ir import Graph
+from ...ir import Graph, is_layer
 
 MAX_POSITIONS = 4096  # output positions sampled per consumer for selection and refit
 
@@ -38,9 +38,8 @@ def calibration_batches(data) -> list[tuple]:
 
 
 def taylor_scores(graph: Graph, groups, batches) -> list[np.ndarray]:
-    layer_ops = ("conv2d", "linear", "conv_transpose2d")
     acts = {d[0] for g in groups for d in g.dims
-            if (n := graph.producer(d[0])) is not None and n.op in layer_ops}
+            if (n := graph.producer(d[0])) is not None and is_layer(n)}
     sums = {v: None for v in acts}
     for batch in batches:
         batch = tuple(x.float().requires_grad_(True) for x in batch)  # so every activation has a gradient

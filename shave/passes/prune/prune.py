@@ -26,7 +26,6 @@ the pass, else this machine.
 """
 from __future__ import annotations
 
-import fnmatch
 import math
 import numbers
 
@@ -36,6 +35,7 @@ from ...errors import PassError
 from ...isa import isa, pass_target
 from ...ir import Graph
 from ..base import Pass, register_pass
+from ..layers import matches
 from .apply import remove_channels
 from .data_criteria import calibration_batches, reconstruct, taylor_scores
 from .dependency import ChannelGroup, analyse
@@ -103,7 +103,7 @@ class Prune(Pass):
         return _filter_norm(graph, group, produces, 2 if self.criterion == "l2" else 1)
 
     def _excluded(self, group: ChannelGroup) -> bool:
-        return any(fnmatch.fnmatch(part, pat) for part in group.name.split("+") for pat in self.exclude)
+        return any(matches(part, self.exclude) for part in group.name.split("+"))
 
     def run(self, graph: Graph) -> Graph:
         return remove_channels(graph, self.select(graph))

@@ -55,7 +55,6 @@ After a run, `self.layers` says, per layer, what happened and why.
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import numpy as np
@@ -64,30 +63,16 @@ import torch
 from ...backends.torch.module import forward_with_values
 from ...errors import PassError
 from ...isa import isa, pass_target
-from ...ir import Graph, Node, verify
+from ...ir import Graph, Node, get_op, verify, weight_of
+from ...ir.graph import Epilogue
 from ...ir.types import TensorType
 from ..base import Pass, register_pass
+from ..layers import matches
 from .calibrate import activation_ranges, calibration_batches, weight_scales
 
-LAYERS = ("conv2d", "linear")
-ACTS = ("relu", "relu6", "clamp")
 SENSITIVITY_BATCHES = 4
 
-
-@dataclass
-class Unit:
-    layer: Node
-    add: Node | None = None
-    residual: str | None = None
-    act: Node | None = None
-
-    @property
-    def nodes(self) -> list[Node]:
-        return [n for n in (self.layer, self.add, self.act) if n is not None]
-
-    @property
-    def out(self) -> str:
-        return self.nodes[-1].name
+Unit = Epilogue  # a layer with the residual add and activation its int8 kernel computes
 
 
 @dataclass
@@ -114,35 +99,34 @@ def _describe(graph: Graph, n: Node) -> str:
 
 
 def _act_bounds(n: Node) -> tuple:
-    if n.op == "relu":
-        return 0.0, None
-    if n.op == "relu6":
-        return 0.0, 6.0
-    return n.attrs["min"], n.attrs["max"]
+    """(lo, hi) of an activation that is a clamp (the registry's `clip` trait)."""
+    return get_op(n.op).clip(n.attrs)
+
+
+def _clamps_around_zero(n: Node) -> bool:
+    """An activation the int8 requantisation computes for free: a clamp whose range holds 0."""
+    clip = get_op(n.op).clip
+    if clip is None:
+        return False
+    lo, hi = clip(n.attrs)
+    return lo is not None and lo <= 0 and (hi is None or hi > 0)
+
+
+def _quantizable(graph: Graph, n: Node) -> bool:
+    """A float layer with an int8 form (conv2d, linear) whose weight and bias are constants."""
+    return (get_op(n.op).int8 is not None and n.type.dtype == "float32"
+            and all(graph.is_param(v) for v in n.inputs[get_op(n.op).weight:]))
 
 
 def find_units(graph: Graph, skip=lambda n: False) -> list[Unit]:
     """The fusable layer chains of a float graph, in order."""
     units, claimed = [], set()
     for n in graph.nodes:
-        if n.op not in LAYERS or skip(n) or n.type.dtype != "float32" or not graph.is_param(n.inputs[1]):
+        if not _quantizable(graph, n) or skip(n):
             continue
-        if any(not graph.is_param(v) for v in n.inputs[2:]):
-            continue
-        u = Unit(n)
-        cur = n
-        users = graph.users(cur.name)
-        if (len(users) == 1 and graph.use_count(cur.name) == 1 and users[0].op == "add"
-                and users[0].name not in claimed):
-            add = users[0]
-            other = [v for v in add.inputs if v != cur.name]
-            if (len(other) == 1 and not graph.is_param(other[0]) and graph.type_of(other[0]) == n.type):
-                u.add, u.residual, cur = add, other[0], add
-        users = graph.users(cur.name)
-        if len(users) == 1 and graph.use_count(cur.name) == 1 and users[0].op in ACTS:
-            lo, hi = _act_bounds(users[0])
-            if lo is not None and lo <= 0 and (hi is None or hi > 0):
-                u.act = users[0]
+        u = graph.epilogue(n, residual=lambda v: graph.type_of(v) == n.type, act=_clamps_around_zero)
+        if u.add is not None and u.add.name in claimed:
+            u = graph.epilogue(n, residual=lambda v: False, act=_clamps_around_zero)
         claimed.update(x.name for x in u.nodes)
         units.append(u)
     return units
@@ -184,24 +168,18 @@ def simulate(graph: Graph, units: list[Unit], ranges: dict, wscales: dict, qmax)
 # ------------------------------------------------------------------ convert
 def _sim_units(g: Graph) -> list[tuple]:
     """(layer, fq_x, fq_w, add, fq_r, act) for every fake-quantized layer of a simulation graph."""
+    def fake_quantized(v: str) -> bool:
+        return (p := g.producer(v)) is not None and p.op == "fake_quant"
+
     out = []
     for n in g.nodes:
-        if n.op not in LAYERS:
+        if get_op(n.op).int8 is None:
             continue
-        px, pw = g.producer(n.inputs[0]), g.producer(n.inputs[1])
+        px, pw = g.producer(n.inputs[0]), g.producer(weight_of(n))
         if px is None or pw is None or px.op != "fake_quant" or pw.op != "fake_quant_channel":
             continue
-        cur, add, fr, act = n, None, None, None
-        users = g.users(cur.name)
-        if len(users) == 1 and g.use_count(cur.name) == 1 and users[0].op == "add":
-            other = [v for v in users[0].inputs if v != cur.name]
-            po = g.producer(other[0]) if len(other) == 1 else None
-            if po is not None and po.op == "fake_quant":
-                add, fr, cur = users[0], po, users[0]
-        users = g.users(cur.name)
-        if len(users) == 1 and g.use_count(cur.name) == 1 and users[0].op in ACTS:
-            act = users[0]
-        out.append((n, px, pw, add, fr, act))
+        e = g.epilogue(n, residual=fake_quantized, act=lambda a: get_op(a.op).clip is not None)
+        out.append((n, px, pw, e.add, g.producer(e.residual) if e.add else None, e.act))
     return out
 
 
@@ -399,7 +377,7 @@ class Quantize(Pass):
         self.layers: list[LayerQuant] = []
 
     def _excluded(self, n: Node) -> bool:
-        return n.name in self._slow or any(fnmatch.fnmatchcase(n.name, p) for p in self.exclude)
+        return n.name in self._slow or matches(n.name, self.exclude)
 
     def weight_range(self):
         """reduce_range with "auto" resolved for the target: True, False or "dense"."""

@@ -23,16 +23,15 @@ Errors per layer (RewritePlan):
 """
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from ...backends.torch.module import forward_with_values
-from ...errors import PassError
 from ...ir import Graph, Node, get_op
 from ..base import Pass
+from ..layers import select_layers
 from ..decompose.methods import Layer, macs
 from ..decompose.refine import refit_last_factor
 from ..prune.data_criteria import calibration_batches
@@ -126,30 +125,12 @@ class ConvRewrite(Pass):
         return self.why_not(graph, node, Layer.of(graph, node))
 
     def selected(self, graph: Graph) -> list[tuple[Node, bool]]:
-        """[(node, named exactly)] in graph order; a name that does not apply is an error."""
+        """[(node, named exactly)] in graph order (with the ones it cannot rewrite: the plan says why);
+        a name that does not apply is an error."""
         convs = [n for n in graph.nodes if n.op == "conv2d"]
-        excluded = lambda n: any(fnmatch.fnmatch(n.name, p) for p in self.exclude)  # noqa: E731
-        exact = set()
-        for pat in self.layers or ():
-            if any(ch in pat for ch in "*?["):
-                if not any(fnmatch.fnmatch(n.name, pat) for n in convs):
-                    raise PassError(f"{self.name}: layers pattern {pat!r} matches no conv2d node")
-                continue
-            try:
-                node = graph.node(pat)
-            except KeyError:
-                raise PassError(f"{self.name}: layers names {pat!r}, but the graph has no node of that name") from None
-            why = self._why_not(graph, node)
-            if why:
-                raise PassError(f"{self.name} cannot rewrite node {pat!r}: it {why}")
-            exact.add(pat)
-        out = []
-        for n in convs:
-            if n.name in exact:
-                out.append((n, True))
-            elif not excluded(n) and (self.layers is None or any(fnmatch.fnmatch(n.name, p) for p in self.layers)):
-                out.append((n, False))
-        return out
+        return select_layers(graph, convs, self.layers, self.exclude, pass_name=self.name, what="conv2d node",
+                             why_not=lambda n: (w := self._why_not(graph, n)) and f"it {w}",
+                             keep_inapplicable=True)
 
     # -------------------------------------------------------------------------------------- rewrite
     def run(self, graph: Graph) -> Graph:

@@ -29,12 +29,11 @@ from scipy.sparse import bmat, coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ...errors import PassError
-from ...ir import Graph, Node
+from ...ir import Graph, Node, get_op
 from ..base import register_pass
 from ..decompose.methods import Layer
 from .base import Block, ConvRewrite, new_node
 
-PER_CHANNEL = {"relu", "relu6", "sigmoid", "tanh", "hardsigmoid", "hardswish", "silu", "gelu", "clamp"}
 
 
 def _onehot(labels: np.ndarray, g: int) -> np.ndarray:
@@ -101,7 +100,7 @@ def _is_dense_conv(graph: Graph, n: Node) -> bool:
 
 
 def _per_channel(graph: Graph, n: Node) -> bool:
-    return n.op in PER_CHANNEL or (n.op == "batch_norm" and all(graph.is_param(v) for v in n.inputs[1:]))
+    return get_op(n.op).role == "activation" or (n.op == "batch_norm" and all(graph.is_param(v) for v in n.inputs[1:]))
 
 
 def _permute_chain(graph: Graph, chain, perm) -> None:
