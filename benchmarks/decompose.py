@@ -33,7 +33,7 @@ import torch  # noqa: E402
 
 import shave  # noqa: E402
 from prune_fashion import OUT, accuracy, batches, time_variants, trained_model  # noqa: E402
-from shave.backends.torch import to_torch  # noqa: E402
+from shave.reference import to_torch  # noqa: E402
 from shave.passes import Decompose, FoldBN  # noqa: E402
 
 # (method, rule, value): rule is "budget" (flop_budget), "energy", "auto" (value: min speed-up), "refit"

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import shave  # noqa: E402
-from shave.backends.torch import to_torch  # noqa: E402
+from shave.reference import to_torch  # noqa: E402
 from shave.passes import FoldBN, Prune  # noqa: E402
 from shave.zoo import FashionResNet, load_fashion_mnist  # noqa: E402
 

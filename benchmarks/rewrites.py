@@ -29,7 +29,7 @@ import torch  # noqa: E402
 
 import shave  # noqa: E402
 from prune_fashion import accuracy, batches, time_variants, trained_model  # noqa: E402
-from shave.backends.torch import to_torch  # noqa: E402
+from shave.reference import to_torch  # noqa: E402
 from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite  # noqa: E402
 
 VARIANTS = [  # (label, pass factory taking the calibration data); every layer's block

@@ -82,7 +82,7 @@ def bench_layers(args):
     from torch import nn
 
     import shave
-    from shave.backends.tvm.target import resolve_target
+    from shave.target import resolve_target
 
     target = resolve_target(args.target)
     rows = []

@@ -37,7 +37,7 @@ def main() -> None:
     model = pretrained_mobilenet_v2()
     images, labels = imagenet_samples()
     print(f"MobileNetV2 (ImageNet weights), {len(images)} labelled ImageNet images, target x86 "
-          f"({shave.backends.tvm.target.host_cpu()})\n")
+          f"({shave.target.host_cpu()})\n")
 
     t0 = time.perf_counter()
     cm = shave.compile(model, (images[:1],), target="x86")

@@ -21,7 +21,9 @@ _LAZY = {
     "register_pass": ("passes", "register_pass"),
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
-    "Report": ("report", "Report"),
+    "Report": ("runtime.report", "Report"),
+    "layer_timer": ("timing", "layer_timer"),
+    "LayerTimer": ("timing", "LayerTimer"),
     "TuneOptions": ("backends.tvm.tune", "TuneOptions"),
 }
 
@@ -43,5 +45,6 @@ def __dir__():
 
 
 __all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
+           "layer_timer", "LayerTimer",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
            "TargetError", "CompileError", "ArtifactError", "InputError"]

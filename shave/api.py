@@ -10,13 +10,13 @@ import torch
 from . import __version__
 from .backends.tvm.build import build
 from .backends.tvm.tune import TuneOptions
-from .backends.tvm.target import required_features, resolve_target, target_arch
+from .target import required_features, resolve_target, target_arch
 from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .isa import compiling_for
 from .ir import Graph, verify
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
-from .report import Report, relative_error
+from .runtime.report import Report, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
 
@@ -170,7 +170,7 @@ def _versions() -> dict:
 
 
 def to_torch(graph: Graph, trainable: bool = True):
-    from .backends.torch import to_torch as _to_torch
+    from .reference import to_torch as _to_torch
 
     return _to_torch(graph, trainable)
 

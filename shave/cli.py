@@ -8,7 +8,7 @@ import numpy as np
 
 from . import load
 from .errors import ShaveError
-from .report import Report
+from .runtime.report import Report
 from .runtime.artifact import read_artifact
 from .runtime.module import target_mismatch
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .backends.torch import to_torch
+from .reference import to_torch
 from .errors import PassError
 from .ir import Graph
 

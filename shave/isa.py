@@ -110,7 +110,7 @@ def _isa(key: str) -> ISA:
 def isa(target="x86") -> ISA:
     """The ISA of `target`: a target name (resolved as shave.compile does) or a TVM target dict."""
     if not isinstance(target, dict):
-        from .backends.tvm.target import resolve_target
+        from .target import resolve_target
 
         target = resolve_target(target)
     return _isa(json.dumps(target, sort_keys=True, default=str))
@@ -138,6 +138,6 @@ def pass_target(explicit=None):
     current = _COMPILE_TARGET.get()
     if current is not None:
         return current
-    from .backends.tvm.target import host_arch
+    from .target import host_arch
 
     return "arm64" if host_arch() == "aarch64" else "x86"

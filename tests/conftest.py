@@ -26,7 +26,7 @@ def runs_here(target: dict) -> bool:
     """Whether code built for `target` can execute on this machine (same architecture, and every
     CPU feature the code needs is in /proc/cpuinfo)."""
     from shave.runtime.module import target_mismatch
-    from shave.backends.tvm.target import required_features, target_arch
+    from shave.target import required_features, target_arch
 
     return target_mismatch({"arch": target_arch(target), "cpu_features": required_features(target),
                             "name": "test", "dict": target}) is None
@@ -59,3 +59,23 @@ def rng():
 
 def pytest_configure(config):
     sys.path.insert(0, os.path.dirname(__file__))
+
+
+@pytest.fixture(scope="session")
+def tracker():
+    """A TVM RPC tracker with one CPU server registered under key 'shave-test', on loopback."""
+    from tvm import rpc
+    from tvm.rpc.tracker import Tracker
+
+    tr = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
+    sv = rpc.Server(host="127.0.0.1", port=9300, port_end=9400, key="shave-test",
+                    tracker_addr=("127.0.0.1", tr.port), silent=True)
+    import time
+
+    for _ in range(50):  # wait until the server has registered
+        if "shave-test" in rpc.connect_tracker("127.0.0.1", tr.port).summary().get("queue_info", {}):
+            break
+        time.sleep(0.2)
+    yield tr.port
+    sv.terminate()
+    tr.terminate()

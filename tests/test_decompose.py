@@ -1,4 +1,6 @@
 """Decomposition: full rank is exact, costs match the published formulas, rank rules and refits do what they say."""
+import platform
+
 import numpy as np
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch.nn as nn
 
 import shave
 from conftest import rel_err
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.errors import PassError
 from shave.passes import Decompose, FoldBN, get_pass, run_passes
 from shave.passes.decompose import Layer, macs
@@ -245,11 +247,45 @@ def test_auto_keeps_only_measured_speedups(tmp_path):
     out = d(g)
     [entry] = d.plan
     t_orig, t_dec = entry.seconds
-    assert d.cache.measured == 1 and cache.is_file()
+    assert d.timer.measured == 1 and cache.is_file()
     assert entry.kept == (t_orig >= 1.1 * t_dec)
     assert out.op_counts()["conv2d"] == (2 if entry.kept else 1)
     # the same layer again: served from the on-disk cache; an unreachable speed-up keeps the layer
     strict = Decompose("weight_svd", rank="auto", flop_budget=0.25, cache=cache, min_speedup=1e6)
     out2 = strict(g)
-    assert strict.cache.measured == 0 and strict.plan[0].seconds == entry.seconds
+    assert strict.timer.measured == 0 and strict.plan[0].seconds == entry.seconds
     assert out2.op_counts()["conv2d"] == 1 and "not faster" in strict.plan[0].reason
+
+
+def test_auto_times_on_the_device_behind_an_rpc_tracker(tracker, monkeypatch):
+    """rank="auto" with an RPC timer: the layer and its factors are built here and timed on the device
+    registered at the tracker (a CPU server on loopback here), never loaded in this process."""
+    import shave.backends.tvm.timer as tvm_timer
+    from shave.errors import CompileError
+
+    def no_local_load(*a, **k):
+        raise AssertionError("an RPC timer loaded a library in this process")
+
+    monkeypatch.setattr(tvm_timer, "load_library", no_local_load)
+    torch.manual_seed(0)
+    g = shave.capture(nn.Conv2d(32, 32, 3, padding=1).eval(), (torch.randn(1, 32, 8, 8),))
+    timer = shave.layer_timer(rpc=f"127.0.0.1:{tracker}/shave-test", rounds=3, min_ms=5)
+    d = Decompose("weight_svd", rank="auto", flop_budget=0.25, timer=timer)
+    d(g)
+    [entry] = d.plan
+    assert timer.measured == 1 and timer.where == f"rpc 127.0.0.1:{tracker}/shave-test"
+    assert all(s > 0 for s in entry.seconds)
+    with pytest.raises(CompileError, match="no device with key 'rpi4' is registered at the RPC tracker"):
+        Decompose("weight_svd", rank="auto", timer=shave.layer_timer(rpc=f"127.0.0.1:{tracker}/rpi4"))(g)
+    with pytest.raises(CompileError, match="the layer timer's rpc must be 'host:port/key'"):
+        shave.layer_timer(rpc="localhost")
+
+
+def test_auto_for_another_machine_needs_its_device():
+    """rank="auto" for a target this machine cannot run is an error that says how to time it there."""
+    from shave.errors import CompileError
+
+    target = "rpi4" if platform.machine() in ("x86_64", "AMD64") else "x86-64"
+    g = shave.capture(nn.Conv2d(8, 8, 3, padding=1).eval(), (torch.randn(1, 8, 8, 8),))
+    with pytest.raises(CompileError, match=r"timing layers for this target needs its device: .*layer_timer\(rpc="):
+        Decompose("weight_svd", rank="auto", target=target)(g)

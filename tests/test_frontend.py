@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import shave
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.errors import CaptureError, UnsupportedOpError
 
 

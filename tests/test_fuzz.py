@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 import shave
 from conftest import rel_err
 from fuzz_cnn import build, cnn_descriptions
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.passes import Decompose, Prune, Quantize
 
 EXAMPLES = int(os.environ.get("SHAVE_FUZZ_EXAMPLES", "0")) or None

@@ -5,7 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import shave
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.backends.tvm.lower import LOWERINGS
 from shave.errors import IRError
 from shave.ir import Graph, Node, TensorType, get_op, load_graph, registered_ops, save_graph, verify
@@ -111,7 +111,7 @@ def test_op_traits_are_consistent():
     """What passes and backends ask the registry: every layer names its weight, bias and output axis,
     every activation is unary and per element, every fused epilogue is one the conv kernels compute,
     and every clamp form agrees with the op's own kernel."""
-    from shave.backends.tvm.schedules.conv import ACTS
+    from shave.backends.tvm.schedules.conv_spec import ACTS
     from shave.ir import ops_with
 
     for name in registered_ops():

@@ -7,7 +7,7 @@ from torch import nn
 
 import shave
 from conftest import rel_err
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.passes import Prune
 from shave.passes.prune import remove_channels
 from test_prune import zero_consumers

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import shave
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.errors import PassError
 from shave.passes import FoldBN, Pass, get_pass, register_pass
 
@@ -179,3 +179,91 @@ def test_layer_selection_is_one_service():
         with pytest.raises(PassError) as e:
             pick(**kw)
         assert str(e.value) == msg
+
+
+def _readme_example(marker: str) -> str:
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    return re.search(rf"<!-- example: {marker} -->\n```python\n(.*?)```", text, re.S).group(1)
+
+
+def test_readme_custom_pass():
+    """The README's pass with an argument, as written: under 20 lines, registered, usable by name with
+    arguments in passes=, its error measured."""
+    code = _readme_example("custom-pass")
+    definition = code.split("cm = shave.compile")[0].strip().splitlines()
+    assert len(definition) <= 20
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    env = {"model": model, "x": x}
+    exec(compile(code, "README.md", "exec"), env)
+    cm = env["cm"]
+    assert [r.stage for r in cm.report.rows[1:-1]] == ["fold_bn", "zero_small_weights"]
+    zeroed = [np.count_nonzero(cm.graph.params[n.inputs[1]] == 0) for n in cm.graph.nodes if n.op == "conv2d"]
+    assert sum(zeroed) > 0 and 0 < cm.report["zero_small_weights"].error < 0.1
+    with pytest.raises(PassError, match=r"pass 'zero_small_weights' does not take these arguments \{'cutoff': 1\}"):
+        get_pass("zero_small_weights(cutoff=1)")
+
+
+def test_passes_named_with_arguments():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    for spec in ("prune(ratio=0.5, criterion='l2')", ("prune", {"ratio": 0.5, "criterion": "l2"})):
+        p = get_pass(spec)
+        assert (type(p).__name__, p.ratio, p.criterion) == ("Prune", 0.5, "l2")
+    cm = shave.compile(model, (x,), passes=["fold_bn", "prune(ratio=0.5)"])
+    assert [n.type.shape[1] for n in cm.graph.nodes if n.op == "conv2d"] == [8, 8]
+    for bad, msg in [("prune(0.5)", "cannot read pass 'prune\\(0.5\\)': write it as name\\(key=value, ...\\)"),
+                     ("prune(ratio=x)", "cannot read pass"),
+                     ("prune(ratio=2.0)", "ratio must be a number in \\[0, 1\\)"),
+                     (("prunee", {}), "unknown pass 'prunee'")]:
+        with pytest.raises(PassError, match=msg):
+            get_pass(bad)
+
+
+def test_a_pass_called_alone_is_checked_and_reports_its_result(graph_and_input, tmp_path):
+    """Instruments run around a pass called on its own: the numerical check (an exact pass that changes
+    the outputs fails), the IR dump; apply() returns the graph, whether it changed, the error, the plan."""
+    from shave.passes import IRDump, NumericCheck, Prune, instrumented
+
+    g, _ = graph_and_input
+
+    class Broken(Pass):
+        name, contract = "broken_exact", "exact"
+
+        def run(self, graph):
+            graph.node(next(n.name for n in graph.nodes if n.op == "relu")).op = "sigmoid"
+            return graph
+
+    with pytest.raises(PassError, match="pass 'broken_exact' is declared exact but changed the outputs"):
+        Broken()(g)
+    with instrumented():  # no instruments: the caller takes the responsibility
+        assert Broken()(g).op_counts()["sigmoid"] == 1
+    r = FoldBN().apply(g)
+    assert r.modified and r.error < 1e-5 and r.records == []
+    assert not FoldBN().apply(r.graph).modified  # nothing left to fold
+    pr = Prune(ratio=0.5).apply(g, [NumericCheck(), IRDump(tmp_path)])
+    assert pr.error > 0 and {"group", "channels", "kept"} <= set(pr.records[0])
+    assert [p.name for p in tmp_path.iterdir()] == ["01-prune.ir"]
+    assert shave.ir.load_graph(tmp_path / "01-prune.ir").op_counts() == pr.graph.op_counts()
+
+
+def test_requirements_and_plans_in_report_and_artifact(tmp_path):
+    from shave.passes import Prune
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    with pytest.raises(PassError, match="pass 'prune' needs batch_norm nodes .*run this pass before it"):
+        shave.compile(model, (x,), passes=["fold_bn", Prune(ratio=0.5, criterion="bn_gamma")])
+    cm = shave.compile(model, (x,), passes=[Prune(ratio=0.5, criterion="bn_gamma"), "fold_bn"])
+    plan = cm.report["prune"].plan
+    assert plan and all(rec["kept"] == rec["channels"] // 2 for rec in plan)
+    assert "prune:" in cm.report.plans() and "kept=8" in cm.report.plans()
+    cm.export(tmp_path / "m.shave")
+    assert shave.load(tmp_path / "m.shave").report["prune"].plan == plan
+

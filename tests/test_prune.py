@@ -6,7 +6,7 @@ import torch.nn as nn
 
 import shave
 from conftest import AVX2, AVX512, NEON, rel_err
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.errors import PassError
 from shave.ir import Graph, Node, TensorType, infer_types
 from shave.passes import FoldBN, Prune

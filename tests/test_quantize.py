@@ -484,7 +484,7 @@ def test_speed_fallback_sends_slower_layers_back_to_float(tiny):
         seen.append(f.name)
         return [1e-3, 2e-3] if f.name == slow else [2e-3, 1e-3]
 
-    q = Quantize(cal, target="x86", speed_timer=timer)
+    q = Quantize(cal, target="x86", timer=timer)
     gi = q(g)
     assert sorted(seen) == sorted(names)
     info = {x.name: x for x in q.layers}

@@ -6,7 +6,7 @@ from test_quantize import Tiny  # noqa: F401  (the shared tiny model)
 from test_quantize import tiny  # noqa: F401  (fixture)
 
 import shave
-from shave.backends.torch.module import forward_with_values
+from shave.reference.interpreter import forward_with_values
 from shave.errors import PassError
 from shave.passes import Quantize
 from shave.passes.quantize import weight_scales
@@ -134,7 +134,7 @@ def test_bias_correction_of_a_linear_on_channels_last_activations():
     """A linear layer's output channels are its last axis: averaging over axis 1 crashed here (4
     spatial rows against 5 features) and is silently wrong when the sizes match. After the
     "output" correction the simulated layer's per-feature means equal the float layer's."""
-    from shave.backends.torch import run_graph
+    from shave.reference import run_graph
 
     torch.manual_seed(0)
     model, x = ChannelsLast().eval(), torch.randn(2, 3, 4, 4)

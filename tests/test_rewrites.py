@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import shave
 from conftest import rel_err
-from shave.backends.torch import run_graph
+from shave.reference import run_graph
 from shave.errors import IRError
 from shave.ir import Graph, Node, infer_types, load_graph, save_graph, verify
 from shave.ir.opset_rewrites import shuffle_indices
@@ -140,7 +140,7 @@ def _scheduled_calls(g):
 
     from shave.backends.tvm.lower import to_relax
     from shave.backends.tvm.schedules import schedule_module
-    from shave.backends.tvm.target import resolve_target
+    from shave.target import resolve_target
     from shave.backends.tvm.tune import _count_calls
 
     target = resolve_target("x86")
@@ -357,12 +357,9 @@ def test_tvm_build_of_rewritten_network_matches_the_ir(block_graph):
 
 
 @pytest.mark.parametrize("conv_s,block_s,rewritten", [(2e-5, 1e-5, True), (1e-5, 2e-5, False)])
-def test_a_block_measured_slower_than_its_conv_is_not_applied(block_graph, monkeypatch, conv_s, block_s, rewritten):
+def test_a_block_measured_slower_than_its_conv_is_not_applied(block_graph, conv_s, block_s, rewritten):
     """With a target, each block and its conv are compiled and timed alone (here: a stand-in
     timer, so the decision is what is tested, not the machine); a slower block keeps the conv."""
-    import shave.passes.decompose.auto as auto
-    import shave.passes.rewrites.base as base
-
     calls = []
 
     def fake_time(graphs, target):
@@ -370,10 +367,8 @@ def test_a_block_measured_slower_than_its_conv_is_not_applied(block_graph, monke
         assert len(graphs[0].nodes) == 1 and graphs[0].nodes[0].op == "conv2d"
         return [conv_s, block_s]
 
-    monkeypatch.setattr(auto, "time_graphs", fake_time)
-    monkeypatch.setattr(base, "_TIMED", {})
     g, _ = block_graph
-    p = DepthwiseSeparable(layers="conv2", target="x86", min_speedup=1.5)
+    p = DepthwiseSeparable(layers="conv2", target="x86", min_speedup=1.5, timer=fake_time)
     out = p(g)
     assert len(calls) == 1
     entry = next(e for e in p.plan if e.name == "conv2")

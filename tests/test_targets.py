@@ -14,7 +14,7 @@ from conftest import rel_err
 from shave.backends.tvm.cross import cuda_kernels
 from shave.backends.tvm.lower import to_relax
 from shave.backends.tvm.schedules.gpu import schedule_gpu
-from shave.backends.tvm.target import host_arch, resolve_target, target_arch
+from shave.target import host_arch, resolve_target, target_arch
 from shave.errors import ArtifactError, TargetError
 from shave.zoo import FashionResNet, imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2
 
@@ -85,7 +85,7 @@ def _mobilenet():
 def _fashion_int8():
     """The Fashion ResNet quantized (8-bit weights: no target here saturates) as an IR graph, which
     is its own reference: the compiled int8 code must give the reference kernels' numbers."""
-    from shave.backends.torch import run_graph
+    from shave.reference import run_graph
     from shave.passes import FoldBN, Quantize
 
     model, x = _fashion()

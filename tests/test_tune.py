@@ -10,26 +10,6 @@ from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, compute_
 from shave.backends.tvm.tune import LEDGER
 
 
-@pytest.fixture(scope="module")
-def tracker():
-    """A TVM RPC tracker with one CPU server registered under key 'shave-test', on loopback."""
-    from tvm import rpc
-    from tvm.rpc.tracker import Tracker
-
-    tr = Tracker(host="127.0.0.1", port=9190, port_end=9290, silent=True)
-    sv = rpc.Server(host="127.0.0.1", port=9300, port_end=9400, key="shave-test",
-                    tracker_addr=("127.0.0.1", tr.port), silent=True)
-    import time
-
-    for _ in range(50):  # wait until the server has registered
-        if "shave-test" in rpc.connect_tracker("127.0.0.1", tr.port).summary().get("queue_info", {}):
-            break
-        time.sleep(0.2)
-    yield tr.port
-    sv.terminate()
-    tr.terminate()
-
-
 def _model():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Conv2d(3, 12, 3, padding=1), torch.nn.ReLU(),

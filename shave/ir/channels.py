@@ -97,8 +97,9 @@ def conv_transpose2d(in_types, out, attrs) -> ChannelRule:
         r.reduces.append((1, 0))
         r.same((1, 1), (OUT, 1), w.shape[1])
         r.produces.append((1, 1))
-    else:
+    else:  # whole groups go; the weight's rows are the input channels, its columns the channels within a group
         _groups(r, (0, 1), (OUT, 1), x.shape[1], out.shape[1], g)
+        r.same((0, 1), (1, 0), x.shape[1])
         r.frozen += [(1, 1)]
     return r
 

@@ -20,7 +20,7 @@ backends ask instead of keeping their own lists of op names:
   int8 weights ("qconv2d" for conv2d, "qlinear" for linear), None if none.
 
 Backends keep their own lowering tables keyed by op name (see
-backends/tvm/lower.py).
+backends/tvm/lowering.py).
 
 Type inference runs the reference kernel on torch "meta" tensors (shapes
 only, no data), so the kernel and the inferred type cannot disagree. Ops whose
@@ -90,8 +90,6 @@ def register_op(name: str, kernel, **kw) -> OpDef:
 
 
 def get_op(name: str) -> OpDef:
-    from . import opset  # noqa: F401  (registers the built-in ops)
-
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -99,15 +97,11 @@ def get_op(name: str) -> OpDef:
 
 
 def registered_ops() -> list[str]:
-    from . import opset  # noqa: F401
-
     return sorted(_REGISTRY)
 
 
 def ops_with(role: str) -> frozenset[str]:
     """Names of the registered ops with this role."""
-    from . import opset  # noqa: F401
-
     if role not in ROLES:
         raise ValueError(f"unknown op role {role!r}; roles: {', '.join(ROLES)}")
     return frozenset(n for n, op in _REGISTRY.items() if op.role == role)

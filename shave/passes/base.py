@@ -2,8 +2,9 @@
 
 A pass is a `Pass` subclass (override `run`) or a plain function registered
 with `register_pass`. Calling a pass object on a graph never changes that
-graph: the pass works on a copy, and the result is verified before it is
-returned. The pass manager (manager.py) adds the numerical check.
+graph: the pass works on a copy, the result is verified, and the pass runs
+under its instruments (instruments.py: by default the numerical check, so an
+exact pass that changes the outputs fails here too, not only in compile).
 
     @shave.register_pass("drop_relu6", contract="lossy")
     def drop_relu6(graph):
@@ -11,16 +12,60 @@ returned. The pass manager (manager.py) adds the numerical check.
             if n.op == "relu6":
                 n.op = "relu"
         return graph
+
+`pass.apply(graph)` returns a PassResult: the graph, whether it changed, the
+measured error and the pass's per-layer plan (`records()`, which also lands in
+the compile report and the artifact's manifest); `pass(graph)` returns the
+graph alone. A pass names the ops it needs in `required_ops()` (e.g. Prune's
+bn_gamma criterion needs batch norms): a graph without them is a PassError,
+not a silent fallback. In `passes=`, a registered pass takes arguments as
+"prune(ratio=0.3)" or ("prune", {"ratio": 0.3}).
 """
 from __future__ import annotations
 
+import ast
+import dataclasses
+import inspect
 import sys
+import time
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import PassError
 from ..ir import Graph, verify
 
 CONTRACTS = ("exact", "lossy")
+
+
+@dataclass
+class PassResult:
+    graph: Graph
+    modified: bool  # the graph's nodes, attributes or parameters differ from the input's
+    records: list = field(default_factory=list)  # the pass's per-layer plan, as dicts
+    error: float | None = None  # measured by the NumericCheck instrument
+    seconds: float = 0.0
+
+
+def _fingerprint(graph: Graph) -> tuple:
+    return (tuple((n.name, n.op, tuple(n.inputs), repr(sorted(n.attrs.items()))) for n in graph.nodes),
+            tuple(graph.outputs), tuple((k, id(v)) for k, v in graph.params.items()))
+
+
+def _plain(v):
+    """JSON-ready: numpy scalars and arrays, tuples -> Python numbers and lists."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    if hasattr(v, "tolist"):
+        return v.tolist()
+    return v
+
+
+def _record(entry) -> dict:
+    if dataclasses.is_dataclass(entry):
+        entry = dataclasses.asdict(entry)
+    return _plain(entry) if isinstance(entry, dict) else {"entry": _plain(entry)}
 
 
 class Pass:
@@ -31,22 +76,54 @@ class Pass:
     def run(self, graph: Graph) -> Graph:  # pragma: no cover - abstract
         raise NotImplementedError
 
-    def __call__(self, graph: Graph) -> Graph:
+    def required_ops(self) -> dict[str, str]:
+        """{op: why} for ops the input graph must contain (none by default)."""
+        return {}
+
+    def records(self) -> list[dict]:
+        """The last run's per-layer plan as dicts (default: the dataclasses in `self.plan`)."""
+        return [_record(e) for e in getattr(self, "plan", None) or []]
+
+    def apply(self, graph: Graph, instruments=None) -> PassResult:
+        """Run the pass on a copy of `graph` under `instruments` (default: instruments.default_instruments())."""
+        from .instruments import default_instruments
+
+        counts = graph.op_counts()
+        for op, why in self.required_ops().items():
+            if not counts.get(op):
+                raise PassError(f"pass {self.name!r} needs {op} nodes ({why}), and the graph has none"
+                                + (" (fold_bn removes them: run this pass before it)" if op == "batch_norm" else ""))
+        instruments = default_instruments() if instruments is None else list(instruments)
+        for i in instruments:
+            i.before(self, graph)
+        t0 = time.perf_counter()
         out = self.run(graph.copy())
         if not isinstance(out, Graph):
             raise PassError(f"pass {self.name!r} returned {type(out).__name__}, not a Graph")
-        return verify(out.remove_dead())
+        out = verify(out.remove_dead())
+        result = PassResult(out, _fingerprint(out) != _fingerprint(graph), self.records(),
+                            seconds=time.perf_counter() - t0)
+        for i in instruments:
+            i.after(self, graph, result)
+        return result
+
+    def __call__(self, graph: Graph) -> Graph:
+        return self.apply(graph).graph
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r}, {self.contract})"
 
 
 class FunctionPass(Pass):
-    def __init__(self, fn: Callable[[Graph], Graph], name: str, contract: str, tolerance: float):
-        self.fn, self.name, self.contract, self.tolerance = fn, name, contract, tolerance
+    """A function `fn(graph, **kwargs) -> graph` as a pass."""
+
+    def __init__(self, fn: Callable[..., Graph], name: str, contract: str, tolerance: float, **kwargs):
+        if kwargs:
+            inspect.signature(fn).bind(None, **kwargs)  # TypeError now, naming the argument, not at run time
+        self.fn, self.name, self.contract, self.tolerance, self.kwargs = fn, name, contract, tolerance, kwargs
 
     def run(self, graph: Graph) -> Graph:
-        return self.fn(graph)
+        return self.fn(graph, **self.kwargs)
 
 
 _REGISTRY: dict[str, Callable[[], Pass]] = {}
@@ -70,17 +147,41 @@ def register_pass(name: str, contract: str = "exact", tolerance: float = 1e-4):
             _REGISTRY[name] = obj
             return obj
         if callable(obj):
-            _REGISTRY[name] = lambda: FunctionPass(obj, name, contract, tolerance)
+            _REGISTRY[name] = lambda **kw: FunctionPass(obj, name, contract, tolerance, **kw)
             return _REGISTRY[name]()
         raise TypeError(f"register_pass decorates a Pass subclass or a function, not {type(obj).__name__}")
 
     return deco
 
 
+def _parse_call(spec: str) -> tuple[str, dict]:
+    """"prune(ratio=0.3, criterion='l2')" -> ("prune", {"ratio": 0.3, "criterion": "l2"})."""
+    try:
+        call = ast.parse(spec.strip(), mode="eval").body
+        if not (isinstance(call, ast.Call) and isinstance(call.func, ast.Name)) or call.args:
+            raise ValueError("not name(key=value, ...)")
+        return call.func.id, {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError) as e:
+        raise PassError(f"cannot read pass {spec!r}: write it as name(key=value, ...) with literal values ({e})") \
+            from None
+
+
+def _make(name: str, kwargs: dict) -> Pass:
+    if name not in _REGISTRY:
+        raise PassError(f"unknown pass {name!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
+    try:
+        return _REGISTRY[name](**kwargs)
+    except TypeError as e:
+        raise PassError(f"pass {name!r} does not take these arguments {kwargs}: {e}") from None
+
+
 def get_pass(spec) -> Pass:
-    """A pass from a registered name, a Pass object or class, or a plain callable (treated as lossy)."""
+    """A pass from a registered name ("fold_bn"), a name with arguments ("prune(ratio=0.3)" or
+    ("prune", {"ratio": 0.3})), a Pass object or class, or a plain callable (treated as lossy)."""
     if isinstance(spec, Pass):
         return spec
+    if isinstance(spec, tuple) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
+        return _make(*spec)
     if isinstance(spec, type) and issubclass(spec, Pass):  # the class itself: made with its defaults
         try:
             return spec()
@@ -88,9 +189,7 @@ def get_pass(spec) -> Pass:
             raise PassError(f"pass class {spec.__name__} cannot be made without arguments ({e}); "
                             f"pass an object: {spec.__name__}(...)") from None
     if isinstance(spec, str):
-        if spec not in _REGISTRY:
-            raise PassError(f"unknown pass {spec!r}; registered passes: {', '.join(sorted(_REGISTRY))}")
-        return _REGISTRY[spec]()
+        return _make(*_parse_call(spec)) if "(" in spec else _make(spec, {})
     if callable(spec):
         return FunctionPass(spec, getattr(spec, "__name__", "pass"), "lossy", 0.0)
     raise PassError(f"a pass must be a name, a Pass or a callable, got {type(spec).__name__}")
@@ -104,6 +203,8 @@ def pass_list(passes) -> list:
     """`passes=` as a list: one name, Pass or function alone counts as a list of one."""
     if isinstance(passes, (str, Pass, type)) or (callable(passes) and not hasattr(passes, "__iter__")):
         return [passes]
+    if isinstance(passes, tuple) and len(passes) == 2 and isinstance(passes[0], str) and isinstance(passes[1], dict):
+        return [passes]  # ("prune", {"ratio": 0.3}) alone
     try:
         return list(passes)
     except TypeError:

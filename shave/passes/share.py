@@ -34,10 +34,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..backends.torch.module import forward_with_values
+from ..reference.interpreter import forward_with_values
 from ..errors import PassError
 from ..ir import Graph, get_op, weight_of
-from .base import Pass, register_pass
+from .base import Pass, _record, register_pass
 from .layers import select_layers, weighted_layers
 
 BITS = 32
@@ -95,6 +95,9 @@ class ShareWeights(Pass):
         self.output_error: float | None = None
         self.total_rate = self.model_rate = None
         self.total_zlib: tuple[int, int] | None = None
+
+    def records(self) -> list[dict]:
+        return [_record(x) for x in self.layers]
 
     def _selected(self, graph: Graph) -> list:
         chosen = select_layers(graph, weighted_layers(graph), self.patterns, self.exclude, pass_name="ShareWeights",

@@ -8,8 +8,8 @@ import threading
 
 import numpy as np
 
-from ..backends.tvm.quiet import quiet_tvm
-from ..backends.tvm.target import host_arch, host_cpu_flags
+from .quiet import quiet_tvm
+from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
 
@@ -85,7 +85,7 @@ class Runtime:
 
     @property
     def report(self):
-        from ..report import Report
+        from .report import Report
 
         return Report.from_dict(self.manifest.get("report", {}))
 

@@ -25,8 +25,8 @@ import tempfile
 from pathlib import Path
 
 from ...errors import CompileError
-from .quiet import quiet_tvm
-from .target import host_arch, target_arch
+from ...runtime.quiet import quiet_tvm
+from ...target import host_arch, target_arch
 
 CUDA_ERROR_STUB_LIBRARY = 34
 CROSS_GCC = {"aarch64": "aarch64-linux-gnu-gcc"}

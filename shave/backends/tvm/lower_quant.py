@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lower import LOWERING_DOT, _channel, lowers
+from .lowering import LOWERING_DOT, _channel, lowers
 from .schedules import int8
 
 _Const = tvm.ir.expr.Constant

@@ -96,7 +96,7 @@ class TuneResult:
                 f"{self.tuned_ms:.2f} ms tuned ({speed:.2f}x)")
 
 
-def _parse_rpc(spec: str) -> tuple[str, int, str]:
+def _parse_rpc(spec: str, what: str = "TuneOptions.rpc") -> tuple[str, int, str]:
     try:
         hostport, key = spec.rsplit("/", 1)
         host, port = hostport.rsplit(":", 1)
@@ -104,7 +104,7 @@ def _parse_rpc(spec: str) -> tuple[str, int, str]:
             raise ValueError
         return host, int(port), key
     except ValueError:
-        raise CompileError(f"TuneOptions.rpc must be 'host:port/key' of a TVM RPC tracker, got {spec!r}") from None
+        raise CompileError(f"{what} must be 'host:port/key' of a TVM RPC tracker, got {spec!r}") from None
 
 
 def light_tensor_intrin(target_family: str = "x86") -> None:
@@ -344,7 +344,7 @@ def _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result,
     per_task = opts.trials_per_task or max(8, math.ceil(2 * opts.trials / len(tasks)))
     todo = [t for t in tasks if ledger[t[4]].get("budget", 0) < per_task] if opts.trials else []
     if todo:
-        from .quiet import quiet_tvm
+        from ...runtime.quiet import quiet_tvm
 
         progress = _Progress(todo, ledger, opts.trials, opts.progress)
         contexts = [ms.TuneContext(
@@ -423,16 +423,16 @@ def _runner(opts: TuneOptions):
     return ms.runner.LocalRunner(timeout_sec=opts.timeout_s, evaluator_config=cfg)
 
 
-def _check_tracker(host: str, port: int, key: str) -> None:
+def _check_tracker(host: str, port: int, key: str, what: str = "tuning") -> None:
     """Fail now, with the reason, rather than wait forever for a device that is not there."""
     from tvm import rpc
 
     try:
         queues = rpc.connect_tracker(host, port).summary().get("queue_info", {})
     except Exception as e:
-        raise CompileError(f"tuning: cannot reach the RPC tracker at {host}:{port} ({_last_line(e)})") from None
+        raise CompileError(f"{what}: cannot reach the RPC tracker at {host}:{port} ({_last_line(e)})") from None
     if key not in queues:
-        raise CompileError(f"tuning: no device with key {key!r} is registered at the RPC tracker {host}:{port} "
+        raise CompileError(f"{what}: no device with key {key!r} is registered at the RPC tracker {host}:{port} "
                            f"(keys there: {', '.join(sorted(queues)) or 'none'})")
 
 

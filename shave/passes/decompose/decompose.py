@@ -1,16 +1,19 @@
 """Decompose: low-rank and separable factorisation of conv2d and linear layers.
 
     Decompose(method="tucker2", rank=None, layers=None, exclude=(), energy=None, flop_budget=None,
-              round_to="auto", data=None, target="x86", cache=None, min_speedup=1.1)
+              round_to="auto", data=None, target="x86", cache=None, min_speedup=1.1, timer=None)
 
 Methods (methods.py, factorize.py): "svd" (linear), "weight_svd", "spatial",
 "tucker2", "cp" (conv2d). The rank (ranks.py) is one of: an int (tucker2:
 also (R1, R2)), a fraction of the full rank (float), energy=e, flop_budget=b,
-rank="vbmf", or rank="auto" (auto.py): candidates from `energy` or
-`flop_budget` when given, else from FLOP budgets 3/4, 1/2, 1/4; the largest
-candidate whose compiled layer is measured at least `min_speedup` times
-faster than the original on `target` is kept, and where none is, the layer
-stays as it was. A layer the decomposition would not make cheaper in FLOPs is
+rank="vbmf", or rank="auto": candidates from `energy` or `flop_budget` when
+given, else from FLOP budgets 3/4, 1/2, 1/4; the largest candidate whose
+compiled layer is measured at least `min_speedup` times faster than the
+original on `target` is kept, and where none is, the layer stays as it was.
+The layer alone and its factors alone are timed by `timer` (shave/timing.py:
+a LayerTimer, e.g. `shave.layer_timer(rpc="host:9190/rpi4")` to time on the
+device itself; default: this machine), cached by shape and target in memory
+and, with `cache=` (a JSON file), across runs. A layer the decomposition would not make cheaper in FLOPs is
 left alone too, unless `layers=` names it exactly.
 
 `layers` takes node names or fnmatch patterns ("layer3.*"); a name (no
@@ -26,12 +29,12 @@ import numpy as np
 
 from ...errors import PassError
 from ...isa import isa
+from ...timing import LayerTimer, as_timer
 from ...ir import Graph, get_op
 from ..base import Pass, register_pass
 from ..layers import select_layers, weighted_layers
 from ..prune.data_criteria import calibration_batches
 from . import ranks
-from .auto import LatencyCache, time_graphs
 from .methods import METHODS, Layer, factor_shapes, factor_weights, macs, not_applicable
 from .refine import refit_last_factor
 from .rewrite import layer_graph, replace_with_factors
@@ -57,7 +60,7 @@ class LayerPlan:
 class Decompose(Pass):
     def __init__(self, method: str = "tucker2", rank=None, layers=None, exclude=(), energy=None, flop_budget=None,
                  round_to="auto", data=None, target="x86", cache=None, min_speedup: float = 1.1,
-                 cp_iters: int = 50):
+                 cp_iters: int = 50, timer=None):
         if method not in METHODS:
             raise PassError(f"unknown decomposition method {method!r}; known: {', '.join(METHODS)}")
         named = [k for k, v in (("energy", energy), ("flop_budget", flop_budget)) if v is not None]
@@ -81,13 +84,20 @@ class Decompose(Pass):
         self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.target, self.round_to, self.min_speedup, self.cp_iters = target, round_to, min_speedup, cp_iters
-        self.cache = LatencyCache(cache)
+        self._timer, self._cache = timer, cache
         self.batches = calibration_batches(data) if data is not None else None
         self.plan: list[LayerPlan] = []
 
+    @property
+    def timer(self) -> LayerTimer:
+        """The LayerTimer of rank="auto" (made on first use)."""
+        if not isinstance(self._timer, LayerTimer):
+            self._timer = as_timer(self._timer, self._cache)
+        return self._timer
+
     # --------------------------------------------------------------------------------- selection
     def _target(self) -> dict:
-        from ...backends.tvm.target import resolve_target
+        from ...target import resolve_target
 
         return resolve_target(self.target)
 
@@ -171,17 +181,12 @@ class Decompose(Pass):
         """(original, decomposed) seconds per call of `node` compiled alone and as its
         factors at `rank`; from the cache unless `cached` is False (then measured again)."""
         target, layer = self._target(), Layer.of(graph, node)
-        key = self.cache.key(layer, self.method, rank, target)
-        hit = self.cache.get(key) if cached else None
-        if hit is None:
-            single = layer_graph(graph, node)
-            rng = np.random.default_rng(0)  # latency depends on shapes alone, not on the values
-            weights = [rng.standard_normal(s).astype(np.float32) for s in factor_shapes(self.method, layer, rank)]
-            factored = single.copy()
-            replace_with_factors(factored, factored.node(node.name), self.method, layer, rank, weights)
-            hit = time_graphs([single, factored], target)
-            self.cache.put(key, hit)
-        return tuple(hit)
+        single = layer_graph(graph, node)
+        rng = np.random.default_rng(0)  # latency depends on shapes alone, not on the values
+        weights = [rng.standard_normal(s).astype(np.float32) for s in factor_shapes(self.method, layer, rank)]
+        factored = single.copy()
+        replace_with_factors(factored, factored.node(node.name), self.method, layer, rank, weights)
+        return tuple(self.timer.time([single, factored], target, cached))
 
     def summary(self) -> str:
         rows = [f"{'layer':28} {'shape':28} {'rank':>10} {'MMACs':>14}  result"]

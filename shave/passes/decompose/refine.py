@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...backends.torch.module import forward_with_values
+from ...reference.interpreter import forward_with_values
 from ...ir import Graph
 
 RIDGE = 1e-6  # relative to the mean diagonal of the normal equations

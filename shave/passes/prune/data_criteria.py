@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...backends.torch.module import forward_with_values
+from ...reference.interpreter import forward_with_values
 from ...errors import PassError
 from ...ir import Graph, is_layer
 

@@ -102,6 +102,14 @@ class Prune(Pass):
                 return s
         return _filter_norm(graph, group, produces, 2 if self.criterion == "l2" else 1)
 
+    def required_ops(self) -> dict[str, str]:
+        if self.criterion == "bn_gamma":
+            return {"batch_norm": "criterion='bn_gamma' ranks channels by their batch norm's gamma"}
+        return {}
+
+    def records(self) -> list[dict]:
+        return [{"group": name, "channels": size, "kept": keep} for name, size, keep in self.plan]
+
     def _excluded(self, group: ChannelGroup) -> bool:
         return any(matches(part, self.exclude) for part in group.name.split("+"))
 

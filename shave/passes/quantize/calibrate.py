@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ...backends.torch.module import forward_with_values
+from ...reference.interpreter import forward_with_values
 from ...errors import PassError
 from ...ir import Graph
 

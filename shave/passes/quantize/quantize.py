@@ -41,7 +41,8 @@ shave.compile running the pass (else this machine).
 `target` (a target name or dict; default None: off): per-layer speed check (speed.py). Each
 quantized layer's int8 kernel alone is timed against its float32 kernel alone on the target;
 layers with fp32 / int8 below `min_speedup` (default 1.0) stay float32 ("slower: ...").
-`speed_timer(graphs, target) -> seconds` replaces the compile-and-time step (tests).
+`timer`: the LayerTimer that times them (shave/timing.py; default: this machine; a function
+(graphs, target) -> seconds also works, e.g. a latency model).
 
 `bias_correction`: after the weights and activations are fake-quantized, each quantized
 layer's bias is corrected, in graph order, by the per-channel mean shift of its output on
@@ -60,13 +61,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ...backends.torch.module import forward_with_values
+from ...reference.interpreter import forward_with_values
 from ...errors import PassError
 from ...isa import isa, pass_target
+from ...timing import as_timer
 from ...ir import Graph, Node, get_op, verify, weight_of
 from ...ir.graph import Epilogue
 from ...ir.types import TensorType
-from ..base import Pass, register_pass
+from ..base import Pass, _record, register_pass
 from ..layers import matches
 from .calibrate import activation_ranges, calibration_batches, weight_scales
 
@@ -301,7 +303,7 @@ def bias_correct(graph: Graph, sim: Graph, layers: list[str], batches, mode: str
     per-channel mean of its output on `batches` equals the float graph's (mode "output"), or equals
     that of the same layer with float weights on the same (quantized) input (mode "weights":
     only the weights' rounding error is corrected); {layer: max |shift|}."""
-    from ...backends.torch.module import _call
+    from ...reference.interpreter import _call
 
     layers = set(layers)
     fsum: dict[str, torch.Tensor] = {}
@@ -352,7 +354,7 @@ class Quantize(Pass):
                  percentile: float = 99.99, reduce_range="auto", simulate: bool = False,
                  max_layer_error: float | None = None, weight_method: str = "max",
                  bias_correction="weights", keep_ends_float: bool = False,
-                 target=None, min_speedup: float = 1.0, speed_timer=None):
+                 target=None, min_speedup: float = 1.0, timer=None):
         from .calibrate import METHODS, WEIGHT_METHODS
 
         if method not in METHODS:
@@ -372,12 +374,11 @@ class Quantize(Pass):
         self.max_layer_error = max_layer_error
         self.weight_method, self.bias_correction = weight_method, bias_correction
         self.keep_ends_float = keep_ends_float
-        self.target, self.min_speedup, self.speed_timer = target, min_speedup, speed_timer
-        self._slow: set = set()  # layers the speed check sent back to float32
+        self.target, self.min_speedup, self.timer = target, min_speedup, timer
         self.layers: list[LayerQuant] = []
 
-    def _excluded(self, n: Node) -> bool:
-        return n.name in self._slow or matches(n.name, self.exclude)
+    def records(self) -> list[dict]:
+        return [_record(x) for x in self.layers]
 
     def weight_range(self):
         """reduce_range with "auto" resolved for the target: True, False or "dense"."""
@@ -392,12 +393,19 @@ class Quantize(Pass):
         return 63 if reduce else 127
 
     def run(self, graph: Graph) -> Graph:
+        return self._quantize(graph, slow=frozenset(), timed=self.target is not None)
+
+    def _quantize(self, graph: Graph, slow: frozenset, timed: bool) -> Graph:
+        """The int8 graph, with the layers in `slow` (sent back by the speed check) kept float32;
+        `timed`: run the speed check."""
         batches = calibration_batches(graph, self.calibration)
         all_units = find_units(graph)
         ends = {all_units[0].layer.name, all_units[-1].layer.name} if self.keep_ends_float and all_units else set()
 
         def why_float(u: Unit) -> str:
-            return "excluded" if self._excluded(u.layer) else ("first/last layer" if u.layer.name in ends else "")
+            if u.layer.name in slow or matches(u.layer.name, self.exclude):
+                return "excluded"
+            return "first/last layer" if u.layer.name in ends else ""
 
         units = [u for u in all_units if not why_float(u)]
         self.layers = [LayerQuant(u.layer.name, _describe(graph, u.layer), not why_float(u), why_float(u),
@@ -419,25 +427,21 @@ class Quantize(Pass):
         if self.simulate:
             return sim
         gi = convert(sim)
-        return self._speed_fallback(graph, gi, units) if self.target is not None and units else gi
+        return self._speed_fallback(graph, gi, units) if timed and units else gi
 
     def _speed_fallback(self, graph, gi, units):
         """Time each int8 layer against its float32 layer on the target; rerun with the slower ones float32."""
-        from ...backends.tvm.target import resolve_target
+        from ...target import resolve_target
         from .speed import measure, too_slow
 
         target = resolve_target(self.target)
         qnodes = {n.inputs[1]: n.name for n in gi.nodes if n.op in ("qconv2d", "qlinear")}
         pairs = [(u.layer.name, qnodes[f"{u.layer.name}.weight.q"]) for u in units
                  if f"{u.layer.name}.weight.q" in qnodes]
-        times = measure(graph, gi, pairs, target, self.speed_timer)
+        times = measure(graph, gi, pairs, target, as_timer(self.timer))
         slow = too_slow(times, self.min_speedup)
         if slow:
-            saved, self.target, self._slow = self.target, None, self._slow | set(slow)
-            try:
-                gi = self.run(graph)
-            finally:
-                self.target, self._slow = saved, set()
+            gi = self._quantize(graph, frozenset(slow), timed=False)
         for x in self.layers:
             if x.name in times:
                 x.fp32_ms, x.int8_ms = times[x.name][0] * 1e3, times[x.name][1] * 1e3

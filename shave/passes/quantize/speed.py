@@ -2,20 +2,17 @@
 
 For each quantized layer, the float32 layer alone (its conv2d / linear node) and the int8
 layer alone (its qconv2d / qlinear node, with the fused epilogue) are each built into a
-one-layer graph, compiled for the target and timed in interleaved rounds
-(decompose.auto.time_graphs; results cached by layer shape and target like the
-decomposition's latency measurements). A layer whose speedup fp32 / int8 is below
+one-layer graph and timed by a LayerTimer (shave/timing.py: built for the target, timed
+in interleaved rounds, cached by shape and target like every speed guard's measurements). A layer whose speedup fp32 / int8 is below
 `min_speedup` goes back to float32. The comparison is per kernel: the quantize /
 dequantize a float32 layer adds between int8 neighbours is not counted.
 """
 from __future__ import annotations
 
-import json
-
 import numpy as np
 
 from ...ir import Graph, Node
-from ..decompose.auto import LatencyCache, time_graphs
+from ...timing import LayerTimer
 
 
 def one_layer(graph: Graph, node: Node) -> Graph:
@@ -33,29 +30,14 @@ def one_layer(graph: Graph, node: Node) -> Graph:
     return g
 
 
-def _key(g: Graph, target: dict) -> str:
-    n = g.nodes[0]
-    types = [str(g.type_of(v)) for v in n.inputs]
-    attrs = {k: v for k, v in n.attrs.items()}
-    return json.dumps(["quantize-speed", n.op, types, attrs, sorted(target.items())], default=str)
-
-
 def measure(float_graph: Graph, int_graph: Graph, pairs: list[tuple[str, str]], target: dict,
-            timer=None, cache_path=None) -> dict[str, tuple[float, float]]:
-    """{float layer name: (float32 seconds, int8 seconds)} for (float layer, int8 node) name pairs.
-    `timer(graphs, target) -> seconds per graph` defaults to compiling and timing them."""
-    timer = timer or time_graphs
-    cache = LatencyCache(cache_path)
+            timer: LayerTimer) -> dict[str, tuple[float, float]]:
+    """{float layer name: (float32 seconds, int8 seconds)} for (float layer, int8 node) name pairs."""
     out = {}
     for fname, qname in pairs:
         graphs = [one_layer(float_graph, float_graph.node(fname)), one_layer(int_graph, int_graph.node(qname))]
-        key = json.dumps([_key(g, target) for g in graphs])
-        got = cache.get(key) if timer is time_graphs else None
-        if got is None:
-            got = [float(t) for t in timer(graphs, target)]
-            if timer is time_graphs:
-                cache.put(key, got)
-        out[fname] = (got[0], got[1])
+        f, q = timer.time(graphs, target)
+        out[fname] = (f, q)
     return out
 
 

@@ -10,8 +10,8 @@ asymmetric: the input comes from the rewritten network) and measures every
 layer's output error on the data before and after the refit.
 
 With a `target` (e.g. "x86"), every rewritten layer is also compiled alone,
-before and after, and timed on that target (decompose/auto.py's interleaved
-rounds); a layer whose block is not at least `min_speedup` times faster keeps
+before and after, and timed on that target by `timer` (a LayerTimer,
+shave/timing.py; default: this machine); a layer whose block is not at least `min_speedup` times faster keeps
 its conv, with the measured ratio as the reason. Fewer MACs in a block that
 runs slower (a grouped conv narrower than a vector block, say) is not a win.
 
@@ -28,9 +28,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ...backends.torch.module import forward_with_values
+from ...reference.interpreter import forward_with_values
 from ...ir import Graph, Node, get_op
 from ..base import Pass
+from ...timing import as_timer
 from ..layers import select_layers
 from ..decompose.methods import Layer, macs
 from ..decompose.refine import refit_last_factor
@@ -61,13 +62,6 @@ class RewritePlan:
     seconds: tuple | None = None  # (conv alone, block alone) as compiled and timed on the target
 
 
-_TIMED: dict = {}  # (pass, layer, input shape, target) -> (conv s, block s), for this process
-
-
-def _settings(p) -> tuple:
-    return tuple(sorted((k, v) for k, v in vars(p).items() if isinstance(v, (int, float, str, bool))))
-
-
 def _block_graph(graph: Graph, names: list) -> Graph | None:
     """The block's nodes alone, its one data input as the graph input (None if it has several)."""
     nodes = [n for n in graph.nodes if n.name in set(names)]
@@ -95,12 +89,12 @@ def new_node(graph: Graph, base: str, op: str, inputs: list, attrs: dict, source
 class ConvRewrite(Pass):
     """Base of ShiftRewrite, GroupRewrite and DepthwiseSeparable (see base.py's docstring)."""
 
-    def __init__(self, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0):
+    def __init__(self, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0, timer=None):
         if target is not None:
-            from ...backends.tvm.target import resolve_target
+            from ...target import resolve_target
 
             target = resolve_target(target)
-        self.target, self.min_speedup = target, float(min_speedup)
+        self.target, self.min_speedup, self.timer = target, float(min_speedup), timer
         self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.batches = calibration_batches(data) if data is not None else None
@@ -143,7 +137,6 @@ class ConvRewrite(Pass):
 
     def _too_slow(self, original: Graph, rewritten: Graph) -> dict:
         """{layer: reason} for the rewritten layers whose block is not min_speedup x faster."""
-        from ..decompose.auto import time_graphs
         from ..decompose.rewrite import layer_graph
 
         slow = {}
@@ -153,11 +146,8 @@ class ConvRewrite(Pass):
             block = _block_graph(rewritten, e.nodes)
             if block is None:
                 continue
-            key = (type(self).__name__, _settings(self), e.layer, original.type_of(original.node(e.name).inputs[0]).shape,
-                   tuple(sorted(self.target.items())))
-            if key not in _TIMED:
-                _TIMED[key] = tuple(time_graphs([layer_graph(original, original.node(e.name)), block], self.target))
-            before, after = _TIMED[key]
+            before, after = as_timer(self.timer).time([layer_graph(original, original.node(e.name)), block],
+                                                      self.target)
             if before < self.min_speedup * after:
                 slow[e.name] = (f"block measured {before / after:.2f}x the conv's speed on "
                                 f"{self.target.get('kind')} (< {self.min_speedup:g}x)", (before, after))

@@ -26,11 +26,12 @@ from .base import Block, ConvRewrite, new_node
 
 @register_pass("depthwise_separable", contract="lossy")
 class DepthwiseSeparable(ConvRewrite):
-    def __init__(self, multiplier: int = 1, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0):
+    def __init__(self, multiplier: int = 1, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0,
+                 timer=None):
         if isinstance(multiplier, bool) or not isinstance(multiplier, (int, np.integer)) or multiplier < 1:
             raise PassError(f"DepthwiseSeparable multiplier must be a positive int (depthwise filters per input "
                             f"channel), got {multiplier!r}")
-        super().__init__(layers, exclude, data, target, min_speedup)
+        super().__init__(layers, exclude, data, target, min_speedup, timer)
         self.multiplier = int(multiplier)
 
     def why_not(self, graph: Graph, node: Node, layer: Layer) -> str | None:

@@ -169,10 +169,11 @@ def emit_permuted(graph: Graph, old: str, new: str, perm) -> None:
 
 @register_pass("group_rewrite", contract="lossy")
 class GroupRewrite(ConvRewrite):
-    def __init__(self, groups: int = 2, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0, restarts: int = 4, seed: int = 0):
+    def __init__(self, groups: int = 2, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0, restarts: int = 4, seed: int = 0,
+                 timer=None):
         if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 2:
             raise PassError(f"GroupRewrite groups must be an int >= 2, got {groups!r}")
-        super().__init__(layers, exclude, data, target, min_speedup)
+        super().__init__(layers, exclude, data, target, min_speedup, timer)
         self.groups, self.restarts, self.seed = int(groups), restarts, seed
 
     def why_not(self, graph: Graph, node: Node, layer: Layer) -> str | None:

@@ -32,11 +32,12 @@ from .base import Block, ConvRewrite, new_node
 
 @register_pass("shift_rewrite", contract="lossy")
 class ShiftRewrite(ConvRewrite):
-    def __init__(self, replicate: int = 1, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0):
+    def __init__(self, replicate: int = 1, layers=None, exclude=(), data=None, target=None, min_speedup: float = 1.0,
+                 timer=None):
         if isinstance(replicate, bool) or not isinstance(replicate, (int, np.integer)) or replicate < 1:
             raise PassError(f"ShiftRewrite replicate must be a positive int (shifts kept per input channel), "
                             f"got {replicate!r}")
-        super().__init__(layers, exclude, data, target, min_speedup)
+        super().__init__(layers, exclude, data, target, min_speedup, timer)
         self.replicate = int(replicate)
 
     def why_not(self, graph: Graph, node: Node, layer: Layer) -> str | None:

@@ -8,7 +8,7 @@ alone):
 
 1. Convolutions (`conv.py`). Each `conv2d` with constant weights, followed by
    its chain of bias add, optional residual add and optional activation (relu,
-   clip/relu6, sigmoid, SiLU, hardswish, hardsigmoid: conv.ACTS; every
+   clip/relu6, sigmoid, SiLU, hardswish, hardsigmoid: conv_spec.ACTS; every
    intermediate used once), becomes one `call_tir` to a PrimFunc built and
    scheduled here. Dense convs, grouped convs whose groups hold whole vector
    blocks of output channels (and whole blocks, or fewer than one, of input

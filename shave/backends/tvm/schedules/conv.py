@@ -32,63 +32,12 @@ cost as much as the reduction itself in depthwise and short 1x1 convs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 
-
-def out_size(spec, axis: int) -> int:
-    """Output height (axis 0) or width (1) of a conv spec (fields h, w, kh, kw, stride, pad, dilation)."""
-    size, k = (spec.h, spec.kh) if axis == 0 else (spec.w, spec.kw)
-    pad = spec.pad[axis] + spec.pad[axis + 2]
-    return (size + pad - spec.dilation[axis] * (k - 1) - 1) // spec.stride[axis] + 1
-
-
-@dataclass(frozen=True)
-class ConvSpec:
-    n: int
-    c: int
-    h: int
-    w: int
-    oc: int
-    kh: int
-    kw: int
-    stride: tuple[int, int]
-    pad: tuple[int, int, int, int]  # top, left, bottom, right
-    dilation: tuple[int, int]
-    depthwise: bool
-    act: str | None  # None, "relu", "clip:lo:hi", "sigmoid", "silu", "hardswish", "hardsigmoid" (ACTS)
-    residual: bool
-    vec: int
-    tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
-    in_blocked: bool = False  # X is [N, C/v, H, W, v]
-    out_blocked: bool = False  # Y is [N, OC/v, OH, OW, v]
-    res_blocked: bool = False  # the residual is [N, OC/v, OH, OW, v]
-    groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
-    shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
-    winograd: bool = False  # computed by the Winograd F(2x2, 3x3) kernel (winograd.py) instead
-    regs: int = 16  # vector registers of the target (shave.isa): 16 ymm, 32 zmm or NEON
-
-    @property
-    def oh(self) -> int:
-        return out_size(self, 0)
-
-    @property
-    def ow(self) -> int:
-        return out_size(self, 1)
-
-    def in_shape(self) -> tuple[int, ...]:
-        """Shape of X."""
-        if self.in_blocked:
-            return (self.n, self.c // self.vec, self.h, self.w, self.vec)
-        return (self.n, self.c, self.h, self.w)
-
-    def out_shape(self, blocked: bool | None = None) -> tuple[int, ...]:
-        """Shape of Y (or, with blocked=True/False, of an output/residual in that layout)."""
-        blocked = self.out_blocked if blocked is None else blocked
-        if blocked:
-            return (self.n, self.oc // self.vec, self.oh, self.ow, self.vec)
-        return (self.n, self.oc, self.oh, self.ow)
+from . import winograd
+from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
 
 
 def flat_view(spec: ConvSpec) -> ConvSpec:
@@ -143,29 +92,10 @@ def _dw_max_reg(spec) -> int:
     return best
 
 
-def _winograd():
-    """The Winograd kernel module (specs with winograd=True are built there)."""
-    from . import winograd
-
-    return winograd
-
-
-def _pick_reg_n(ow: int, max_reg: int) -> int:
-    """Tile width in [max_reg/2, max_reg] that wastes the fewest padded columns (then the widest)."""
-    if ow <= max_reg:
-        return ow
-    best = None
-    for r in range(max_reg, max(1, max_reg // 2) - 1, -1):
-        waste = math.ceil(ow / r) * r - ow
-        if best is None or waste < best[0]:
-            best = (waste, r)
-    return best[1]
-
-
 def default_tile(spec: ConvSpec) -> tuple[int, int]:
     """(ocb_in, reg_n) of the default plan: 8-12 accumulators of the 16 ymm registers."""
     if spec.winograd:
-        return _winograd().default_tile(spec)
+        return winograd.default_tile(spec)
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
@@ -176,19 +106,12 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
 
 
-# Dense register tiles (ocb_in, max reg_n) worth measuring: 4-14 accumulators, which with the
-# ocb_in weight vectors and a broadcast fit 16 registers; with 32 (AVX-512, NEON) also tiles of
-# up to 28 accumulators (fewer loads per FMA: (ocb_in + reg_n) / (ocb_in * reg_n)).
-DENSE_TILES = {16: [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3)],
-               32: [(1, 8), (1, 12), (2, 4), (2, 6), (3, 4), (4, 3), (1, 24), (2, 12), (3, 8), (4, 6), (6, 4)]}
-
-
 def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
     """Register tiles worth measuring for a layer (the default first): accumulators
     ocb_in x reg_n that fit the target's register file (DENSE_TILES), widths chosen to waste
     few padded columns."""
     if spec.winograd:
-        return _winograd().candidate_tiles(spec)
+        return winograd.candidate_tiles(spec)
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
@@ -242,7 +165,7 @@ def plan(spec: ConvSpec) -> dict:
 def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     """OIHW (depthwise: C,1,KH,KW) -> the blocked layout the kernel reads."""
     if spec.winograd:
-        return _winograd().pack_weight(spec, w)
+        return winograd.pack_weight(spec, w)
     v = spec.vec
     p = plan(spec)
     if spec.depthwise:
@@ -257,34 +180,6 @@ def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 3, 1))  # O, I, kh, kw, i, o
 
 
-# The activations a conv kernel applies in its epilogue, on the register tile (no pass over memory):
-# each as PyTorch computes it, in the same order as the Relax lowering of the op (lower.py).
-ACTS = ("relu", "clip", "sigmoid", "silu", "hardswish", "hardsigmoid")
-
-
-def _act(x, act):
-    """The fused activation; a NaN stays NaN, as in PyTorch (legalize.nan_keeping_clip)."""
-    from tvm import tirx
-
-    from .legalize import nan_keeping_clip, shared, vector_sigmoid
-
-    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
-    if act is None:
-        return x
-    if act == "relu":
-        return nan_keeping_clip(x, 0.0)
-    if act == "sigmoid":
-        return vector_sigmoid(x)
-    if act == "silu":
-        return shared(x, lambda v: v * vector_sigmoid(v), "silu_x")
-    if act == "hardsigmoid":  # relu6(x + 3) / 6
-        return nan_keeping_clip(x + f32(3.0), 0.0, 6.0) / f32(6.0)
-    if act == "hardswish":  # x * (relu6(x + 3) / 6)
-        return shared(x, lambda v: v * (nan_keeping_clip(v + f32(3.0), 0.0, 6.0) / f32(6.0)), "hswish_x")
-    _, lo, hi = act.split(":")
-    return nan_keeping_clip(x, float(lo), float(hi))
-
-
 def build_primfunc(spec: ConvSpec):
     """The scheduled PrimFunc. Arguments: X, packed W, bias [OC], (residual), Y."""
     return restore_shapes(spec, default_schedule(spec).mod["main"]).with_attr("tirx.is_scheduled", True)
@@ -293,7 +188,7 @@ def build_primfunc(spec: ConvSpec):
 def default_schedule(spec: ConvSpec):
     """The default schedule applied to `compute_primfunc(spec)`; its trace replays it."""
     if spec.winograd:
-        return _winograd().default_schedule(spec)
+        return winograd.default_schedule(spec)
     import tvm
 
     spec = flat_view(spec)
@@ -306,7 +201,7 @@ def compute_primfunc(spec: ConvSpec):
     """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc,
     in the shapes of `flat_view(spec)` (`restore_shapes` makes them the spec's)."""
     if spec.winograd:
-        return _winograd().compute_primfunc(spec)
+        return winograd.compute_primfunc(spec)
     from tvm import te, tirx
 
     spec = flat_view(spec)
@@ -370,38 +265,6 @@ def compute_primfunc(spec: ConvSpec):
                 axis=[rcb, rkh, rkw, rci]), name="conv")
 
     return te.create_prim_func(args + [output_stage(spec, Cc, B, Res)])
-
-
-def kernel_args(spec: ConvSpec, w_shape):
-    """Placeholders X (NCHW or blocked), packed weights of `w_shape`, bias, residual (or None)."""
-    from tvm import te
-
-    X = te.placeholder(spec.in_shape(), "float32", name="X")
-    Wt = te.placeholder(w_shape, "float32", name="W")
-    B = te.placeholder((spec.oc,), "float32", name="B")
-    Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R") if spec.residual else None
-    return X, Wt, B, Res
-
-
-def output_stage(spec: ConvSpec, acc, B, Res):
-    """Y (blocked or NCHW) = act(acc + bias [+ residual]) from the blocked result `acc`
-    ([N, OC/v, >= OH, >= OW, v])."""
-    from tvm import te
-
-    v = spec.vec
-
-    def epilogue(val, b, o, y, x, j):
-        """bias, residual, activation for output channel o * v + j."""
-        val = val + B[o * v + j]
-        if Res is not None:
-            val = val + (Res[b, o, y, x, j] if spec.res_blocked else Res[b, o * v + j, y, x])
-        return _act(val, spec.act)
-
-    if spec.out_blocked:
-        return te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(acc[b, o, y, x, j], b, o, y, x, j),
-                          name="out")
-    return te.compute(spec.out_shape(),
-                      lambda b, o, y, x: epilogue(acc[b, o // v, y, x, o % v], b, o // v, y, x, o % v), name="out")
 
 
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:

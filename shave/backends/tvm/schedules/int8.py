@@ -50,7 +50,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv import _pick_reg_n, out_size
+from .conv_spec import OutSize, _pick_reg_n
 
 VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
@@ -63,7 +63,7 @@ SHIFT = 128  # the `shifted` variant packs x - SHIFT as int8 (Arm sdot multiplie
 
 
 @dataclass(frozen=True)
-class QConvSpec:
+class QConvSpec(OutSize):
     n: int
     c: int
     h: int
@@ -95,14 +95,6 @@ class QConvSpec:
     def vi(self) -> int:
         """Input channels per packed pixel: 4 bytes, 2 int16 (wide) or the 8 lanes (depthwise)."""
         return VO if self.depthwise else (2 if self.wide else VI)
-
-    @property
-    def oh(self) -> int:
-        return out_size(self, 0)
-
-    @property
-    def ow(self) -> int:
-        return out_size(self, 1)
 
     def out_shape(self) -> tuple[int, ...]:
         if self.out_blocked:

@@ -124,7 +124,7 @@ def _merge_groups(w: np.ndarray, groups: int, kernel_groups: int) -> np.ndarray:
 
 
 def _folded_shift(x, var2val, consumers, uses, claimed):
-    """(shift var, its input, DY, DX) when the conv input `x` is a shift (lower.py's
+    """(shift var, its input, DY, DX) when the conv input `x` is a shift (lower_float.py's
     shave_shift kernel) that nothing else reads, else None."""
     value = var2val.get(x) if isinstance(x, relax.Var) else None
     if (value is None or not _is_op(value, "relax.call_tir") or x in claimed or uses.get(x, 0) != 1
@@ -201,7 +201,7 @@ def _const_scalar(expr) -> float | None:
 
 def _hard_activation(x, var2val, consumers, uses, claimed) -> tuple[str, list] | None:
     """("hardsigmoid", bindings) for clip(x + 3, 0, 6) / 6 and ("hardswish", bindings) for
-    x * (clip(x + 3, 0, 6) / 6), as lower.py emits them, when they are x's only uses (the last
+    x * (clip(x + 3, 0, 6) / 6), as lower_float.py emits them, when they are x's only uses (the last
     binding is the result); else None."""
     cs = [c for c in consumers.get(x, []) if c not in claimed]
     add = next((c for c in cs if _is_op(var2val[c], "relax.add")), None)
@@ -227,7 +227,7 @@ def _hard_activation(x, var2val, consumers, uses, claimed) -> tuple[str, list] |
 
 
 def _find_chains(func, isa) -> list[_Chain]:
-    """conv2d -> [bias add] -> [residual add] -> [an activation of conv.ACTS] chains, every
+    """conv2d -> [bias add] -> [residual add] -> [an activation of conv_spec.ACTS] chains, every
     intermediate used once (hardswish: its input used by its own add and multiply only)."""
     body = func.body
     if not isinstance(body, relax.SeqExpr):

@@ -26,7 +26,7 @@ import math
 
 import numpy as np
 
-from .conv import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
 
 # F(2, 3) (Lavin & Gray): Y = A^T [(G g G^T) . (B^T d B)] A
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)

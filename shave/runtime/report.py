@@ -29,6 +29,7 @@ class Row:
     error: float | None  # relative to the reference outputs
     seconds: float
     changes: str = ""  # op counts that changed, e.g. "-52 batch_norm"
+    plan: list = field(default_factory=list)  # what the pass did to each layer (Pass.records())
 
 
 def op_changes(before: dict[str, int], after: dict[str, int]) -> str:
@@ -55,6 +56,17 @@ class Report:
     @classmethod
     def from_dict(cls, d: dict) -> "Report":
         return cls([Row(**r) for r in d.get("rows", [])])
+
+    def plans(self) -> str:
+        """Every pass's per-layer plan, one block per pass that has one."""
+        blocks = []
+        for r in self.rows:
+            if r.plan:
+                keys = list(dict.fromkeys(k for rec in r.plan for k in rec))
+                lines = ["  " + "  ".join(f"{k}={rec.get(k)!s}" for k in keys if rec.get(k) not in (None, "", []))
+                         for rec in r.plan]
+                blocks.append(f"{r.stage}:\n" + "\n".join(lines))
+        return "\n".join(blocks)
 
     def __getitem__(self, stage: str) -> Row:
         for r in self.rows:

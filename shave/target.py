@@ -1,11 +1,13 @@
-"""Friendly target names -> TVM target dicts, and facts about the host."""
+"""Targets: friendly names -> TVM target dicts, what architecture and CPU features a target needs.
+
+Host facts the runtime also needs (architecture, CPU flags) live in runtime/host.py."""
 from __future__ import annotations
 
 import os
-import platform
 import re
 
-from ...errors import TargetError
+from .errors import TargetError
+from .runtime.host import host_arch
 
 # Feature flags (from /proc/cpuinfo) that code built for an LLVM CPU needs.
 # Only the ones that decide whether generated x86 code can execute are listed.
@@ -18,22 +20,6 @@ def host_cpu() -> str:
     import tvm
 
     return str(tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")())
-
-
-def host_arch() -> str:
-    m = platform.machine().lower()
-    return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
-
-
-def host_cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def _x86_host() -> dict:

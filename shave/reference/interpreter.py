@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from ...ir import Graph, get_op
+from ..ir import Graph, get_op
 
 
 class _Kernel:

@@ -1,0 +1,41 @@
+"""The lowering table: IR op name -> a function emitting the op's Relax, and the helpers the
+lowerings share. lower_float.py and lower_quant.py fill the table; lower.py drives it."""
+from __future__ import annotations
+
+from contextvars import ContextVar
+
+import numpy as np
+from tvm import relax
+
+R = relax.op
+LOWERINGS = {}
+
+
+def lowers(*ops):
+    def deco(fn):
+        for op in ops:
+            LOWERINGS[op] = fn
+        return fn
+
+    return deco
+
+
+def _f32(v) -> relax.Constant:
+    return relax.const(np.float32(v), "float32")
+
+
+def _channel(v: relax.Expr, ndim: int, axis: int = 1) -> relax.Expr:
+    """Reshape a per-channel vector so it broadcasts along `axis` of an ndim tensor."""
+    shape = [1] * ndim
+    shape[axis] = -1
+    return R.reshape(v, shape)
+
+
+def _shape(expr) -> tuple[int, ...]:
+    return tuple(int(d) for d in expr.ty.shape.values)
+
+
+# The int8 dot product (shave.isa INT8_DOTS) the graph is being lowered for: it decides how int8
+# conv weights are packed (lower_quant). Without a target, AVX2's (the packing every x86 target
+# can run; the schedule falls back to plain code elsewhere).
+LOWERING_DOT: ContextVar = ContextVar("shave_lowering_dot", default="avx2")

@@ -1,0 +1,110 @@
+"""Pass instruments: what runs around every pass, whether it is called through shave.compile or
+on its own (`Prune(...)(graph)`), in the spirit of TVM's PassInstrument and torch.fx's pass
+infrastructure.
+
+* NumericCheck: runs the graph before and after the pass on probe inputs through the
+  reference interpreter; an exact pass that changes the outputs beyond its tolerance is a
+  PassError, a lossy pass has its error measured (PassResult.error).
+* IRDump: writes the graph after each pass to a folder (shave.ir.save_graph: one file
+  holding graph.json and params.npz; shave.ir.load_graph reads it back).
+
+A pass called on its own runs under `default_instruments()` (a NumericCheck on two seeded
+random probes of the graph's input shapes); `shave.compile` runs its passes under a
+NumericCheck on its own probes (the example inputs, and the model's outputs as reference).
+`with instrumented(...)` sets the instruments for the passes called inside it.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from contextvars import ContextVar
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import PassError
+from ..ir import Graph, save_graph
+from ..reference import run_graph
+from ..runtime.report import relative_error
+
+
+class PassInstrument:
+    def before(self, p, graph: Graph) -> None:
+        """Runs before the pass, on its input graph."""
+
+    def after(self, p, before: Graph, result) -> None:
+        """Runs after the pass with its PassResult; may fill in fields or raise."""
+
+
+def random_probes(graph: Graph, n: int = 2, seed: int = 0) -> list[tuple[np.ndarray, ...]]:
+    """`n` seeded N(0, 1) inputs of the graph's input types (zeros for non-float inputs)."""
+    rng = np.random.default_rng(seed)
+    return [tuple(rng.standard_normal(t.shape).astype(t.dtype) if t.dtype.startswith("float")
+                  else np.zeros(t.shape, t.dtype) for _, t in graph.inputs) for _ in range(n)]
+
+
+def run_probes(graph: Graph, probes) -> list:
+    """The graph's outputs on every probe (a list of input tuples), flattened into one list."""
+    return [out for inputs in probes for out in run_graph(graph, inputs)]
+
+
+class NumericCheck(PassInstrument):
+    """Run the graph before and after the pass on `probes` (random ones of the graph's shapes when
+    None). An exact pass must keep the outputs it was given within its tolerance; the error
+    reported (PassResult.error) is against `reference` (e.g. the model's own outputs, so the
+    report shows how far every stage is from the model), the outputs before the pass when None."""
+
+    def __init__(self, probes=None, reference=None):
+        self.probes, self.reference = probes, reference
+
+    def before(self, p, graph):
+        self._probes = self.probes if self.probes is not None else random_probes(graph)
+        self._before = run_probes(graph, self._probes)
+
+    def after(self, p, before, result):
+        outs = run_probes(result.graph, self._probes)
+        changed = relative_error(outs, self._before)
+        result.error = changed if self.reference is None else relative_error(outs, self.reference)
+        if p.contract == "exact" and not changed <= p.tolerance:
+            raise PassError(f"pass {p.name!r} is declared exact but changed the outputs by {changed:.3g} "
+                            f"(relative; tolerance {p.tolerance:g})")
+
+
+class IRDump(PassInstrument):
+    """Save the graph after every pass as `<directory>/<index>-<pass>.ir` (shave.ir.save_graph)."""
+
+    def __init__(self, directory):
+        self.directory = Path(directory)
+        self.count = 0
+
+    def after(self, p, before, result):
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.count += 1
+        save_graph(result.graph, self.directory / f"{self.count:02d}-{p.name}.ir")
+
+
+_CURRENT: ContextVar = ContextVar("shave_pass_instruments", default=None)
+
+
+def current_instruments() -> list[PassInstrument]:
+    """The instruments of the innermost `instrumented(...)` ([] outside one)."""
+    return list(_CURRENT.get() or [])
+
+
+def default_instruments() -> list[PassInstrument]:
+    """The instruments a pass runs under: those of the innermost `instrumented(...)`, else a
+    NumericCheck on random probes."""
+    current = _CURRENT.get()
+    return list(current) if current is not None else [NumericCheck()]
+
+
+@contextmanager
+def instrumented(*instruments: PassInstrument):
+    """Run the passes called inside under these instruments (none at all: `instrumented()`)."""
+    for i in instruments:
+        if not isinstance(i, PassInstrument):
+            raise PassError(f"instruments must be PassInstrument objects, got {type(i).__name__}")
+    token = _CURRENT.set(list(instruments))
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)
