@@ -267,3 +267,35 @@ def test_requirements_and_plans_in_report_and_artifact(tmp_path):
     cm.export(tmp_path / "m.shave")
     assert shave.load(tmp_path / "m.shave").report["prune"].plan == plan
 
+
+class KerasOrder(nn.Module):
+    """conv -> ReLU -> BN -> conv: the BN folds forward into an unpadded (grouped) conv and into a
+    linear, but not into a padded conv (whose zero border would see the BN's shift)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 8, 3), bn(8)
+        self.c2, self.b2 = nn.Conv2d(8, 8, 3, groups=2), bn(8)
+        self.c3, self.b3 = nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm1d(8)
+        self.fc = nn.Linear(8, 5)
+        with torch.no_grad():
+            self.b3.running_mean.normal_(0, 0.5)
+            self.b3.running_var.uniform_(0.3, 2.0)
+            self.b3.bias.normal_(0, 0.3)
+
+    def forward(self, x):
+        x = self.c2(self.b1(torch.relu(self.c1(x))))
+        x = self.c3(self.b2(torch.relu(x)))
+        return self.fc(self.b3(torch.relu(x).mean((2, 3))))
+
+
+def test_fold_bn_folds_forward_where_exact():
+    torch.manual_seed(0)
+    model = KerasOrder().eval()
+    x = torch.randn(2, 3, 12, 12)
+    g = shave.capture(model, (x,))
+    g2 = FoldBN()(g)
+    left = [g2.users(n.name)[0].op for n in g2.nodes if n.op == "batch_norm"]
+    assert left == ["conv2d"]  # b2, before the padded c3
+    ref, out = run_graph(g, [x.numpy()])[0], run_graph(g2, [x.numpy()])[0]
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
