@@ -55,6 +55,23 @@ print(rt.report)
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_load_does_not_import_torch_even_where_it_is_installed(artifact, compiled):
+    """TVM's ffi imports torch when it can; shave.load keeps it out (seconds of start-up), and torch
+    imported afterwards works beside the runtime and takes its outputs through DLPack."""
+    cm, model, x = compiled
+    code = f"""
+import sys, numpy as np, shave
+rt = shave.load({str(artifact)!r})
+y = rt(np.zeros({tuple(x.shape)!r}, np.float32))
+assert "torch" not in sys.modules, "shave.load imported torch"
+import torch
+assert torch.equal(torch.from_dlpack(y), torch.from_numpy(y))
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
 def test_wrong_inputs_at_run_time(artifact):
     rt = shave.load(artifact)
     with pytest.raises(InputError, match=r"input .input.: expected float32\[1,3,8,8\], got float32\[1,3,9,8\]"):

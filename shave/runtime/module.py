@@ -9,6 +9,7 @@ import threading
 import numpy as np
 
 from .quiet import quiet_tvm
+from .tvm_import import import_tvm
 from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
@@ -23,7 +24,7 @@ class Runtime:
     weights are shared, not copied: eight VMs of MobileNetV2 add 0.1 MiB)."""
 
     def __init__(self, module, manifest: dict):
-        import tvm
+        tvm = import_tvm()
 
         self.manifest = manifest
         self.inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
@@ -40,7 +41,7 @@ class Runtime:
         134 us a call, 65 after)."""
         state = getattr(self._local, "state", None)
         if state is None:
-            import tvm
+            tvm = import_tvm()
             from tvm import relax
 
             self._local.vm = relax.VirtualMachine(self._module, self._device)
@@ -95,7 +96,7 @@ _HOST_TARGET = {"x86_64": "x86", "aarch64": "arm64"}
 
 def _cuda_gpu_mismatch(target: dict) -> str | None:
     """Why this machine cannot run CUDA code built for `target`, or None if it can."""
-    import tvm
+    tvm = import_tvm()
 
     arch = target.get("dict", {}).get("arch", "")
     try:
@@ -138,7 +139,7 @@ def check_target(manifest: dict, path) -> None:
 
 def load_library(data: bytes, origin="compiled library"):
     """Load a compiled library from its bytes (written to a temp file for dlopen)."""
-    import tvm
+    tvm = import_tvm()
 
     fd, lib_path = tempfile.mkstemp(suffix=".so", prefix="shave-")
     try:
