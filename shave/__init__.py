@@ -28,10 +28,13 @@ _LAZY = {
 }
 
 
+_SUBMODULES = ("passes", "ir", "zoo", "frontend", "backends", "api", "reference", "target", "isa", "timing")
+
+
 def __getattr__(name):
     import importlib
 
-    if name in ("passes", "ir", "zoo", "frontend", "backends", "api"):
+    if name in _SUBMODULES:
         return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         mod, attr = _LAZY[name]
@@ -41,7 +44,7 @@ def __getattr__(name):
 
 def __dir__():
     """The lazy attributes too, so tab completion and dir() show shave.compile, capture, ..."""
-    return sorted(set(globals()) | set(_LAZY) | {"passes", "ir", "zoo", "frontend", "backends", "api"})
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
 __all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",

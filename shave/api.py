@@ -123,12 +123,13 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
         reference = _model_outputs(model, probes)
     report = Report()
     stats = graph.stats()
+    captured = run_probes(graph, probes)
     report.add(stage="input graph" if isinstance(model, Graph) else "capture", contract="reference", flops=stats["flops"], params=stats["params"],
                bytes=stats["bytes"], nodes=stats["nodes"],
-               error=relative_error(run_probes(graph, probes), reference), seconds=time.perf_counter() - t0)
+               error=relative_error(captured, reference), seconds=time.perf_counter() - t0)
 
     with compiling_for(spec):  # passes given no target= plan for this one
-        graph, report = run_passes(graph, passes, probes, reference, report)
+        graph, report = run_passes(graph, passes, probes, reference, report, graph_outputs=captured)
 
     library, seconds, tuned = build(graph, spec, tune)
     manifest = {

@@ -156,3 +156,21 @@ def test_epilogue_pattern():
     assert g.epilogue(g.node("c1"), residual=lambda v: False).nodes == [g.node("c1")]
     e2 = g.epilogue(g.node("c2"))  # c2 feeds the relu and the add: nothing fuses
     assert e2.nodes == [g.node("c2")]
+
+
+def test_params_are_counted_as_pytorch_counts_them():
+    """Weights and biases count; batch-norm statistics and int8 requantisation scales do not (their
+    bytes do), so the count matches PyTorch's and Quantize does not make it grow."""
+    from shave.passes import FoldBN, Quantize
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Conv2d(1, 6, 5), torch.nn.BatchNorm2d(6), torch.nn.ReLU(),
+                            torch.nn.Flatten(), torch.nn.Linear(6 * 12 * 12, 10)).eval()
+    x = torch.randn(4, 1, 16, 16)
+    g = shave.capture(m, (x[:1],))
+    assert g.stats()["params"] == sum(p.numel() for p in m.parameters())
+    folded = FoldBN()(g)
+    assert folded.stats()["params"] == g.stats()["params"] - 2 * 6  # gamma and beta went into the conv
+    q = Quantize([x[i:i + 1] for i in range(4)])(folded)
+    assert q.op_counts().get("qconv2d") == 1
+    assert q.stats()["params"] == folded.stats()["params"] and q.stats()["bytes"] < folded.stats()["bytes"] / 3

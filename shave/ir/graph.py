@@ -190,14 +190,20 @@ class Graph:
         return counts
 
     def stats(self) -> dict[str, int]:
-        """FLOPs (multiply and add counted separately), parameter count and bytes."""
+        """FLOPs (multiply and add counted separately), parameter count and bytes of constants.
+        Parameters are weights and biases, as PyTorch counts them: constants that only fill an
+        op's `buffers` slots (batch-norm statistics, int8 requantisation scales) are not counted,
+        but their bytes are."""
         from .ops import get_op
 
         flops = 0
+        weights = set()
         for n in self.nodes:
-            flops += get_op(n.op).flops([self.type_of(v) for v in n.inputs], n.type, n.attrs)
+            op = get_op(n.op)
+            flops += op.flops([self.type_of(v) for v in n.inputs], n.type, n.attrs)
+            weights.update(v for i, v in enumerate(n.inputs) if i not in op.buffers)
         used = {v for n in self.nodes for v in n.inputs}
-        params = sum(int(a.size) for k, a in self.params.items() if k in used)
+        params = sum(int(a.size) for k, a in self.params.items() if k in weights)
         nbytes = sum(int(a.nbytes) for k, a in self.params.items() if k in used)
         return {"flops": int(flops), "params": params, "bytes": nbytes, "nodes": len(self.nodes)}
 

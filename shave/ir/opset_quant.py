@@ -95,6 +95,7 @@ def _qconv_channels(ins, out, attrs):
 register_op(
     "qconv2d", _qconv, flops=_qconv_flops, check=_check_qconv, num_inputs=(4, 5), channels=_qconv_channels,
     attrs=("stride", "padding", "dilation", "groups", "x_zp", "out_zp", "out_dtype", "lo", "hi"), role="quant",
+    buffers=(3,),  # the per-channel requantisation multipliers
 )
 
 
@@ -118,7 +119,7 @@ def _qlinear_channels(ins, out, attrs):
 register_op(
     "qlinear", _qlinear, check=_check_qlinear, num_inputs=(4, 4), channels=_qlinear_channels,
     flops=lambda ins, out, a: 2 * _numel(out) * ins[1].shape[1] + 3 * _numel(out),
-    attrs=("x_zp", "out_zp", "out_dtype", "lo", "hi"), role="quant",
+    attrs=("x_zp", "out_zp", "out_dtype", "lo", "hi"), role="quant", buffers=(3,),
 )
 
 
