@@ -21,6 +21,18 @@ from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
 
 BUILD_TOLERANCE = 1e-4  # compiled code vs the IR it was built from, relative to output scale
+# A graph that rounds float results to int8 codes (a quantize op, or an int8 layer with a sigmoid or SiLU
+# computed in float) can land one code away where the backend's float arithmetic differs from PyTorch's
+# in the last bit (exp, a sum's order); one code in an early layer moves the outputs by ~1e-3..1e-2.
+# Such graphs are checked against this bound instead (a backend bug is off by far more).
+INT8_BOUNDARY_TOLERANCE = 5e-2
+
+
+def build_tolerance(graph: Graph) -> float:
+    """How far compiled code may be from the IR it was built from (see INT8_BOUNDARY_TOLERANCE)."""
+    rounds_floats = any(n.op == "quantize" or (n.op in ("qconv2d", "qlinear") and n.attrs.get("act") in ("sigmoid", "silu"))
+                        for n in graph.nodes)
+    return INT8_BOUNDARY_TOLERANCE if rounds_floats else BUILD_TOLERANCE
 
 
 def _probes(args: tuple[torch.Tensor, ...]) -> list[tuple[np.ndarray, ...]]:
@@ -157,9 +169,10 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                                                 f"{tuned.default_ms:.2f} -> {tuned.tuned_ms:.2f} ms")
     if compiled is None:
         row.changes = "not run on this machine"
-    if not ir_err <= BUILD_TOLERANCE:
+    tolerance = build_tolerance(graph)
+    if not ir_err <= tolerance:
         raise CompileError(f"compiled code disagrees with the IR it was built from by {ir_err:.3g} "
-                           f"(relative; tolerance {BUILD_TOLERANCE:g}): a backend bug")
+                           f"(relative; tolerance {tolerance:g}): a backend bug")
     manifest["report"] = report.to_dict()
     return cm
 

@@ -516,3 +516,59 @@ def test_qlinear_lowers_to_int8_kernel_bit_exact(rng):
         acc = (x.astype(np.int64) - 29) @ w.T.astype(np.int64) + b
         ref = np_requant(acc, m, 17, out_dtype, lo, None, axis=1)
         np.testing.assert_array_equal(shave.compile(g, (torch.from_numpy(x),))(x), ref)
+
+
+# ---------------------------------------------------------------- activations computed in float
+class HardActs(nn.Module):
+    """MobileNetV3 / EfficientNet epilogues: hardswish, hardsigmoid, SiLU and sigmoid after convs (dense,
+    depthwise, with a residual) and a linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16)
+        self.dw = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.c2 = nn.Conv2d(16, 16, 1)
+        self.c3 = nn.Conv2d(16, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 6)
+
+    def forward(self, x):
+        y = nn.functional.hardswish(self.b1(self.c1(x)))
+        y = nn.functional.silu(self.dw(y))
+        y = nn.functional.hardswish(self.c2(y) + y)
+        y = torch.sigmoid(self.c3(y))
+        return nn.functional.hardsigmoid(self.fc(y.mean((2, 3))))
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512_VNNI, NEON_DOT], ids=["avx2", "vnni", "neon_dot"])
+def test_float_activations_fuse_into_int8_layers(target):
+    """hardswish, hardsigmoid, SiLU and sigmoid become part of their int8 layer (no float op, no
+    quantize/dequantize around them); the compiled layers match the reference kernels (hardswish and
+    hardsigmoid exactly, SiLU and sigmoid within one output code), and the int8 graph stays close to
+    the float model."""
+    torch.manual_seed(0)
+    m = HardActs().eval()
+    x = torch.randn(1, 3, 12, 12)
+    g = FoldBN()(shave.capture(m, (x,)))
+    gen = torch.Generator().manual_seed(1)
+    cal = [torch.randn(4, 3, 12, 12, generator=gen) for _ in range(4)]
+    with compiling_for(target):
+        gi = Quantize(cal, reduce_range=False)(g)
+    counts = gi.op_counts()
+    assert counts.get("qconv2d") == 4 and counts.get("qlinear") == 1
+    assert not set(counts) & {"hardswish", "silu", "sigmoid", "hardsigmoid", "dequantize"}, counts
+    acts = sorted(n.attrs.get("act") or "" for n in gi.nodes if n.op in ("qconv2d", "qlinear"))
+    assert acts == ["hardsigmoid", "hardswish", "hardswish", "sigmoid", "silu"]
+    ref = _run(gi, x)
+    with torch.no_grad():
+        fp = m(x).numpy()
+    assert np.abs(ref - fp).max() < 0.05 * np.abs(fp).max()
+    if runs_here(target):
+        cm = shave.compile(gi, (x,), target=target)
+        assert np.abs(cm(x.numpy()) - ref).max() <= 0.05 * np.abs(ref).max()
+        # layer by layer: the compiled int8 graph cut after each layer, against the reference
+        for n in [n for n in gi.nodes if n.op == "qconv2d"]:
+            part = gi.copy()
+            part.outputs = [n.name]
+            got, want = shave.compile(part.remove_dead(), (x,), target=target)(x.numpy()), _run(part, x)
+            diff = np.abs(got.astype(np.int32) - want.astype(np.int32)).max()
+            assert diff <= (0 if n.attrs["act"] in ("hardswish", "hardsigmoid") else 1), (n.name, n.attrs["act"], diff)

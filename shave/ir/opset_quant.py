@@ -10,7 +10,14 @@ weights per-output-channel symmetric int8 (zero point 0). A quantized layer
 
 `mult[c]` is x_scale * w_scale[c] / out_scale (or without the division for a float output),
 `bias_q = round(bias / (x_scale * w_scale[c]))`, and lo/hi carry a fused relu/relu6 (in the
-output's own units, None = no bound). The reference kernels compute the accumulation in
+output's own units, None = no bound).
+
+A fused activation that is not a clamp (`act`: "hardswish", "hardsigmoid", "sigmoid", "silu")
+needs real values: then `mult[c]` is x_scale * w_scale[c] (and r_mult the residual's scale), the
+activation runs on y, and a uint8 output is `clamp(round_half_even(act(y) * out_inv) + out_zp,
+0, 255)` with out_inv = 1 / out_scale. hardswish and hardsigmoid are computed as the conv kernels
+compute them (y * (clamp(y + 3, 0, 6) / 6)), so backends match the reference exactly; sigmoid and
+silu use each backend's own exp, so an output code may differ by one. The reference kernels compute the accumulation in
 float64, where every integer sum of these sizes is exact, so they are integer-exact; the
 requantization is spelled out in float32 in the order above, which backends follow too.
 
@@ -37,8 +44,21 @@ def _round(y: torch.Tensor) -> torch.Tensor:
     return torch.round(y)  # half to even, like the backends' nearbyint
 
 
-def requantize(y: torch.Tensor, out_zp: int, out_dtype: str, lo, hi) -> torch.Tensor:
+# the activations a quantized layer computes in float on real values, as the conv kernels do
+QUANT_ACTS = {
+    "hardswish": lambda y: y * (torch.clamp(y + 3.0, 0.0, 6.0) / 6.0),
+    "hardsigmoid": lambda y: torch.clamp(y + 3.0, 0.0, 6.0) / 6.0,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+}
+
+
+def requantize(y: torch.Tensor, out_zp: int, out_dtype: str, lo, hi, act=None, out_inv=1.0) -> torch.Tensor:
     """float32 y -> the layer's output (uint8 codes or float32), as the module docstring says."""
+    if act is not None:
+        y = QUANT_ACTS[act](y)
+        if out_dtype == "uint8":
+            y = y * torch.tensor(out_inv, dtype=torch.float32)
     if out_dtype == "uint8":
         q = _round(y) + out_zp
         return torch.clamp(q, 0 if lo is None else lo, 255 if hi is None else hi).to(torch.uint8)
@@ -59,6 +79,8 @@ def _check_q(ins, attrs, op):
         raise IRError(f"{op} multiplier {ins[3]} must be float32[{w.shape[0]}]")
     if attrs["out_dtype"] not in ("uint8", "float32"):
         raise IRError(f"{op} out_dtype must be 'uint8' or 'float32', got {attrs['out_dtype']!r}")
+    if attrs.get("act") not in (None, *QUANT_ACTS):
+        raise IRError(f"{op} act must be one of {', '.join(QUANT_ACTS)} or None, got {attrs.get('act')!r}")
 
 
 def _check_qconv(ins, attrs):
@@ -71,12 +93,12 @@ def _check_qconv(ins, attrs):
 
 
 def _qconv(x, w, b, m, r=None, *, stride, padding, dilation, groups, x_zp, out_zp, out_dtype, lo, hi,
-           r_zp=0, r_mult=0.0):
+           r_zp=0, r_mult=0.0, act=None, out_inv=1.0):
     acc = F.conv2d(x.double() - x_zp, w.double(), b.double(), stride, padding, dilation, groups)
     y = acc.float() * m.reshape(1, -1, 1, 1)
     if r is not None:
         y = y + (r.to(torch.int32) - r_zp).float() * torch.tensor(r_mult, dtype=torch.float32)
-    return requantize(y, out_zp, out_dtype, lo, hi)
+    return requantize(y, out_zp, out_dtype, lo, hi, act, out_inv)
 
 
 def _qconv_flops(ins, out, attrs):
@@ -105,9 +127,9 @@ def _check_qlinear(ins, attrs):
         raise IRError(f"qlinear input {ins[0]} does not match weight {ins[1]}")
 
 
-def _qlinear(x, w, b, m, *, x_zp, out_zp, out_dtype, lo, hi):
+def _qlinear(x, w, b, m, *, x_zp, out_zp, out_dtype, lo, hi, act=None, out_inv=1.0):
     acc = F.linear(x.double() - x_zp, w.double(), b.double())
-    return requantize(acc.float() * m, out_zp, out_dtype, lo, hi)
+    return requantize(acc.float() * m, out_zp, out_dtype, lo, hi, act, out_inv)
 
 
 def _qlinear_channels(ins, out, attrs):

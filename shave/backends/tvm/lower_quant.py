@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lowering import LOWERING_DOT, _channel, lowers
+from .lowering import LOWERING_DOT, LOWERINGS, _channel, lowers
 from .schedules import int8
 
 _Const = tvm.ir.expr.Constant
@@ -33,6 +33,10 @@ def _f32(v) -> relax.Constant:
 
 
 def _requantize(bb, y, a):
+    if a.get("act") is not None:  # on real values, as opset_quant.QUANT_ACTS computes it, then to output units
+        y = bb.emit(LOWERINGS[a["act"]](bb, [y], {}, None))
+        if a["out_dtype"] == "uint8":
+            y = bb.emit(R.multiply(y, _f32(a["out_inv"])))
     if a["out_dtype"] == "uint8":
         q = bb.emit(R.add(R.round(y), _f32(a["out_zp"])))
         lo = 0 if a["lo"] is None else a["lo"]
@@ -63,7 +67,8 @@ def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=No
         int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
         None if a["hi"] is None else float(a["hi"]), residual is not None,
         int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
-        depthwise=depthwise, **int8.variant(w, depthwise, LOWERING_DOT.get()))
+        depthwise=depthwise, act=a.get("act"), out_inv=float(a.get("out_inv", 1.0)),
+        **int8.variant(w, depthwise, LOWERING_DOT.get()))
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:

@@ -67,6 +67,7 @@ from ...isa import isa, pass_target
 from ...timing import as_timer
 from ...ir import Graph, Node, get_op, verify, weight_of
 from ...ir.graph import Epilogue
+from ...ir.opset_quant import QUANT_ACTS
 from ...ir.types import TensorType
 from ..base import Pass, _record, register_pass
 from ..layers import matches
@@ -105,6 +106,12 @@ def _act_bounds(n: Node) -> tuple:
     return get_op(n.op).clip(n.attrs)
 
 
+def _fusable(n: Node) -> bool:
+    """An activation an int8 layer computes: a clamp holding 0 (free, in the requantisation) or one
+    of the activations it computes in float on real values (opset_quant.QUANT_ACTS)."""
+    return _clamps_around_zero(n) or n.op in QUANT_ACTS
+
+
 def _clamps_around_zero(n: Node) -> bool:
     """An activation the int8 requantisation computes for free: a clamp whose range holds 0."""
     clip = get_op(n.op).clip
@@ -126,9 +133,9 @@ def find_units(graph: Graph, skip=lambda n: False) -> list[Unit]:
     for n in graph.nodes:
         if not _quantizable(graph, n) or skip(n):
             continue
-        u = graph.epilogue(n, residual=lambda v: graph.type_of(v) == n.type, act=_clamps_around_zero)
+        u = graph.epilogue(n, residual=lambda v: graph.type_of(v) == n.type, act=_fusable)
         if u.add is not None and u.add.name in claimed:
-            u = graph.epilogue(n, residual=lambda v: False, act=_clamps_around_zero)
+            u = graph.epilogue(n, residual=lambda v: False, act=_fusable)
         claimed.update(x.name for x in u.nodes)
         units.append(u)
     return units
@@ -180,7 +187,7 @@ def _sim_units(g: Graph) -> list[tuple]:
         px, pw = g.producer(n.inputs[0]), g.producer(weight_of(n))
         if px is None or pw is None or px.op != "fake_quant" or pw.op != "fake_quant_channel":
             continue
-        e = g.epilogue(n, residual=fake_quantized, act=lambda a: get_op(a.op).clip is not None)
+        e = g.epilogue(n, residual=fake_quantized, act=_fusable)
         out.append((n, px, pw, e.add, g.producer(e.residual) if e.add else None, e.act))
     return out
 
@@ -213,9 +220,16 @@ def convert(sim: Graph) -> Graph:
         b = np.asarray(g.params[layer.inputs[2]], np.float64) if len(layer.inputs) > 2 else np.zeros(len(sw))
         acc_scale = sx * sw
         bq = np.clip(np.round(b / acc_scale), -2 ** 31, 2 ** 31 - 1).astype(np.int32)
-        lo, hi = _act_bounds(act) if act is not None else (None, None)
+        float_act = act is not None and not _clamps_around_zero(act)
+        lo, hi = _act_bounds(act) if act is not None and not float_act else (None, None)
         attrs = {}
-        if end in out_q:
+        if float_act:  # computed on real values (opset_quant.QUANT_ACTS), then quantized
+            so, zo = out_q.get(end, (None, 0))
+            mult = acc_scale
+            attrs.update(out_zp=int(zo), out_dtype="uint8" if end in out_q else "float32", lo=None, hi=None,
+                         act=act.op, out_inv=float(np.float32(1.0 / so)) if end in out_q else 1.0)
+            rscale = None if fr is None else fr.attrs["scale"]
+        elif end in out_q:
             so, zo = out_q[end]
             mult = acc_scale / so
             qlo = 0 if lo is None else int(np.clip(np.round(lo / so) + zo, 0, 255))

@@ -50,7 +50,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .conv_spec import OutSize, _pick_reg_n
+from ....ir import get_op
+from .conv_spec import OutSize, _act, _pick_reg_n
 
 VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
@@ -90,6 +91,8 @@ class QConvSpec(OutSize):
     in_blocked: bool = False  # X is [N, C/8, H, W, 8] uint8 (block_qconvs), not NCHW
     out_blocked: bool = False  # Y is [N, OC/8, OH, OW, 8] uint8
     res_blocked: bool = False  # R is [N, OC/8, OH, OW, 8] uint8
+    act: str | None = None  # an activation on real values (opset_quant.QUANT_ACTS), then * out_inv
+    out_inv: float = 1.0
 
     @property
     def vi(self) -> int:
@@ -259,6 +262,10 @@ def compute_primfunc(spec: QConvSpec):
             r = Res[b, o // VO, y, x, o % VO] if spec.res_blocked else Res[b, o, y, x]
             # both products rounded to float32 before the add, as the reference: no fused multiply-add
             val = _fence(val) + _fence((r.astype("int32") - spec.r_zp).astype("float32") * f32(spec.r_mult))
+        if spec.act is not None:  # as the reference: the activation on y, then y * out_inv for a uint8 output
+            val = _act(_fence(val), get_op(spec.act).epilogue({}))
+            if spec.out_dtype == "uint8":
+                val = _fence(val * f32(spec.out_inv))
         if spec.out_dtype == "uint8":
             q = tirx.round(val) + f32(spec.out_zp)
             q = tirx.min(tirx.max(q, f32(0 if spec.lo is None else spec.lo)), f32(255 if spec.hi is None else spec.hi))
