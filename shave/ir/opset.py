@@ -126,8 +126,10 @@ _act("relu6", F.relu6, 2, epilogue=lambda a: "clip:0.0:6.0", clip=lambda a: (0.0
 _act("clamp", lambda x, *, min, max: torch.clamp(x, min, max), 2, attrs=("min", "max"),
      epilogue=lambda a: f"clip:{a['min']}:{a['max']}", clip=lambda a: (a["min"], a["max"]))
 _act("sigmoid", torch.sigmoid, 4, epilogue=lambda a: "sigmoid")
-_act("hardsigmoid", F.hardsigmoid, 3, epilogue=lambda a: "hardsigmoid")
-_act("hardswish", F.hardswish, 4, epilogue=lambda a: "hardswish")
+# written as the conv kernels compute them (within an ulp of F.hardsigmoid / F.hardswish), so an
+# int8 layer that fuses them matches its reference exactly
+_act("hardsigmoid", lambda x: torch.clamp(x + 3.0, 0.0, 6.0) / 6.0, 3, epilogue=lambda a: "hardsigmoid")
+_act("hardswish", lambda x: x * (torch.clamp(x + 3.0, 0.0, 6.0) / 6.0), 4, epilogue=lambda a: "hardswish")
 _act("silu", F.silu, 5, epilogue=lambda a: "silu")
 _act("tanh", torch.tanh, 4)
 _act("gelu", lambda x, *, approximate="none": F.gelu(x, approximate=approximate), 8, attrs=("approximate",))

@@ -12,12 +12,13 @@ weights per-output-channel symmetric int8 (zero point 0). A quantized layer
 `bias_q = round(bias / (x_scale * w_scale[c]))`, and lo/hi carry a fused relu/relu6 (in the
 output's own units, None = no bound).
 
-A fused activation that is not a clamp (`act`: "hardswish", "hardsigmoid", "sigmoid", "silu")
-needs real values: then `mult[c]` is x_scale * w_scale[c] (and r_mult the residual's scale), the
-activation runs on y, and a uint8 output is `clamp(round_half_even(act(y) * out_inv) + out_zp,
-0, 255)` with out_inv = 1 / out_scale. hardswish and hardsigmoid are computed as the conv kernels
-compute them (y * (clamp(y + 3, 0, 6) / 6)), so backends match the reference exactly; sigmoid and
-silu use each backend's own exp, so an output code may differ by one. The reference kernels compute the accumulation in
+A fused activation that is not a clamp (`act`: any activation op with an `epilogue` trait and
+no `clip` one, see `float_acts()`: hardswish, hardsigmoid, sigmoid, silu) needs real values:
+then `mult[c]` is x_scale * w_scale[c] (and r_mult the residual's scale), the op's own kernel
+runs on y, and a uint8 output is `clamp(round_half_even(act(y) * out_inv) + out_zp, 0, 255)`
+with out_inv = 1 / out_scale. hardswish and hardsigmoid are written as the conv kernels compute
+them (y * (clamp(y + 3, 0, 6) / 6)), so backends match the reference exactly; sigmoid and silu
+use each backend's own exp, so an output code may differ by one. The reference kernels compute the accumulation in
 float64, where every integer sum of these sizes is exact, so they are integer-exact; the
 requantization is spelled out in float32 in the order above, which backends follow too.
 
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 
 from ..errors import IRError
 from . import channels as ch
-from .ops import register_op
+from .ops import _REGISTRY, get_op, register_op
 
 
 def _numel(t) -> int:
@@ -44,19 +45,15 @@ def _round(y: torch.Tensor) -> torch.Tensor:
     return torch.round(y)  # half to even, like the backends' nearbyint
 
 
-# the activations a quantized layer computes in float on real values, as the conv kernels do
-QUANT_ACTS = {
-    "hardswish": lambda y: y * (torch.clamp(y + 3.0, 0.0, 6.0) / 6.0),
-    "hardsigmoid": lambda y: torch.clamp(y + 3.0, 0.0, 6.0) / 6.0,
-    "sigmoid": torch.sigmoid,
-    "silu": F.silu,
-}
+def float_acts() -> frozenset[str]:
+    """The activations a quantized layer computes in float on real values (module docstring)."""
+    return frozenset(n for n, op in _REGISTRY.items() if op.epilogue is not None and op.clip is None)
 
 
 def requantize(y: torch.Tensor, out_zp: int, out_dtype: str, lo, hi, act=None, out_inv=1.0) -> torch.Tensor:
     """float32 y -> the layer's output (uint8 codes or float32), as the module docstring says."""
     if act is not None:
-        y = QUANT_ACTS[act](y)
+        y = get_op(act).kernel(y)
         if out_dtype == "uint8":
             y = y * torch.tensor(out_inv, dtype=torch.float32)
     if out_dtype == "uint8":
@@ -79,8 +76,8 @@ def _check_q(ins, attrs, op):
         raise IRError(f"{op} multiplier {ins[3]} must be float32[{w.shape[0]}]")
     if attrs["out_dtype"] not in ("uint8", "float32"):
         raise IRError(f"{op} out_dtype must be 'uint8' or 'float32', got {attrs['out_dtype']!r}")
-    if attrs.get("act") not in (None, *QUANT_ACTS):
-        raise IRError(f"{op} act must be one of {', '.join(QUANT_ACTS)} or None, got {attrs.get('act')!r}")
+    if attrs.get("act") is not None and attrs["act"] not in float_acts():
+        raise IRError(f"{op} act must be one of {', '.join(sorted(float_acts()))} or None, got {attrs['act']!r}")
 
 
 def _check_qconv(ins, attrs):

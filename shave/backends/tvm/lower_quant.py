@@ -33,7 +33,7 @@ def _f32(v) -> relax.Constant:
 
 
 def _requantize(bb, y, a):
-    if a.get("act") is not None:  # on real values, as opset_quant.QUANT_ACTS computes it, then to output units
+    if a.get("act") is not None:  # on real values, as the op's reference kernel computes it, then to output units
         y = bb.emit(LOWERINGS[a["act"]](bb, [y], {}, None))
         if a["out_dtype"] == "uint8":
             y = bb.emit(R.multiply(y, _f32(a["out_inv"])))

@@ -67,7 +67,7 @@ from ...isa import isa, pass_target
 from ...timing import as_timer
 from ...ir import Graph, Node, get_op, verify, weight_of
 from ...ir.graph import Epilogue
-from ...ir.opset_quant import QUANT_ACTS
+from ...ir.opset_quant import float_acts
 from ...ir.types import TensorType
 from ..base import Pass, _record, register_pass
 from ..layers import matches
@@ -108,8 +108,8 @@ def _act_bounds(n: Node) -> tuple:
 
 def _fusable(n: Node) -> bool:
     """An activation an int8 layer computes: a clamp holding 0 (free, in the requantisation) or one
-    of the activations it computes in float on real values (opset_quant.QUANT_ACTS)."""
-    return _clamps_around_zero(n) or n.op in QUANT_ACTS
+    of the activations it computes in float on real values (opset_quant.float_acts)."""
+    return _clamps_around_zero(n) or n.op in float_acts()
 
 
 def _clamps_around_zero(n: Node) -> bool:
@@ -223,7 +223,7 @@ def convert(sim: Graph) -> Graph:
         float_act = act is not None and not _clamps_around_zero(act)
         lo, hi = _act_bounds(act) if act is not None and not float_act else (None, None)
         attrs = {}
-        if float_act:  # computed on real values (opset_quant.QUANT_ACTS), then quantized
+        if float_act:  # computed on real values (opset_quant.float_acts), then quantized
             so, zo = out_q.get(end, (None, 0))
             mult = acc_scale
             attrs.update(out_zp=int(zo), out_dtype="uint8" if end in out_q else "float32", lo=None, hi=None,

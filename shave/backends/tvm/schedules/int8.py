@@ -91,7 +91,7 @@ class QConvSpec(OutSize):
     in_blocked: bool = False  # X is [N, C/8, H, W, 8] uint8 (block_qconvs), not NCHW
     out_blocked: bool = False  # Y is [N, OC/8, OH, OW, 8] uint8
     res_blocked: bool = False  # R is [N, OC/8, OH, OW, 8] uint8
-    act: str | None = None  # an activation on real values (opset_quant.QUANT_ACTS), then * out_inv
+    act: str | None = None  # an activation on real values (opset_quant.float_acts), then * out_inv
     out_inv: float = 1.0
 
     @property
