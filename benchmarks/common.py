@@ -291,27 +291,10 @@ def _resnet18(seed: int = 0):
     return resnet18().eval(), f"ResNet-18, random init (torch.manual_seed({seed}))"
 
 
-def torchvision_models():
-    """torchvision.models, imported without torchvision's package __init__ (which registers C++
-    detection ops that do not exist beside the CPU torch: 'torchvision::nms does not exist');
-    the model definitions are pure Python. torchvision==0.28.0 is installed with --no-deps."""
-    import importlib
-    import importlib.util
-    import types
-
-    if "torchvision" not in sys.modules:
-        spec = importlib.util.find_spec("torchvision")
-        if spec is None:
-            raise ImportError("torchvision is not installed: pip install --no-deps torchvision==0.28.0")
-        pkg = types.ModuleType("torchvision")
-        pkg.__path__, pkg.__file__ = list(spec.submodule_search_locations), spec.origin
-        sys.modules["torchvision"] = pkg
-    return importlib.import_module("torchvision.models")
-
-
 def _torchvision(name: str, label: str, seed: int = 0):
     def make():
         import torch
+        from shave.zoo import torchvision_models
 
         torch.manual_seed(seed)
         return getattr(torchvision_models(), name)().eval(), f"{label}, random init (torchvision, seed {seed})"

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np  # noqa: E402
 
-from common import host_line, torchvision_models  # noqa: E402
+from common import host_line  # noqa: E402
 
 MODELS = ("mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0")
 
@@ -29,6 +29,7 @@ def main():
     import shave
     import shave.passes.quantize.quantize as qmod
     from shave.passes import Quantize
+    from shave.zoo import torchvision_models
 
     print(host_line())
     tv = torchvision_models()

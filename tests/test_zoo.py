@@ -2,6 +2,7 @@
 
 import importlib
 import importlib.util
+import sys
 
 import pytest
 import torch
@@ -126,6 +127,26 @@ def test_families_use_their_signature_building_blocks():
 def test_architecture_matches_torchvision_size(build, n_params):
     model = build()
     assert sum(p.numel() for p in model.parameters()) == n_params
+
+
+def test_missing_torchvision_gives_install_hint(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # what `import torchvision` finds: not installed
+    with pytest.raises(ImportError, match="pip install --no-deps torchvision==0.28.0"):
+        zoo.torchvision_models()
+
+
+def test_importable_torchvision_is_used_as_it_is(monkeypatch, tmp_path):
+    """Where the real package imports (a torch that its C++ ops match), no stand-in replaces it."""
+    zoo.torchvision_models()  # both entries exist now, so monkeypatch puts them back afterwards
+    (tmp_path / "torchvision" / "models").mkdir(parents=True)
+    (tmp_path / "torchvision" / "__init__.py").write_text("from . import models\nREAL = True\n")
+    (tmp_path / "torchvision" / "models" / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "torchvision")
+    monkeypatch.delitem(sys.modules, "torchvision.models")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    models = zoo.torchvision_models()
+    assert models.__file__ == str(tmp_path / "torchvision" / "models" / "__init__.py")
+    assert sys.modules["torchvision"].REAL
 
 
 def test_mobilenet_v2_state_dict_loads_strictly():

@@ -10,8 +10,11 @@
   ``dataset-fashion-mnist`` package) and a small ResNet for it.
 * ``FAMILIES``: small, fast, structurally faithful versions of the torchvision
   classification families, each as a factory returning ``(model, inputs)``.
+* ``torchvision_models``: the ``torchvision.models`` module, importable beside
+  the CPU torch (torchvision==0.28.0 installed ``--no-deps``; its package
+  ``__init__`` needs C++ ops that only a matching torch has).
 
-torchvision is not required.
+torchvision is only needed by ``torchvision_models``.
 """
 
 from .families import FAMILIES, build_family
@@ -19,6 +22,7 @@ from .fashion_mnist import FashionResNet, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2_weights_path, pretrained_mobilenet_v2
 from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnext50_32x4d
+from .tv import torchvision_models
 
 __all__ = [
     "FAMILIES",
@@ -39,4 +43,5 @@ __all__ = [
     "resnet18",
     "resnet50",
     "resnext50_32x4d",
+    "torchvision_models",
 ]
