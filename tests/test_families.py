@@ -10,7 +10,7 @@ import torch
 
 import shave
 from conftest import BLOCK_TORCH, rel_err
-from shave.zoo import FAMILIES
+from families import FAMILIES
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from shave.ir import Graph, Node, TensorType, infer_types
 from shave.passes import FoldBN, Prune
 from shave.passes.prune import analyse, remove_channels
 from shave.passes.prune.apply import removal_map
-from shave.zoo import FAMILIES
+from families import FAMILIES
 
 
 def zero_consumers(graph, units):

@@ -1,4 +1,4 @@
-"""Tests for shave.zoo: the model families, the torchvision-identical models and the sample data."""
+"""Tests for shave.zoo and the test families: torchvision's models, the ImageNet weights and the sample data."""
 
 import importlib
 import importlib.util
@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from families import FAMILIES
 from shave import zoo
 
 # The package re-exports functions that share their module's name, so fetch
@@ -49,12 +50,12 @@ _built = {}
 def _family(name):
     """Each family built once per session (building calibrates BN, which costs a few forwards)."""
     if name not in _built:
-        _built[name] = zoo.FAMILIES[name]()
+        _built[name] = FAMILIES[name]()
     return _built[name]
 
 
 def test_family_names():
-    assert set(zoo.FAMILIES) == EXPECTED_FAMILIES
+    assert set(FAMILIES) == EXPECTED_FAMILIES
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_FAMILIES))
@@ -76,7 +77,7 @@ def test_family_builds_and_runs(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED_FAMILIES))
 def test_family_factory_is_deterministic(name):
     model_a, inputs_a = _family(name)
-    model_b, inputs_b = zoo.FAMILIES[name]()
+    model_b, inputs_b = FAMILIES[name]()
     assert all(torch.equal(a, b) for a, b in zip(inputs_a, inputs_b))
     for (key, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), key
@@ -111,6 +112,12 @@ def test_families_use_their_signature_building_blocks():
     assert {"SqueezeExcitation", "ResBottleneckBlock"} <= types("regnet")
     model, _ = _family("resnext")
     assert any(isinstance(m, nn.Conv2d) and 1 < m.groups < m.in_channels for m in model.modules())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_FAMILIES))
+def test_family_is_torchvisions_model(name):
+    model, _ = _family(name)
+    assert type(model).__module__.startswith("torchvision.models."), type(model)
 
 
 # --------------------------------------------------------------------------- torchvision-identical models

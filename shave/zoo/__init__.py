@@ -8,16 +8,14 @@
   package) with torchvision's eval preprocessing, plus labels.
 * ``load_fashion_mnist`` / ``FashionResNet``: real Fashion-MNIST (Debian's
   ``dataset-fashion-mnist`` package) and a small ResNet for it.
-* ``FAMILIES``: small, fast, structurally faithful versions of the torchvision
-  classification families, each as a factory returning ``(model, inputs)``.
 * ``torchvision_models``: the ``torchvision.models`` module, importable beside
   the CPU torch (torchvision==0.28.0 installed ``--no-deps``; its package
   ``__init__`` needs C++ ops that only a matching torch has).
 
-torchvision is only needed by ``torchvision_models``.
+torchvision is only needed by ``torchvision_models``. Small versions of
+torchvision's classification families, for the tests, are in ``tests/families.py``.
 """
 
-from .families import FAMILIES, build_family
 from .fashion_mnist import FashionResNet, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
 from .mobilenet_v2 import MobileNetV2, mobilenet_v2_weights_path, pretrained_mobilenet_v2
@@ -25,7 +23,6 @@ from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnext5
 from .tv import torchvision_models
 
 __all__ = [
-    "FAMILIES",
     "FashionResNet",
     "load_fashion_mnist",
     "IMAGENET_MEAN",
@@ -34,7 +31,6 @@ __all__ = [
     "Bottleneck",
     "MobileNetV2",
     "ResNet",
-    "build_family",
     "imagenet_samples",
     "imagenet_samples_dir",
     "mobilenet_v2_weights_path",
