@@ -7,6 +7,8 @@ import numpy as np
 import tvm
 from tvm import relax
 
+from ....ir import get_op
+from ..lowering import EPILOGUE_RELAX_OPS
 from .conv import ConvSpec, build_primfunc, pack_weight
 from .winograd import use_winograd
 
@@ -300,12 +302,10 @@ def _find_chains(func, isa) -> list[_Chain]:
             nxt = sole_consumer(cur)
             if nxt is not None:
                 v = var2val[nxt]
-                if _is_op(v, "relax.nn.relu"):
-                    act = "relu"
-                elif _is_op(v, "relax.sigmoid"):
-                    act = "sigmoid"
-                elif _is_op(v, "relax.nn.silu"):
-                    act = "silu"
+                ir_op = EPILOGUE_RELAX_OPS.get(v.op.name) if isinstance(v, relax.Call) and isinstance(
+                    v.op, tvm.ir.Op) else None
+                if ir_op is not None and get_op(ir_op).epilogue is not None:
+                    act = get_op(ir_op).epilogue({})
                 elif _is_op(v, "relax.clip") and len(v.args) == 3:
                     try:
                         lo, hi = float(v.args[1].value), float(v.args[2].value)
