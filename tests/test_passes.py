@@ -299,3 +299,21 @@ def test_fold_bn_folds_forward_where_exact():
     assert left == ["conv2d"]  # b2, before the padded c3
     ref, out = run_graph(g, [x.numpy()])[0], run_graph(g2, [x.numpy()])[0]
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+def test_calibration_data_means_the_same_to_every_pass():
+    """One normalisation: a batched tensor is one batch, items may be tensors, arrays or tuples, and a
+    wrong shape is the same one-line error whichever pass got the data."""
+    from shave.passes import Decompose, Prune, Quantize
+    from shave.passes.calibration import calibration_batches
+
+    x = torch.randn(4, 3, 8, 8)
+    assert [b[0].shape for b in calibration_batches(x)] == [(4, 3, 8, 8)]
+    assert [type(b[0]) for b in calibration_batches([x.numpy(), (x,)])] == [torch.Tensor, torch.Tensor]
+    torch.manual_seed(0)
+    g = shave.capture(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3)).eval(), (x[:1],))
+    bad = [torch.randn(2, 3, 9, 8)]
+    for p in (Prune(ratio=0.5, criterion="taylor", data=bad), Decompose("weight_svd", rank=4, data=bad),
+              Quantize(bad)):
+        with pytest.raises(PassError, match=r"item 0: input 'input' has shape \(2, 3, 9, 8\), the graph wants \(N, 3, 8, 8\)"):
+            p(g)

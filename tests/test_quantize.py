@@ -220,7 +220,7 @@ def test_quantization_aware_finetuning_trains_through_fake_quant(tiny):
 
 def test_bad_calibration_data_is_one_clear_line(tiny):
     g, _ = tiny
-    cases = [([], "empty"), (None, "needs calibration data"), ([torch.randn(4, 3, 10, 12)], "shape (4, 3, 10, 12)"),
+    cases = [([], "empty"), (None, "Quantize calibration needs data"), ([torch.randn(4, 3, 10, 12)], "shape (4, 3, 10, 12)"),
              ([torch.randn(3, 12, 12)], "the graph wants (N, 3, 12, 12)"), (5, "iterable"),
              ([torch.randn(1, 3, 12, 12), torch.full((1, 3, 12, 12), float("nan"))],
               "item 1: input 'x' has NaN or infinite values")]

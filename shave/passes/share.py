@@ -38,6 +38,7 @@ from ..reference.interpreter import forward_with_values
 from ..errors import PassError
 from ..ir import Graph, get_op, weight_of
 from .base import Pass, _record, register_pass
+from .calibration import calibration_batches
 from .layers import select_layers, weighted_layers
 
 BITS = 32
@@ -132,9 +133,7 @@ class ShareWeights(Pass):
 
     def _output_error(self, original: Graph, shared: Graph) -> float:
         if self.data is not None:
-            from .quantize.calibrate import calibration_batches
-
-            batches = calibration_batches(original, self.data, "ShareWeights evaluation")
+            batches = calibration_batches(self.data, "ShareWeights evaluation", original)
         else:
             g = torch.Generator().manual_seed(0)
             batches = [tuple(torch.randn((1,) + tuple(t.shape[1:]), generator=g).to(getattr(torch, t.dtype))

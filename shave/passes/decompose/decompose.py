@@ -33,7 +33,7 @@ from ...timing import LayerTimer, as_timer
 from ...ir import Graph, get_op
 from ..base import Pass, register_pass
 from ..layers import select_layers, weighted_layers
-from ..prune.data_criteria import calibration_batches
+from ..calibration import calibration_batches, check_batches
 from . import ranks
 from .methods import METHODS, Layer, factor_shapes, factor_weights, macs, not_applicable
 from .refine import refit_last_factor
@@ -85,7 +85,7 @@ class Decompose(Pass):
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.target, self.round_to, self.min_speedup, self.cp_iters = target, round_to, min_speedup, cp_iters
         self._timer, self._cache = timer, cache
-        self.batches = calibration_batches(data) if data is not None else None
+        self.batches = calibration_batches(data, "Decompose refit") if data is not None else None
         self.plan: list[LayerPlan] = []
 
     @property
@@ -147,7 +147,8 @@ class Decompose(Pass):
         if original is not None:
             for entry in self.plan:
                 if entry.kept:
-                    refit_last_factor(original, graph, entry.name, entry.last, self.batches)
+                    refit_last_factor(original, graph, entry.name, entry.last,
+                                      check_batches(original, self.batches, "Decompose refit"))
         return graph
 
     def _decompose(self, graph: Graph, node, named: bool) -> LayerPlan:

@@ -24,19 +24,6 @@ from ...ir import Graph, is_layer
 MAX_POSITIONS = 4096  # output positions sampled per consumer for selection and refit
 
 
-def calibration_batches(data) -> list[tuple]:
-    if data is None:
-        raise PassError("this pruning criterion needs calibration data: Prune(..., data=[inputs, ...])")
-    batches = []
-    for item in data:
-        item = item if isinstance(item, (tuple, list)) else (item,)
-        batches.append(tuple(torch.as_tensor(np.asarray(x)) if not isinstance(x, torch.Tensor) else x
-                             for x in item))
-    if not batches:
-        raise PassError("calibration data for pruning is empty")
-    return batches
-
-
 def taylor_scores(graph: Graph, groups, batches) -> list[np.ndarray]:
     acts = {d[0] for g in groups for d in g.dims
             if (n := graph.producer(d[0])) is not None and is_layer(n)}

@@ -37,7 +37,8 @@ from ...ir import Graph
 from ..base import Pass, register_pass
 from ..layers import matches
 from .apply import remove_channels
-from .data_criteria import calibration_batches, reconstruct, taylor_scores
+from ..calibration import calibration_batches, check_batches
+from .data_criteria import reconstruct, taylor_scores
 from .dependency import ChannelGroup, analyse
 
 CRITERIA = ("l1", "l2", "bn_gamma", "taylor", "reconstruction")
@@ -85,7 +86,8 @@ class Prune(Pass):
                                                              and not isinstance(round_to, bool))):
             raise PassError(f"Prune round_to must be 'auto', an int or None, got {round_to!r}")
         self.round_to, self.target = round_to, target
-        self.batches = calibration_batches(data) if criterion in ("taylor", "reconstruction") else None
+        self.batches = (calibration_batches(data, f"Prune(criterion={criterion!r}) calibration")
+                        if criterion in ("taylor", "reconstruction") else None)
         self.plan: list[tuple[str, int, int]] = []  # (group, units before, units kept), after a run
 
     def lanes(self) -> int:
@@ -122,7 +124,7 @@ class Prune(Pass):
         analysis = analyse(graph)
         groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
         if self.criterion == "taylor":
-            scores = taylor_scores(graph, groups, self.batches)
+            scores = taylor_scores(graph, groups, check_batches(graph, self.batches, "Prune calibration"))
         else:
             scores = [self.scores(graph, g, analysis.produces) for g in groups]
         if self.per_layer:
@@ -142,7 +144,8 @@ class Prune(Pass):
         keeps = [_keep_count(g.size, _unit_width(g), r, round_to) for g, r in zip(groups, ratios)]
         chosen = {}
         if self.criterion == "reconstruction":
-            chosen = reconstruct(graph, groups, analysis.reduces, self.batches, keeps)
+            chosen = reconstruct(graph, groups, analysis.reduces,
+                                 check_batches(graph, self.batches, "Prune calibration"), keeps)
         doomed, self.plan = [], []
         for gi, (g, sc, keep) in enumerate(zip(groups, scores, keeps)):
             drop = chosen.get(gi, np.argsort(sc, kind="stable")[: g.size - keep])

@@ -21,42 +21,6 @@ METHODS = ("minmax", "percentile", "mse")
 SAMPLES = 1 << 16
 
 
-def calibration_batches(graph: Graph, data, who: str = "Quantize calibration") -> list[tuple[torch.Tensor, ...]]:
-    """The calibration data as a list of input tuples, checked against the graph's inputs."""
-    if data is None:
-        raise PassError(f"{who.split()[0]} needs {who.split()[1]} data: an iterable of example inputs")
-    if isinstance(data, (torch.Tensor, np.ndarray)) and len(graph.inputs) == 1 \
-            and data.ndim == len(graph.inputs[0][1].shape):
-        data = [data]  # one batched tensor is one batch, not an iterable of its samples
-    try:
-        items = list(data)
-    except TypeError:
-        raise PassError(f"{who} must be an iterable of example inputs, "
-                        f"got {type(data).__name__}") from None
-    if not items:
-        raise PassError(f"{who} data is empty: give at least one example input")
-    batches = []
-    for i, item in enumerate(items):
-        item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
-        if len(item) != len(graph.inputs):
-            raise PassError(f"{who} item {i} has {len(item)} inputs; the graph takes "
-                            f"{len(graph.inputs)}")
-        batch = []
-        for x, (name, t) in zip(item, graph.inputs):
-            x = x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x))
-            if x.ndim != len(t.shape) or tuple(x.shape[1:]) != tuple(t.shape[1:]):
-                want = "(N, " + ", ".join(str(d) for d in t.shape[1:]) + ")"
-                raise PassError(f"{who} item {i}: input {name!r} has shape {tuple(x.shape)}, "
-                                f"the graph wants {want}")
-            x = x.to(getattr(torch, t.dtype))
-            if x.is_floating_point() and not bool(torch.isfinite(x).all()):
-                raise PassError(f"{who} item {i}: input {name!r} has NaN or infinite values; "
-                                "activation ranges need finite data")
-            batch.append(x)
-        batches.append(tuple(batch))
-    return batches
-
-
 class Observer:
     """Running min/max and a sample of one activation."""
 

@@ -71,7 +71,8 @@ from ...ir.opset_quant import float_acts
 from ...ir.types import TensorType
 from ..base import Pass, _record, register_pass
 from ..layers import matches
-from .calibrate import activation_ranges, calibration_batches, weight_scales
+from ..calibration import calibration_batches
+from .calibrate import activation_ranges, weight_scales
 
 SENSITIVITY_BATCHES = 4
 
@@ -412,7 +413,7 @@ class Quantize(Pass):
     def _quantize(self, graph: Graph, slow: frozenset, timed: bool) -> Graph:
         """The int8 graph, with the layers in `slow` (sent back by the speed check) kept float32;
         `timed`: run the speed check."""
-        batches = calibration_batches(graph, self.calibration)
+        batches = calibration_batches(self.calibration, "Quantize calibration", graph)
         all_units = find_units(graph)
         ends = {all_units[0].layer.name, all_units[-1].layer.name} if self.keep_ends_float and all_units else set()
 

@@ -35,7 +35,7 @@ from ...timing import as_timer
 from ..layers import select_layers
 from ..decompose.methods import Layer, macs
 from ..decompose.refine import refit_last_factor
-from ..prune.data_criteria import calibration_batches
+from ..calibration import calibration_batches, check_batches
 
 
 @dataclass
@@ -97,7 +97,7 @@ class ConvRewrite(Pass):
         self.target, self.min_speedup, self.timer = target, float(min_speedup), timer
         self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-        self.batches = calibration_batches(data) if data is not None else None
+        self.batches = calibration_batches(data, f"{self.name} refit") if data is not None else None
         self.plan: list[RewritePlan] = []
 
     # what a subclass provides
@@ -179,6 +179,7 @@ class ConvRewrite(Pass):
             entry.seconds = timed.get(node.name)
             blocks.append((entry, block))
         if refit and self.batches is not None and blocks:
+            check_batches(original, self.batches, f"{self.name} refit")  # a clear error before any torch one
             self._errors(original, graph, blocks, "output_error")
             for entry, block in blocks:
                 target = original
