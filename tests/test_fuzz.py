@@ -25,6 +25,7 @@ TOL = 1e-4
 # descriptions that once failed (batch, channels, height, width, blocks, head)
 REGRESSIONS = [
     (1, 4, 6, 6, (("shuffle", 0),), "map"),  # nn.ChannelShuffle was not captured (aten.channel_shuffle)
+    (1, 1, 12, 11, (("conv", 12),), "linear"),  # int8: a nearly constant input's tiny scale put the bias past int32
 ]
 
 

@@ -431,6 +431,8 @@ class Quantize(Pass):
         qmax = {u.layer.name: self._qmax(graph, u.layer, reduce) for u in units}
         wscales = {u.layer.name: weight_scales(np.asarray(graph.params[u.layer.inputs[1]]), qmax[u.layer.name],
                                                self.per_channel, self.weight_method) for u in units}
+        units = [u for u in units if self._bias_fits(graph, u, ranges[u.layer.inputs[0]][0],
+                                                     wscales[u.layer.name], qmax[u.layer.name])]
         if self.max_layer_error is not None:
             units = self._sensitivity(graph, units, ranges, wscales, qmax, batches)
         sim = simulate(graph, units, ranges, wscales, qmax)
@@ -463,6 +465,22 @@ class Quantize(Pass):
             if x.name in slow:
                 x.quantized, x.reason = False, f"slower: {slow[x.name]}"
         return gi
+
+    def _bias_fits(self, graph, u: Unit, x_scale: float, w_scale, qmax: int) -> bool:
+        """Whether the int32 accumulator holds the layer: its bias in accumulator units plus the largest
+        sum of products must stay within half the int32 range (room for the bias correction). A tiny
+        input scale (a nearly constant input) can push the bias past it; that layer stays float32."""
+        b = graph.params[u.layer.inputs[2]] if len(u.layer.inputs) > 2 else None
+        if b is None:
+            return True
+        w = graph.params[u.layer.inputs[1]]
+        worst = float(np.max(np.abs(np.asarray(b, np.float64)) / (x_scale * np.asarray(w_scale, np.float64))))
+        worst += 255.0 * qmax * (w.size // w.shape[0])
+        if worst < 2 ** 30:
+            return True
+        info = next(x for x in self.layers if x.name == u.layer.name)
+        info.quantized, info.reason = False, f"bias beyond int32 at input scale {x_scale:.3g}"
+        return False
 
     def _sensitivity(self, graph, units, ranges, wscales, qmax, batches):
         """Simulate each unit alone; keep float the ones whose output error exceeds the bound."""
