@@ -1,6 +1,7 @@
 """shave.compile(): capture -> passes -> lower -> CompiledModel."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
 from .runtime.report import Report, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
+
+log = logging.getLogger("shave")
 
 BUILD_TOLERANCE = 1e-4  # compiled code vs the IR it was built from, relative to output scale
 # A graph that rounds float results to int8 codes (a quantize op, or an int8 layer with a sigmoid or SiLU
@@ -140,6 +143,8 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                bytes=stats["bytes"], nodes=stats["nodes"],
                error=relative_error(captured, reference), seconds=time.perf_counter() - t0)
 
+    log.info("%s: %d nodes, %.1f MFLOPs, error %.3g vs the model, %.2f s", report.rows[0].stage, stats["nodes"],
+             stats["flops"] / 1e6, report.rows[0].error, report.rows[0].seconds)
     with compiling_for(spec):  # passes given no target= plan for this one
         graph, report = run_passes(graph, passes, probes, reference, report, graph_outputs=captured)
 
@@ -169,6 +174,8 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                                                 f"{tuned.default_ms:.2f} -> {tuned.tuned_ms:.2f} ms")
     if compiled is None:
         row.changes = "not run on this machine"
+    log.info("%s: %.2f s, %s", row.stage, seconds,
+             row.changes or f"error {row.error:.3g} vs the model, {ir_err:.3g} vs the IR")
     tolerance = build_tolerance(graph)
     if not ir_err <= tolerance:
         raise CompileError(f"compiled code disagrees with the IR it was built from by {ir_err:.3g} "

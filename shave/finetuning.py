@@ -15,6 +15,7 @@ import itertools
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from .reference import to_torch
 from .errors import PassError
@@ -32,7 +33,8 @@ def finetune(graph: Graph, data, steps: int = 200, lr: float = 1e-3, teacher=Non
     if teacher is not None:
         teacher.eval()
     opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=lr)
-    for step, batch in zip(range(steps), itertools.cycle(data)):
+    steps_bar = tqdm(range(steps), desc="fine-tuning", unit="step", leave=False, disable=None)
+    for step, batch in zip(steps_bar, itertools.cycle(data)):
         if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
             raise PassError(f"finetune data item {step} is a {type(batch).__name__}"
                             + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else "")

@@ -317,3 +317,18 @@ def test_calibration_data_means_the_same_to_every_pass():
               Quantize(bad)):
         with pytest.raises(PassError, match=r"item 0: input 'input' has shape \(2, 3, 9, 8\), the graph wants \(N, 3, 8, 8\)"):
             p(g)
+
+
+def test_compile_logs_its_stages(caplog):
+    """shave.compile says what each stage did through logging ("shave" loggers), for users who watch
+    a long compile; nothing is printed unless they ask."""
+    import logging
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    with caplog.at_level(logging.INFO, logger="shave"):
+        shave.compile(model, (torch.randn(1, 3, 8, 8),))
+    lines = [r.getMessage() for r in caplog.records if r.name.startswith("shave")]
+    assert lines[0].startswith("capture: 3 nodes")
+    assert any(m.startswith("pass fold_bn (exact):") and "-1 batch_norm" in m for m in lines)
+    assert lines[-1].startswith("build (llvm")

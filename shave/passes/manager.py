@@ -1,11 +1,16 @@
 """Run passes in order; verify the IR and check the numbers after each one."""
 from __future__ import annotations
 
+import logging
+
 from ..errors import IRError, PassError
 from ..ir import Graph
 from ..runtime.report import Report, op_changes
 from .base import get_pass, pass_list
 from .instruments import NumericCheck, current_instruments, run_probes  # noqa: F401  (run_probes: API)
+
+
+log = logging.getLogger("shave.passes")
 
 
 def run_passes(graph: Graph, passes, probes, reference, report: Report | None = None,
@@ -29,6 +34,9 @@ def run_passes(graph: Graph, passes, probes, reference, report: Report | None = 
             msg = str(e)
             raise PassError(msg if msg.startswith(f"pass {p.name!r}") else f"pass {p.name!r}: {msg}") from None
         new = result.graph
+        log.info("pass %s (%s): %.2f s, error %s, %s", p.name, p.contract, result.seconds,
+                 "-" if result.error is None else f"{result.error:.3g}",
+                 op_changes(before, new.op_counts()) or "no op changes")
         stats = new.stats()
         report.add(stage=p.name, contract=p.contract, flops=stats["flops"], params=stats["params"],
                    bytes=stats["bytes"], nodes=stats["nodes"], error=result.error,

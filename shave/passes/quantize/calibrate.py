@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ...reference.interpreter import forward_with_values
 from ...errors import PassError
@@ -72,7 +73,7 @@ def activation_ranges(graph: Graph, values, batches, method: str, percentile: fl
     inputs = {name for name, _ in graph.inputs}
     obs = {v: Observer(seed=i) for i, v in enumerate(sorted(values))}
     with torch.no_grad():
-        for batch in batches:
+        for batch in tqdm(batches, desc="calibrating", unit="batch", leave=False, disable=None):
             _, kept = forward_with_values(graph, batch, set(values))
             for v, o in obs.items():
                 if v in inputs:

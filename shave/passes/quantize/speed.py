@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 
 from ...ir import Graph, Node
+from tqdm import tqdm
+
 from ...timing import LayerTimer
 
 
@@ -34,7 +36,7 @@ def measure(float_graph: Graph, int_graph: Graph, pairs: list[tuple[str, str]], 
             timer: LayerTimer) -> dict[str, tuple[float, float]]:
     """{float layer name: (float32 seconds, int8 seconds)} for (float layer, int8 node) name pairs."""
     out = {}
-    for fname, qname in pairs:
+    for fname, qname in tqdm(pairs, desc="timing int8 layers", unit="layer", leave=False, disable=None):
         graphs = [one_layer(float_graph, float_graph.node(fname)), one_layer(int_graph, int_graph.node(qname))]
         f, q = timer.time(graphs, target)
         out[fname] = (f, q)
