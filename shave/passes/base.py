@@ -91,8 +91,7 @@ class Pass:
         counts = graph.op_counts()
         for op, why in self.required_ops().items():
             if not counts.get(op):
-                raise PassError(f"pass {self.name!r} needs {op} nodes ({why}), and the graph has none"
-                                + (" (fold_bn removes them: run this pass before it)" if op == "batch_norm" else ""))
+                raise PassError(f"pass {self.name!r} needs {op} nodes, and the graph has none: {why}")
         instruments = default_instruments() if instruments is None else list(instruments)
         for i in instruments:
             i.before(self, graph)
@@ -130,8 +129,8 @@ _REGISTRY: dict[str, Callable[[], Pass]] = {}
 
 
 def register_pass(name: str, contract: str = "exact", tolerance: float = 1e-4):
-    """Register a pass by name. Decorates a Pass subclass (made with no
-    arguments when asked for by name) or a function Graph -> Graph."""
+    """Register a pass by name. Decorates a Pass subclass or a function `fn(graph, **options) -> graph`;
+    asked for by name ("name" or "name(option=value)"), it is made with those options."""
     if contract not in CONTRACTS:
         raise ValueError(f"contract must be one of {CONTRACTS}, got {contract!r}")
 

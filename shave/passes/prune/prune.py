@@ -106,7 +106,8 @@ class Prune(Pass):
 
     def required_ops(self) -> dict[str, str]:
         if self.criterion == "bn_gamma":
-            return {"batch_norm": "criterion='bn_gamma' ranks channels by their batch norm's gamma"}
+            return {"batch_norm": "criterion='bn_gamma' ranks channels by their batch norm's gamma, and fold_bn "
+                                  "removes batch norms: run Prune before it"}
         return {}
 
     def records(self) -> list[dict]:
