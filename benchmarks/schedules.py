@@ -66,7 +66,7 @@ def build_vm(graph, target, scheduled):
     from shave.backends.tvm.schedules import schedule_module
 
     t0 = time.perf_counter()
-    mod = to_relax(graph)
+    mod = to_relax(graph, target if scheduled else None)  # with a target: the conv kernels
     with tvm.target.Target(target):
         if scheduled:
             mod = schedule_module(mod, target)
@@ -128,7 +128,7 @@ def bench_models(args):
     import shave.backends.tvm.build as build_mod
     from shave.zoo import pretrained_mobilenet_v2, torchvision_models
 
-    real = build_mod.schedule_module
+    real, real_lower = build_mod.schedule_module, build_mod.to_relax
     for name, make in (("mobilenet_v2", pretrained_mobilenet_v2), ("resnet18", torchvision_models().resnet18)):
         torch.manual_seed(0)
         model = make().eval()
@@ -139,12 +139,13 @@ def bench_models(args):
         line = f"| {name:13s} "
         for kind in (["naive"] if args.naive else []) + ["scheduled"]:
             build_mod.schedule_module = real if kind == "scheduled" else (lambda mod, target: mod)
+            build_mod.to_relax = real_lower if kind == "scheduled" else (lambda graph, target: real_lower(graph))
             try:
                 t0 = time.perf_counter()
                 cm = shave.compile(model, (x,), target=args.target)
                 ct = time.perf_counter() - t0
             finally:
-                build_mod.schedule_module = real
+                build_mod.schedule_module, build_mod.to_relax = real, real_lower
             err = float(np.abs(cm(xn) - ref).max() / np.abs(ref).max())
             t = median_time(lambda: cm(xn), args.repeats, budget=10.0 if kind == "naive" else 20.0)
             line += f"| {t * 1e3:8.1f} ms (compile {ct:5.1f} s, err {err:.0e}) "

@@ -145,7 +145,7 @@ def _scheduled_calls(g):
 
     target = resolve_target("x86")
     with tvm.target.Target(target):
-        return _count_calls(schedule_module(to_relax(g), target))
+        return _count_calls(schedule_module(to_relax(g, target), target))
 
 
 @pytest.mark.parametrize("c", [12, 16])  # 16: the shift reads the previous conv's blocked output

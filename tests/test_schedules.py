@@ -120,7 +120,7 @@ def _scheduled_kernels(model, x):
     import tvm
 
     with tvm.target.Target(target):
-        mod = schedule_module(to_relax(graph), target)
+        mod = schedule_module(to_relax(graph, target), target)
     return [gv.name_hint for gv in mod.functions if gv.name_hint.startswith("shave_conv")], mod
 
 
@@ -196,7 +196,7 @@ def _kernel_specs(model, x):
     target = AVX2
     kernels = {}
     with tvm.target.Target(target):
-        schedule_module(to_relax(shave.capture(model, (x,))), target, kernels)
+        schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
     return list(kernels)
 
 
@@ -229,6 +229,29 @@ def test_linear_layers_become_conv_kernels(n, k, j, bias):
     model, x = MLP(k, j, bias), torch.randn(n, k)
     names, _ = _scheduled_kernels(model, x)
     assert len(names) == 2  # both linear layers run on the packed conv kernel
+    assert {s.act for s in _kernel_specs(model, x)} == {"relu", None}  # the relu in fc1's epilogue
+    _check(model, x)
+
+
+class TwoBranches(nn.Module):
+    """ResNet's downsampling block after fold_bn: the sum of two convs, then relu."""
+
+    def __init__(self):
+        super().__init__()
+        self.main, self.short = nn.Conv2d(8, 16, 3, 2, 1), nn.Conv2d(8, 16, 1, 2)
+
+    def forward(self, x):
+        return torch.relu(self.main(x) + self.short(x))
+
+
+def test_sum_of_two_convs_fuses_into_one_of_them():
+    """The add (and the relu after it) goes into the first conv's epilogue, the other conv's output
+    is its residual; the second conv must not claim the same add."""
+    torch.manual_seed(0)
+    model, x = TwoBranches().eval(), torch.randn(1, 8, 10, 10)
+    specs = _kernel_specs(model, x)
+    assert sorted((s.kh, s.residual, s.act) for s in specs) == [(1, False, None), (3, True, "relu")]
+    assert [s.out_blocked for s in specs if s.kh == 1] == [True]  # read only as the residual: blocked
     _check(model, x)
 
 
@@ -534,15 +557,15 @@ def test_rewrite_picks_winograd_by_the_rule():
 
 
 def test_narrow_groups_merge_into_whole_vector_blocks():
-    from shave.backends.tvm.schedules.rewrite import _kernel_groups, _merge_groups
+    from shave.backends.tvm.schedules.fusion import kernel_groups, merge_groups
 
-    assert _kernel_groups(16, 16, 4, 8) == 2
-    assert _kernel_groups(12, 24, 12, 8) == 3
-    assert _kernel_groups(6, 12, 3, 8) == 1
-    assert _kernel_groups(128, 128, 32, 8) == 16  # ResNeXt 32x4d: pairs of groups
-    assert _kernel_groups(64, 64, 2, 8) == 2
+    assert kernel_groups(16, 16, 4, 8) == 2
+    assert kernel_groups(12, 24, 12, 8) == 3
+    assert kernel_groups(6, 12, 3, 8) == 1
+    assert kernel_groups(128, 128, 32, 8) == 16  # ResNeXt 32x4d: pairs of groups
+    assert kernel_groups(64, 64, 2, 8) == 2
     w = np.arange(4 * 1 * 1 * 1, dtype=np.float32).reshape(4, 1, 1, 1) + 1  # 4 groups of 1 -> 2 of 2
-    merged = _merge_groups(w, 4, 2)[:, :, 0, 0]
+    merged = merge_groups(w, 4, 2)[:, :, 0, 0]
     assert merged.tolist() == [[1, 0], [0, 2], [3, 0], [0, 4]]
 
 

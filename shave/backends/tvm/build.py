@@ -25,7 +25,7 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
             if tune is None:
                 mod = schedule_module(mod, target)
             else:
-                mod, tuned = tune_module(lambda: to_relax(graph, target), target, tune)
+                mod, tuned = tune_module(lambda kernels, tiles: to_relax(graph, target, kernels, tiles), target, tune)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except CompileError:
         raise

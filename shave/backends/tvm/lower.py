@@ -2,7 +2,9 @@
 
 Parameters become Relax constants, so TVM folds and pre-transforms weights
 at compile time. Every IR op has one entry in the lowering table (lowering.py),
-filled by lower_float.py (float ops) and lower_quant.py (int8 ops).
+filled by lower_float.py (float ops) and lower_quant.py (int8 ops). For a CPU target, the
+float layers that schedules/fusion.py plans as conv kernels (with their fused residual add,
+activation and input shift) are emitted instead as one call_tir each, at their last node.
 """
 from __future__ import annotations
 
@@ -13,45 +15,83 @@ from tvm import relax
 from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
-from .lowering import LOWERING_DOT, LOWERINGS, _shape
+from .lowering import LOWERING_DOT, LOWERINGS, R, _shape
 
 
-def to_relax(graph: Graph, target: dict | None = None) -> tvm.IRModule:
-    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`;
-    int8 kernels' weights packed for `target`'s dot product (AVX2's without one)."""
+def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
+             tiles: dict | None = None) -> tvm.IRModule:
+    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`.
+    With a CPU `target`: the conv kernels of schedules/fusion.py, sized for its vector width
+    (`tiles`: register tiles from tuning, by ConvSpec; `kernels`, if given, is filled with
+    {ConvSpec: GlobalVar} of the kernels made), and int8 kernels' weights packed for its dot
+    product (AVX2's without a target)."""
     if target is None:
-        return _to_relax(graph)
+        return _to_relax(graph, None, {})
     from ...isa import isa
+    from .schedules.fusion import plan_convs
 
-    token = LOWERING_DOT.set(isa(target).int8_dot)
+    desc = isa(target)
+    plan = plan_convs(graph, desc, tiles) if target.get("kind") == "llvm" else None
+    token = LOWERING_DOT.set(desc.int8_dot)
     try:
-        return _to_relax(graph)
+        return _to_relax(graph, plan, {} if kernels is None else kernels)
     finally:
         LOWERING_DOT.reset(token)
 
 
-def _to_relax(graph: Graph) -> tvm.IRModule:
+def _to_relax(graph: Graph, plan, kernels: dict) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     vars_ = [relax.Var(name, relax.TensorType(t.shape, t.dtype)) for name, t in graph.inputs]
     env: dict[str, relax.Expr] = {name: v for (name, _), v in zip(graph.inputs, vars_)}
+    skip = plan.covered() if plan is not None else set()
     with bb.function("main", vars_):
         with bb.dataflow():
             for name, arr in graph.params.items():
                 env[name] = relax.const(np.ascontiguousarray(arr))
             for n in graph.nodes:
-                fn = LOWERINGS.get(n.op)
-                if fn is None:
-                    raise CompileError(f"node {n.name!r}: op {n.op!r} has no TVM lowering")
-                try:
-                    env[n.name] = bb.emit(fn(bb, [env[v] for v in n.inputs], n.attrs, n))
-                except CompileError:
-                    raise
-                except Exception as e:
-                    raise CompileError(f"node {n.name!r} ({n.op}): TVM rejected it: "
-                                       f"{str(e).strip().splitlines()[-1]}") from None
+                if n.name in skip:
+                    continue
+                k = plan.kernels.get(n.name) if plan is not None else None
+                if k is not None:
+                    env[n.name] = _conv_call(bb, k, env, kernels)
+                    if n.name in plan.blocked:
+                        continue  # the blocked layout: only other kernels read it
+                else:
+                    fn = LOWERINGS.get(n.op)
+                    if fn is None:
+                        raise CompileError(f"node {n.name!r}: op {n.op!r} has no TVM lowering")
+                    try:
+                        env[n.name] = bb.emit(fn(bb, [env[v] for v in n.inputs], n.attrs, n))
+                    except CompileError:
+                        raise
+                    except Exception as e:
+                        raise CompileError(f"node {n.name!r} ({n.op}): TVM rejected it: "
+                                           f"{str(e).strip().splitlines()[-1]}") from None
                 got = _shape(env[n.name])
                 if got != n.type.shape:
                     raise CompileError(f"node {n.name!r} ({n.op}): Relax infers shape {got}, IR has {n.type.shape}")
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
+    """The call_tir computing planned kernel `k` (fusion.ConvKernel)."""
+    spec = k.spec
+    gv = kernels.get(spec)
+    if gv is None:
+        name = f"shave_conv{len(kernels)}"
+        gv = kernels[spec] = bb.add_func(k.prim.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    x = env[k.x]
+    if k.linear:  # x[N, K] as [1, K, 1, N]
+        x = bb.emit(R.reshape(R.permute_dims(x, [1, 0]), [1, spec.c, 1, spec.w]) if spec.w > 1
+                    else R.reshape(x, [1, spec.c, 1, 1]))
+    args = [x, relax.const(k.packed), relax.const(k.bias.astype(np.float32))]
+    if k.residual is not None:
+        args.append(env[k.residual])
+    args += [relax.const(s) for s in k.shifts]
+    y = bb.emit(relax.call_tir(gv, args, relax.TensorType(spec.out_shape(), "float32")))
+    if k.linear:  # [1, J, 1, N] -> [N, J]
+        y = bb.emit(R.permute_dims(R.reshape(y, [spec.oc, spec.w]), [1, 0]) if spec.w > 1
+                    else R.reshape(y, [1, spec.oc]))
+    return y

@@ -45,11 +45,11 @@ def _layer_norm(bb, ins, a, node):
     return R.nn.layer_norm(ins[0], ins[1], ins[2], axes, a["eps"])
 
 
-lowers("relu", relax_op="relax.nn.relu")(lambda bb, ins, a, n: R.nn.relu(ins[0]))
+lowers("relu")(lambda bb, ins, a, n: R.nn.relu(ins[0]))
 lowers("relu6")(lambda bb, ins, a, n: R.clip(ins[0], 0.0, 6.0))
-lowers("sigmoid", relax_op="relax.sigmoid")(lambda bb, ins, a, n: R.sigmoid(ins[0]))
+lowers("sigmoid")(lambda bb, ins, a, n: R.sigmoid(ins[0]))
 lowers("tanh")(lambda bb, ins, a, n: R.tanh(ins[0]))
-lowers("silu", relax_op="relax.nn.silu")(lambda bb, ins, a, n: R.nn.silu(ins[0]))
+lowers("silu")(lambda bb, ins, a, n: R.nn.silu(ins[0]))
 lowers("hardsigmoid")(lambda bb, ins, a, n: R.divide(R.clip(R.add(ins[0], _f32(3)), 0.0, 6.0), _f32(6)))
 lowers("hardswish")(
     lambda bb, ins, a, n: R.multiply(ins[0], R.divide(R.clip(R.add(ins[0], _f32(3)), 0.0, 6.0), _f32(6))))
@@ -209,7 +209,7 @@ lowers("channel_permute")(
     lambda bb, ins, a, n: R.take(ins[0], relax.const(np.asarray(a["indices"], dtype="int64")), axis=1))
 
 
-SHIFT_KERNEL = "shave_shift"  # schedules/rewrite.py folds a shift read by one conv into that conv's input packing
+SHIFT_KERNEL = "shave_shift"  # a shift read by one conv is folded into that conv's input packing (schedules/fusion.py)
 
 
 def shift_primfunc(n: int, c: int, h: int, w: int, dtype: str):

@@ -9,19 +9,13 @@ from tvm import relax
 
 R = relax.op
 LOWERINGS = {}
-# Relax op name -> the IR activation it lowers to alone (one Relax call): how the conv rewrite
-# (schedules/rewrite.py) recognises an activation to fuse; what it computes there is the IR op's
-# `epilogue` trait
-EPILOGUE_RELAX_OPS: dict[str, str] = {}
 
 
-def lowers(*ops, relax_op: str | None = None):
-    """Register a lowering of `ops`; `relax_op`: the single Relax op an activation lowers to."""
+def lowers(*ops):
+    """Register a lowering of `ops`."""
     def deco(fn):
         for op in ops:
             LOWERINGS[op] = fn
-            if relax_op is not None:
-                EPILOGUE_RELAX_OPS[relax_op] = op
         return fn
 
     return deco

@@ -176,7 +176,8 @@ def _count_calls(mod) -> dict[str, int]:
 
 
 def tune_module(make_mod, target: dict, opts: TuneOptions):
-    """Schedule and tune the Relax module `make_mod()` (a fresh module each call) for
+    """Schedule and tune the Relax module `make_mod(kernels, tiles)` (a fresh module each call,
+    lowered with those conv tiles, filling `kernels` with its conv kernels: lower.to_relax) for
     `target`. Returns (the scheduled module, TuneResult)."""
     import tvm
     from tvm.s_tir import meta_schedule as ms
@@ -188,7 +189,7 @@ def tune_module(make_mod, target: dict, opts: TuneOptions):
     tgt = tvm.target.Target(target)
     db, ledger = _open(opts.database)
     kernels: dict = {}
-    mod = schedule_module(make_mod(), target, kernels)
+    mod = schedule_module(make_mod(kernels, None), target)
     result = TuneResult()
     runner = None
 
@@ -200,7 +201,7 @@ def tune_module(make_mod, target: dict, opts: TuneOptions):
     tiles, stage1 = _choose_tiles(ms, list(kernels), target, tgt, opts, ledger, get_runner, result)
     if result.tiles_changed:
         kernels = {}
-        mod = schedule_module(make_mod(), target, kernels, tiles)
+        mod = schedule_module(make_mod(kernels, tiles), target)
     mod = _search(ms, mod, kernels, target, tgt, opts, db, ledger, get_runner, result, stage1)
     result.seconds = time.perf_counter() - t0
     return mod, result

@@ -1,4 +1,4 @@
-"""Generic CPU rule for every PrimFunc the conv rewrite did not produce.
+"""Generic CPU rule for every PrimFunc that is not one of shave's own kernels (conv, int8).
 
 Per block at the root of a PrimFunc: the leading spatial loops are fused and
 run in parallel (when the block has enough work to pay for the threads), and

@@ -16,7 +16,6 @@ import tvm
 from tvm import relax
 
 from . import int8
-from .rewrite import _uses, rebind
 
 
 def _qconv_calls(mod, func) -> dict:
@@ -92,3 +91,54 @@ def _collect_called(func, out) -> None:
             v = bd.value
             if isinstance(v, relax.Call) and isinstance(v.op, tvm.ir.Op) and v.op.name == "relax.call_tir":
                 out.append(v.args[0])
+
+
+def _collect_vars(expr, out):
+    if isinstance(expr, relax.Var):
+        out.append(expr)
+    elif isinstance(expr, relax.Call):
+        for a in expr.args:
+            _collect_vars(a, out)
+    elif isinstance(expr, relax.Tuple):
+        for f in expr.fields:
+            _collect_vars(f, out)
+    elif isinstance(expr, relax.TupleGetItem):
+        _collect_vars(expr.tuple_value, out)
+    elif isinstance(expr, relax.SeqExpr):
+        for b in expr.blocks:
+            for bd in b.bindings:
+                _collect_vars(bd.value, out)
+        _collect_vars(expr.body, out)
+    elif isinstance(expr, relax.If):
+        for e in (expr.cond, expr.true_branch, expr.false_branch):
+            _collect_vars(e, out)
+
+
+
+def _uses(func):
+    used = []
+    _collect_vars(func.body, used)
+    uses: dict = {}
+    for v in used:
+        uses[v] = uses.get(v, 0) + 1
+    return uses
+
+
+
+def rebind(func, replace: dict, drop=frozenset()):
+    """`func` with the bindings of `replace`'s vars bound to (new var, new value) instead and
+    the bindings of `drop`'s vars removed."""
+    blocks = []
+    for blk in func.body.blocks:
+        bds = []
+        for bd in blk.bindings:
+            if isinstance(bd, relax.VarBinding):
+                if bd.var in drop:
+                    continue
+                if bd.var in replace:
+                    bd = relax.VarBinding(*replace[bd.var])
+            bds.append(bd)
+        blocks.append(relax.DataflowBlock(bds) if isinstance(blk, relax.DataflowBlock) else relax.BindingBlock(bds))
+    new_body = relax.SeqExpr(blocks, func.body.body)
+    return relax.Function(func.params, new_body, func.ret_ty if hasattr(func, "ret_ty") else None,
+                          func.is_pure, func.attrs)

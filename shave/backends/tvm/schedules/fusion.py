@@ -1,0 +1,226 @@
+"""Which float layers become one scheduled conv kernel with their epilogue, and in which layout
+the values between those kernels are kept: decided on shave's IR, before lowering.
+
+A kernel computes `layer -> [add of a residual] -> [activation]` (Graph.epilogue; an activation
+qualifies when its op has an `epilogue` trait in the registry, the expression conv_spec._act
+evaluates). The layer is a float32 conv2d with constant weights (dense; grouped where the groups
+fill vector blocks, narrower groups merged; depthwise), or a 2-d linear layer with constant
+weights, computed as a 1x1 conv with the batch along the width (the weights are then read once
+per call; TVM's legalized matmul reads them strided, once per output). A `shift` read only by
+the conv is folded into the kernel's input packing.
+
+Layout: a kernel's output that only other kernels read (as their input or residual), with whole
+channel blocks, stays blocked ([N, C/v, H, W, v]) and both transposes between the kernels go.
+
+lower.py emits each planned kernel as one call_tir in place of its nodes; the int8 layers
+(qconv2d / qlinear) carry their fused activation in their attributes (Quantize decides it) and
+are lowered to call_tir the same way (lower_quant.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from ....ir import Graph, Node, get_op
+from .conv import ConvSpec, build_primfunc, pack_weight
+from .winograd import use_winograd
+
+
+@dataclasses.dataclass
+class ConvKernel:
+    """One planned kernel: `nodes` (the layer first, the tail last) computed by one call_tir."""
+    spec: ConvSpec  # with its layouts and tile
+    nodes: tuple[str, ...]
+    x: str  # the value the kernel reads (a folded shift's input)
+    residual: str | None
+    weight: np.ndarray  # [OC, C/groups, KH, KW] as the kernel's groups see it
+    bias: np.ndarray
+    shifts: tuple = ()  # (DY, DX) int32 [C] of a folded shift
+    shift_node: str | None = None
+    linear: bool = False  # a 2-d linear layer computed as a 1x1 conv on x laid out [1, K, 1, N]
+    prim: object = None  # the built PrimFunc
+    packed: np.ndarray | None = None  # the weights in the kernel's layout
+
+    @property
+    def tail(self) -> str:
+        return self.nodes[-1]
+
+
+@dataclasses.dataclass
+class ConvPlan:
+    kernels: dict[str, ConvKernel]  # by tail
+    blocked: set[str]  # values produced and read in the blocked layout
+
+    def covered(self) -> set[str]:
+        """Nodes computed inside a kernel without being its tail (lower.py skips them)."""
+        out = set()
+        for k in self.kernels.values():
+            out.update(k.nodes[:-1])
+            if k.shift_node is not None:
+                out.add(k.shift_node)
+        return out
+
+
+def kernel_groups(c: int, oc: int, groups: int, vec: int) -> int:
+    """How many groups the packed kernel runs a grouped conv as: the most (dividing
+    `groups`) whose output channels fill whole vector blocks and whose input channels
+    fill whole blocks or fewer than one. Groups narrower than that are merged with their
+    neighbours (zero weights between them): the kernel computes up to vec/(oc/groups)
+    times the conv's MACs, still far faster than TVM's unscheduled grouped conv."""
+    for g in range(groups, 0, -1):
+        if groups % g == 0 and (g == 1 or ((oc // g) % vec == 0 and ((c // g) % vec == 0 or c // g < vec))):
+            return g
+    return 1
+
+
+def merge_groups(w: np.ndarray, groups: int, kernel_groups: int) -> np.ndarray:
+    """[OC, C/groups, KH, KW] -> [OC, C/kernel_groups, KH, KW]: each output channel's
+    weights at its group's place inside the merged group, zeros elsewhere."""
+    if groups == kernel_groups:
+        return w
+    oc, icg = w.shape[:2]
+    m = groups // kernel_groups
+    out = np.zeros((oc, icg * m) + w.shape[2:], w.dtype)
+    for o in range(oc):
+        p = (o // (oc // groups)) % m
+        out[o, p * icg:(p + 1) * icg] = w[o]
+    return out
+
+
+def _f32_param(graph: Graph, value: str) -> np.ndarray | None:
+    a = graph.params.get(value)
+    return a if a is not None and a.dtype == np.float32 else None
+
+
+def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
+    """The kernel for a conv2d / 2-d linear layer alone (no epilogue yet), or None."""
+    vec = isa.fp32_lanes
+    xt = graph.type_of(node.inputs[0])
+    w = _f32_param(graph, node.inputs[1])
+    b = _f32_param(graph, node.inputs[2]) if len(node.inputs) > 2 else None
+    if w is None or xt.dtype != "float32" or node.type.dtype != "float32" or (len(node.inputs) > 2 and b is None):
+        return None
+    if node.op == "linear":
+        if len(xt.shape) != 2 or w.ndim != 2:
+            return None
+        (n, k), j = xt.shape, w.shape[0]
+        spec = ConvSpec(1, k, 1, n, j, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False, vec,
+                        regs=isa.vector_registers)
+        return ConvKernel(spec, (node.name,), node.inputs[0], None, w.reshape(j, k, 1, 1),
+                          np.zeros(j, np.float32) if b is None else b.reshape(-1), linear=True)
+    if node.op != "conv2d" or len(xt.shape) != 4:
+        return None
+    a = node.attrs
+    n, c, h, wd = xt.shape
+    oc, icg = w.shape[:2]
+    groups = int(a["groups"])
+    if groups == c and icg == 1 and oc == c:
+        depthwise, kgroups = True, 1
+    elif icg * groups == c and oc % groups == 0:
+        depthwise, kgroups = False, kernel_groups(c, oc, groups, vec)
+    else:
+        return None
+    pad = tuple(int(p) for p in a["padding"])
+    pad = pad * 2 if len(pad) == 2 else pad
+    spec = ConvSpec(n, c, h, wd, oc, w.shape[2], w.shape[3], tuple(int(s) for s in a["stride"]), pad,
+                    tuple(int(d) for d in a["dilation"]), depthwise, None, False, vec, groups=kgroups,
+                    regs=isa.vector_registers)
+    if spec.oh < 1 or spec.ow < 1 or (n, oc, spec.oh, spec.ow) != node.type.shape:
+        return None
+    spec = dataclasses.replace(spec, winograd=use_winograd(spec))
+    weight = w if depthwise else merge_groups(w, groups, kgroups)
+    return ConvKernel(spec, (node.name,), node.inputs[0], None, weight,
+                      np.zeros(oc, np.float32) if b is None else b.reshape(-1))
+
+
+def _with_epilogue(graph: Graph, k: ConvKernel, taken: set) -> ConvKernel:
+    """`k` extended by its layer's residual add and activation, and by a shift feeding it."""
+    layer = graph.producer(k.nodes[0])
+    shape = layer.type.shape
+
+    def residual(v):
+        t = graph.type_of(v)
+        return not k.linear and t.shape == shape and t.dtype == "float32"
+
+    ep = graph.epilogue(layer, residual=residual, act=lambda n: get_op(n.op).epilogue is not None)
+    nodes, spec = [layer.name], k.spec
+    if ep.add is not None and ep.add.name in taken:  # the sum of two layers: the first one's epilogue
+        ep.add = ep.act = None
+    if ep.add is not None:
+        nodes.append(ep.add.name)
+        k.residual, spec = ep.residual, dataclasses.replace(spec, residual=True)
+    if ep.act is not None:
+        nodes.append(ep.act.name)
+        spec = dataclasses.replace(spec, act=get_op(ep.act.op).epilogue(ep.act.attrs))
+    src = graph.producer(k.x)
+    if (src is not None and src.op == "shift" and not k.linear and src.name not in taken
+            and graph.use_count(src.name) == 1 and graph.type_of(src.inputs[0]).dtype == "float32"):
+        k.x, k.shift_node = src.inputs[0], src.name
+        k.shifts = tuple(np.asarray([s[i] for s in src.attrs["shifts"]], dtype="int32") for i in (0, 1))
+        spec = dataclasses.replace(spec, shift=True, winograd=False)
+    k.nodes, k.spec = tuple(nodes), spec
+    return k
+
+
+def _blocked(graph: Graph, kernels: list[ConvKernel]) -> set[str]:
+    """Kernel outputs whose every use is as the input or the residual of another (conv) kernel."""
+    as_operand: dict = {}
+    unreadable = set()  # inputs of grouped convs whose groups are narrower than a vector block
+    for k in kernels:
+        if k.linear:
+            continue
+        for v in (k.x, k.residual):
+            if v is not None:
+                as_operand[v] = as_operand.get(v, 0) + 1
+        if (k.spec.c // k.spec.groups) % k.spec.vec:
+            unreadable.add(k.x)
+    return {k.tail for k in kernels
+            if not k.linear and k.spec.oc % k.spec.vec == 0 and k.tail not in unreadable
+            and as_operand.get(k.tail, 0) == graph.use_count(k.tail) > 0}
+
+
+def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
+    """The kernels for `graph` on a CPU with `isa` (shave.isa.ISA), built; `tiles` maps a
+    ConvSpec (layouts unset, tile None) to the register tile to use instead of the default.
+    A kernel that fails to build leaves its nodes to the generic lowering (and, when layouts
+    were blocked, the plan is made again with every value in NCHW)."""
+    tiles = tiles or {}
+    kernels: list[ConvKernel] = []
+    taken: set = set()
+    for n in graph.nodes:
+        if n.op in ("conv2d", "linear") and n.name not in taken:
+            k = _conv_kernel(graph, n, isa)
+            if k is not None:
+                k = _with_epilogue(graph, k, taken)
+                taken.update(k.nodes)
+                if k.shift_node:
+                    taken.add(k.shift_node)
+                kernels.append(k)
+    blocked = _blocked(graph, kernels)
+    built = _build(kernels, blocked, tiles)
+    if built is None:
+        blocked, built = set(), _build(kernels, set(), tiles)
+    return ConvPlan({k.tail: k for k in built}, blocked)
+
+
+def _build(kernels: list[ConvKernel], blocked: set, tiles: dict) -> list[ConvKernel] | None:
+    """The kernels with their layouts set and their PrimFuncs built (those that fail dropped);
+    None when one fails while some layout is blocked."""
+    out, cache = [], {}
+    for k in kernels:
+        spec = dataclasses.replace(k.spec, in_blocked=k.x in blocked, out_blocked=k.tail in blocked,
+                                   res_blocked=k.residual is not None and k.residual in blocked)
+        tile = tiles.get(spec, tiles.get(k.spec))
+        if tile is not None:
+            spec = dataclasses.replace(spec, tile=tuple(tile))
+        try:
+            if spec not in cache:
+                cache[spec] = build_primfunc(spec)
+            packed = pack_weight(spec, k.weight)
+        except Exception:
+            if blocked:
+                return None
+            continue
+        out.append(dataclasses.replace(k, spec=spec, prim=cache[spec], packed=packed))
+    return out
