@@ -60,14 +60,14 @@ def label(method, rule, value) -> str:
             "auto": f"auto (>= {value}x)"}[rule]
 
 
-def recheck_auto(p: Decompose, graph) -> str:
-    """Time every layer that rank='auto' kept again, from scratch, against the original layer."""
-    kept = [e for e in p.plan if e.kept]
+def recheck_auto(p: Decompose, plan, graph) -> str:
+    """Time every layer that rank='auto' kept (in `plan`) again, from scratch, against the original layer."""
+    kept = [e for e in plan if e.kept]
     if not kept:
         return f"{p.method} auto: no layer kept"
     ratios = [(e.name, *p.measure(graph, graph.node(e.name), e.rank, cached=False)) for e in kept]
     worst = max(ratios, key=lambda r: r[2] / r[1])
-    return (f"{p.method} auto: {len(kept)}/{len(p.plan)} layers kept; timed again, every kept layer "
+    return (f"{p.method} auto: {len(kept)}/{len(plan)} layers kept; timed again, every kept layer "
             f"{'is' if worst[2] < worst[1] else 'is NOT'} faster than the original; slowest relative: "
             f"{worst[0]} {worst[1] * 1e3:.3f} -> {worst[2] * 1e3:.3f} ms")
 
@@ -83,7 +83,8 @@ def run_model(name, model, x, evaluate, finetune=None, calib=None, variants=()):
     for method, rule, value in variants:
         t0 = time.perf_counter()
         p = make_pass(method, rule, value, calib)
-        g = FoldBN()(p(graph))
+        result = p.apply(graph)
+        g = FoldBN()(result.graph)
         score = evaluate(g)
         tuned = finetune(g, base) if finetune else None
         key = f"{method} {label(method, rule, value)}"
@@ -93,7 +94,7 @@ def run_model(name, model, x, evaluate, finetune=None, calib=None, variants=()):
                      f"{score:.2f}", f"{evaluate(tuned):.2f}" if tuned is not None else "-"])
         print(f"  {name} {key}: {score:.2f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         if rule == "auto":
-            notes.append(recheck_auto(p, graph))
+            notes.append(recheck_auto(p, result.plan, graph))
     eager, others, quiet = time_variants(compiled, rows, model, x)
     return rows, notes, eager, others, quiet
 

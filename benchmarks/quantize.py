@@ -178,8 +178,9 @@ def share_table(graph, imgs, ref_top) -> dict:
     rows = {}
     print("\nMobileNetV2, k-means weight sharing (size only), 20 real images:")
     for bits in (8, 5, 4, 3):
-        p = ShareWeights(bits=bits, data=[imgs])
-        top = predict(p(graph), imgs)
+        r = ShareWeights(bits=bits, data=[imgs]).apply(graph)
+        p = r.plan
+        top = predict(r.graph, imgs)
         rows[bits] = {"rate": p.total_rate, "model_rate": p.model_rate, "zlib": p.total_zlib,
                       "output_error": p.output_error, "agreement": float((top == ref_top).float().mean()) * 100}
         print(f"  {bits} bits: rate {p.total_rate:.2f}x (whole model {p.model_rate:.2f}x), weights' zlib size "
@@ -245,12 +246,12 @@ def main(argv=None) -> None:
         ncal = kw.pop("calib", args.calib)
         cal = list(cal_all[:ncal].split(16))
         t0 = time.perf_counter()
-        q = Quantize(cal, simulate=True, **kw)
-        sim = q(gm)
+        r = Quantize(cal, simulate=True, **kw).apply(gm)
+        sim = r.graph
         seconds = time.perf_counter() - t0
         top = predict(sim, evalset)
         agree[name] = agreement(top) | {
-            "int8_layers": sum(lq.quantized for lq in q.layers), "layers": len(q.layers),
+            "int8_layers": sum(lq.quantized for lq in r.plan), "layers": len(r.plan),
             "calib": ncal, "quantize_seconds": seconds}
         print(f"  {name:44s} {agree[name]['real20']:5.1f} / {agree[name]['perturbed']:5.1f}   "
               f"({agree[name]['int8_layers']}/{agree[name]['layers']} layers int8, calibration {ncal} images, "

@@ -67,9 +67,9 @@ def main(argv=None):
     rows = [["original", "-", f"{st['params']:,}", f"{st['flops'] / 1e6:.1f}", "-", f"{evaluate(base):.2f}", "-"]]
     for label, make in VARIANTS:
         t0 = time.perf_counter()
-        p = make(calib)
-        g = FoldBN()(p(graph))
-        kept = [e for e in p.plan if e.kept]
+        r = make(calib).apply(graph)
+        g = FoldBN()(r.graph)
+        kept = [e for e in r.plan if e.kept]
         err = sum(e.refit_error for e in kept) / max(len(kept), 1)
         score = evaluate(g)
         tuned = shave.finetune(g, ft_data, steps=args.finetune_steps, teacher=base)
@@ -78,7 +78,7 @@ def main(argv=None):
         rows.append([label, str(len(kept)), f"{st['params']:,}", f"{st['flops'] / 1e6:.1f}", f"{err:.3f}", f"{score:.2f}",
                      f"{evaluate(tuned):.2f}"])
         print(f"  {label}: {len(kept)} layers rewritten, {score:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
-        print("    " + p.summary().replace("\n", "\n    "), flush=True)
+        print("    " + r.summary().replace("\n", "\n    "), flush=True)
     eager, others, quiet = time_variants(compiled, rows, model, x)
     print(f"\nFashionResNet on Fashion-MNIST (test accuracy %, 10k images); PyTorch eager {eager:.3f} ms; other "
           f"processes {others or 0:.1f} % of the CPUs while timing (before: {quiet or 0:.1f} %)\n")

@@ -157,8 +157,8 @@ def test_flop_budget_and_rounding():
 
 def test_default_selection_skips_layers_that_would_not_get_cheaper():
     g = _conv_graph(16, 16, 1)  # a 1x1 conv: weight_svd at half rank costs as much as the layer
-    d = Decompose("weight_svd", rank=0.5, round_to=1)
-    out = d(g)
+    d = Decompose("weight_svd", rank=0.5, round_to=1).apply(g)
+    out = d.graph
     assert out.op_counts()["conv2d"] == 1 and not d.plan[0].kept
     assert "fewer operations" in d.plan[0].reason
     forced = Decompose("weight_svd", rank=0.5, layers="conv2d", round_to=1)(g)  # named exactly: done anyway
@@ -244,17 +244,17 @@ def test_auto_keeps_only_measured_speedups(tmp_path):
     g = shave.capture(m, (torch.randn(1, 64, 16, 16),))
     cache = tmp_path / "latency.json"
     d = Decompose("weight_svd", rank="auto", flop_budget=0.25, cache=cache)
-    out = d(g)
-    [entry] = d.plan
+    r = d.apply(g)
+    out, [entry] = r.graph, r.plan
     t_orig, t_dec = entry.seconds
     assert d.timer.measured == 1 and cache.is_file()
     assert entry.kept == (t_orig >= 1.1 * t_dec)
     assert out.op_counts()["conv2d"] == (2 if entry.kept else 1)
     # the same layer again: served from the on-disk cache; an unreachable speed-up keeps the layer
     strict = Decompose("weight_svd", rank="auto", flop_budget=0.25, cache=cache, min_speedup=1e6)
-    out2 = strict(g)
-    assert strict.timer.measured == 0 and strict.plan[0].seconds == entry.seconds
-    assert out2.op_counts()["conv2d"] == 1 and "not faster" in strict.plan[0].reason
+    r2 = strict.apply(g)
+    assert strict.timer.measured == 0 and r2.plan[0].seconds == entry.seconds
+    assert r2.graph.op_counts()["conv2d"] == 1 and "not faster" in r2.plan[0].reason
 
 
 def test_auto_times_on_the_device_behind_an_rpc_tracker(tracker, monkeypatch):
@@ -270,9 +270,7 @@ def test_auto_times_on_the_device_behind_an_rpc_tracker(tracker, monkeypatch):
     torch.manual_seed(0)
     g = shave.capture(nn.Conv2d(32, 32, 3, padding=1).eval(), (torch.randn(1, 32, 8, 8),))
     timer = shave.layer_timer(rpc=f"127.0.0.1:{tracker}/shave-test", rounds=3, min_ms=5)
-    d = Decompose("weight_svd", rank="auto", flop_budget=0.25, timer=timer)
-    d(g)
-    [entry] = d.plan
+    [entry] = Decompose("weight_svd", rank="auto", flop_budget=0.25, timer=timer).apply(g).plan
     assert timer.measured == 1 and timer.where == f"rpc 127.0.0.1:{tracker}/shave-test"
     assert all(s > 0 for s in entry.seconds)
     with pytest.raises(CompileError, match="no device with key 'rpi4' is registered at the RPC tracker"):

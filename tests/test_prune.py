@@ -84,9 +84,10 @@ def test_criteria_rank_differently():
 
 def test_rounding_to_vector_width_and_ratio_bounds():
     g = _two_conv_graph(c=20)
-    p = Prune(ratio=0.5, round_to=8)
-    out = p(g)
-    assert p.plan == [("0", 20, 16)]  # keep 10 -> rounded up to 16
+    r = Prune(ratio=0.5, round_to=8).apply(g)
+    out = r.graph
+    assert r.plan == [("0", 20, 16)]  # keep 10 -> rounded up to 16
+    assert r.records == [{"group": "0", "channels": 20, "kept": 16}] and r.summary() == "0: 20 -> 16 channels"
     assert out.type_of("0").shape[1] == 16
     with pytest.raises(PassError, match=r"ratio must be a number in \[0, 1\)"):
         Prune(ratio=1.0)
@@ -103,24 +104,20 @@ def test_auto_rounding_follows_the_target_not_the_host(target, kept):
     from shave.isa import compiling_for
 
     g = _two_conv_graph(c=40)  # keep 20 of 40, rounded up to whole vectors
-    p = Prune(ratio=0.5, target=target)
-    p(g)
+    p = Prune(ratio=0.5, target=target).apply(g)
     assert p.plan == [("0", 40, kept)]
-    q = Prune(ratio=0.5)
     with compiling_for(target):
-        q(g)
+        q = Prune(ratio=0.5).apply(g)
     assert q.plan == p.plan
 
 
 def test_exclude_and_global_ratio():
     model, inputs = FAMILIES["resnet"]()
     g = FoldBN()(shave.capture(model, inputs))
-    p = Prune(ratio=0.5, exclude=["layer1.*"], round_to=1)
-    p(g)
+    p = Prune(ratio=0.5, exclude=["layer1.*"], round_to=1).apply(g)
     assert all(not name.startswith("layer1.") or kept == size for name, size, kept in p.plan) and p.plan
     assert not any(name.startswith("layer1.") for name, _, _ in p.plan)
-    glob = Prune(ratio=0.3, per_layer=False, round_to=1)
-    glob(g)
+    glob = Prune(ratio=0.3, per_layer=False, round_to=1).apply(g)
     ratios = {size and 1 - kept / size for _, size, kept in glob.plan}
     assert len(ratios) > 1  # global ranking prunes groups by different amounts
     total = sum(s for _, s, _ in glob.plan)

@@ -139,7 +139,8 @@ def test_quantize_tiny_model_close_and_integer(tiny):
     before = str(g)
     q = Quantize(cal, bias_correction=False)  # uncorrected: the error is the rounding's alone
     with compiling_for(AVX2):  # reduce_range="auto": 7-bit weights where the dot product saturates
-        gi = q(g)
+        r = q.apply(g)
+        gi = r.graph
     assert str(g) == before  # the input graph is not changed
     ops = gi.op_counts()
     assert ops.get("qconv2d") == 3 and ops.get("qlinear") == 1 and "conv2d" not in ops, ops
@@ -159,7 +160,7 @@ def test_quantize_tiny_model_close_and_integer(tiny):
     assert err_sim < err / 3, (err_sim, err)
     # convert() of the simulation is the integer graph
     np.testing.assert_array_equal(_run(convert(sim), x), got)
-    assert len(q.layers) == 4 and all(lq.quantized for lq in q.layers)
+    assert len(r.plan) == 4 and all(lq.quantized for lq in r.plan)
 
 
 def test_calibration_methods_on_tiny_data(tiny):
@@ -196,15 +197,15 @@ def test_calibration_methods_on_tiny_data(tiny):
 
 def test_exclude_and_sensitivity(tiny):
     g, cal = tiny
-    q = Quantize(cal, exclude=["fc"])
-    gi = q(g)
+    r = Quantize(cal, exclude=["fc"]).apply(g)
+    gi = r.graph
     assert "linear" in gi.op_counts() and "qlinear" not in gi.op_counts()
-    assert [lq.reason for lq in q.layers if not lq.quantized] == ["excluded"]
-    q = Quantize(cal, max_layer_error=0.0)
-    gi = q(g)  # every layer has some error: all stay float
-    assert all(lq.sensitivity > 0 and not lq.quantized for lq in q.layers)
+    assert [lq.reason for lq in r.plan if not lq.quantized] == ["excluded"]
+    r = Quantize(cal, max_layer_error=0.0).apply(g)
+    gi = r.graph  # every layer has some error: all stay float
+    assert all(lq.sensitivity > 0 and not lq.quantized for lq in r.plan)
     assert "qconv2d" not in gi.op_counts()
-    assert "sensitivity" in q.summary()
+    assert "sensitivity" in r.summary()
 
 
 def test_quantization_aware_finetuning_trains_through_fake_quant(tiny):
@@ -472,9 +473,7 @@ def test_speed_fallback_sends_slower_layers_back_to_float(tiny):
 
     assert set(too_slow({"a": (1.0, 0.5), "b": (1.0, 0.9), "c": (1.0, 1.2)}, 1.5)) == {"b", "c"}
     g, cal = tiny
-    q0 = Quantize(cal)
-    q0(g)
-    names = [x.name for x in q0.layers]
+    names = [x.name for x in Quantize(cal).apply(g).plan]
     slow = names[1]
     seen = []
 
@@ -484,14 +483,14 @@ def test_speed_fallback_sends_slower_layers_back_to_float(tiny):
         seen.append(f.name)
         return [1e-3, 2e-3] if f.name == slow else [2e-3, 1e-3]
 
-    q = Quantize(cal, target="x86", timer=timer)
-    gi = q(g)
+    r = Quantize(cal, target="x86", timer=timer).apply(g)
+    gi = r.graph
     assert sorted(seen) == sorted(names)
-    info = {x.name: x for x in q.layers}
+    info = {x.name: x for x in r.plan}
     assert not info[slow].quantized and info[slow].reason.startswith("slower: int8 2 ms vs float32 1 ms")
-    assert all(x.quantized and x.int8_ms == 1.0 for x in q.layers if x.name != slow)
+    assert all(x.quantized and x.int8_ms == 1.0 for x in r.plan if x.name != slow)
     assert sum(n.op in ("qconv2d", "qlinear") for n in gi.nodes) == len(names) - 1
-    assert "int8 2 ms / fp32 1 ms" in q.summary()
+    assert "int8 2 ms / fp32 1 ms" in r.summary()
     x = torch.randn(1, 3, 12, 12)
     assert _run(gi, x).shape == _run(g, x).shape
 

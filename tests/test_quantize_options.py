@@ -80,15 +80,16 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
     fm = _channel_means(g, cal, layers)
     plain = Quantize(cal, simulate=True, method="percentile", bias_correction=False)
     corr = Quantize(cal, simulate=True, method="percentile", bias_correction="output")
-    sp, sc = plain(g), corr(g)
+    rc = corr.apply(g)
+    sp, sc = plain(g), rc.graph
     assert str(g) == before
     pm, cm = _channel_means(sp, cal, layers), _channel_means(sc, cal, layers)
     for k in layers:
         assert np.abs(cm[k] - fm[k]).max() < 1e-5 * np.abs(fm[k]).max() + 1e-6, k
     shift = max(np.abs(pm[k] - fm[k]).max() for k in layers)
     assert shift > 1e-3  # without the correction the means do move
-    assert all(x.bias_shift is not None and x.bias_shift > 0 for x in corr.layers)
-    assert "bias shift" in corr.summary()
+    assert all(x.bias_shift is not None and x.bias_shift > 0 for x in rc.plan)
+    assert "bias shift" in rc.summary()
     # the corrected biases carry over to the integer graph
     gi = Quantize(cal, method="percentile", bias_correction="output")(g)
     x = torch.cat(cal)
@@ -98,10 +99,9 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
                    - ref).abs().mean())
     assert err_c < err_p, (err_c, err_p)
     # "weights" (the default) corrects only the weights' rounding error: other shifts than "output"
-    w = Quantize(cal, simulate=True, method="percentile")
-    w(g)
-    assert all(a.bias_shift > 0 for a in w.layers)
-    assert any(abs(a.bias_shift - b.bias_shift) > 1e-3 * b.bias_shift for a, b in zip(w.layers, corr.layers))
+    w = Quantize(cal, simulate=True, method="percentile").apply(g)
+    assert all(a.bias_shift > 0 for a in w.plan)
+    assert any(abs(a.bias_shift - b.bias_shift) > 1e-3 * b.bias_shift for a, b in zip(w.plan, rc.plan))
     with pytest.raises(PassError, match="bias_correction must be"):
         Quantize(cal, bias_correction="mean")
 
@@ -109,11 +109,12 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
 def test_keep_ends_float(tiny):  # noqa: F811
     g, cal = tiny
     q = Quantize(cal, keep_ends_float=True)
-    gi = q(g)
+    r = q.apply(g)
+    gi = r.graph
     ops = gi.op_counts()
     assert ops.get("conv2d") == 1 and ops.get("linear") == 1 and ops.get("qconv2d") == 2, ops
-    assert [x.quantized for x in q.layers] == [False, True, True, False]
-    assert q.layers[0].reason == "first/last layer" and "first/last layer" in q.summary()
+    assert [x.quantized for x in r.plan] == [False, True, True, False]
+    assert r.plan[0].reason == "first/last layer" and "first/last layer" in r.summary()
     with pytest.raises(PassError, match="reduce_range must be"):
         Quantize(cal, reduce_range="x")
 

@@ -47,34 +47,36 @@ def test_exact_when_clusters_cover_the_distinct_values(net):
         w = g.params[n.inputs[1]]
         g.set_param(n.inputs[1], rng.choice([-0.3, -0.1, 0.0, 0.2, 0.25], size=w.shape).astype(np.float32))
     p = ShareWeights(clusters=5)
-    out = p(g)
+    p = p.apply(g)
+    out = p.graph
     x = _data()[0]
     np.testing.assert_array_equal(shave.to_torch(out)(x).detach().numpy(), shave.to_torch(g)(x).detach().numpy())
-    assert all(x.weight_error == 0 for x in p.layers) and p.output_error == 0
+    assert all(x.weight_error == 0 for x in p.plan) and p.plan.output_error == 0
     for a, b in zip(_layers(g), _layers(out)):
         np.testing.assert_array_equal(out.params[b.inputs[1]], g.params[a.inputs[1]])
 
 
 def test_compression_rate_is_the_papers_formula(net):
     p = ShareWeights(bits=4)
-    p(net)
-    assert [x.name for x in p.layers] == [n.name for n in _layers(net)]
-    for x in p.layers:
+    p = p.apply(net)
+    assert [x.name for x in p.plan] == [n.name for n in _layers(net)]
+    for x in p.plan:
         assert x.k == 16 and x.rate == pytest.approx(x.n * 32 / (x.n * 4 + 16 * 32))
-    n = sum(x.n for x in p.layers)
-    assert p.total_rate == pytest.approx(n * 32 / (n * 4 + 3 * 16 * 32))
+    n = sum(x.n for x in p.plan)
+    assert p.plan.total_rate == pytest.approx(n * 32 / (n * 4 + 3 * 16 * 32))
     assert compression_rate(1000, 256) == pytest.approx(32000 / (8000 + 256 * 32))
-    assert 1 < p.model_rate < p.total_rate  # biases stay float32 and count against the whole-model rate
-    assert "size only" in p.summary() and f"{p.total_rate:.2f}x" in p.summary()
+    assert 1 < p.plan.model_rate < p.plan.total_rate  # biases stay float32 and count against the whole-model rate
+    assert "size only" in p.summary() and f"{p.plan.total_rate:.2f}x" in p.summary()
 
 
 def test_error_reported_and_weights_take_k_values(net):
     data = _data()
     p = ShareWeights(bits=2, data=data)
-    out = p(net)
+    p = p.apply(net)
+    out = p.graph
     for n in _layers(out):
         assert len(np.unique(out.params[n.inputs[1]])) <= 4
-    for x, n in zip(p.layers, _layers(net)):  # the recorded weight error is the measured one
+    for x, n in zip(p.plan, _layers(net)):  # the recorded weight error is the measured one
         w = net.params[n.inputs[1]]
         ws = out.params[out.node(n.name).inputs[1]]
         assert x.weight_error == pytest.approx(np.linalg.norm(ws - w) / np.linalg.norm(w), rel=1e-5)
@@ -82,12 +84,12 @@ def test_error_reported_and_weights_take_k_values(net):
     ref = [shave.to_torch(net)(b).detach() for b in data]
     got = [shave.to_torch(out)(b).detach() for b in data]
     want = max(float((o - r).abs().max() / r.abs().max()) for o, r in zip(got, ref))
-    assert p.output_error == pytest.approx(want, rel=1e-5) and p.output_error > 0
+    assert p.plan.output_error == pytest.approx(want, rel=1e-5) and p.plan.output_error > 0
     # more clusters, less error
     p16 = ShareWeights(bits=4, data=data)
-    p16(net)
-    assert p16.output_error < p.output_error
-    assert all(a.weight_error < b.weight_error for a, b in zip(p16.layers, p.layers))
+    p16 = p16.apply(net)
+    assert p16.plan.output_error < p.plan.output_error
+    assert all(a.weight_error < b.weight_error for a, b in zip(p16.plan, p.plan))
 
 
 def test_kmeans_improves_on_its_linear_initialisation(rng):
@@ -105,9 +107,10 @@ def test_never_mutates_input_and_selects_layers(net):
     before = str(net)
     params = {k: np.array(v) for k, v in net.params.items()}
     p = ShareWeights(clusters=3, layers="c*", exclude="c2*")
-    out = p(net)
+    p = p.apply(net)
+    out = p.graph
     assert str(net) == before and all(np.array_equal(net.params[k], v) for k, v in params.items())
-    assert [x.name for x in p.layers] == [n.name for n in _layers(net) if n.name.startswith("c1")]
+    assert [x.name for x in p.plan] == [n.name for n in _layers(net) if n.name.startswith("c1")]
     fc = next(n for n in _layers(out) if n.op == "linear")
     assert out.params[fc.inputs[1]] is net.params[fc.inputs[1]]
 

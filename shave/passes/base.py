@@ -14,9 +14,12 @@ exact pass that changes the outputs fails here too, not only in compile).
         return graph
 
 `pass.apply(graph)` returns a PassResult: the graph, whether it changed, the
-measured error and the pass's per-layer plan (`records()`, which also lands in
-the compile report and the artifact's manifest); `pass(graph)` returns the
-graph alone. A pass names the ops it needs in `required_ops()` (e.g. Prune's
+measured error and the pass's per-layer plan (`plan`, as dicts in `records`,
+which also land in the compile report and the artifact's manifest; `summary()`
+renders it); `pass(graph)` returns the graph alone. A pass's `run(graph)`
+returns the graph, or (graph, plan): the plan travels with the result and
+nothing of a run stays on the pass object, so one pass object can run on
+several graphs, from several threads. A pass names the ops it needs in `required_ops()` (e.g. Prune's
 bn_gamma criterion needs batch norms): a graph without them is a PassError,
 not a silent fallback. In `passes=`, a registered pass takes arguments as
 "prune(ratio=0.3)" or ("prune", {"ratio": 0.3}).
@@ -41,9 +44,19 @@ CONTRACTS = ("exact", "lossy")
 class PassResult:
     graph: Graph
     modified: bool  # the graph's nodes, attributes or parameters differ from the input's
-    records: list = field(default_factory=list)  # the pass's per-layer plan, as dicts
+    plan: list = field(default_factory=list)  # the pass's per-layer plan (its own entry type)
     error: float | None = None  # measured by the NumericCheck instrument
     seconds: float = 0.0
+    pass_: "Pass | None" = None
+
+    @property
+    def records(self) -> list[dict]:
+        """The plan as JSON-ready dicts (what the report and the manifest keep)."""
+        return [_record(e) for e in self.plan]
+
+    def summary(self) -> str:
+        """The plan as text, one line per layer, as the pass renders it."""
+        return self.pass_.summarize(self.plan) if self.pass_ is not None else ""
 
 
 def _fingerprint(graph: Graph) -> tuple:
@@ -65,6 +78,8 @@ def _plain(v):
 def _record(entry) -> dict:
     if dataclasses.is_dataclass(entry):
         entry = dataclasses.asdict(entry)
+    elif hasattr(entry, "_asdict"):  # a NamedTuple
+        entry = entry._asdict()
     return _plain(entry) if isinstance(entry, dict) else {"entry": _plain(entry)}
 
 
@@ -73,16 +88,17 @@ class Pass:
     contract: str = "exact"  # "exact": outputs must match within `tolerance`; "lossy": error is measured
     tolerance: float = 1e-4  # relative to the output scale, for exact passes
 
-    def run(self, graph: Graph) -> Graph:  # pragma: no cover - abstract
+    def run(self, graph: Graph) -> "Graph | tuple[Graph, list]":  # pragma: no cover - abstract
+        """The rewritten graph (the pass may edit `graph`: it is a copy), or (graph, plan)."""
         raise NotImplementedError
 
     def required_ops(self) -> dict[str, str]:
         """{op: why} for ops the input graph must contain (none by default)."""
         return {}
 
-    def records(self) -> list[dict]:
-        """The last run's per-layer plan as dicts (default: the dataclasses in `self.plan`)."""
-        return [_record(e) for e in getattr(self, "plan", None) or []]
+    def summarize(self, plan: list) -> str:
+        """A run's plan as text (default: one line of fields per entry)."""
+        return "\n".join(", ".join(f"{k}={v}" for k, v in _record(e).items()) for e in plan)
 
     def apply(self, graph: Graph, instruments=None) -> PassResult:
         """Run the pass on a copy of `graph` under `instruments` (default: instruments.default_instruments())."""
@@ -96,12 +112,14 @@ class Pass:
         for i in instruments:
             i.before(self, graph)
         t0 = time.perf_counter()
-        out = self.run(graph.copy())
+        out, plan = self.run(graph.copy()), []
+        if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], Graph):
+            out, plan = out
         if not isinstance(out, Graph):
-            raise PassError(f"pass {self.name!r} returned {type(out).__name__}, not a Graph")
+            raise PassError(f"pass {self.name!r} returned {type(out).__name__}, not a Graph or (Graph, plan)")
         out = verify(out.remove_dead())
-        result = PassResult(out, _fingerprint(out) != _fingerprint(graph), self.records(),
-                            seconds=time.perf_counter() - t0)
+        result = PassResult(out, _fingerprint(out) != _fingerprint(graph), plan if isinstance(plan, list) else list(plan),
+                            seconds=time.perf_counter() - t0, pass_=self)
         for i in instruments:
             i.after(self, graph, result)
         return result

@@ -41,6 +41,6 @@ def run_passes(graph: Graph, passes, probes, reference, report: Report | None = 
         report.add(stage=p.name, contract=p.contract, flops=stats["flops"], params=stats["params"],
                    bytes=stats["bytes"], nodes=stats["nodes"], error=result.error,
                    seconds=result.seconds, changes=op_changes(before, new.op_counts()),
-                   plan=result.records)
+                   plan=result.records, summary=result.summary())
         graph = new
     return graph, report

@@ -9,7 +9,7 @@ k = `clusters` (or 2**`bits`) float values: centroids start linearly spaced over
 then Lloyd iterations; every weight is replaced by its centroid. A layer with no
 more distinct values than k keeps them exactly.
 
-The pass reports (`self.layers`, `summary()`), per layer and in total, the
+The pass's plan (a SharePlan; `summary()` of its PassResult) gives, per layer and in total, the
 paper's compression rate
 
     r = n * b / (n * log2(k) + k * b)      n weights, b = 32 bits each,
@@ -37,7 +37,7 @@ import torch
 from ..reference.interpreter import forward_with_values
 from ..errors import PassError
 from ..ir import Graph, get_op, weight_of
-from .base import Pass, _record, register_pass
+from .base import Pass, register_pass
 from .calibration import calibration_batches
 from .layers import select_layers, weighted_layers
 
@@ -79,6 +79,14 @@ class SharedLayer:
     weight_error: float  # ||W - W_shared|| / ||W||
 
 
+class SharePlan(list):
+    """The SharedLayer entries of a run, with its totals."""
+    total_rate: float | None = None  # Deep Compression's rate over the shared layers
+    model_rate: float | None = None  # ... over the whole model (unshared parameters at 32 bits)
+    total_zlib: tuple[int, int] | None = None  # zlib size of the shared layers' weights before, after
+    output_error: float | None = None  # measured on `data` (or one random batch)
+
+
 @register_pass("share_weights", contract="lossy")
 class ShareWeights(Pass):
     def __init__(self, bits: int | None = None, clusters: int | None = None, layers=None, exclude=(), data=None,
@@ -92,44 +100,37 @@ class ShareWeights(Pass):
         self.k, self.iters, self.data = k, iters, data
         self.patterns = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-        self.layers: list[SharedLayer] = []
-        self.output_error: float | None = None
-        self.total_rate = self.model_rate = None
-        self.total_zlib: tuple[int, int] | None = None
-
-    def records(self) -> list[dict]:
-        return [_record(x) for x in self.layers]
 
     def _selected(self, graph: Graph) -> list:
         chosen = select_layers(graph, weighted_layers(graph), self.patterns, self.exclude, pass_name="ShareWeights",
                                what="layer (conv2d, linear, conv_transpose2d) with a constant weight")
         return [n for n, _ in chosen]
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph) -> tuple[Graph, SharePlan]:
         original = graph.copy()
-        self.layers = []
+        plan = SharePlan()
         before = after = b""
         for n in self._selected(graph):
             w = np.asarray(graph.params[weight_of(n)], np.float32)
             codebook, idx = kmeans_1d(w, self.k, self.iters)
             shared = codebook[idx].astype(np.float32).reshape(w.shape)
             err = float(np.linalg.norm(shared - w) / max(np.linalg.norm(w), 1e-30))
-            self.layers.append(SharedLayer(n.name, w.size, self.k, compression_rate(w.size, self.k), err))
+            plan.append(SharedLayer(n.name, w.size, self.k, compression_rate(w.size, self.k), err))
             slot = get_op(n.op).weight
             n.inputs[slot] = graph.add_param(f"{n.name}.weight.shared", shared)
             before += w.tobytes()
             after += shared.tobytes()
-        if self.layers:
-            n_bits = sum(x.n * BITS for x in self.layers)
-            coded = sum(x.n * math.log2(x.k) + x.k * BITS for x in self.layers)
-            self.total_rate = n_bits / coded
+        if plan:
+            n_bits = sum(x.n * BITS for x in plan)
+            coded = sum(x.n * math.log2(x.k) + x.k * BITS for x in plan)
+            plan.total_rate = n_bits / coded
             used = {v for m in graph.nodes for v in m.inputs if graph.is_param(v)}
             other = sum(np.asarray(graph.params[v]).size * BITS for v in used
                         if not v.endswith(".weight.shared"))
-            self.model_rate = (n_bits + other) / (coded + other)
-            self.total_zlib = (len(zlib.compress(before, 6)), len(zlib.compress(after, 6)))
-        self.output_error = self._output_error(original, graph)
-        return graph
+            plan.model_rate = (n_bits + other) / (coded + other)
+            plan.total_zlib = (len(zlib.compress(before, 6)), len(zlib.compress(after, 6)))
+        plan.output_error = self._output_error(original, graph)
+        return graph, plan
 
     def _output_error(self, original: Graph, shared: Graph) -> float:
         if self.data is not None:
@@ -147,14 +148,14 @@ class ShareWeights(Pass):
                     err = max(err, float((o - r).abs().max() / r.abs().max().clamp_min(1e-12)))
         return err
 
-    def summary(self) -> str:
+    def summarize(self, plan: SharePlan) -> str:
         rows = [f"{'layer':32} {'weights':>9} {'k':>5} {'rate':>7} {'weight err':>11}"]
-        for x in self.layers:
+        for x in plan:
             rows.append(f"{x.name:32} {x.n:9d} {x.k:5d} {x.rate:6.2f}x {x.weight_error:11.4f}")
-        if self.layers:
-            rows.append(f"total: {len(self.layers)} layers, {sum(x.n for x in self.layers)} weights, rate "
-                        f"{self.total_rate:.2f}x (whole model incl. unshared params {self.model_rate:.2f}x); "
-                        f"zlib size of these weights {self.total_zlib[0]:,} -> {self.total_zlib[1]:,} B; "
-                        f"output error {self.output_error:.4g}")
+        if plan:
+            rows.append(f"total: {len(plan)} layers, {sum(x.n for x in plan)} weights, rate "
+                        f"{plan.total_rate:.2f}x (whole model incl. unshared params {plan.model_rate:.2f}x); "
+                        f"zlib size of these weights {plan.total_zlib[0]:,} -> {plan.total_zlib[1]:,} B; "
+                        f"output error {plan.output_error:.4g}")
         rows.append("size only: the artifact keeps float weights; the code is no faster")
         return "\n".join(rows)

@@ -29,7 +29,8 @@ class Row:
     error: float | None  # relative to the reference outputs
     seconds: float
     changes: str = ""  # op counts that changed, e.g. "-52 batch_norm"
-    plan: list = field(default_factory=list)  # what the pass did to each layer (Pass.records())
+    plan: list = field(default_factory=list)  # what the pass did to each layer (PassResult.records)
+    summary: str = ""  # the plan as the pass renders it (PassResult.summary())
 
 
 def op_changes(before: dict[str, int], after: dict[str, int]) -> str:
@@ -61,7 +62,9 @@ class Report:
         """Every pass's per-layer plan, one block per pass that has one."""
         blocks = []
         for r in self.rows:
-            if r.plan:
+            if r.summary:
+                blocks.append(f"{r.stage}:\n" + "\n".join("  " + line for line in r.summary.splitlines()))
+            elif r.plan:
                 keys = list(dict.fromkeys(k for rec in r.plan for k in rec))
                 lines = ["  " + "  ".join(f"{k}={rec.get(k)!s}" for k in keys if rec.get(k) not in (None, "", []))
                          for rec in r.plan]

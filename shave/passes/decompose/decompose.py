@@ -86,7 +86,6 @@ class Decompose(Pass):
         self.target, self.round_to, self.min_speedup, self.cp_iters = target, round_to, min_speedup, cp_iters
         self._timer, self._cache = timer, cache
         self.batches = calibration_batches(data, "Decompose refit") if data is not None else None
-        self.plan: list[LayerPlan] = []
 
     @property
     def timer(self) -> LayerTimer:
@@ -138,18 +137,15 @@ class Decompose(Pass):
         return list(dict.fromkeys(r for r in found if r is not None))
 
     # ---------------------------------------------------------------------------------- rewrite
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph) -> tuple[Graph, list[LayerPlan]]:
         original = graph.copy() if self.batches is not None else None
-        self.plan = []
-        for node, named in self.selected(graph):
-            entry = self._decompose(graph, node, named)
-            self.plan.append(entry)
+        plan = [self._decompose(graph, node, named) for node, named in self.selected(graph)]
         if original is not None:
-            for entry in self.plan:
+            for entry in plan:
                 if entry.kept:
                     refit_last_factor(original, graph, entry.name, entry.last,
                                       check_batches(original, self.batches, "Decompose refit"))
-        return graph
+        return graph, plan
 
     def _decompose(self, graph: Graph, node, named: bool) -> LayerPlan:
         layer = Layer.of(graph, node)
@@ -189,9 +185,9 @@ class Decompose(Pass):
         replace_with_factors(factored, factored.node(node.name), self.method, layer, rank, weights)
         return tuple(self.timer.time([single, factored], target, cached))
 
-    def summary(self) -> str:
+    def summarize(self, plan: list[LayerPlan]) -> str:
         rows = [f"{'layer':28} {'shape':28} {'rank':>10} {'MMACs':>14}  result"]
-        for e in self.plan:
+        for e in plan:
             mm = f"{e.macs_before / 1e6:.2f}->{e.macs_after / 1e6:.2f}"
             t = f" ({e.seconds[0] * 1e3:.3f} -> {e.seconds[1] * 1e3:.3f} ms)" if e.seconds and e.kept else ""
             rows.append(f"{e.name:28} {e.layer:28} {str(e.rank):>10} {mm:>14}  "

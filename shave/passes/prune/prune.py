@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import NamedTuple
 
 import numpy as np
 
@@ -88,7 +89,6 @@ class Prune(Pass):
         self.round_to, self.target = round_to, target
         self.batches = (calibration_batches(data, f"Prune(criterion={criterion!r}) calibration")
                         if criterion in ("taylor", "reconstruction") else None)
-        self.plan: list[tuple[str, int, int]] = []  # (group, units before, units kept), after a run
 
     def lanes(self) -> int:
         """The multiple kept channel counts are rounded to."""
@@ -110,18 +110,23 @@ class Prune(Pass):
                                   "removes batch norms: run Prune before it"}
         return {}
 
-    def records(self) -> list[dict]:
-        return [{"group": name, "channels": size, "kept": keep} for name, size, keep in self.plan]
+    def summarize(self, plan: list) -> str:
+        return "\n".join(f"{e.group}: {e.channels} -> {e.kept} channels" for e in plan)
 
     def _excluded(self, group: ChannelGroup) -> bool:
         return any(matches(part, self.exclude) for part in group.name.split("+"))
 
-    def run(self, graph: Graph) -> Graph:
-        return remove_channels(graph, self.select(graph))
+    def run(self, graph: Graph) -> tuple[Graph, list]:
+        doomed, plan = self._select(graph)
+        return remove_channels(graph, doomed), plan
 
     def select(self, graph: Graph) -> list:
         """The units (from dependency.analyse) to remove from `graph`. With the
         reconstruction criterion this also refits the consumers' weights in `graph`."""
+        return self._select(graph)[0]
+
+    def _select(self, graph: Graph) -> tuple[list, list]:
+        """(units to remove, the plan: a GroupPlan per channel group)."""
         analysis = analyse(graph)
         groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
         if self.criterion == "taylor":
@@ -147,12 +152,19 @@ class Prune(Pass):
         if self.criterion == "reconstruction":
             chosen = reconstruct(graph, groups, analysis.reduces,
                                  check_batches(graph, self.batches, "Prune calibration"), keeps)
-        doomed, self.plan = [], []
+        doomed, plan = [], []
         for gi, (g, sc, keep) in enumerate(zip(groups, scores, keeps)):
             drop = chosen.get(gi, np.argsort(sc, kind="stable")[: g.size - keep])
             doomed += [g.units[i] for i in drop]
-            self.plan.append((g.name, g.size, keep))
-        return doomed
+            plan.append(GroupPlan(g.name, g.size, keep))
+        return doomed, plan
+
+
+class GroupPlan(NamedTuple):
+    """What Prune did to one channel group."""
+    group: str
+    channels: int  # units before
+    kept: int
 
 
 def _unit_width(group: ChannelGroup) -> int:

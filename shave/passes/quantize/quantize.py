@@ -23,7 +23,7 @@ the graph leaves the int8 domain.
 
 `max_layer_error`: measured sensitivity. Each unit is simulated alone on the
 calibration data and the relative error of the graph's output is recorded
-(`self.layers[i].sensitivity`); units above the bound stay float32.
+(the plan's `sensitivity`); units above the bound stay float32.
 `exclude`: node names or fnmatch patterns of layers to keep in float32;
 `keep_ends_float=True` also keeps the graph's first and last layer in float32.
 
@@ -50,9 +50,10 @@ the calibration data. "weights" (the default; True means the same) corrects the 
 rounding the weights causes: the layer with int8 weights minus the same layer with float
 weights, on the same quantized input. "output" corrects the whole shift (quantized graph,
 earlier layers already corrected, minus the float graph). False: no correction.
-`self.layers[i].bias_shift` records each layer's largest shift. On MobileNetV2 (benchmarks/
+The plan's `bias_shift` records each layer's largest shift. On MobileNetV2 (benchmarks/
 quantize.py) "weights" raised the top-1 agreement with fp32 on perturbed images; "output" lowered it.
-After a run, `self.layers` says, per layer, what happened and why.
+A run's plan (`Quantize(...).apply(graph).plan`, `cm.report["quantize"].plan`) says, per
+layer, what happened and why.
 """
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ from ...ir import Graph, Node, get_op, verify, weight_of
 from ...ir.graph import Epilogue
 from ...ir.opset_quant import float_acts
 from ...ir.types import TensorType
-from ..base import Pass, _record, register_pass
+from ..base import Pass, register_pass
 from ..layers import matches
 from ..calibration import calibration_batches
 from .calibrate import activation_ranges, weight_scales
@@ -390,10 +391,6 @@ class Quantize(Pass):
         self.weight_method, self.bias_correction = weight_method, bias_correction
         self.keep_ends_float = keep_ends_float
         self.target, self.min_speedup, self.timer = target, min_speedup, timer
-        self.layers: list[LayerQuant] = []
-
-    def records(self) -> list[dict]:
-        return [_record(x) for x in self.layers]
 
     def weight_range(self):
         """reduce_range with "auto" resolved for the target: True, False or "dense"."""
@@ -407,12 +404,12 @@ class Quantize(Pass):
             return 127 if _is_depthwise(graph, n) else 63
         return 63 if reduce else 127
 
-    def run(self, graph: Graph) -> Graph:
+    def run(self, graph: Graph) -> tuple[Graph, list[LayerQuant]]:
         return self._quantize(graph, slow=frozenset(), timed=self.target is not None)
 
-    def _quantize(self, graph: Graph, slow: frozenset, timed: bool) -> Graph:
-        """The int8 graph, with the layers in `slow` (sent back by the speed check) kept float32;
-        `timed`: run the speed check."""
+    def _quantize(self, graph: Graph, slow: frozenset, timed: bool) -> tuple[Graph, list[LayerQuant]]:
+        """(the int8 graph, with the layers in `slow` (sent back by the speed check) kept float32;
+        the plan); `timed`: run the speed check."""
         batches = calibration_batches(self.calibration, "Quantize calibration", graph)
         all_units = find_units(graph)
         ends = {all_units[0].layer.name, all_units[-1].layer.name} if self.keep_ends_float and all_units else set()
@@ -423,7 +420,7 @@ class Quantize(Pass):
             return "first/last layer" if u.layer.name in ends else ""
 
         units = [u for u in all_units if not why_float(u)]
-        self.layers = [LayerQuant(u.layer.name, _describe(graph, u.layer), not why_float(u), why_float(u),
+        layers = [LayerQuant(u.layer.name, _describe(graph, u.layer), not why_float(u), why_float(u),
                                   "+".join(n.op for n in u.nodes[1:])) for u in all_units]
         values = {u.layer.inputs[0] for u in units} | {u.residual for u in units if u.residual}
         ranges = activation_ranges(graph, values, batches, self.method, self.percentile)
@@ -431,22 +428,23 @@ class Quantize(Pass):
         qmax = {u.layer.name: self._qmax(graph, u.layer, reduce) for u in units}
         wscales = {u.layer.name: weight_scales(np.asarray(graph.params[u.layer.inputs[1]]), qmax[u.layer.name],
                                                self.per_channel, self.weight_method) for u in units}
+        info = {x.name: x for x in layers}
         units = [u for u in units if self._bias_fits(graph, u, ranges[u.layer.inputs[0]][0],
-                                                     wscales[u.layer.name], qmax[u.layer.name])]
+                                                     wscales[u.layer.name], qmax[u.layer.name], info[u.layer.name])]
         if self.max_layer_error is not None:
-            units = self._sensitivity(graph, units, ranges, wscales, qmax, batches)
+            units = self._sensitivity(graph, units, ranges, wscales, qmax, batches, info)
         sim = simulate(graph, units, ranges, wscales, qmax)
         if self.bias_correction and units:
             mode = "weights" if self.bias_correction is True else self.bias_correction
             sim, shifts = bias_correct(graph, sim, [u.layer.name for u in units], batches, mode)
-            for x in self.layers:
+            for x in layers:
                 x.bias_shift = shifts.get(x.name, x.bias_shift)
         if self.simulate:
-            return sim
+            return sim, layers
         gi = convert(sim)
-        return self._speed_fallback(graph, gi, units) if timed and units else gi
+        return self._speed_fallback(graph, gi, units, layers) if timed and units else (gi, layers)
 
-    def _speed_fallback(self, graph, gi, units):
+    def _speed_fallback(self, graph, gi, units, layers):
         """Time each int8 layer against its float32 layer on the target; rerun with the slower ones float32."""
         from ...target import resolve_target
         from .speed import measure, too_slow
@@ -458,15 +456,15 @@ class Quantize(Pass):
         times = measure(graph, gi, pairs, target, as_timer(self.timer))
         slow = too_slow(times, self.min_speedup)
         if slow:
-            gi = self._quantize(graph, frozenset(slow), timed=False)
-        for x in self.layers:
+            gi, layers = self._quantize(graph, frozenset(slow), timed=False)
+        for x in layers:
             if x.name in times:
                 x.fp32_ms, x.int8_ms = times[x.name][0] * 1e3, times[x.name][1] * 1e3
             if x.name in slow:
                 x.quantized, x.reason = False, f"slower: {slow[x.name]}"
-        return gi
+        return gi, layers
 
-    def _bias_fits(self, graph, u: Unit, x_scale: float, w_scale, qmax: int) -> bool:
+    def _bias_fits(self, graph, u: Unit, x_scale: float, w_scale, qmax: int, info: LayerQuant) -> bool:
         """Whether the int32 accumulator holds the layer: its bias in accumulator units plus the largest
         sum of products must stay within half the int32 range (room for the bias correction). A tiny
         input scale (a nearly constant input) can push the bias past it; that layer stays float32."""
@@ -478,11 +476,10 @@ class Quantize(Pass):
         worst += 255.0 * qmax * (w.size // w.shape[0])
         if worst < 2 ** 30:
             return True
-        info = next(x for x in self.layers if x.name == u.layer.name)
         info.quantized, info.reason = False, f"bias beyond int32 at input scale {x_scale:.3g}"
         return False
 
-    def _sensitivity(self, graph, units, ranges, wscales, qmax, batches):
+    def _sensitivity(self, graph, units, ranges, wscales, qmax, batches, infos: dict):
         """Simulate each unit alone; keep float the ones whose output error exceeds the bound."""
         batches = batches[:SENSITIVITY_BATCHES]
         with torch.no_grad():
@@ -495,7 +492,7 @@ class Quantize(Pass):
                     outs = forward_with_values(sim, b, ())[0]
                     for o, ro in zip(outs, r):
                         err = max(err, float((o - ro).abs().max() / ro.abs().max().clamp_min(1e-12)))
-                info = next(x for x in self.layers if x.name == u.layer.name)
+                info = infos[u.layer.name]
                 info.sensitivity = err
                 if err > self.max_layer_error:
                     info.quantized, info.reason = False, f"sensitivity {err:.3g} > {self.max_layer_error:g}"
@@ -503,10 +500,10 @@ class Quantize(Pass):
                     kept.append(u)
         return kept
 
-    def summary(self) -> str:
+    def summarize(self, plan: list[LayerQuant]) -> str:
         """One line per layer: what was quantized, what stayed float32 and why."""
         rows = []
-        for x in self.layers:
+        for x in plan:
             sens = "" if x.sensitivity is None else f"  sensitivity {x.sensitivity:.3g}"
             state = "int8" if x.quantized else f"float32 ({x.reason})"
             shift = "" if x.bias_shift is None else f"  bias shift {x.bias_shift:.3g}"

@@ -98,7 +98,6 @@ class ConvRewrite(Pass):
         self.layers = None if layers is None else ((layers,) if isinstance(layers, str) else tuple(layers))
         self.exclude = (exclude,) if isinstance(exclude, str) else tuple(exclude)
         self.batches = calibration_batches(data, f"{self.name} refit") if data is not None else None
-        self.plan: list[RewritePlan] = []
 
     # what a subclass provides
     def why_not(self, graph: Graph, node: Node, layer: Layer) -> str | None:  # pragma: no cover - abstract
@@ -127,20 +126,20 @@ class ConvRewrite(Pass):
                              keep_inapplicable=True)
 
     # -------------------------------------------------------------------------------------- rewrite
-    def run(self, graph: Graph) -> Graph:
-        slow = {}
+    def run(self, graph: Graph) -> tuple[Graph, list[RewritePlan]]:
+        slow, timed = {}, {}
         if self.target is not None:
-            trial = graph.copy()
-            self._rewrite(trial, {})
-            slow = self._too_slow(graph, trial)
-        return self._rewrite(graph, slow, refit=True)
+            trial, plan = self._rewrite(graph.copy(), {}, {})
+            slow, timed = self._too_slow(graph, trial, plan)
+        return self._rewrite(graph, slow, timed, refit=True)
 
-    def _too_slow(self, original: Graph, rewritten: Graph) -> dict:
-        """{layer: reason} for the rewritten layers whose block is not min_speedup x faster."""
+    def _too_slow(self, original: Graph, rewritten: Graph, plan: list[RewritePlan]) -> tuple[dict, dict]:
+        """({layer: reason} for the rewritten layers whose block is not min_speedup x faster,
+        {layer: (seconds before, after)} for the others)."""
         from ..decompose.rewrite import layer_graph
 
-        slow = {}
-        for e in self.plan:
+        slow, timed = {}, {}
+        for e in plan:
             if not e.kept:
                 continue
             block = _block_graph(rewritten, e.nodes)
@@ -152,19 +151,18 @@ class ConvRewrite(Pass):
                 slow[e.name] = (f"block measured {before / after:.2f}x the conv's speed on "
                                 f"{self.target.get('kind')} (< {self.min_speedup:g}x)", (before, after))
             else:
-                e.seconds = (before, after)
-        return slow
+                timed[e.name] = (before, after)
+        return slow, timed
 
-    def _rewrite(self, graph: Graph, slow: dict, refit: bool = False) -> Graph:
+    def _rewrite(self, graph: Graph, slow: dict, timed: dict, refit: bool = False) -> tuple[Graph, list]:
         original = graph.copy()
-        timed = {e.name: e.seconds for e in self.plan if e.seconds}
-        self.plan, blocks = [], []
+        plan, blocks = [], []
         for node, named in self.selected(graph):
             why = self._why_not(graph, node)
             layer = Layer.of(graph, node) if node.op == "conv2d" else None
             before = macs(None, layer) if layer else 0
             entry = RewritePlan(node.name, layer.describe() if layer else node.op, before, before, False)
-            self.plan.append(entry)
+            plan.append(entry)
             if why is None and self.macs_after(layer) >= before and not named:
                 why = "would not need fewer operations"
             if why is None and node.name in slow:
@@ -190,7 +188,7 @@ class ConvRewrite(Pass):
                 refit_last_factor(target, graph, target.nodes[-1].name if block.out_index is not None else entry.name,
                                   block.last, self.batches)
             self._errors(original, graph, blocks, "refit_error")
-        return graph
+        return graph, plan
 
     def _errors(self, original: Graph, graph: Graph, blocks, attr: str) -> None:
         """Relative output error of every rewritten layer on the calibration data."""
@@ -207,10 +205,10 @@ class ConvRewrite(Pass):
         for e, _ in blocks:
             setattr(e, attr, float(np.sqrt(num[e.name] / max(den[e.name], 1e-300))))
 
-    def summary(self) -> str:
+    def summarize(self, plan: list[RewritePlan]) -> str:
         rows = [f"{'layer':24} {'shape':24} {'MMACs':>13} {'kernel':>7} {'output':>7} {'refit':>7}  result"]
         fmt = lambda v: "-" if v is None else f"{v:.3f}"  # noqa: E731
-        for e in self.plan:
+        for e in plan:
             mm = f"{e.macs_before / 1e6:.2f}->{e.macs_after / 1e6:.2f}"
             rows.append(f"{e.name:24} {e.layer:24} {mm:>13} {fmt(e.kernel_error):>7} {fmt(e.output_error):>7} "
                         f"{fmt(e.refit_error):>7}  {'rewritten' if e.kept else 'kept: ' + e.reason}")
