@@ -332,3 +332,24 @@ def test_compile_logs_its_stages(caplog):
     assert lines[0].startswith("capture: 3 nodes")
     assert any(m.startswith("pass fold_bn (exact):") and "-1 batch_norm" in m for m in lines)
     assert lines[-1].startswith("build (llvm")
+
+
+def test_one_pass_object_serves_several_graphs_and_threads():
+    """A run's plan comes back with its graph; nothing of one run is read back by another, so the
+    same pass object can run on two graphs at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from shave.passes import Prune
+
+    graphs = []
+    for c in (12, 20):
+        torch.manual_seed(c)
+        model = nn.Sequential(nn.Conv2d(3, c, 3), nn.ReLU(), nn.Conv2d(c, 4, 3)).eval()
+        graphs.append(shave.capture(model, (torch.randn(1, 3, 9, 9),)))
+    p = Prune(ratio=0.5, round_to=1)
+    serial = [p.apply(g).plan for g in graphs]
+    assert [e.channels for plan in serial for e in plan] == [12, 20]
+    with ThreadPoolExecutor(2) as pool:
+        for _ in range(3):
+            assert [r.plan for r in pool.map(p.apply, graphs * 2)] == serial * 2
+    assert not hasattr(p, "plan")

@@ -19,7 +19,7 @@ left alone too, unless `layers=` names it exactly.
 `layers` takes node names or fnmatch patterns ("layer3.*"); a name (no
 wildcard) must be a layer the method applies to. `data` (calibration inputs,
 as for Prune) turns on the least-squares refit of the last factor of each
-layer to the original layer's outputs (refine.py).
+layer to the original layer's outputs (passes/refit.py).
 """
 from __future__ import annotations
 
@@ -32,12 +32,12 @@ from ...isa import isa
 from ...timing import LayerTimer, as_timer
 from ...ir import Graph, get_op
 from ..base import Pass, register_pass
-from ..layers import select_layers, weighted_layers
+from ..layers import cut_out, select_layers, weighted_layers
 from ..calibration import calibration_batches, check_batches
 from . import ranks
 from .methods import METHODS, Layer, factor_shapes, factor_weights, macs, not_applicable
-from .refine import refit_last_factor
-from .rewrite import layer_graph, replace_with_factors
+from ..refit import refit_last_factor
+from .rewrite import replace_with_factors
 
 AUTO_BUDGETS = (0.75, 0.5, 0.25)
 
@@ -178,7 +178,7 @@ class Decompose(Pass):
         """(original, decomposed) seconds per call of `node` compiled alone and as its
         factors at `rank`; from the cache unless `cached` is False (then measured again)."""
         target, layer = self._target(), Layer.of(graph, node)
-        single = layer_graph(graph, node)
+        single = cut_out(graph, [node.name])
         rng = np.random.default_rng(0)  # latency depends on shapes alone, not on the values
         weights = [rng.standard_normal(s).astype(np.float32) for s in factor_shapes(self.method, layer, rank)]
         factored = single.copy()

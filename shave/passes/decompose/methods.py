@@ -7,56 +7,13 @@ on its own and every factor keeps the groups).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
 from ...errors import PassError
+from ..layers import Layer
 from . import factorize as fz
 
 METHODS = ("svd", "weight_svd", "spatial", "tucker2", "cp")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """The shape facts of one conv2d / linear node (everything but the weight values)."""
-    op: str
-    n: int  # output channels / features
-    c: int  # input channels / features
-    kh: int = 1
-    kw: int = 1
-    groups: int = 1
-    batch: int = 1
-    in_hw: tuple = (1, 1)
-    out_hw: tuple = (1, 1)
-    stride: tuple = (1, 1)
-    padding: tuple = (0, 0)
-    dilation: tuple = (1, 1)
-    positions: int = 1  # linear: rows the weight is applied to (product of the leading dims)
-
-    @classmethod
-    def of(cls, graph, node) -> "Layer":
-        w = graph.type_of(node.inputs[1]).shape
-        x = graph.type_of(node.inputs[0]).shape
-        if node.op == "linear":
-            return cls("linear", w[0], w[1], positions=int(np.prod(x[:-1])))
-        a = node.attrs
-        return cls("conv2d", w[0], x[1], w[2], w[3], a["groups"], x[0], tuple(x[2:]), tuple(node.type.shape[2:]),
-                   tuple(a["stride"]), tuple(a["padding"]), tuple(a["dilation"]))
-
-    @property
-    def n_g(self) -> int:
-        return self.n // self.groups
-
-    @property
-    def c_g(self) -> int:
-        return self.c // self.groups
-
-    def describe(self) -> str:
-        if self.op == "linear":
-            return f"linear {self.c}->{self.n}"
-        g = f", groups={self.groups}" if self.groups > 1 else ""
-        return f"conv2d {self.kh}x{self.kw} {self.c}->{self.n}{g}"
 
 
 def not_applicable(method: str, layer: Layer) -> str | None:
@@ -85,12 +42,14 @@ def full_rank(method: str, layer: Layer):
 
 def macs(method: str | None, layer: Layer, rank=None) -> int:
     """Multiply-accumulates of the layer (method None) or of its factors at `rank`."""
+    if method is None:
+        return layer.macs
     if layer.op == "linear":
-        return layer.positions * (layer.n * layer.c if method is None else rank * (layer.c + layer.n))
+        return layer.positions * rank * (layer.c + layer.n)
     b, g = layer.batch, layer.groups
     (hi, wi), (ho, wo) = layer.in_hw, layer.out_hw
     if method is None:
-        return b * ho * wo * layer.n * layer.c_g * layer.kh * layer.kw
+        return layer.macs
     if method == "weight_svd":
         return b * ho * wo * (g * rank * layer.c_g * layer.kh * layer.kw + layer.n * rank)
     if method == "spatial":  # the vertical factor does not stride or pad along the width

@@ -14,15 +14,6 @@ from ...ir import Graph, Node, get_op
 from .methods import Layer, factor_layers
 
 
-def layer_graph(graph: Graph, node: Node) -> Graph:
-    """A graph holding `node` alone: its data input becomes the graph input."""
-    g = Graph(inputs=[("x", graph.type_of(node.inputs[0]))])
-    inputs = ["x"] + [g.add_param(v, graph.params[v]) for v in node.inputs[1:]]
-    g.nodes.append(Node(node.name, node.op, inputs, dict(node.attrs), node.type, node.source))
-    g.outputs = [node.name]
-    return g
-
-
 def replace_with_factors(graph: Graph, node: Node, method: str, layer: Layer, rank,
                          weights: list[np.ndarray]) -> list[Node]:
     """Put the factor layers (weights from methods.factor_weights) where `node` was; returns them."""

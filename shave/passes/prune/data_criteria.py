@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from ...reference.interpreter import forward_with_values
 from ...errors import PassError
 from ...ir import Graph, is_layer
+from ..refit import ridge_solve
 
 MAX_POSITIONS = 4096  # output positions sampled per consumer for selection and refit
 
@@ -129,7 +130,7 @@ def reconstruct(graph: Graph, groups, reduces, batches, keep_counts, seed: int =
         kept_c = sorted(chan[i] for i in left)
         target = contrib.sum(0).reshape(len(pos), -1)  # the layer's original output (no bias)
         a = patches[:, kept_c, :].reshape(len(pos), -1)
-        sol = torch.linalg.lstsq(a, target, driver="gelsd").solution  # (|S|*kk, O)
+        sol = ridge_solve(a.T @ a, a.T @ target)  # (|S|*kk, O)
         new_w = w.clone()
         new_w[:, kept_c] = sol.T.reshape(w.shape[0], len(kept_c), *w.shape[2:])
         graph.set_param(node.inputs[1], new_w.numpy().astype(graph.params[node.inputs[1]].dtype))

@@ -9,27 +9,11 @@ dequantize a float32 layer adds between int8 neighbours is not counted.
 """
 from __future__ import annotations
 
-import numpy as np
-
-from ...ir import Graph, Node
+from ...ir import Graph
 from tqdm import tqdm
 
 from ...timing import LayerTimer
-
-
-def one_layer(graph: Graph, node: Node) -> Graph:
-    """`node` alone: its first input is the graph input; other activation inputs (a residual) become zero params."""
-    g = Graph(inputs=[("x", graph.type_of(node.inputs[0]))])
-    inputs = ["x"]
-    for v in node.inputs[1:]:
-        if v in graph.params:
-            inputs.append(g.add_param(v, graph.params[v]))
-        else:
-            t = graph.type_of(v)
-            inputs.append(g.add_param(v, np.zeros(t.shape, t.dtype)))
-    g.nodes.append(Node(node.name, node.op, inputs, dict(node.attrs), node.type, node.source))
-    g.outputs = [node.name]
-    return g
+from ..layers import cut_out
 
 
 def measure(float_graph: Graph, int_graph: Graph, pairs: list[tuple[str, str]], target: dict,
@@ -37,7 +21,7 @@ def measure(float_graph: Graph, int_graph: Graph, pairs: list[tuple[str, str]], 
     """{float layer name: (float32 seconds, int8 seconds)} for (float layer, int8 node) name pairs."""
     out = {}
     for fname, qname in tqdm(pairs, desc="timing int8 layers", unit="layer", leave=False, disable=None):
-        graphs = [one_layer(float_graph, float_graph.node(fname)), one_layer(int_graph, int_graph.node(qname))]
+        graphs = [cut_out(float_graph, [fname]), cut_out(int_graph, [qname])]
         f, q = timer.time(graphs, target)
         out[fname] = (f, q)
     return out

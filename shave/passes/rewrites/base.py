@@ -5,7 +5,7 @@ whose last value stands for the conv's output. Each pass says whether it
 applies to a layer (`why_not`), what the block costs (`macs_after`) and builds
 it (`build`, returning a `Block`). This class runs them over the selected
 layers, then, with calibration data, refits the block's last conv by least
-squares to the original layer's output on that data (decompose/refine.py,
+squares to the original layer's output on that data (passes/refit.py,
 asymmetric: the input comes from the rewritten network) and measures every
 layer's output error on the data before and after the refit.
 
@@ -32,9 +32,8 @@ from ...reference.interpreter import forward_with_values
 from ...ir import Graph, Node, get_op
 from ..base import Pass
 from ...timing import as_timer
-from ..layers import select_layers
-from ..decompose.methods import Layer, macs
-from ..decompose.refine import refit_last_factor
+from ..layers import Layer, cut_out, select_layers
+from ..refit import refit_last_factor
 from ..calibration import calibration_batches, check_batches
 
 
@@ -60,22 +59,6 @@ class RewritePlan:
     refit_error: float | None = None
     nodes: list = field(default_factory=list)  # the block's nodes
     seconds: tuple | None = None  # (conv alone, block alone) as compiled and timed on the target
-
-
-def _block_graph(graph: Graph, names: list) -> Graph | None:
-    """The block's nodes alone, its one data input as the graph input (None if it has several)."""
-    nodes = [n for n in graph.nodes if n.name in set(names)]
-    made = {n.name for n in nodes}
-    ins = list(dict.fromkeys(v for n in nodes for v in n.inputs if v not in made and not graph.is_param(v)))
-    if len(ins) != 1 or not nodes:
-        return None
-    g = Graph(inputs=[("x", graph.type_of(ins[0]))])
-    for n in nodes:
-        inputs = ["x" if v == ins[0] else (g.add_param(v, graph.params[v]) if graph.is_param(v) else v)
-                  for v in n.inputs]
-        g.nodes.append(Node(n.name, n.op, inputs, dict(n.attrs), n.type, n.source))
-    g.outputs = [nodes[-1].name]
-    return g
 
 
 def new_node(graph: Graph, base: str, op: str, inputs: list, attrs: dict, source: str, before: Node | None) -> Node:
@@ -136,16 +119,12 @@ class ConvRewrite(Pass):
     def _too_slow(self, original: Graph, rewritten: Graph, plan: list[RewritePlan]) -> tuple[dict, dict]:
         """({layer: reason} for the rewritten layers whose block is not min_speedup x faster,
         {layer: (seconds before, after)} for the others)."""
-        from ..decompose.rewrite import layer_graph
-
         slow, timed = {}, {}
         for e in plan:
             if not e.kept:
                 continue
-            block = _block_graph(rewritten, e.nodes)
-            if block is None:
-                continue
-            before, after = as_timer(self.timer).time([layer_graph(original, original.node(e.name)), block],
+            block = cut_out(rewritten, e.nodes)
+            before, after = as_timer(self.timer).time([cut_out(original, [e.name]), block],
                                                       self.target)
             if before < self.min_speedup * after:
                 slow[e.name] = (f"block measured {before / after:.2f}x the conv's speed on "
@@ -160,7 +139,7 @@ class ConvRewrite(Pass):
         for node, named in self.selected(graph):
             why = self._why_not(graph, node)
             layer = Layer.of(graph, node) if node.op == "conv2d" else None
-            before = macs(None, layer) if layer else 0
+            before = layer.macs if layer else 0
             entry = RewritePlan(node.name, layer.describe() if layer else node.op, before, before, False)
             plan.append(entry)
             if why is None and self.macs_after(layer) >= before and not named:

@@ -29,9 +29,9 @@ from scipy.sparse import bmat, coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from ...errors import PassError
+from ..layers import Layer
 from ...ir import Graph, Node, get_op
 from ..base import register_pass
-from ..decompose.methods import Layer
 from .base import Block, ConvRewrite, new_node
 
 

@@ -24,9 +24,9 @@ from __future__ import annotations
 import numpy as np
 
 from ...errors import PassError
+from ..layers import Layer
 from ...ir import Graph, Node
 from ..base import register_pass
-from ..decompose.methods import Layer
 from .base import Block, ConvRewrite, new_node
 
 

@@ -1,5 +1,6 @@
-"""Data-driven refinement: refit the last factor of each decomposed layer so
-the factors reproduce the original layer's outputs on calibration data.
+"""The least-squares refit every pass uses: `ridge_solve` (normal equations with a tiny ridge),
+and `refit_last_factor`, which refits a layer so that the layers replacing one reproduce its
+outputs on calibration data (Decompose's factors, the conv rewrites' blocks).
 
 This is the asymmetric reconstruction of Zhang et al. ("Accelerating Very
 Deep Convolutional Networks for Classification and Detection"): the target
@@ -17,10 +18,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...reference.interpreter import forward_with_values
-from ...ir import Graph
+from ..reference.interpreter import forward_with_values
+from ..ir import Graph
 
 RIDGE = 1e-6  # relative to the mean diagonal of the normal equations
+
+
+def ridge_solve(gram: torch.Tensor, cross: torch.Tensor) -> torch.Tensor:
+    """argmin_W ||A W - Y||^2 + ridge ||W||^2 from the normal equations gram = A^T A, cross = A^T Y
+    (the ridge: RIDGE times gram's mean diagonal), in gram's dtype."""
+    ridge = RIDGE * float(torch.diagonal(gram).mean()) + 1e-12
+    return torch.linalg.solve(gram + ridge * torch.eye(len(gram), dtype=gram.dtype), cross)
 
 
 def _prefix(graph: Graph, value: str) -> Graph:
@@ -68,9 +76,7 @@ def refit_last_factor(original: Graph, graph: Graph, original_name: str, last_na
                 cross[g] = cross[g] + x.T @ _targets(node, y, g, groups)
     new_w, new_b = np.empty_like(w), np.empty(w.shape[0])
     for g in range(groups):
-        a = gram[g]
-        ridge = RIDGE * float(torch.diagonal(a).mean()) + 1e-12
-        sol = torch.linalg.solve(a + ridge * torch.eye(len(a), dtype=a.dtype), cross[g]).numpy()  # (F + 1, N_g)
+        sol = ridge_solve(gram[g], cross[g]).numpy()  # (F + 1, N_g)
         new_w[g * n_g:(g + 1) * n_g] = sol[:-1].T.reshape((n_g,) + w.shape[1:])
         new_b[g * n_g:(g + 1) * n_g] = sol[-1]
     dtype = graph.params[node.inputs[1]].dtype
