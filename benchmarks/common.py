@@ -39,8 +39,11 @@ def ensure_shave_importable() -> None:
     sys.path.insert(0, str(REPO_ROOT))
 
 
-def set_thread_env(threads: int) -> None:
-    """Pin TVM's worker count; must run before tvm is imported (it is read once)."""
+def set_thread_env(threads: int | None) -> None:
+    """Pin TVM's worker count (None: shave's default, every CPU the process may use); must run
+    before tvm is imported (it is read once)."""
+    if threads is None:
+        return
     os.environ["TVM_NUM_THREADS"] = str(threads)
     if "tvm" in sys.modules:
         warnings.warn("tvm was imported before set_thread_env(); TVM_NUM_THREADS may not take effect",
@@ -136,10 +139,11 @@ class Engine:
 
 
 def eager_engine(model, x, threads: int) -> Engine:
-    """PyTorch eager under inference_mode, on `threads` intra-op threads."""
+    """PyTorch eager under inference_mode, on `threads` intra-op threads (None: torch's default)."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
 
     def run():
         with torch.inference_mode():
@@ -152,7 +156,8 @@ def torch_compile_engine(model, x, threads: int) -> Engine:
     """torch.compile (Inductor, default mode); the first call, which compiles, is the setup."""
     import torch
 
-    torch.set_num_threads(threads)
+    if threads:
+        torch.set_num_threads(threads)
     compiled = torch.compile(model)
     t0 = time.perf_counter()
     with torch.inference_mode(), warnings.catch_warnings():
@@ -201,7 +206,8 @@ def onnxruntime_engine(model, x, threads: int, workdir: Path | None = None) -> E
         t0 = time.perf_counter()
         exporter = export_onnx(model, x, path)
         so = ort.SessionOptions()
-        so.intra_op_num_threads = threads
+        if threads:
+            so.intra_op_num_threads = threads
         so.inter_op_num_threads = 1
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -348,7 +354,7 @@ def machine_info(threads: int) -> dict:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     mhz = _cpuinfo_field("cpu MHz")
     mhz = float(mhz) if mhz else None
-    used = min(threads, cores)
+    used = min(threads or cores, cores)
     host = isa(platform.machine() == "aarch64" and "arm64" or "x86")
     flop = host.fp32_flops_per_cycle
     peak = used * flop * mhz / 1e3 if mhz else None

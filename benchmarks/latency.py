@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Inference latency: PyTorch eager, torch.compile, ONNX Runtime and shave, side by side, on CPU.
 
-    python benchmarks/latency.py                         # MobileNetV2 + ResNet-18, batch 1, 2 threads
+    python benchmarks/latency.py                         # MobileNetV2 + ResNet-18, batch 1, each engine's default threads
     python benchmarks/latency.py --models resnet18 --batch 8 --json out/latency.json
     python benchmarks/latency.py --tune-trials 200      # adds "shave tuned" (MetaSchedule, out/tuning)
 
@@ -38,8 +38,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tune again")
     p.add_argument("--tune-db", default="out/tuning", help="tuning database directory")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2,
-                   help="threads for every engine (torch intra-op, ORT intra-op, TVM_NUM_THREADS)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads for every engine (torch intra-op, ORT intra-op, TVM_NUM_THREADS); default: "
+                        "each engine's own default, as a user gets it (shave: every CPU the process may use)")
     p.add_argument("--repeats", type=int, default=100, help="timed runs per engine, at most")
     p.add_argument("--warmup", type=int, default=5, help="untimed runs per engine before timing, at most")
     p.add_argument("--budget", type=float, default=25.0,
@@ -221,7 +222,8 @@ def main(argv=None) -> int:
     import torch
     import tvm
 
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     machine = common.machine_info(args.threads)
     load_before = common.loadavg()
     versions = {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "tvm": tvm.__version__,
@@ -236,7 +238,12 @@ def main(argv=None) -> int:
               f"{machine['flop_per_cycle']} flop/cycle x {machine['cpu_mhz'] / 1e3:.2f} GHz "
               f"= {machine['peak_gflops']:.1f} GFLOP/s")
     print("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()))
-    print(f"batch {args.batch}, threads {args.threads} (TVM_NUM_THREADS={os.environ['TVM_NUM_THREADS']}), "
+    import shave.runtime.threads
+
+    threads = (f"{args.threads}" if args.threads else
+               f"each engine's default (shave {shave.runtime.threads.pool_size()}, torch {torch.get_num_threads()}, "
+               "ONNX Runtime its own)")
+    print(f"batch {args.batch}, threads {threads}, "
           f"warm-up <= {args.warmup}, timed runs <= {args.repeats} and ~{args.budget:.0f} s per engine")
     if load_before:
         print(f"load average before: {load_before[0]:.2f} (1 min)")

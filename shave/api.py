@@ -74,6 +74,16 @@ class CompiledModel:
         self.tuning = None  # a TuneResult when compiled with tune=
 
     @property
+    def threads(self) -> int | None:
+        """Threads one call runs on (default: every CPU the process may use; see shave.Runtime)."""
+        return self._runtime.threads if self._runtime is not None else None
+
+    @threads.setter
+    def threads(self, n: int | None) -> None:
+        if self._runtime is not None:
+            self._runtime.threads = n
+
+    @property
     def runs_here(self) -> bool:
         """Whether this machine can run the compiled code (False for aarch64 or CUDA code built here)."""
         return self._runtime is not None

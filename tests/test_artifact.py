@@ -1,5 +1,6 @@
 """Export, load (in a torch-free process), and every way loading can go wrong."""
 import json
+import os
 import subprocess
 import sys
 import zipfile
@@ -70,6 +71,43 @@ print("ok")
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.mark.parametrize("env, want", [({}, "cpus"), ({"TVM_NUM_THREADS": "1"}, "1"), ({"OMP_NUM_THREADS": "1"}, "1")],
+                         ids=["default", "tvm_env", "omp_env"])
+def test_threads_default_to_every_cpu_and_can_be_lowered(artifact, env, want):
+    """Without TVM_NUM_THREADS / OMP_NUM_THREADS, a call runs on every CPU the process may use
+    (TVM alone would use half the hardware threads: one on a 2-core machine); either variable wins;
+    `threads=` lowers it per runtime, in every calling thread."""
+    code = f"""
+import os, threading, numpy as np, shave, tvm
+n_now = tvm.get_global_func("runtime.NumThreads")
+cpus = len(os.sched_getaffinity(0))
+rt = shave.load({str(artifact)!r})
+x = np.zeros(rt.inputs[0][1], np.float32)
+rt(x)
+print(rt.threads, n_now(), cpus)
+one = shave.load({str(artifact)!r}, threads=1)
+one(x)
+print(one.threads, n_now())
+rt(x)
+print(n_now())
+seen = []
+t = threading.Thread(target=lambda: (one(x), seen.append(n_now())))
+t.start(); t.join()
+print(seen[0])
+"""
+    clean = {k: v for k, v in os.environ.items() if k not in ("TVM_NUM_THREADS", "OMP_NUM_THREADS")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=clean | env)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    threads, now, cpus = lines[0].split()
+    expect = cpus if want == "cpus" else want
+    assert threads == now == expect
+    assert lines[1] == "1 1" and lines[2] == expect and lines[3] == "1"
+    with pytest.raises(shave.InputError, match="threads must be a positive int"):
+        shave.load(artifact, threads=0)
 
 
 def test_wrong_inputs_at_run_time(artifact):

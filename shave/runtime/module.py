@@ -13,6 +13,7 @@ from .tvm_import import import_tvm
 from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
+from .threads import check_threads, pool_size, use_threads
 
 
 class Runtime:
@@ -21,9 +22,12 @@ class Runtime:
 
     Safe to call from several threads: TVM's Relax VM keeps its registers in the VM
     object, so each calling thread runs its own VM over the one loaded library (the
-    weights are shared, not copied: eight VMs of MobileNetV2 add 0.1 MiB)."""
+    weights are shared, not copied: eight VMs of MobileNetV2 add 0.1 MiB).
 
-    def __init__(self, module, manifest: dict):
+    `threads`: how many threads one call runs on (default: every CPU the process may use,
+    or TVM_NUM_THREADS / OMP_NUM_THREADS when set; runtime/threads.py); settable later."""
+
+    def __init__(self, module, manifest: dict, threads: int | None = None):
         tvm = import_tvm()
 
         self.manifest = manifest
@@ -32,7 +36,17 @@ class Runtime:
         self._device = tvm.cuda(0) if manifest["target"]["arch"] == "cuda" else tvm.cpu()
         self._module = module
         self._local = threading.local()
+        self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
+
+    @property
+    def threads(self) -> int:
+        return self._threads
+
+    @threads.setter
+    def threads(self, n: int | None) -> None:
+        n = check_threads(n)
+        self._threads = min(n, pool_size()) if n is not None else pool_size()
 
     def _state(self):
         """This thread's (VM entry point, input tensors, numpy views of them on the CPU), made on the
@@ -65,6 +79,7 @@ class Runtime:
 
     def run(self, *args) -> list[np.ndarray]:
         main, bufs, views = self._state()
+        use_threads(self._threads)
         arrays = self._check(args)
         if views is None:  # GPU memory: copied in and out
             for b, a in zip(bufs, arrays):
@@ -155,8 +170,9 @@ def load_library(data: bytes, origin="compiled library"):
         os.unlink(lib_path)  # already mapped into the process
 
 
-def load(path) -> Runtime:
-    """Load an artifact file written by CompiledModel.export."""
+def load(path, threads: int | None = None) -> Runtime:
+    """Load an artifact file written by CompiledModel.export; `threads`: see Runtime."""
+    threads = check_threads(threads)
     manifest, members = read_artifact(path)
     check_target(manifest, path)
-    return Runtime(load_library(members[LIB], path), manifest)
+    return Runtime(load_library(members[LIB], path), manifest, threads)
