@@ -14,7 +14,7 @@ from .backends.tvm.tune import TuneOptions
 from .target import required_features, resolve_target, target_arch
 from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
-from .isa import compiling_for
+from .isa import compiling_for, isa
 from .ir import Graph, verify
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
 from .runtime.report import Report, relative_error
@@ -107,6 +107,13 @@ class CompiledModel:
             outs = [torch.from_numpy(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def profile(self, *inputs, repeats: int = 10):
+        """Where a call's time goes, kernel by kernel: a shave.runtime.profile.Profile (print it)."""
+        if self._runtime is None:
+            raise TargetError(f"this compiled model cannot run here: {self._not_here}")
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+        return self._runtime.profile(*arrays, repeats=repeats)
+
     def export(self, path) -> Path:
         """Write the artifact (one file) that shave.load() runs without torch."""
         members = {LIB: bytes(self._library)}
@@ -158,16 +165,18 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     with compiling_for(spec):  # passes given no target= plan for this one
         graph, report = run_passes(graph, passes, probes, reference, report, graph_outputs=captured)
 
-    library, seconds, tuned = build(graph, spec, tune)
+    library, seconds, tuned, calls = build(graph, spec, tune)
     manifest = {
         "shave_version": __version__,
         "versions": _versions(),
         "target": {"name": target if isinstance(target, str) else "custom", "dict": spec,
-                   "arch": target_arch(spec), "cpu_features": required_features(spec)},
+                   "arch": target_arch(spec), "cpu_features": required_features(spec),
+                   "fp32_flops_per_cycle": isa(spec).fp32_flops_per_cycle},
         "inputs": [{"name": n, "shape": list(t.shape), "dtype": t.dtype} for n, t in graph.inputs],
         "outputs": [{"name": v, "shape": list(graph.type_of(v).shape), "dtype": graph.type_of(v).dtype}
                     for v in graph.outputs],
     }
+    manifest["kernels"] = calls  # which IR nodes each conv kernel call computes (Runtime.profile)
     if tuned is not None:
         manifest["tuning"] = {"summary": tuned.summary(), "kernels": tuned.kernels}
     cm = CompiledModel(graph, library, manifest, report)

@@ -1,4 +1,4 @@
-"""`shave` command line: inspect and run artifacts (torch not needed)."""
+"""`shave` command line: inspect, run and profile artifacts (torch not needed)."""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +40,19 @@ def _run(args) -> None:
               + (f" argmax {int(o.reshape(o.shape[0], -1).argmax(1)[0])}" if o.ndim == 2 else ""))
 
 
+def _profile(args) -> None:
+    rt = load(args.artifact)
+    if args.inputs:
+        inputs = [np.load(p) for p in args.inputs]
+    else:  # random inputs of the signature's shapes (integer inputs: zeros)
+        rng = np.random.default_rng(0)
+        inputs = [rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f" else np.zeros(shape, dtype)
+                  for _, shape, dtype in rt.inputs]
+    p = rt.profile(*inputs, repeats=args.repeats)
+    print(f"{args.artifact}: " + str(p).split("\n", 1)[0])
+    print(p.table(args.top))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="shave", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -51,6 +64,12 @@ def main(argv=None) -> int:
     p.add_argument("inputs", nargs="+", help="one .npy file per model input")
     p.add_argument("--out", help="write the outputs to this .npz file")
     p.set_defaults(fn=_run)
+    p = sub.add_parser("profile", help="time an artifact kernel by kernel (random inputs unless .npy files are given)")
+    p.add_argument("artifact")
+    p.add_argument("inputs", nargs="*", help="one .npy file per model input")
+    p.add_argument("--repeats", type=int, default=10, help="runs; each kernel's median is kept")
+    p.add_argument("--top", type=int, default=None, help="show only the N slowest kernel calls")
+    p.set_defaults(fn=_profile)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

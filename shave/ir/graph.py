@@ -189,6 +189,12 @@ class Graph:
             counts[n.op] = counts.get(n.op, 0) + 1
         return counts
 
+    def flops_of(self, node: Node) -> int:
+        """FLOPs of one node (multiply and add counted separately)."""
+        from .ops import get_op
+
+        return int(get_op(node.op).flops([self.type_of(v) for v in node.inputs], node.type, node.attrs))
+
     def stats(self) -> dict[str, int]:
         """FLOPs (multiply and add counted separately), parameter count and bytes of constants.
         Parameters are weights and biases, as PyTorch counts them: constants that only fill an
@@ -200,7 +206,7 @@ class Graph:
         weights = set()
         for n in self.nodes:
             op = get_op(n.op)
-            flops += op.flops([self.type_of(v) for v in n.inputs], n.type, n.attrs)
+            flops += self.flops_of(n)
             weights.update(v for i, v in enumerate(n.inputs) if i not in op.buffers)
         used = {v for n in self.nodes for v in n.inputs}
         params = sum(int(a.size) for k, a in self.params.items() if k in weights)

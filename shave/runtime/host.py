@@ -18,3 +18,15 @@ def host_cpu_flags() -> set[str]:
     except OSError:
         pass
     return set()
+
+
+def cpu_mhz() -> float | None:
+    """The clock /proc/cpuinfo reports for the first CPU (None where it reports none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("cpu MHz"):
+                    return float(line.split(":", 1)[1])
+    except (OSError, ValueError):
+        pass
+    return None

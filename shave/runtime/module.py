@@ -99,6 +99,12 @@ class Runtime:
         outs = self.run(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def profile(self, *inputs, repeats: int = 10):
+        """Where a call's time goes, kernel by kernel (runtime/profile.py): a Profile, printable."""
+        from .profile import profile
+
+        return profile(self, inputs, repeats)
+
     @property
     def report(self):
         from .report import Report

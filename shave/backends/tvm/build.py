@@ -11,21 +11,28 @@ from .schedules import schedule_module
 from .tune import TuneResult, tune_module
 
 
-def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneResult | None"]:
-    """-> (the shared library's bytes, seconds, what tuning did). `target` is a resolved
-    target dict; `tune` a TuneOptions or None (default schedules only).
+def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneResult | None", list]:
+    """-> (the shared library's bytes, seconds, what tuning did, the conv kernel calls in the order
+    the model makes them: lower.to_relax's `calls`). `target` is a resolved target dict; `tune` a
+    TuneOptions or None (default schedules only).
     The library is linked once here; running and exporting both use these bytes."""
     import tvm
 
     t0 = time.perf_counter()
-    mod = to_relax(graph, target)
+    calls: list = []
+
+    def lowered(kernels=None, tiles=None):
+        calls.clear()
+        return to_relax(graph, target, kernels, tiles, calls)
+
+    mod = lowered()
     tuned = None
     try:
         with tvm.target.Target(target), codegen_for(target):
             if tune is None:
                 mod = schedule_module(mod, target)
             else:
-                mod, tuned = tune_module(lambda kernels, tiles: to_relax(graph, target, kernels, tiles), target, tune)
+                mod, tuned = tune_module(lowered, target, tune)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except CompileError:
         raise
@@ -34,4 +41,4 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
         raise CompileError(f"TVM failed to build for {target.get('kind')} "
                            f"{target.get('mtriple', '')}: {msg[-1] if msg else type(e).__name__}") from None
     data = export_library(ex, target)  # cross-linked for aarch64; with the GPU kernels for cuda
-    return data, time.perf_counter() - t0, tuned
+    return data, time.perf_counter() - t0, tuned, calls

@@ -19,14 +19,16 @@ from .lowering import LOWERING_DOT, LOWERINGS, R, _shape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
-             tiles: dict | None = None) -> tvm.IRModule:
+             tiles: dict | None = None, calls: list | None = None) -> tvm.IRModule:
     """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`.
     With a CPU `target`: the conv kernels of schedules/fusion.py, sized for its vector width
     (`tiles`: register tiles from tuning, by ConvSpec; `kernels`, if given, is filled with
     {ConvSpec: GlobalVar} of the kernels made), and int8 kernels' weights packed for its dot
-    product (AVX2's without a target)."""
+    product (AVX2's without a target). `calls`, if given, is filled with one
+    {"kernel", "nodes", "flops"} per conv kernel call, in the order main calls them."""
+    calls = [] if calls is None else calls
     if target is None:
-        return _to_relax(graph, None, {})
+        return _to_relax(graph, None, {}, calls)
     from ...isa import isa
     from .schedules.fusion import plan_convs
 
@@ -34,12 +36,12 @@ def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = No
     plan = plan_convs(graph, desc, tiles) if target.get("kind") == "llvm" else None
     token = LOWERING_DOT.set(desc.int8_dot)
     try:
-        return _to_relax(graph, plan, {} if kernels is None else kernels)
+        return _to_relax(graph, plan, {} if kernels is None else kernels, calls)
     finally:
         LOWERING_DOT.reset(token)
 
 
-def _to_relax(graph: Graph, plan, kernels: dict) -> tvm.IRModule:
+def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
     bb = relax.BlockBuilder()
     vars_ = [relax.Var(name, relax.TensorType(t.shape, t.dtype)) for name, t in graph.inputs]
     env: dict[str, relax.Expr] = {name: v for (name, _), v in zip(graph.inputs, vars_)}
@@ -54,6 +56,9 @@ def _to_relax(graph: Graph, plan, kernels: dict) -> tvm.IRModule:
                 k = plan.kernels.get(n.name) if plan is not None else None
                 if k is not None:
                     env[n.name] = _conv_call(bb, k, env, kernels)
+                    covered = list(k.nodes) + ([k.shift_node] if k.shift_node else [])
+                    calls.append({"kernel": kernels[k.spec].name_hint, "nodes": covered,
+                                  "flops": sum(graph.flops_of(graph.node(v)) for v in covered)})
                     if n.name in plan.blocked:
                         continue  # the blocked layout: only other kernels read it
                 else:
