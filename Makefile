@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads bench-contention clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -55,6 +55,9 @@ bench-quantize: setup
 
 bench-threads: setup
 	$(PY) benchmarks/threads.py
+
+bench-contention: setup
+	$(PY) benchmarks/contention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

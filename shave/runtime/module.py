@@ -5,6 +5,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 
 import numpy as np
 
@@ -13,7 +14,7 @@ from .tvm_import import import_tvm
 from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
-from .threads import check_threads, pool_size, use_threads
+from .threads import ThreadGovernor, check_threads, pool_size, use_threads
 
 
 class Runtime:
@@ -25,9 +26,11 @@ class Runtime:
     weights are shared, not copied: eight VMs of MobileNetV2 add 0.1 MiB).
 
     `threads`: how many threads one call runs on (default: every CPU the process may use,
-    or TVM_NUM_THREADS / OMP_NUM_THREADS when set; runtime/threads.py); settable later."""
+    or TVM_NUM_THREADS / OMP_NUM_THREADS when set; runtime/threads.py); settable later.
+    `adaptive` (default True): drop to one thread while that is measured faster, as it is when
+    other processes keep the CPUs busy (threads.ThreadGovernor); False always uses `threads`."""
 
-    def __init__(self, module, manifest: dict, threads: int | None = None):
+    def __init__(self, module, manifest: dict, threads: int | None = None, adaptive: bool = True):
         tvm = import_tvm()
 
         self.manifest = manifest
@@ -36,6 +39,7 @@ class Runtime:
         self._device = tvm.cuda(0) if manifest["target"]["arch"] == "cuda" else tvm.cpu()
         self._module = module
         self._local = threading.local()
+        self.adaptive = adaptive and manifest["target"]["arch"] != "cuda"
         self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
 
@@ -47,6 +51,7 @@ class Runtime:
     def threads(self, n: int | None) -> None:
         n = check_threads(n)
         self._threads = min(n, pool_size()) if n is not None else pool_size()
+        self.governor = ThreadGovernor(self._threads)
 
     def _state(self):
         """This thread's (VM entry point, input tensors, numpy views of them on the CPU), made on the
@@ -79,7 +84,9 @@ class Runtime:
 
     def run(self, *args) -> list[np.ndarray]:
         main, bufs, views = self._state()
-        use_threads(self._threads)
+        n = self.governor.pick() if self.adaptive else self._threads
+        use_threads(n)
+        t0 = time.perf_counter()
         arrays = self._check(args)
         if views is None:  # GPU memory: copied in and out
             for b, a in zip(bufs, arrays):
@@ -93,6 +100,8 @@ class Runtime:
             if any(np.may_share_memory(y, v) for v in views):  # a view of an input buffer (an
                 y = y.copy()  # identity or reshape of an input), which the next call overwrites
             outs.append(y)
+        if self.adaptive:
+            self.governor.record(n, time.perf_counter() - t0)
         return outs
 
     def __call__(self, *args):
@@ -176,9 +185,9 @@ def load_library(data: bytes, origin="compiled library"):
         os.unlink(lib_path)  # already mapped into the process
 
 
-def load(path, threads: int | None = None) -> Runtime:
-    """Load an artifact file written by CompiledModel.export; `threads`: see Runtime."""
+def load(path, threads: int | None = None, adaptive: bool = True) -> Runtime:
+    """Load an artifact file written by CompiledModel.export; `threads`, `adaptive`: see Runtime."""
     threads = check_threads(threads)
     manifest, members = read_artifact(path)
     check_target(manifest, path)
-    return Runtime(load_library(members[LIB], path), manifest, threads)
+    return Runtime(load_library(members[LIB], path), manifest, threads, adaptive)

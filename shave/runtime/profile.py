@@ -89,6 +89,9 @@ def profile(runtime, inputs, repeats: int = 10) -> Profile:
         t0 = time.perf_counter()
         runtime.run(*inputs)
         walls.append(time.perf_counter() - t0)
+    from .threads import use_threads
+
+    use_threads(runtime.threads)  # the full count, whatever the governor chose last
     vm = relax.VirtualMachine(runtime._module, runtime._device)
     arrays = [np.ascontiguousarray(a) for a in runtime._check(inputs)]
     import tvm

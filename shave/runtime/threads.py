@@ -61,3 +61,72 @@ def check_threads(threads) -> int | None:
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise InputError(f"threads must be a positive int (or None: every CPU this process may use), got {threads!r}")
     return threads
+
+
+class ThreadGovernor:
+    """Chooses, call by call, between a runtime's full thread count and one thread.
+
+    TVM splits each parallel loop into equal static chunks, one per thread, and a kernel waits
+    for its slowest chunk. When other processes keep the CPUs busy, a descheduled worker
+    stalls every kernel for a time slice: MobileNetV2 at 2 threads went from 8.6 ms to 460 ms
+    beside two CPU-bound processes on 2 cores, while one thread took 19.5 ms. So the governor
+    times every call, keeping the last few times at the count in use, and now and then makes
+    one call with the other count (a probe): after `first_probe_s`, then at doubling intervals
+    up to `max_probe_s` while the choice holds. A probe at least 10 % faster than the recent
+    median switches; a call at the full count that takes `spike` times its recent median
+    probes one thread at once (against that call's time). Under contention that lasts, the
+    full count is retried once per `max_probe_s` at most. It costs a few comparisons per call; the clock is injectable
+    for tests."""
+
+    WINDOW = 5
+
+    def __init__(self, threads: int, clock=None, first_probe_s: float = 1.0, max_probe_s: float = 30.0,
+                 spike: float = 4.0):
+        import collections
+        import time
+
+        self.full = threads
+        self.clock = clock or time.perf_counter
+        self.first_probe_s, self.max_probe_s, self.spike = first_probe_s, max_probe_s, spike
+        self.recent = collections.deque(maxlen=self.WINDOW)  # seconds per call at `current`
+        self.current = threads
+        self.interval = first_probe_s
+        self.next_probe = None  # set at the first call
+        self.switches = 0
+
+    def _median(self) -> float | None:
+        xs = sorted(self.recent)
+        return xs[len(xs) // 2] if xs else None
+
+    def pick(self) -> int:
+        """The thread count for the next call."""
+        if self.full == 1:
+            return 1
+        now = self.clock()
+        if self.next_probe is None:
+            self.next_probe = now + self.interval
+        if now >= self.next_probe and self.recent:
+            return 1 if self.current == self.full else self.full
+        return self.current
+
+    def record(self, threads: int, seconds: float) -> None:
+        """The time a call took on `threads` threads (as pick() chose)."""
+        if self.full == 1:
+            return
+        typical = self._median()
+        if threads != self.current:  # a probe
+            if typical is not None and seconds < typical / 1.1:
+                self.current, self.interval, self.switches = threads, self.first_probe_s, self.switches + 1
+                self.recent.clear()
+            else:
+                self.interval = min(self.interval * 2, self.max_probe_s)
+            if threads == self.current:
+                self.recent.append(seconds)
+            self.next_probe = self.clock() + self.interval
+            return
+        self.recent.append(seconds)
+        if threads == self.full and typical is not None and len(self.recent) > 2 and seconds > self.spike * typical:
+            # a sudden slow call at full threads: try one thread next, against this call's time
+            self.recent.clear()
+            self.recent.append(seconds)
+            self.next_probe = self.clock()
