@@ -586,3 +586,34 @@ def test_no_workspace_allocation_inside_the_parallel_loop(fields):
     spec = ConvSpec(*fields, vec=8, in_blocked=True, out_blocked=True, res_blocked=fields[-1])
     ex = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(AVX2))
     assert workspace_calls_in_parallel_loops(ex) == 0
+
+
+class Reductions(nn.Module):
+    """Global pools and means over maps whose sizes are and are not multiples of the vector width,
+    and a softmax over 1000 classes."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 1000)
+
+    def forward(self, x):
+        pooled = nn.functional.adaptive_avg_pool2d(x, 1).flatten(1)  # 16 x 12 = 192 values per channel
+        mean = x[:, :, :7, :7].mean((2, 3))  # 49 values: not vectorised
+        return torch.cat([torch.softmax(self.fc(torch.cat([pooled, mean], 1)), 1), x.amax((2, 3))], 1)
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_reductions_vectorised_by_partial_sums(target):
+    """A reduction over a multiple of the vector width becomes partial sums in vector lanes
+    (an rfactor block); results match PyTorch."""
+    import tvm
+
+    torch.manual_seed(0)
+    model, x = Reductions().eval(), torch.randn(2, 16, 16, 12)
+    with tvm.target.Target(target):
+        mod = schedule_module(to_relax(shave.capture(model, (x,)), target), target)
+    scripts = {gv.name_hint: f.script() for gv, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    pools = [s for n, s in scripts.items() if "adaptive_avg_pool2d" in n]
+    assert pools and all("_rf" in s and "T.vectorized" in s for s in pools), list(scripts)
+    if runs_here(target):
+        _check(model, x)

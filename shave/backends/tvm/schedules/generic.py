@@ -5,7 +5,11 @@ run in parallel (when the block has enough work to pay for the threads), and
 the innermost loop of a pure spatial (elementwise, injective) block is split
 by the vector width and vectorised when its extent is a multiple of it.
 Reductions (pooling, mean, matmul) keep their reduction loops serial inside.
-A function whose scheduling raises keeps its default code.
+A reduction whose reduced extent is a multiple of the vector width (a global
+average pool, a mean over H x W, softmax's sums) is instead split into vector-wide
+partial sums (`rfactor`: 4 vectors of them where the extent allows, for independent
+adds) reduced at the end: a 96 x 112 x 112 global pool went from 0.82-0.98 ms to
+0.085 ms. A function whose scheduling raises keeps its default code.
 """
 from __future__ import annotations
 
@@ -53,6 +57,49 @@ def _schedule_block(sch, block, vec):
             sch.parallel(outer)
 
 
+def _vectorize_reduction(sch, block, vec) -> bool:
+    """Partial sums in vector lanes for a block whose trailing loops are all reductions, with a
+    reduced extent that is a multiple of `vec`; False (schedule unchanged) where it does not apply."""
+    blk = sch.get(block)
+    loops = sch.get_loops(block)
+    kinds = [iv.iter_type for iv in blk.iter_vars]
+    n_sp = 0
+    while n_sp < len(kinds) and kinds[n_sp] == tirx.IterVar.DataPar:
+        n_sp += 1
+    if (n_sp == len(kinds) or len(loops) != len(kinds)
+            or any(k != tirx.IterVar.CommReduce for k in kinds[n_sp:])):
+        return False
+    exts = [_extent(sch, lp) for lp in loops]
+    if any(e is None for e in exts):
+        return False
+    total = 1
+    for e in exts[n_sp:]:
+        total *= e
+    width = next((w for w in (vec * 4, vec * 2, vec, vec // 2) if w >= 4 and total % w == 0 and total >= 4 * w),
+                 None)
+    if width is None:
+        return False
+    red = loops[n_sp:]
+    ro, ri = sch.split(sch.fuse(*red) if len(red) > 1 else red[0], [None, width])
+    rf = sch.rfactor(ri, n_sp)
+    rloops = sch.get_loops(rf)
+    if width > vec:  # several vector accumulators: independent adds
+        acc, lanes = sch.split(rloops[-1], [None, vec])
+        sch.unroll(acc)
+        sch.vectorize(lanes)
+    else:
+        sch.vectorize(rloops[-1])
+    work = 1
+    for e in exts:
+        work *= e
+    if n_sp and work >= MIN_PARALLEL_WORK:
+        sp = rloops[:n_sp]
+        outer = sch.fuse(*sp) if len(sp) > 1 else sp[0]
+        if _extent(sch, outer) and _extent(sch, outer) > 1:
+            sch.parallel(outer)
+    return True
+
+
 def schedule_func(func: tirx.PrimFunc, vec: int) -> tirx.PrimFunc:
     sch = tvm.s_tir.Schedule(func)
     root = sch.get_sblock("root")
@@ -63,6 +110,13 @@ def schedule_func(func: tirx.PrimFunc, vec: int) -> tirx.PrimFunc:
         except Exception:
             pass
     for block in sch.get_child_blocks(root):
+        trial = sch.copy()
+        try:
+            if _vectorize_reduction(trial, block, vec):
+                sch = trial
+                continue
+        except Exception:
+            pass
         _schedule_block(sch, block, vec)
     return sch.mod["main"]
 
