@@ -157,7 +157,8 @@ class SEBlock(nn.Module):
                          ids=["mobilenet_v3", "efficientnet"])
 def test_hardswish_silu_and_gates_fuse_into_conv_kernels(act, gate):
     """Every activation right after a conv is computed in that conv kernel's epilogue: the scheduled
-    module has the conv kernels and only the SE block's pool and gate multiply besides."""
+    module has the conv kernels and only the SE block's pool and gate multiply besides, both on the
+    blocked layout."""
     torch.manual_seed(0)
     model, x = SEBlock(act, gate).eval(), torch.randn(1, 8, 9, 11)
     names, mod = _scheduled_kernels(model, x)
@@ -165,8 +166,15 @@ def test_hardswish_silu_and_gates_fuse_into_conv_kernels(act, gate):
     others = [gv.name_hint for gv, f in mod.functions.items()
               if gv.name_hint != "main" and not gv.name_hint.startswith("shave_conv")]
     assert not [n for n in others if any(a in n for a in ("sigmoid", "silu", "clip", "divide"))], others
-    acts = {s.act for s in _kernel_specs(model, x)}
+    specs = _kernel_specs(model, x)
+    acts = {s.act for s in specs}
     assert acts == ({"hardswish", "hardsigmoid", None} if act is nn.Hardswish else {"silu", "sigmoid", None})
+    # the SE block stays in the blocked layout: the depthwise output is read by the global pool and
+    # the gate multiply on its blocks, and the projection reads the gated blocks
+    layout = {(s.c, s.oc, s.kh, s.depthwise): (s.in_blocked, s.out_blocked) for s in specs}
+    assert layout[(16, 16, 3, True)] == (True, True) and layout[(16, 8, 1, False)][0] is True
+    others = [gv.name_hint for gv in mod.functions if gv.name_hint != "main" and not gv.name_hint.startswith("shave_conv")]
+    assert not any("transpose" in n or "layout" in n for n in others), others
     _check(model, x)
 
 
@@ -209,7 +217,7 @@ def test_activations_between_conv_kernels_stay_blocked():
     assert layout[(16, 16, 3, True)] == (True, True, False)
     assert layout[(16, 16, 1, False)] == (True, False, True)  # output also read by the pool: NCHW
     assert layout[(16, 12, 3, False)] == (False, False, False)  # 12 channels: no whole blocks
-    assert layout[(12, 16, 1, False)] == (False, False, False)
+    assert layout[(12, 16, 1, False)] == (False, True, False)  # read only by a global mean: blocked
     _check(model, x)
 
 

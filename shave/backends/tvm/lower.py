@@ -54,7 +54,11 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
                 if n.name in skip:
                     continue
                 k = plan.kernels.get(n.name) if plan is not None else None
-                if k is not None:
+                if plan is not None and (n.name in plan.pools or n.name in plan.gates):
+                    env[n.name] = _on_blocked(bb, graph, n, plan, env)
+                    if n.name in plan.blocked:
+                        continue
+                elif k is not None:
                     env[n.name] = _conv_call(bb, k, env, kernels)
                     covered = list(k.nodes) + ([k.shift_node] if k.shift_node else [])
                     calls.append({"kernel": kernels[k.spec].name_hint, "nodes": covered,
@@ -78,6 +82,22 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
     return bb.get()
+
+
+def _on_blocked(bb, graph: Graph, n, plan, env: dict) -> relax.Var:
+    """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), or a
+    per-channel gate multiply of one (blocked in, blocked out): schedules/fusion.py plans them."""
+    from .schedules.fusion import gate_of
+
+    if n.name in plan.pools:
+        x = env[n.inputs[0]]
+        pooled = bb.emit(R.mean(x, [2, 3], keepdims=True))  # [N, C/v, 1, 1, v]: channel c = block * v + lane
+        return bb.emit(R.reshape(pooled, n.type.shape))
+    data, gate = gate_of(graph, n)
+    x = env[data]
+    nb, cb, _, _, v = _shape(x)
+    g = bb.emit(R.reshape(env[gate], (nb, cb, 1, 1, v)))
+    return bb.emit(R.multiply(x, g))
 
 
 def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
