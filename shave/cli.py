@@ -1,4 +1,5 @@
-"""`shave` command line: inspect, run and profile artifacts (torch not needed)."""
+"""`shave` command line: compile models; inspect, run, benchmark and profile artifacts (only
+`compile` needs torch)."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import sys
 import numpy as np
 
 from . import load
-from .errors import ShaveError
+from .errors import PassError, ShaveError
 from .runtime.report import Report
 from .runtime.artifact import read_artifact
 from .runtime.module import target_mismatch
@@ -40,21 +41,120 @@ def _run(args) -> None:
               + (f" argmax {int(o.reshape(o.shape[0], -1).argmax(1)[0])}" if o.ndim == 2 else ""))
 
 
+def _inputs(rt, paths) -> list:
+    """The .npy files given, or random inputs of the artifact's signature."""
+    return [np.load(p) for p in paths] if paths else rt.example_inputs()
+
+
 def _profile(args) -> None:
     rt = load(args.artifact)
-    if args.inputs:
-        inputs = [np.load(p) for p in args.inputs]
-    else:  # random inputs of the signature's shapes (integer inputs: zeros)
-        rng = np.random.default_rng(0)
-        inputs = [rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f" else np.zeros(shape, dtype)
-                  for _, shape, dtype in rt.inputs]
-    p = rt.profile(*inputs, repeats=args.repeats)
+    p = rt.profile(*_inputs(rt, args.inputs), repeats=args.repeats)
     print(f"{args.artifact}: " + str(p).split("\n", 1)[0])
     print(p.table(args.top))
 
 
+def _bench(args) -> None:
+    rt = load(args.artifact, threads=args.threads)
+    r = rt.benchmark(*_inputs(rt, args.inputs), repeats=args.repeats, warmup=args.warmup)
+    print(f"{args.artifact}: {r['calls']} calls, {rt.threads} threads: p10 {r['p10']:.3f} ms, "
+          f"median {r['p50']:.3f} ms, p90 {r['p90']:.3f} ms, mean {r['mean']:.3f} ms, min {r['min']:.3f} ms")
+
+
+def split_passes(text: str) -> list:
+    """"fold_bn,prune:ratio=0.3:criterion=l2" or "fold_bn,prune(ratio=0.3)" -> the pass list for
+    shave.compile (commas inside parentheses stay with their pass)."""
+    import ast
+
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += (ch == "(") - (ch == ")")
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    parts.append(cur)
+    out = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        if "(" in part or ":" not in part:
+            out.append(part)
+            continue
+        name, *opts = part.split(":")
+        kwargs = {}
+        for opt in opts:
+            key, sep, value = opt.partition("=")
+            if not sep:
+                raise PassError(f"pass option {opt!r} in {part!r}: write it as key=value")
+            try:
+                kwargs[key.strip()] = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                kwargs[key.strip()] = value.strip()  # a bare word: a string
+        out.append((name.strip(), kwargs))
+    return out
+
+
+def _load_model(spec: str):
+    """(model, example inputs) from a torch.export program file (.pt2) or module:function
+    (a function returning (model, example_inputs))."""
+    import importlib
+    import os
+
+    import torch
+
+    from .errors import CaptureError
+
+    if spec.endswith(".pt2"):
+        if not os.path.isfile(spec):
+            raise CaptureError(f"{spec}: no such file")
+        try:
+            ep = torch.export.load(spec)
+        except Exception as e:
+            raise CaptureError(f"{spec}: not a torch.export program ({type(e).__name__}: "
+                               f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        inputs = ep.example_inputs[0] if getattr(ep, "example_inputs", None) else None
+        if inputs is None:
+            raise CaptureError(f"{spec}: the program holds no example inputs; save it with torch.export.save "
+                               "from torch.export.export(model, args)")
+        return ep.module(), tuple(inputs)
+    module, sep, fn = spec.partition(":")
+    if not sep or not fn:
+        raise CaptureError(f"model {spec!r}: give a .pt2 file (torch.export.save) or module:function")
+    sys.path.insert(0, os.getcwd())
+    try:
+        made = getattr(importlib.import_module(module), fn)()
+    except (ImportError, AttributeError) as e:
+        raise CaptureError(f"model {spec!r}: {type(e).__name__}: {e}") from None
+    if not (isinstance(made, tuple) and len(made) == 2):
+        raise CaptureError(f"model {spec!r}: {fn}() must return (model, example_inputs)")
+    return made
+
+
+def _compile(args) -> None:
+    import shave
+
+    model, inputs = _load_model(args.model)
+    tune = shave.TuneOptions(trials=args.tune) if args.tune is not None else None
+    passes = split_passes(args.passes) if args.passes is not None else shave.passes.DEFAULT_PASSES
+    cm = shave.compile(model, inputs, target=args.target, passes=passes, tune=tune)
+    path = cm.export(args.output)
+    print(cm.report)
+    print(f"wrote {path}")
+
+
+EXAMPLES = """examples:
+  shave compile model.pt2 -o model.shave --target x86 --passes fold_bn,prune:ratio=0.3
+  shave compile mypkg.models:make -o model.shave      # make() returns (model, example_inputs)
+  shave bench model.shave --repeats 200
+  shave profile model.shave --top 15
+  shave info model.shave
+  shave run model.shave x.npy --out y.npz"""
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="shave", description=__doc__)
+    ap = argparse.ArgumentParser(prog="shave", description=__doc__, epilog=EXAMPLES,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("info", help="show an artifact's signature, target and compile report")
     p.add_argument("artifact")
@@ -70,6 +170,24 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=10, help="runs; each kernel's median is kept")
     p.add_argument("--top", type=int, default=None, help="show only the N slowest kernel calls")
     p.set_defaults(fn=_profile)
+    p = sub.add_parser("bench", help="latency percentiles of an artifact (random inputs unless .npy files are given)")
+    p.add_argument("artifact")
+    p.add_argument("inputs", nargs="*", help="one .npy file per model input")
+    p.add_argument("--repeats", type=int, default=100)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--threads", type=int, default=None, help="default: every CPU this process may use")
+    p.set_defaults(fn=_bench)
+    p = sub.add_parser("compile", help="compile a model into an artifact (needs torch)",
+                       epilog="MODEL: a torch.export program file (.pt2, saved with example inputs) or "
+                              "module:function returning (model, example_inputs)")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the artifact to write")
+    p.add_argument("--target", default="x86", help="x86, arm64, rpi4, h100, ... (default x86)")
+    p.add_argument("--passes", default=None,
+                   help="comma-separated: fold_bn,prune:ratio=0.3 or prune(ratio=0.3); default: shave's defaults; "
+                        "'' for none")
+    p.add_argument("--tune", type=int, default=None, metavar="TRIALS", help="tune the conv kernels (0: tile search only)")
+    p.set_defaults(fn=_compile)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -108,6 +108,29 @@ class Runtime:
         outs = self.run(*args)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
+        """Random inputs of the signature's shapes (standard normal floats; zeros for integers)."""
+        rng = np.random.default_rng(seed)
+        return [rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f" else np.zeros(shape, dtype)
+                for _, shape, dtype in self.inputs]
+
+    def benchmark(self, *inputs, repeats: int = 100, warmup: int = 5) -> dict:
+        """Latency of single calls on `inputs` (default: example_inputs()): {"p10", "p50", "p90",
+        "mean", "min"} in ms over `repeats` timed calls after `warmup` untimed ones, and "calls"."""
+        if repeats < 1 or warmup < 0:
+            raise InputError(f"benchmark needs repeats >= 1 and warmup >= 0, got {repeats}, {warmup}")
+        args = list(inputs) if inputs else self.example_inputs()
+        for _ in range(warmup):
+            self.run(*args)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.run(*args)
+            times.append(time.perf_counter() - t0)
+        ms = np.asarray(times) * 1e3
+        return {"p10": float(np.percentile(ms, 10)), "p50": float(np.median(ms)), "p90": float(np.percentile(ms, 90)),
+                "mean": float(ms.mean()), "min": float(ms.min()), "calls": repeats}
+
     def profile(self, *inputs, repeats: int = 10):
         """Where a call's time goes, kernel by kernel (runtime/profile.py): a Profile, printable."""
         from .profile import profile

@@ -1,0 +1,73 @@
+"""The command line end to end: compile a saved torch.export program or a module:function, then
+bench, profile, info and run the artifact."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import shave
+from shave.cli import split_passes
+
+
+def _cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "shave.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(16, 4)).eval()
+
+
+def test_split_passes():
+    assert split_passes("fold_bn,prune:ratio=0.3:criterion=l2") == ["fold_bn", ("prune", {"ratio": 0.3,
+                                                                                          "criterion": "l2"})]
+    assert split_passes("fold_bn, prune(ratio=0.3, round_to=1)") == ["fold_bn", "prune(ratio=0.3, round_to=1)"]
+    assert split_passes("") == []
+    with pytest.raises(shave.PassError, match="write it as key=value"):
+        split_passes("prune:ratio")
+
+
+def test_compile_a_saved_program_then_bench_run_and_info(tmp_path):
+    model, x = _model(), torch.randn(1, 3, 12, 12)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    out = _cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "m.shave", "--passes", "fold_bn")
+    assert out.returncode == 0, out.stderr
+    assert "fold_bn" in out.stdout and "wrote" in out.stdout
+    rt = shave.load(tmp_path / "m.shave")
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(rt(x.numpy()), ref, rtol=1e-4, atol=1e-5)
+    bench = _cli("bench", tmp_path / "m.shave", "--repeats", "5")
+    assert bench.returncode == 0 and "median" in bench.stdout and "p90" in bench.stdout, bench.stderr
+    np.save(tmp_path / "x.npy", x.numpy())
+    run = _cli("run", tmp_path / "m.shave", tmp_path / "x.npy")
+    assert run.returncode == 0 and "min" in run.stdout, run.stderr
+    assert _cli("info", tmp_path / "m.shave").returncode == 0
+
+
+def test_compile_a_module_function_with_pass_options(tmp_path):
+    (tmp_path / "mymodels.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make():\n    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 16, 3), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()\n"
+        "    return m, (torch.randn(1, 3, 10, 10),)\n")
+    out = _cli("compile", "mymodels:make", "-o", "m.shave", "--passes", "prune:ratio=0.5:round_to=1", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    report = shave.load(tmp_path / "m.shave").report
+    assert report["prune"].plan == [{"group": "0", "channels": 16, "kept": 8}]
+
+
+def test_cli_errors_are_one_line_and_help_has_examples(tmp_path):
+    for args in (("compile", tmp_path / "missing.pt2", "-o", tmp_path / "x.shave"),
+                 ("compile", "nomodule_here:make", "-o", tmp_path / "x.shave"),
+                 ("compile", "no_colon", "-o", tmp_path / "x.shave"),
+                 ("bench", tmp_path / "missing.shave")):
+        out = _cli(*args)
+        assert out.returncode == 1 and out.stderr.startswith("shave: error:"), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert "shave compile model.pt2" in _cli("--help").stdout
