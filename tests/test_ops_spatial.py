@@ -1,4 +1,4 @@
-"""Upsampling, padding, pixel shuffle, leaky_relu, amax/amin: captured, compiled and pruned like the rest."""
+"""Upsampling, padding, pixel shuffle, leaky_relu, amax/amin, repeat: captured, compiled and pruned like the rest."""
 import numpy as np
 import pytest
 import torch
@@ -27,6 +27,7 @@ CASES = {
     "amax": lambda y: torch.amax(y, (2, 3)),
     "amin_keepdim": lambda y: torch.amin(y, 1, keepdim=True),
     "pixel_shuffle": nn.PixelShuffle(2),
+    "repeat": lambda y: y.repeat(1, 1, 2, 3),
 }
 
 
@@ -106,3 +107,26 @@ def test_resize_by_a_scale_that_is_not_size_ratio_is_one_clear_error():
     model = _Fn(lambda y: F.interpolate(y, scale_factor=1.7, mode="nearest")).eval()
     with pytest.raises(shave.CompileError, match=r"resize by scale factor \(1.7, 1.7\) from \(5, 6\) to \(8, 10\)"):
         shave.compile(model, (torch.randn(1, 2, 5, 6),))
+
+
+def test_repeat_along_channels_couples_the_copies_for_pruning():
+    """conv(3->8) -> repeat x2 on channels -> conv(16->4): a pruned filter of the first conv
+    removes both of its copies from the second conv's input."""
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(16, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)).repeat(1, 2, 1, 1))
+
+    model, x = Net().eval(), torch.randn(1, 3, 8, 8)
+    cm = shave.compile(model, (x,))
+    with torch.no_grad():
+        assert rel_err(cm(x.numpy()), model(x).numpy()) <= 1e-5
+    g = shave.capture(model, (x,))
+    pruned = Prune(ratio=0.5, round_to=1)(g)
+    convs = [n for n in pruned.nodes if n.op == "conv2d"]
+    assert [pruned.type_of(c.inputs[1]).shape[:2] for c in convs] == [(4, 3), (4, 8)]

@@ -337,6 +337,11 @@ def _cat(cx, n):
     return cx.emit("concat", [cx.val(t) for t in tensors], {"axis": _axis(_arg(n, 1, "dim", 0), nd)}, n)
 
 
+@converts(aten.repeat.default)
+def _repeat(cx, n):
+    return cx.emit("repeat", [cx.val(n.args[0])], {"repeats": tuple(int(r) for r in n.args[1])}, n)
+
+
 def _slices(cx, n, x, axis, sizes):
     out, start = [], 0
     for i, s in enumerate(sizes):

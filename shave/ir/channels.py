@@ -48,6 +48,18 @@ def elementwise(in_types, out, attrs) -> ChannelRule:
     return r
 
 
+def repeat(in_types, out, attrs) -> ChannelRule:
+    """Tiling (torch's repeat): output index i of an axis is input index i % size."""
+    r = ChannelRule()
+    t = in_types[0]
+    offset = out.ndim - t.ndim
+    for axis, size in enumerate(t.shape):
+        if size > 1:
+            idx = np.arange(out.shape[axis + offset])
+            r.pairs((0, axis), (OUT, axis + offset), idx % size, idx)
+    return r
+
+
 def leading(n_axes: int):
     """Ops that keep their first n axes (batch, channel) and change the rest (pooling)."""
 

@@ -193,6 +193,8 @@ register_op(
 )
 register_op("reshape", lambda x, *, shape: torch.reshape(x, shape), attrs=("shape",), channels=ch.reshape,
             role="movement")
+register_op("repeat", lambda x, *, repeats: x.repeat(*repeats), attrs=("repeats",), channels=ch.repeat,
+            role="movement")  # torch's repeat (numpy's tile): len(repeats) >= x.ndim
 register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",), channels=ch.permute,
             role="movement")
 register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel reordering

@@ -205,6 +205,7 @@ def _slice(bb, ins, a, node):
 
 lowers("reshape")(lambda bb, ins, a, n: R.reshape(ins[0], a["shape"]))
 lowers("permute")(lambda bb, ins, a, n: R.permute_dims(ins[0], list(a["dims"])))
+lowers("repeat")(lambda bb, ins, a, n: R.tile(ins[0], list(a["repeats"])))
 lowers("channel_permute")(
     lambda bb, ins, a, n: R.take(ins[0], relax.const(np.asarray(a["indices"], dtype="int64")), axis=1))
 
