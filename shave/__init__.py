@@ -21,6 +21,8 @@ _LAZY = {
     "register_pass": ("passes", "register_pass"),
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
+    "save_graph": ("ir", "save_graph"),
+    "load_graph": ("ir", "load_graph"),
     "Report": ("runtime.report", "Report"),
     "layer_timer": ("timing", "layer_timer"),
     "LayerTimer": ("timing", "LayerTimer"),

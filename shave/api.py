@@ -16,6 +16,7 @@ from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .isa import compiling_for, isa
 from .ir import Graph, verify
+from .ir.serialize import IR_MEMBER, graph_bytes
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
 from .runtime.report import Report, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
@@ -114,9 +115,13 @@ class CompiledModel:
         arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
         return self._runtime.profile(*arrays, repeats=repeats)
 
-    def export(self, path) -> Path:
-        """Write the artifact (one file) that shave.load() runs without torch."""
+    def export(self, path, include_ir: bool = False) -> Path:
+        """Write the artifact (one file) that shave.load() runs without torch. `include_ir`: also
+        keep the compiled IR graph in it, so that shave.load_graph(path) (or `shave compile
+        ARTIFACT --target ...`) can build it again for another target without the model."""
         members = {LIB: bytes(self._library)}
+        if include_ir:
+            members[IR_MEMBER] = graph_bytes(self.graph)
         if self.device_source is not None:
             members[DEVICE_SOURCE] = self.device_source.encode()  # for inspection; the library has the binary
         return write_artifact(path, self.manifest, members)

@@ -96,14 +96,21 @@ def split_passes(text: str) -> list:
 
 
 def _load_model(spec: str):
-    """(model, example inputs) from a torch.export program file (.pt2) or module:function
+    """(model, example inputs) from a torch.export program file (.pt2), an artifact exported with
+    its IR or an IR file (the graph, inputs None: compile makes random ones), or module:function
     (a function returning (model, example_inputs))."""
     import importlib
     import os
+    import zipfile
 
     import torch
 
     from .errors import CaptureError
+
+    if os.path.isfile(spec) and not spec.endswith(".pt2") and zipfile.is_zipfile(spec):
+        from .ir import load_graph
+
+        return load_graph(spec), None
 
     if spec.endswith(".pt2"):
         if not os.path.isfile(spec):
@@ -138,13 +145,14 @@ def _compile(args) -> None:
     tune = shave.TuneOptions(trials=args.tune) if args.tune is not None else None
     passes = split_passes(args.passes) if args.passes is not None else shave.passes.DEFAULT_PASSES
     cm = shave.compile(model, inputs, target=args.target, passes=passes, tune=tune)
-    path = cm.export(args.output)
+    path = cm.export(args.output, include_ir=args.include_ir)
     print(cm.report)
     print(f"wrote {path}")
 
 
 EXAMPLES = """examples:
-  shave compile model.pt2 -o model.shave --target x86 --passes fold_bn,prune:ratio=0.3
+  shave compile model.pt2 -o model.shave --target x86 --passes fold_bn,prune:ratio=0.3 --include-ir
+  shave compile model.shave -o model-arm.shave --target arm64   # again, from the IR inside
   shave compile mypkg.models:make -o model.shave      # make() returns (model, example_inputs)
   shave bench model.shave --repeats 200
   shave profile model.shave --top 15
@@ -178,8 +186,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="default: every CPU this process may use")
     p.set_defaults(fn=_bench)
     p = sub.add_parser("compile", help="compile a model into an artifact (needs torch)",
-                       epilog="MODEL: a torch.export program file (.pt2, saved with example inputs) or "
-                              "module:function returning (model, example_inputs)")
+                       epilog="MODEL: a torch.export program file (.pt2, saved with example inputs), an "
+                              "artifact exported with its IR (--include-ir) or an IR file, or module:function "
+                              "returning (model, example_inputs)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True, help="the artifact to write")
     p.add_argument("--target", default="x86", help="x86, arm64, rpi4, h100, ... (default x86)")
@@ -187,6 +196,8 @@ def main(argv=None) -> int:
                    help="comma-separated: fold_bn,prune:ratio=0.3 or prune(ratio=0.3); default: shave's defaults; "
                         "'' for none")
     p.add_argument("--tune", type=int, default=None, metavar="TRIALS", help="tune the conv kernels (0: tile search only)")
+    p.add_argument("--include-ir", action="store_true",
+                   help="keep the compiled IR in the artifact, so it can be compiled again for another target")
     p.set_defaults(fn=_compile)
     args = ap.parse_args(argv)
     try:

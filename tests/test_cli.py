@@ -71,3 +71,26 @@ def test_cli_errors_are_one_line_and_help_has_examples(tmp_path):
         assert out.returncode == 1 and out.stderr.startswith("shave: error:"), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
     assert "shave compile model.pt2" in _cli("--help").stdout
+
+
+def test_an_artifact_with_its_ir_compiles_again_for_another_target(tmp_path):
+    """Export with include_ir, then build for arm64 from the artifact alone (no model): the new
+    artifact is aarch64 code of the same graph; shave.load_graph reads the IR back."""
+    model, x = _model(), torch.randn(1, 3, 12, 12)
+    torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
+    out = _cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "m.shave", "--include-ir")
+    assert out.returncode == 0, out.stderr
+    g = shave.load_graph(tmp_path / "m.shave")
+    assert g.op_counts().get("batch_norm", 0) == 0  # the compiled (fold_bn'd) graph, not the captured one
+    arm = _cli("compile", tmp_path / "m.shave", "-o", tmp_path / "arm.shave", "--target", "arm64")
+    assert arm.returncode == 0, arm.stderr
+    info = _cli("info", tmp_path / "arm.shave")
+    assert "aarch64" in info.stdout and "runs here: no" in info.stdout, info.stdout
+    # a graph saved on its own loads back equal; an artifact without IR says how to get one
+    path = shave.save_graph(g, tmp_path / "g.ir")
+    assert str(shave.load_graph(path)) == str(g)
+    assert _cli("compile", tmp_path / "g.ir", "-o", tmp_path / "g.shave").returncode == 0
+    plain = _cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "plain.shave")
+    assert plain.returncode == 0
+    with pytest.raises(shave.IRError, match="holds no IR; export it with cm.export"):
+        shave.load_graph(tmp_path / "plain.shave")

@@ -64,22 +64,54 @@ def graph_from_json(doc: dict, params: dict[str, np.ndarray]) -> Graph:
     return g
 
 
-def save_graph(graph: Graph, path) -> None:
-    """One file: a zip holding graph.json and params.npz."""
-    buf = io.BytesIO()
-    np.savez(buf, **graph.params)
-    with zipfile.ZipFile(path, "w") as z:
+IR_MEMBER = "ir.zip"  # an artifact exported with include_ir=True holds the IR under this name
+
+
+def graph_bytes(graph: Graph) -> bytes:
+    """The graph as the bytes of an IR file: a zip holding graph.json and params.npz."""
+    params, out = io.BytesIO(), io.BytesIO()
+    np.savez(params, **graph.params)
+    with zipfile.ZipFile(out, "w", compression=zipfile.ZIP_DEFLATED) as z:
         z.writestr("graph.json", json.dumps(graph_to_json(graph), indent=1))
-        z.writestr("params.npz", buf.getvalue())
+        z.writestr("params.npz", params.getvalue())
+    return out.getvalue()
 
 
-def load_graph(path) -> Graph:
-    path = Path(path)
+def graph_from_bytes(data: bytes, where: str = "IR") -> Graph:
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
             doc = json.loads(z.read("graph.json"))
             with np.load(io.BytesIO(z.read("params.npz"))) as npz:
                 params = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as e:
-        raise IRError(f"{path}: not a readable shave IR file ({e})") from None
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError, ValueError) as e:
+        raise IRError(f"{where}: not a readable shave IR file ({e})") from None
     return graph_from_json(doc, params)
+
+
+def save_graph(graph: Graph, path) -> Path:
+    """Write `graph` to one file (a zip holding graph.json and params.npz); load_graph reads it."""
+    path = Path(path)
+    try:
+        path.write_bytes(graph_bytes(graph))
+    except OSError as e:
+        raise IRError(f"cannot write IR file {path}: {e.strerror or e}") from None
+    return path
+
+
+def load_graph(path) -> Graph:
+    """A graph from an IR file (save_graph) or from an artifact exported with include_ir=True."""
+    path = Path(path)
+    if not path.is_file():
+        raise IRError(f"{path}: no such file")
+    names = []
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+    if "manifest.json" in names:  # an artifact
+        from ..runtime.artifact import read_artifact
+
+        _, members = read_artifact(path)
+        if IR_MEMBER not in members:
+            raise IRError(f"{path}: the artifact holds no IR; export it with cm.export(path, include_ir=True)")
+        return graph_from_bytes(members[IR_MEMBER], str(path))
+    return graph_from_bytes(path.read_bytes(), str(path))
