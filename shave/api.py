@@ -75,6 +75,14 @@ class CompiledModel:
         self.tuning = None  # a TuneResult when compiled with tune=
 
     @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.manifest["inputs"]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.manifest["outputs"]]
+
+    @property
     def threads(self) -> int | None:
         """Threads one call runs on (default: every CPU the process may use; see shave.Runtime)."""
         return self._runtime.threads if self._runtime is not None else None
@@ -98,11 +106,14 @@ class CompiledModel:
     def target(self) -> dict:
         return self.manifest["target"]["dict"]
 
-    def __call__(self, *inputs):
-        as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+    def __call__(self, *inputs, **named):
+        """The outputs for inputs by position and/or by name (`input_names`): torch tensors in,
+        torch tensors out; numpy in, numpy out."""
         if self._runtime is None:
             raise TargetError(f"this compiled model cannot run here: {self._not_here}")
+        inputs = self._runtime.bind(inputs, named)
+        as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
+        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
         outs = self._runtime.run(*arrays)
         if as_torch:
             outs = [torch.from_numpy(o) for o in outs]

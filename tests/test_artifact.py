@@ -120,6 +120,19 @@ def test_wrong_inputs_at_run_time(artifact):
         rt(np.zeros((1, 3, 8, 8), np.float32), np.zeros(1))
 
 
+def test_inputs_by_name(artifact, compiled):
+    rt = shave.load(artifact)
+    cm, model, x = compiled
+    assert rt.input_names == cm.input_names == ["input"] and len(rt.output_names) == 1
+    xn = x.numpy()
+    np.testing.assert_array_equal(rt(input=xn), rt(xn))
+    np.testing.assert_array_equal(cm(input=x).numpy(), rt(xn))
+    with pytest.raises(InputError, match=r"unknown input name\(s\) \['image'\]; the model's inputs are \['input'\]"):
+        rt(image=xn)
+    with pytest.raises(InputError, match=r"input\(s\) \['input'\] given both by position and by name"):
+        rt(xn, input=xn)
+
+
 def _rewrite(src, dst, edit_manifest=None, edit_lib=None):
     with zipfile.ZipFile(src) as z:
         manifest, lib = json.loads(z.read("manifest.json")), z.read("lib.so")

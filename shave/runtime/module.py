@@ -69,6 +69,32 @@ class Runtime:
             state = self._local.state = (self._local.vm["main"], bufs, views)
         return state
 
+    @property
+    def input_names(self) -> list[str]:
+        return [n for n, _, _ in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n, _, _ in self.outputs]
+
+    def bind(self, args, named: dict) -> tuple:
+        """Positional `args` followed by `named` inputs (by input name), in the model's input order."""
+        if not named:
+            return tuple(args)
+        names = self.input_names
+        unknown = [k for k in named if k not in names]
+        if unknown:
+            raise InputError(f"unknown input name(s) {unknown}; the model's inputs are {names}")
+        given = dict(zip(names, args))
+        twice = [k for k in named if k in given]
+        if twice:
+            raise InputError(f"input(s) {twice} given both by position and by name")
+        given.update(named)
+        missing = [k for k in names if k not in given]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model's inputs are {names}")
+        return tuple(given[k] for k in names)
+
     def _check(self, args) -> list[np.ndarray]:
         if len(args) != len(self.inputs):
             raise InputError(f"model takes {len(self.inputs)} input(s) "
@@ -104,8 +130,10 @@ class Runtime:
             self.governor.record(n, time.perf_counter() - t0)
         return outs
 
-    def __call__(self, *args):
-        outs = self.run(*args)
+    def __call__(self, *args, **named):
+        """The outputs (one array, or a tuple of them) for inputs by position and/or by name
+        (`rt(x)`, `rt(x=x)`: `input_names`)."""
+        outs = self.run(*self.bind(args, named))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
