@@ -48,3 +48,22 @@ def test_profile_names_the_ir_nodes_of_every_conv_kernel_call(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "kernel calls" in out.stdout and "shave_conv" in out.stdout
+
+
+def test_report_saved_as_markdown_and_plots(tmp_path):
+    from PIL import Image
+
+    from shave.passes import Prune
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    cm = shave.compile(Net().eval(), (x,), passes=["fold_bn", Prune(ratio=0.5, round_to=1)])
+    paths = cm.report.save(tmp_path / "report", profile=cm.profile(x, repeats=2))
+    names = sorted(p.name for p in paths)
+    assert names == ["kernels.png", "plan-prune.png", "report.md", "stages.png"]
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "prune" in text and "-> " in text and "kernel calls" in text
+    for p in paths:
+        if p.suffix == ".png":
+            with Image.open(p) as im:
+                assert im.size[0] > 300 and im.size[1] > 100 and im.convert("L").getextrema()[0] < 128  # drawn on

@@ -89,3 +89,89 @@ class Report:
         return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
 
     __repr__ = __str__
+
+    def save(self, directory, profile=None) -> list:
+        """Write the report to `directory` (made if missing): report.md (the stage table and every
+        pass's plan), stages.png (MFLOPs and parameters per stage, and each stage's error against
+        the model), plan-<stage>.png for plans with before/after figures per layer (Prune's
+        channels, Decompose's and the rewrites' MACs) and, given a Profile (cm.profile(x)),
+        kernels.png with the slowest kernel calls. Returns the paths written. Needs matplotlib."""
+        from pathlib import Path
+
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:
+            from ..errors import ShaveError
+
+            raise ShaveError("Report.save needs matplotlib (pip install matplotlib)") from None
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        written = []
+        md = ["# shave compile report", "", "```", str(self), "```", ""]
+        if self.plans():
+            md += ["## Per-layer plans", "", "```", self.plans(), "```", ""]
+        if profile is not None:
+            md += ["## Kernel profile", "", "```", str(profile), "```", ""]
+        (out / "report.md").write_text("\n".join(md))
+        written.append(out / "report.md")
+
+        stages = [r.stage for r in self.rows]
+        fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
+        a1.bar(range(len(stages)), [r.flops / 1e6 for r in self.rows], color="tab:blue", label="MFLOPs")
+        a1b = a1.twinx()
+        a1b.plot(range(len(stages)), [r.params / 1e3 for r in self.rows], "o-", color="tab:orange",
+                 label="parameters (thousands)")
+        a1.set_ylabel("MFLOPs")
+        a1b.set_ylabel("parameters (thousands)")
+        errs = [(i, r.error) for i, r in enumerate(self.rows) if r.error is not None and r.error > 0]
+        if errs:
+            a2.semilogy([i for i, _ in errs], [e for _, e in errs], "s-", color="tab:red")
+        a2.set_ylabel("max relative error vs the model")
+        for ax in (a1, a2):
+            ax.set_xticks(range(len(stages)))
+            ax.set_xticklabels(stages, rotation=30, ha="right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "stages.png", dpi=110)
+        plt.close(fig)
+        written.append(out / "stages.png")
+
+        pairs = (("channels", "kept"), ("macs_before", "macs_after"))
+        for r in self.rows:
+            pair = next((p for p in pairs if r.plan and all(k in r.plan[0] for k in p)), None)
+            if pair is None:
+                continue
+            names = [str(rec.get("group", rec.get("name", i))) for i, rec in enumerate(r.plan)]
+            fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 3.8))
+            xs = range(len(names))
+            ax.bar(xs, [rec[pair[0]] for rec in r.plan], color="lightgray", label=pair[0])
+            ax.bar(xs, [rec[pair[1]] for rec in r.plan], color="tab:green", width=0.5, label=pair[1])
+            ax.set_xticks(list(xs))
+            ax.set_xticklabels(names, rotation=90, fontsize=6)
+            ax.set_title(f"{r.stage}: per layer")
+            ax.legend()
+            fig.tight_layout()
+            path = out / f"plan-{''.join(c if c.isalnum() else '_' for c in r.stage)}.png"
+            fig.savefig(path, dpi=110)
+            plt.close(fig)
+            written.append(path)
+
+        if profile is not None:
+            top = sorted(profile.calls, key=lambda c: -c.ms)[:25]
+            fig, ax = plt.subplots(figsize=(9, 0.3 * len(top) + 1.2))
+            from .profile import BUILTIN
+
+            labels = [(c.nodes[0] if c.nodes and c.kernel != BUILTIN else c.kernel)[:40] for c in top]
+            ax.barh(range(len(top)), [c.ms for c in top], color="tab:purple")
+            ax.set_yticks(range(len(top)))
+            ax.set_yticklabels(labels, fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel(f"ms per kernel call, instrumented ({profile.threads} threads; "
+                          f"a whole call uninstrumented: {profile.call_ms:.2f} ms)")
+            fig.tight_layout()
+            fig.savefig(out / "kernels.png", dpi=110)
+            plt.close(fig)
+            written.append(out / "kernels.png")
+        return written
