@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads bench-contention clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads bench-contention bench-coverage clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -58,6 +58,9 @@ bench-threads: setup
 
 bench-contention: setup
 	$(PY) benchmarks/contention.py
+
+bench-coverage: setup
+	$(PY) benchmarks/coverage.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
