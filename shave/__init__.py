@@ -22,7 +22,7 @@ _LAZY = {
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
     "save_graph": ("ir", "save_graph"),
-    "load_graph": ("ir", "load_graph"),
+    "load_graph": ("api", "load_graph"),
     "Report": ("runtime.report", "Report"),
     "layer_timer": ("timing", "layer_timer"),
     "LayerTimer": ("timing", "LayerTimer"),

@@ -219,6 +219,21 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     return cm
 
 
+def load_graph(path) -> Graph:
+    """The IR graph from a file written by shave.save_graph, or from an artifact exported with
+    cm.export(path, include_ir=True); `shave.compile(graph, target=...)` builds it again."""
+    from .errors import IRError
+    from .ir.serialize import graph_from_bytes, is_artifact, load_graph as load_ir_file
+    from .runtime.artifact import read_artifact
+
+    if not (Path(path).is_file() and is_artifact(path)):
+        return load_ir_file(path)  # an IR file, or its errors (no such file, not readable)
+    _, members = read_artifact(path)
+    if IR_MEMBER not in members:
+        raise IRError(f"{path}: the artifact holds no IR; export it with cm.export(path, include_ir=True)")
+    return graph_from_bytes(members[IR_MEMBER], str(path))
+
+
 def _versions() -> dict:
     import tvm
 

@@ -108,7 +108,7 @@ def _load_model(spec: str):
     from .errors import CaptureError
 
     if os.path.isfile(spec) and not spec.endswith(".pt2") and zipfile.is_zipfile(spec):
-        from .ir import load_graph
+        from .api import load_graph
 
         return load_graph(spec), None
 

@@ -98,20 +98,19 @@ def save_graph(graph: Graph, path) -> Path:
     return path
 
 
+def is_artifact(path) -> bool:
+    """Whether `path` is a zip holding a manifest.json (a shave artifact, not an IR file)."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return "manifest.json" in z.namelist()
+
+
 def load_graph(path) -> Graph:
-    """A graph from an IR file (save_graph) or from an artifact exported with include_ir=True."""
+    """A graph from an IR file written by save_graph (shave.load_graph also reads artifacts)."""
     path = Path(path)
     if not path.is_file():
         raise IRError(f"{path}: no such file")
-    names = []
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    if "manifest.json" in names:  # an artifact
-        from ..runtime.artifact import read_artifact
-
-        _, members = read_artifact(path)
-        if IR_MEMBER not in members:
-            raise IRError(f"{path}: the artifact holds no IR; export it with cm.export(path, include_ir=True)")
-        return graph_from_bytes(members[IR_MEMBER], str(path))
+    if is_artifact(path):
+        raise IRError(f"{path}: an artifact, not an IR file; shave.load_graph reads the IR an artifact holds")
     return graph_from_bytes(path.read_bytes(), str(path))
