@@ -24,7 +24,7 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_shave_importable, host_line, markdown_table, onnxruntime_engine  # noqa: E402
+from common import ensure_shave_importable, host_line, markdown_table, measure, onnxruntime_engine  # noqa: E402
 
 CLASSIFICATION = ["alexnet", "vgg11_bn", "resnet18", "resnet50", "resnext50_32x4d", "wide_resnet50_2",
                   "densenet121", "googlenet", "inception_v3", "squeezenet1_0", "mobilenet_v2",
@@ -64,16 +64,6 @@ def _model(name: str):
         return Outputs(inner).eval()
     kwargs = {"aux_logits": False, "init_weights": True} if name in ("inception_v3", "googlenet") else {}
     return getattr(tv, name)(weights=None, **kwargs).eval()
-
-
-def _median_ms(fn, x, calls: int) -> float:
-    fn(x)
-    times = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) * 1e3
 
 
 def run_one(name: str, calls: int, rounds: int) -> dict:
@@ -131,7 +121,8 @@ def run_one(name: str, calls: int, rounds: int) -> dict:
             for r in range(rounds):
                 for k, fn in (("shave", cm), ("onnxruntime", ort))[:: 1 if r % 2 == 0 else -1]:
                     time.sleep(0.3)
-                    times[k].append(_median_ms(fn, xn, calls))
+                    times[k].append(measure(lambda: fn(xn), warmup=1, repeats=calls, budget_s=60.0,
+                                            min_repeats=calls)[0].median)
             row["shave_ms"] = statistics.median(times["shave"])
             row["ort_ms"] = statistics.median(times["onnxruntime"])
         except Exception as e:  # noqa: BLE001

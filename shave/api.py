@@ -113,7 +113,7 @@ class CompiledModel:
             raise TargetError(f"this compiled model cannot run here: {self._not_here}")
         inputs = self._runtime.bind(inputs, named)
         as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
+        arrays = _as_arrays(inputs)
         outs = self._runtime.run(*arrays)
         if as_torch:
             outs = [torch.from_numpy(o) for o in outs]
@@ -123,8 +123,7 @@ class CompiledModel:
         """Where a call's time goes, kernel by kernel: a shave.runtime.profile.Profile (print it)."""
         if self._runtime is None:
             raise TargetError(f"this compiled model cannot run here: {self._not_here}")
-        arrays = [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
-        return self._runtime.profile(*arrays, repeats=repeats)
+        return self._runtime.profile(*_as_arrays(inputs), repeats=repeats)
 
     def export(self, path, include_ir: bool = False) -> Path:
         """Write the artifact (one file) that shave.load() runs without torch. `include_ir`: also
@@ -217,6 +216,11 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                            f"(relative; tolerance {tolerance:g}): a backend bug")
     manifest["report"] = report.to_dict()
     return cm
+
+
+def _as_arrays(inputs) -> list:
+    """Torch tensors as numpy arrays (other inputs as they are), for the runtime."""
+    return [x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else x for x in inputs]
 
 
 def load_graph(path) -> Graph:

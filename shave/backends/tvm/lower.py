@@ -55,16 +55,12 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
                     continue
                 k = plan.kernels.get(n.name) if plan is not None else None
                 if plan is not None and (n.name in plan.pools or n.name in plan.gates):
-                    env[n.name] = _on_blocked(bb, graph, n, plan, env)
-                    if n.name in plan.blocked:
-                        continue
+                    env[n.name] = _on_blocked(bb, n, plan, env)
                 elif k is not None:
                     env[n.name] = _conv_call(bb, k, env, kernels)
                     covered = list(k.nodes) + ([k.shift_node] if k.shift_node else [])
                     calls.append({"kernel": kernels[k.spec].name_hint, "nodes": covered,
                                   "flops": sum(graph.flops_of(graph.node(v)) for v in covered)})
-                    if n.name in plan.blocked:
-                        continue  # the blocked layout: only other kernels read it
                 else:
                     fn = LOWERINGS.get(n.op)
                     if fn is None:
@@ -76,6 +72,8 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
                     except Exception as e:
                         raise CompileError(f"node {n.name!r} ({n.op}): TVM rejected it: "
                                            f"{str(e).strip().splitlines()[-1]}") from None
+                if plan is not None and n.name in plan.blocked:
+                    continue  # the blocked layout: only kernels, pools and gates read it
                 got = _shape(env[n.name])
                 if got != n.type.shape:
                     raise CompileError(f"node {n.name!r} ({n.op}): Relax infers shape {got}, IR has {n.type.shape}")
@@ -84,16 +82,14 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
     return bb.get()
 
 
-def _on_blocked(bb, graph: Graph, n, plan, env: dict) -> relax.Var:
+def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
     """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), or a
     per-channel gate multiply of one (blocked in, blocked out): schedules/fusion.py plans them."""
-    from .schedules.fusion import gate_of
-
     if n.name in plan.pools:
         x = env[n.inputs[0]]
         pooled = bb.emit(R.mean(x, [2, 3], keepdims=True))  # [N, C/v, 1, 1, v]: channel c = block * v + lane
         return bb.emit(R.reshape(pooled, n.type.shape))
-    data, gate = gate_of(graph, n)
+    data, gate = plan.gates[n.name]
     x = env[data]
     nb, cb, _, _, v = _shape(x)
     g = bb.emit(R.reshape(env[gate], (nb, cb, 1, 1, v)))

@@ -56,7 +56,7 @@ class ConvPlan:
     kernels: dict[str, ConvKernel]  # by tail
     blocked: set[str]  # values produced and read in the blocked layout
     pools: set = dataclasses.field(default_factory=set)  # global average pools reading a blocked value
-    gates: set = dataclasses.field(default_factory=set)  # per-channel multiplies on the blocked layout
+    gates: dict = dataclasses.field(default_factory=dict)  # per-channel multiply on the blocked layout -> (data, gate)
 
     def covered(self) -> set[str]:
         """Nodes computed inside a kernel without being its tail (lower.py skips them)."""
@@ -191,8 +191,9 @@ def gate_of(graph: Graph, n: Node) -> tuple[str, str] | None:
     return None
 
 
-def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, set]:
-    """(values kept blocked, global pools reading them, gate multiplies making them): a kernel
+def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict]:
+    """(values kept blocked, global pools reading them, gate multiplies making them with their
+    (data, gate) operands): a kernel
     output, or a gate multiply's output, whose every reader can read the blocked layout: a conv
     kernel (as its input or residual), a global pool, or a gate multiply that is itself blocked.
     Found as a fixpoint: candidates are dropped until every reader of every one qualifies."""
@@ -229,7 +230,7 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                 blocked.discard(v)
                 changed = True
     pools = {r.name for v in blocked for r in users[v] if r.name not in reader_kernel and global_pool(graph, r)}
-    return blocked, pools, blocked & set(gates)
+    return blocked, pools, {name: dg for name, dg in gates.items() if name in blocked}
 
 
 def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
@@ -252,7 +253,7 @@ def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
     blocked, pools, gates = _blocked(graph, kernels, isa.fp32_lanes)
     built = _build(kernels, blocked, tiles)
     if built is None:
-        (blocked, pools, gates), built = (set(), set(), set()), _build(kernels, set(), tiles)
+        (blocked, pools, gates), built = (set(), set(), {}), _build(kernels, set(), tiles)
     return ConvPlan({k.tail: k for k in built}, blocked, pools, gates)
 
 
