@@ -16,8 +16,10 @@ _LAZY = {
     "compile": ("api", "compile"),
     "CompiledModel": ("api", "CompiledModel"),
     "to_torch": ("api", "to_torch"),
+    "from_torch": ("api", "from_torch"),
     "capture": ("frontend", "capture"),
-    "finetune": ("finetuning", "finetune"),
+    "finetune": ("recovery", "finetune"),
+    "augment": ("recovery", "augment"),
     "register_pass": ("passes", "register_pass"),
     "Pass": ("passes", "Pass"),
     "Graph": ("ir", "Graph"),
@@ -49,7 +51,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["compile", "load", "capture", "to_torch", "finetune", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
+__all__ = ["compile", "load", "capture", "to_torch", "from_torch", "finetune", "augment", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
            "layer_timer", "LayerTimer",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
            "TargetError", "CompileError", "ArtifactError", "InputError"]

@@ -245,8 +245,18 @@ def _versions() -> dict:
 
 
 def to_torch(graph: Graph, trainable: bool = True):
+    """The graph as a torch module (eval mode) for evaluation or a training loop of your own
+    (DDP, Lightning); `shave.from_torch(module, graph)` reads the trained weights back."""
     from .reference import to_torch as _to_torch
 
     return _to_torch(graph, trainable)
+
+
+def from_torch(module, graph: Graph) -> Graph:
+    """A copy of `graph` with the weights (and batch-norm statistics) of `module`, a module
+    `shave.to_torch(graph)` made and you trained; DDP-wrapped modules are unwrapped."""
+    from .reference import from_torch as _from_torch
+
+    return _from_torch(module, graph)
 
 

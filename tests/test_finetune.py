@@ -34,7 +34,7 @@ def test_data_of_the_wrong_form_is_one_clear_error():
 
     model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).eval()
     g = shave.capture(model, (torch.randn(1, 1, 6, 6),))
-    with pytest.raises(shave.PassError, match=r"finetune data item 0 is a Tensor: it must yield \(inputs, labels\)"):
+    with pytest.raises(shave.PassError, match=r"finetune data item 0 is a Tensor: without a teacher it must yield \(inputs, labels\)"):
         shave.finetune(g, [torch.randn(4, 1, 6, 6)], steps=1)
     with pytest.raises(shave.PassError, match=r"item 0 is a tuple of 3: it must yield"):
         shave.finetune(g, [(torch.randn(4, 1, 6, 6), torch.zeros(4), torch.zeros(4))], steps=1)

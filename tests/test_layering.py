@@ -1,7 +1,7 @@
 """The package's layers (docs/architecture.md), checked on the source: every import, at module
 level or inside a function, resolved to the module it names.
 
-    errors <- runtime <- ir <- reference <- frontend, passes <- backends <- api
+    errors <- runtime <- ir <- reference <- frontend, passes <- recovery, backends <- api
 """
 import ast
 import pathlib
@@ -71,6 +71,7 @@ def _inside(name: str, allowed: tuple[str, ...]) -> bool:
     ("shave.frontend", ("shave.frontend", "shave.ir", "shave.errors")),
     ("shave.passes", ("shave.passes", "shave.ir", "shave.reference", "shave.errors", "shave.isa", "shave.target",
                       "shave.timing", "shave.runtime.report")),
+    ("shave.recovery", ("shave.recovery", "shave.passes", "shave.ir", "shave.reference", "shave.errors")),
     ("shave.backends", ("shave.backends", "shave.ir", "shave.errors", "shave.isa", "shave.target", "shave.timing",
                         "shave.runtime")),
 ])

@@ -34,17 +34,18 @@ def calibration_batches(data, who: str = "calibration", graph: Graph | None = No
         item = tuple(item) if isinstance(item, (tuple, list)) else (item,)
         item = tuple(x if isinstance(x, torch.Tensor) else torch.as_tensor(np.asarray(x)) for x in item)
         if graph is not None:
-            item = _checked(graph, item, i, who)
+            item = check_item(graph, item, i, who)
         batches.append(item)
     return batches
 
 
 def check_batches(graph: Graph, batches, who: str) -> list[tuple[torch.Tensor, ...]]:
     """Batches normalised without the graph (a pass given data when it was made), checked against it."""
-    return [_checked(graph, item, i, who) for i, item in enumerate(batches)]
+    return [check_item(graph, item, i, who) for i, item in enumerate(batches)]
 
 
-def _checked(graph: Graph, item: tuple, i: int, who: str) -> tuple:
+def check_item(graph: Graph, item: tuple, i: int, who: str) -> tuple:
+    """One item (a tuple of tensors) checked against the graph's inputs and cast to their dtypes."""
     if len(item) != len(graph.inputs):
         raise PassError(f"{who} item {i} has {len(item)} inputs; the graph takes {len(graph.inputs)}")
     batch = []
@@ -55,6 +56,6 @@ def _checked(graph: Graph, item: tuple, i: int, who: str) -> tuple:
         x = x.to(getattr(torch, t.dtype))
         if x.is_floating_point() and not bool(torch.isfinite(x).all()):
             raise PassError(f"{who} item {i}: input {name!r} has NaN or infinite values; "
-                            "calibration needs finite data")
+                            f"{who.split()[0]} needs finite data")
         batch.append(x)
     return tuple(batch)

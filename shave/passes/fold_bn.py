@@ -15,7 +15,8 @@ weight's output-channel axis (its `out_axis` trait: dim 0 of a conv weight,
 also grouped and depthwise, and of a linear weight; dim 1 within each group
 of a conv-transpose weight, laid out in, out/groups, kh, kw). A BN is folded
 only when all its statistics are constants and the layer's output feeds
-nothing but the BN.
+nothing but the BN. `FoldBN(only=names)` folds only the named batch norms
+(recovery folds the ones it inserted for training).
 """
 from __future__ import annotations
 
@@ -40,8 +41,14 @@ def _scaled_weight(layer, w: np.ndarray, s: np.ndarray) -> np.ndarray:
 
 @register_pass("fold_bn", contract="exact")
 class FoldBN(Pass):
+    def __init__(self, only=None):
+        self.only = None if only is None else frozenset([only] if isinstance(only, str) else only)
+
+    def _norms(self, graph: Graph) -> list:
+        return [n for n in graph.nodes if n.op == "batch_norm" and (self.only is None or n.name in self.only)]
+
     def run(self, graph: Graph) -> Graph:
-        for bn in [n for n in graph.nodes if n.op == "batch_norm"]:
+        for bn in self._norms(graph):
             layer = graph.producer(bn.inputs[0])
             if layer is None or get_op(layer.op).role != "layer" or graph.use_count(layer.name) != 1:
                 continue
@@ -60,7 +67,7 @@ class FoldBN(Pass):
             layer.inputs = layer.inputs[:op.weight] + [new_w, new_b]
             graph.replace_uses(bn.name, layer.name)
             graph.nodes.remove(bn)
-        for bn in [n for n in graph.nodes if n.op == "batch_norm"]:
+        for bn in self._norms(graph):
             _fold_forward(graph, bn)
         return graph
 

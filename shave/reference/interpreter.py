@@ -1,8 +1,14 @@
-"""IR -> torch.fx.GraphModule.
+"""IR -> torch.fx.GraphModule, and trained weights back into the IR.
 
 Each IR node becomes a call of its op's reference kernel; each parameter
-becomes an nn.Parameter (batch-norm statistics become buffers), so the module
-trains like any other and its state_dict keys are the IR parameter names.
+becomes an nn.Parameter (statistics the op registry calls buffers become
+buffers), so the module trains like any other. A batch norm whose statistics
+and affine weights are its own becomes an `IRBatchNorm` submodule (a torch
+`_BatchNorm`): in `.train()` it normalises with batch statistics and updates
+its running ones, `SyncBatchNorm.convert_sync_batchnorm` converts it for
+DistributedDataParallel, and in `.eval()` (the default `to_torch` returns) it
+is the IR's inference batch norm. `from_torch(module, graph)` writes a trained
+module's weights and statistics back into a copy of the graph.
 """
 from __future__ import annotations
 
@@ -46,6 +52,67 @@ def _attr_name(param: str, taken: set[str]) -> str:
     return name
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over the processes, differentiable: every process's loss reads the sum, so each
+    input's gradient is the sum of the processes' gradients of the sum."""
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        y = x.clone()
+        dist.all_reduce(y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class IRBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """An IR batch_norm node as a module owning its weight, bias and running statistics.
+
+    Training under torch.distributed with several processes, it normalises with the statistics
+    of the global batch (sums all-reduced with autograd), as SyncBatchNorm does on GPUs, on any
+    device and backend (gloo on CPUs included)."""
+
+    def _check_input_dim(self, x):
+        if x.dim() < 2:
+            raise ValueError(f"batch norm wants at least 2-d input, got {x.dim()}-d")
+
+    def forward(self, x):
+        import torch.distributed as dist
+
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        dims = [0] + list(range(2, x.dim()))
+        count = x.new_full((1,), x.numel() / x.shape[1])
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), (x * x).sum(dims), count]))
+        c = self.num_features
+        n = sums[2 * c]
+        mean = sums[:c] / n
+        var = (sums[c:2 * c] / n - mean * mean).clamp_min(0)
+        shape = (1, c) + (1,) * (x.dim() - 2)
+        with torch.no_grad():
+            self.num_batches_tracked.add_(1)
+            m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.mul_(1 - m).add_(m * mean.detach())
+            self.running_var.mul_(1 - m).add_(m * var.detach() * n / max(float(n) - 1, 1.0))
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        return y * self.weight.reshape(shape) + self.bias.reshape(shape)
+
+
+def _own_batch_norm(graph: Graph, n, used: dict[str, int]) -> bool:
+    """Whether batch_norm `n`'s four inputs are float parameters no other node reads."""
+    return (n.op == "batch_norm" and all(graph.is_param(v) and used[v] == 1 for v in n.inputs[1:])
+            and len(set(n.inputs[1:])) == 4
+            and all(np.asarray(graph.params[v]).dtype == np.float32 for v in n.inputs[1:]))
+
+
 class IRModule(fx.GraphModule):
     """A GraphModule that also remembers which attribute holds which IR parameter."""
 
@@ -53,15 +120,33 @@ class IRModule(fx.GraphModule):
 
 
 def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
-    """The graph as an nn.Module taking and returning tensors (a tuple when several outputs)."""
+    """The graph as an nn.Module taking and returning tensors (a tuple when several outputs),
+    in eval mode. `param_names` maps each IR parameter to its (dotted) attribute name."""
     root = torch.nn.Module()
     # inputs the op registry calls statistics (e.g. a batch norm's running mean and var) are not trained
     buffers = {n.inputs[i] for n in graph.nodes for i in get_op(n.op).buffers if i < len(n.inputs)}
     taken: set[str] = set()
     attr_of: dict[str, str] = {}
-    used = {v for n in graph.nodes for v in n.inputs}
+    used: dict[str, int] = {}
+    for n in graph.nodes:
+        for v in n.inputs:
+            used[v] = used.get(v, 0) + 1
+    norms = {n.name for n in graph.nodes if _own_batch_norm(graph, n, used)}
+    for n in graph.nodes:
+        if n.name in norms:
+            mean, var, w, b = (graph.params[v] for v in n.inputs[1:])
+            bn = IRBatchNorm(len(mean), eps=n.attrs["eps"])
+            with torch.no_grad():
+                for t, arr in zip((bn.running_mean, bn.running_var, bn.weight, bn.bias), (mean, var, w, b)):
+                    t.copy_(torch.from_numpy(np.array(arr)))
+            bn.weight.requires_grad_(trainable)
+            bn.bias.requires_grad_(trainable)
+            attr = _attr_name(n.name, taken)
+            root.add_module(attr, bn)
+            for v, field in zip(n.inputs[1:], ("running_mean", "running_var", "weight", "bias")):
+                attr_of[v] = f"{attr}.{field}"
     for name, arr in graph.params.items():
-        if name not in used:
+        if name not in used or name in attr_of:
             continue
         attr = _attr_name(name, taken)
         t = torch.from_numpy(np.array(arr))
@@ -76,17 +161,43 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
     for name, _ in graph.inputs:
         env[name] = g.placeholder("".join(c if c.isalnum() else "_" for c in name))
     for name, attr in attr_of.items():
-        env[name] = g.get_attr(attr)
+        if "." not in attr:
+            env[name] = g.get_attr(attr)
     for n in graph.nodes:
-        fn, attrs = _call(graph, n)
-        node = g.call_function(fn, tuple(env[v] for v in n.inputs), attrs)
+        if n.name in norms:
+            node = g.call_module(attr_of[n.inputs[1]].split(".")[0], (env[n.inputs[0]],))
+        else:
+            fn, attrs = _call(graph, n)
+            node = g.call_function(fn, tuple(env[v] for v in n.inputs), attrs)
         node.name = "".join(c if c.isalnum() else "_" for c in n.name)
         env[n.name] = node
     outs = [env[v] for v in graph.outputs]
     g.output(outs[0] if len(outs) == 1 else tuple(outs))
     m = IRModule(root, g)
     m.param_names = attr_of
-    return m
+    return m.eval()
+
+
+def from_torch(module: torch.nn.Module, graph: Graph) -> Graph:
+    """A copy of `graph` with the weights and statistics of `module`, a module `to_torch(graph)`
+    made and trained (also wrapped, e.g. in DistributedDataParallel, or with its batch norms
+    converted to SyncBatchNorm). The graph's dtypes are kept."""
+    inner = getattr(module, "module", module)
+    names = getattr(inner, "param_names", None)
+    if names is None:
+        raise TypeError(f"from_torch wants the module shave.to_torch made, got {type(module).__name__}")
+    state = dict(inner.named_parameters()) | dict(inner.named_buffers())
+    out = graph.copy()
+    for name, attr in names.items():
+        if name not in graph.params:
+            raise KeyError(f"the module has a weight for {name!r}, which the graph does not have: "
+                           "was it made from another graph?")
+        t = state[attr].detach()
+        if tuple(t.shape) != graph.params[name].shape:
+            raise ValueError(f"weight {name!r} is {tuple(t.shape)} in the module, "
+                             f"{graph.params[name].shape} in the graph")
+        out.set_param(name, t.cpu().numpy().astype(graph.params[name].dtype))
+    return out
 
 
 def run_graph(graph: Graph, inputs) -> list[np.ndarray]:
