@@ -28,8 +28,7 @@ ensure_shave_importable()
 import torch  # noqa: E402
 
 import shave  # noqa: E402
-from prune_fashion import accuracy, batches, time_variants, trained_model  # noqa: E402
-from shave.reference import to_torch  # noqa: E402
+from prune_fashion import batches, fashion_setup, time_variants  # noqa: E402
 from shave.passes import DepthwiseSeparable, FoldBN, GroupRewrite, ShiftRewrite  # noqa: E402
 
 VARIANTS = [  # (label, pass factory taking the calibration data); every layer's block
@@ -44,8 +43,6 @@ VARIANTS = [  # (label, pass factory taking the calibration data); every layer's
 
 
 def main(argv=None):
-    from shave.zoo import load_fashion_mnist
-
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--finetune-steps", type=int, default=30)
     args = ap.parse_args(argv)
@@ -53,15 +50,9 @@ def main(argv=None):
     torch.manual_seed(0)
     info = machine_info(2)
     print(f"{info['cpu']}, {info['cores']} cores, {info['isa']}; {time.strftime('%Y-%m-%d')}\n")
-    xtr, ytr = load_fashion_mnist("train")
-    xte, yte = load_fashion_mnist("test")
-    model, _ = trained_model(2)
-    x = xte[:1]
-    graph = shave.capture(model, (x,))
-    base = FoldBN()(graph)
-    evaluate = lambda g: accuracy(to_torch(g, trainable=False), xte, yte)  # noqa: E731
-    calib = [xtr[i:i + 64] for i in range(0, 512, 64)]
-    ft_data = batches(xtr, ytr, 128, seed=100)
+    f = fashion_setup()
+    model, x, graph, base, evaluate, calib = f.model, f.x1, f.graph, f.base, f.evaluate, f.calib
+    ft_data = batches(f.xtr, f.ytr, 128, seed=100)
     compiled = {"original": shave.compile(base, (x,), passes=[])}
     st = base.stats()
     rows = [["original", "-", f"{st['params']:,}", f"{st['flops'] / 1e6:.1f}", "-", f"{evaluate(base):.2f}", "-"]]

@@ -8,8 +8,8 @@ else (which needs torch) is imported on first use.
 """
 __version__ = "0.1.0"
 
-from .errors import (ArtifactError, CaptureError, CompileError, InputError, IRError, PassError,  # noqa: E402
-                     ShaveError, TargetError, UnsupportedOpError)
+from .errors import (ArtifactError, CaptureError, CompileError, CompressError, InputError, IRError,  # noqa: E402
+                     PassError, ShaveError, TargetError, UnsupportedOpError)
 from .runtime import Runtime, load  # noqa: E402
 
 _LAZY = {
@@ -18,6 +18,7 @@ _LAZY = {
     "to_torch": ("api", "to_torch"),
     "from_torch": ("api", "from_torch"),
     "capture": ("frontend", "capture"),
+    "compress": ("compression", "compress"),
     "finetune": ("recovery", "finetune"),
     "augment": ("recovery", "augment"),
     "register_pass": ("passes", "register_pass"),
@@ -51,7 +52,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["compile", "load", "capture", "to_torch", "from_torch", "finetune", "augment", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
+__all__ = ["compile", "compress", "load", "capture", "to_torch", "from_torch", "finetune", "augment", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
            "layer_timer", "LayerTimer",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
-           "TargetError", "CompileError", "ArtifactError", "InputError"]
+           "TargetError", "CompileError", "CompressError", "ArtifactError", "InputError"]

@@ -40,3 +40,12 @@ class ArtifactError(ShaveError):
 
 class InputError(ShaveError, ValueError):
     """Run-time inputs do not match the compiled signature."""
+
+
+class CompressError(ShaveError):
+    """shave.compress could not go on; `.best` holds the best result found before the failure (None if
+    the failure came before any)."""
+
+    def __init__(self, message: str, best=None):
+        super().__init__(message)
+        self.best = best

@@ -203,3 +203,25 @@ def test_reconstruction_falls_back_where_it_cannot_apply():
     g = FoldBN()(shave.capture(model, inputs))
     out = Prune(ratio=0.5, criterion="reconstruction", data=_calibration(inputs, n=2), round_to=1)(g)
     assert out.stats()["params"] < g.stats()["params"]
+
+
+def test_iterative_prune_reaches_the_one_shot_widths_with_a_recovery_after_each_step():
+    from shave.passes import Prune
+    from shave.zoo import FashionResNet
+
+    torch.manual_seed(0)
+    g = shave.capture(FashionResNet().eval(), (torch.randn(1, 1, 28, 28),))
+    one = Prune(ratio=0.75, round_to=None)(g)
+    seen = []
+
+    def recover(graph):
+        seen.append(graph.stats()["params"])
+        return graph
+
+    it = Prune(ratio=0.75, round_to=None, steps=3, recover=recover)(g)
+    assert [(n.name, n.type.shape) for n in it.nodes] == [(n.name, n.type.shape) for n in one.nodes]
+    assert len(seen) == 3 and seen[0] > seen[1] > seen[2] == one.stats()["params"]
+    with pytest.raises(shave.PassError, match="recover returned a NoneType after step 1"):
+        Prune(ratio=0.5, steps=2, recover=lambda graph: None)(g)
+    with pytest.raises(shave.PassError, match="steps must be a positive int"):
+        Prune(ratio=0.5, steps=0)

@@ -219,6 +219,27 @@ def test_quantization_aware_finetuning_trains_through_fake_quant(tiny):
     assert "qconv2d" in gi.op_counts()
 
 
+def test_learned_step_sizes_train_and_convert_to_what_was_simulated(tiny):
+    """finetune(learn_scales=True) trains the weight and activation step sizes (LSQ); the integer
+    graph convert() makes from the result tracks the trained simulation as closely as an untrained
+    one's does."""
+    g, cal = tiny
+    sim = Quantize(cal, simulate=True)(g)
+    data = [(x, torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(i))) for i, x in enumerate(cal)]
+    tuned = shave.finetune(sim, data, steps=5, lr=1e-2, learn_scales=True, progress=False)
+    fq = [n.name for n in sim.nodes if n.op == "fake_quant"]
+    assert any(tuned.node(n).attrs["scale"] != sim.node(n).attrs["scale"] for n in fq)
+    sc = next(n for n in sim.nodes if n.op == "fake_quant_channel").inputs[1]
+    assert not np.array_equal(tuned.params[sc], sim.params[sc]) and (tuned.params[sc] > 0).all()
+    fixed = shave.finetune(sim, data, steps=2, progress=False)
+    assert np.array_equal(fixed.params[sc], sim.params[sc])  # without learn_scales the scales stay
+    x = torch.randn(2, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    gap = lambda s: np.abs(_run(convert(s), x) - _run(s, x)).max() / np.abs(_run(s, x)).max()  # noqa: E731
+    assert gap(tuned) <= max(2 * gap(sim), 1e-6)
+    with pytest.raises(PassError, match="learn_scales=True wants a fake-quant graph"):
+        shave.finetune(g, data, steps=1, learn_scales=True)
+
+
 def test_bad_calibration_data_is_one_clear_line(tiny):
     g, _ = tiny
     cases = [([], "empty"), (None, "Quantize calibration needs data"), ([torch.randn(4, 3, 10, 12)], "shape (4, 3, 10, 12)"),

@@ -53,6 +53,19 @@ def test_batch_norm_trains_in_train_mode_and_is_the_ir_in_eval_mode(graph):
     assert set(back.params) == set(graph.params)
 
 
+def test_batch_norm_statistics_re_estimated_alone(graph):
+    from shave.recovery import recalibrate_batch_norms
+
+    images = [x * 2 + 1 for x, _ in _task(4)]
+    out = recalibrate_batch_norms(graph, images)
+    bn = next(n for n in graph.nodes if n.op == "batch_norm")
+    conv_out = torch.cat([torch.nn.functional.conv2d(x, torch.from_numpy(graph.params["0.weight"]),
+                                                     torch.from_numpy(graph.params["0.bias"]), padding=1)
+                          for x in images])
+    np.testing.assert_allclose(out.params[bn.inputs[1]], conv_out.mean((0, 2, 3)).numpy(), rtol=1e-4, atol=1e-5)
+    assert all(np.array_equal(out.params[k], graph.params[k]) for k in graph.params if "running" not in k)
+
+
 def test_inserted_batch_norms_are_the_identity_and_fold_back(graph):
     folded = FoldBN()(graph)
     batches = [(x,) for x, _ in _task(4)]

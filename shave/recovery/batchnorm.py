@@ -97,3 +97,16 @@ def recalibrate(module: torch.nn.Module, batches, call) -> None:
     for m, mom in zip(norms, momenta):
         m.momentum = mom
     module.train(was_training)
+
+
+def recalibrate_batch_norms(graph: Graph, data, batches: int = 50) -> Graph:
+    """A copy of `graph` with its batch norms' statistics re-estimated on up to `batches` batches of
+    `data` (example inputs, as calibration takes them), the weights unchanged: the cheapest repair
+    after pruning, whose removed channels leave the statistics of the layers after them stale."""
+    from ..passes.calibration import calibration_batches
+    from ..reference.interpreter import from_torch, to_torch
+
+    items = calibration_batches(data, "batch-norm recalibration", graph)[:batches]
+    module = to_torch(graph, trainable=False)
+    recalibrate(module, items, lambda m, b: m(*b))
+    return from_torch(module, graph)

@@ -49,8 +49,8 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
              schedule: str = "cosine", teacher=None, temperature: float = 4.0, alpha: float = 0.5,
              features=False, feature_weight: float = 1.0, augment: Callable | None = None,
              batch_norm: str = "insert", bn_batches: int = 50, validation=None, eval_every: int | None = None,
-             patience: int | None = None, seed: int = 0, progress: bool | None = None,
-             history: list | None = None) -> Graph:
+             patience: int | None = None, learn_scales: bool = False, seed: int = 0,
+             progress: bool | None = None, history: list | None = None) -> Graph:
     """`graph` trained on `data` within a budget; returns a new graph (see the module doc).
 
     Budget: `steps`, `epochs` (passes over `data`) and/or `seconds`, whichever ends first
@@ -62,8 +62,9 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
     norms and insert identity ones after convs without one, folded back at the end), "train"
     (the graph's own only) or "frozen" (statistics fixed, as in the folded graph). `validation`:
     (inputs, labels) batches scored by top-1 accuracy (%), or a callable `module -> float`,
-    higher is better. `history`: a list that receives one dict per evaluation and a last one
-    for the result."""
+    higher is better. `learn_scales`: on a fake-quant graph (Quantize(simulate=True)), train the
+    quantisation step sizes too (LSQ); `shave.passes.quantize.convert` then uses the learned ones.
+    `history`: a list that receives one dict per evaluation and a last one for the result."""
     if not isinstance(graph, Graph):
         raise PassError(f"finetune wants a shave Graph, got {type(graph).__name__}")
     if optimizer not in OPTIMIZERS:
@@ -95,7 +96,10 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
         work, inserted = graph, []
         if batch_norm == "insert":
             work, inserted = insert_batch_norms(graph, stream.first_inputs(8))
-        student = to_torch(_with_outputs(work, feats), trainable=True)
+        if learn_scales and not any(n.op in ("fake_quant", "fake_quant_channel") for n in graph.nodes):
+            raise PassError("finetune learn_scales=True wants a fake-quant graph: run "
+                            "shave.passes.Quantize(data, simulate=True) first")
+        student = to_torch(_with_outputs(work, feats), trainable=True, learn_scales=learn_scales)
         teach = _teacher_module(teacher, feats)
         loop = _Loop(student, teach, stream, feats=len(feats), lr=lr, optimizer=optimizer,
                      weight_decay=weight_decay, momentum=momentum, warmup=warmup, schedule=schedule,

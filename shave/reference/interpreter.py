@@ -12,6 +12,8 @@ module's weights and statistics back into a copy of the graph.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -113,15 +115,64 @@ def _own_batch_norm(graph: Graph, n, used: dict[str, int]) -> bool:
             and all(np.asarray(graph.params[v]).dtype == np.float32 for v in n.inputs[1:]))
 
 
+def _grad_scaled(t: torch.Tensor, g: float) -> torch.Tensor:
+    """t in the forward pass, its gradient times g in the backward pass."""
+    return (t - t * g).detach() + t * g
+
+
+def _lsq(x: torch.Tensor, s: torch.Tensor, zp: float, qmin: float, qmax: float, n: int) -> torch.Tensor:
+    """LSQ fake quantisation (Esser et al., "Learned Step Size Quantization"): the rounding passes the
+    gradient straight through, the clamp stops it, and the step size s gets its own gradient,
+    scaled by 1/sqrt(n * qmax) (n: elements per step size)."""
+    s = _grad_scaled(s, 1.0 / math.sqrt(max(1, n) * max(qmax, 1)))
+    v = x / s
+    v = v + (torch.round(v) - v).detach()
+    return (torch.clamp(v + zp, qmin, qmax) - zp) * s
+
+
+class LearnedFakeQuant(torch.nn.Module):
+    """An IR fake_quant (per tensor) whose scale trains (LSQ); from_torch writes it back into the
+    node's attributes."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(float(scale)))
+        self.zero_point, self.qmin, self.qmax = zero_point, qmin, qmax
+
+    def forward(self, x):
+        if not self.training:
+            return get_op("fake_quant").kernel(x, scale=abs(float(self.scale.detach())), zero_point=self.zero_point,
+                                               qmin=self.qmin, qmax=self.qmax)
+        s = self.scale.abs() + 1e-12
+        return _lsq(x, s, self.zero_point, self.qmin, self.qmax, x[0].numel())
+
+
+class LearnedFakeQuantChannel(torch.nn.Module):
+    """An IR fake_quant_channel (per output channel, symmetric) whose scales train (LSQ)."""
+
+    def __init__(self, qmax: int):
+        super().__init__()
+        self.qmax = qmax
+
+    def forward(self, w, scales):
+        if not self.training:
+            return get_op("fake_quant_channel").kernel(w, scales, qmax=self.qmax)
+        s = scales.abs().reshape(-1, *([1] * (w.ndim - 1))) + 1e-12
+        return _lsq(w, s, 0, -self.qmax, self.qmax, w[0].numel())
+
+
 class IRModule(fx.GraphModule):
     """A GraphModule that also remembers which attribute holds which IR parameter."""
 
     param_names: dict[str, str]  # IR parameter name -> attribute name
+    scale_attrs: dict[str, str]  # fake_quant node name -> the LearnedFakeQuant attribute holding its scale
 
 
-def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
+def to_torch(graph: Graph, trainable: bool = True, learn_scales: bool = False) -> IRModule:
     """The graph as an nn.Module taking and returning tensors (a tuple when several outputs),
-    in eval mode. `param_names` maps each IR parameter to its (dotted) attribute name."""
+    in eval mode. `param_names` maps each IR parameter to its (dotted) attribute name. With
+    `learn_scales`, the quantisation step sizes of a fake-quant graph train too (LSQ); otherwise
+    per-channel weight scales are fixed buffers."""
     root = torch.nn.Module()
     # inputs the op registry calls statistics (e.g. a batch norm's running mean and var) are not trained
     buffers = {n.inputs[i] for n in graph.nodes for i in get_op(n.op).buffers if i < len(n.inputs)}
@@ -132,6 +183,18 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
         for v in n.inputs:
             used[v] = used.get(v, 0) + 1
     norms = {n.name for n in graph.nodes if _own_batch_norm(graph, n, used)}
+    fq_scales = {n.inputs[1] for n in graph.nodes if n.op == "fake_quant_channel"}
+    if not (trainable and learn_scales):
+        buffers |= fq_scales
+    learned = {}
+    if trainable and learn_scales:
+        for n in graph.nodes:
+            if n.op in ("fake_quant", "fake_quant_channel"):
+                a = n.attrs
+                mod = (LearnedFakeQuant(a["scale"], a["zero_point"], a["qmin"], a["qmax"]) if n.op == "fake_quant"
+                       else LearnedFakeQuantChannel(a["qmax"]))
+                learned[n.name] = _attr_name(n.name, taken)
+                root.add_module(learned[n.name], mod)
     for n in graph.nodes:
         if n.name in norms:
             mean, var, w, b = (graph.params[v] for v in n.inputs[1:])
@@ -166,6 +229,8 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
     for n in graph.nodes:
         if n.name in norms:
             node = g.call_module(attr_of[n.inputs[1]].split(".")[0], (env[n.inputs[0]],))
+        elif n.name in learned:
+            node = g.call_module(learned[n.name], tuple(env[v] for v in n.inputs))
         else:
             fn, attrs = _call(graph, n)
             node = g.call_function(fn, tuple(env[v] for v in n.inputs), attrs)
@@ -175,6 +240,7 @@ def to_torch(graph: Graph, trainable: bool = True) -> IRModule:
     g.output(outs[0] if len(outs) == 1 else tuple(outs))
     m = IRModule(root, g)
     m.param_names = attr_of
+    m.scale_attrs = {name: attr for name, attr in learned.items() if graph.node(name).op == "fake_quant"}
     return m.eval()
 
 
@@ -187,6 +253,7 @@ def from_torch(module: torch.nn.Module, graph: Graph) -> Graph:
     if names is None:
         raise TypeError(f"from_torch wants the module shave.to_torch made, got {type(module).__name__}")
     state = dict(inner.named_parameters()) | dict(inner.named_buffers())
+    scale_params = {n.inputs[1] for n in graph.nodes if n.op == "fake_quant_channel"}
     out = graph.copy()
     for name, attr in names.items():
         if name not in graph.params:
@@ -196,7 +263,13 @@ def from_torch(module: torch.nn.Module, graph: Graph) -> Graph:
         if tuple(t.shape) != graph.params[name].shape:
             raise ValueError(f"weight {name!r} is {tuple(t.shape)} in the module, "
                              f"{graph.params[name].shape} in the graph")
-        out.set_param(name, t.cpu().numpy().astype(graph.params[name].dtype))
+        arr = t.cpu().numpy().astype(graph.params[name].dtype)
+        if name in scale_params:
+            arr = np.abs(arr)
+        out.set_param(name, arr)
+    for node, attr in getattr(inner, "scale_attrs", {}).items():
+        n = out.node(node)
+        n.attrs = dict(n.attrs, scale=abs(float(state[f"{attr}.scale"].detach())))
     return out
 
 

@@ -8,6 +8,9 @@
   nothing is downloaded).
 * ``imagenet_samples``: 20 real ImageNet images (from the ``foolbox`` pip
   package) with torchvision's eval preprocessing, plus labels.
+* ``photo_crops`` / ``natural_photos``: scikit-image's bundled photographs
+  (none of the 20 above) and random crops of them, unlabelled images for
+  label-free recovery.
 * ``load_fashion_mnist`` / ``FashionResNet``: real Fashion-MNIST (Debian's
   ``dataset-fashion-mnist`` package) and a small ResNet for it.
 
@@ -17,6 +20,7 @@ in ``tests/families.py``.
 
 from .fashion_mnist import FashionResNet, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
+from .photos import natural_photos, photo_crops
 from .mobilenet_v2 import mobilenet_v2_weights_path, pretrained_mobilenet_v2
 from .tv import torchvision_models
 
@@ -28,6 +32,8 @@ __all__ = [
     "imagenet_samples",
     "imagenet_samples_dir",
     "mobilenet_v2_weights_path",
+    "natural_photos",
+    "photo_crops",
     "preprocess_imagenet",
     "pretrained_mobilenet_v2",
     "torchvision_models",

@@ -16,6 +16,11 @@ in every tensor that carries it. Criteria score each unit:
 
 `data` is an iterable of calibration inputs (each a tensor/array or a tuple of them).
 
+`steps` > 1 prunes iteratively (for high ratios): the one-shot plan fixes each
+group's final width, and the widths shrink geometrically towards it in
+`steps` prunes, each followed by `recover(graph) -> graph` (e.g. a short
+`shave.finetune`), which also runs once after a one-step prune.
+
 With per_layer=True each group loses `ratio` of its units; otherwise units
 are ranked globally by their score divided by their group's mean score.
 A group always keeps at least one unit, and with round_to the number of kept
@@ -76,7 +81,7 @@ def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> i
 @register_pass("prune", contract="lossy")
 class Prune(Pass):
     def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
-                 round_to="auto", data=None, target=None):
+                 round_to="auto", data=None, target=None, steps: int = 1, recover=None):
         if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
             raise PassError(f"Prune ratio must be a number in [0, 1), got {ratio!r}")
         if criterion not in CRITERIA:
@@ -89,6 +94,11 @@ class Prune(Pass):
         self.round_to, self.target = round_to, target
         self.batches = (calibration_batches(data, f"Prune(criterion={criterion!r}) calibration")
                         if criterion in ("taylor", "reconstruction") else None)
+        if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 1:
+            raise PassError(f"Prune steps must be a positive int, got {steps!r}")
+        if recover is not None and not callable(recover):
+            raise PassError(f"Prune recover must be a callable Graph -> Graph, got {type(recover).__name__}")
+        self.steps, self.recover = int(steps), recover
 
     def lanes(self) -> int:
         """The multiple kept channel counts are rounded to."""
@@ -117,16 +127,39 @@ class Prune(Pass):
         return any(matches(part, self.exclude) for part in group.name.split("+"))
 
     def run(self, graph: Graph) -> tuple[Graph, list]:
-        doomed, plan = self._select(graph)
-        return remove_channels(graph, doomed), plan
+        if self.steps == 1:
+            doomed, plan = self._select(graph)
+            return self._recovered(remove_channels(graph, doomed), 1), plan
+        # the one-shot plan fixes each group's final width; the steps shrink the widths
+        # geometrically towards it, each step followed by `recover`
+        _, final = self._select(graph.copy())
+        lanes = self.lanes()
+        for step in range(1, self.steps + 1):
+            frac = step / self.steps
+            targets = {p.group: p.kept if step == self.steps else
+                       min(p.channels, _keep_count(p.channels, 1, 1 - (p.kept / p.channels) ** frac, lanes))
+                       for p in final}
+            doomed, _ = self._select(graph, targets)
+            graph = self._recovered(remove_channels(graph, doomed), step)
+        return graph, final
+
+    def _recovered(self, graph: Graph, step: int) -> Graph:
+        if self.recover is None:
+            return graph
+        out = self.recover(graph)
+        if not isinstance(out, Graph):
+            raise PassError(f"Prune recover returned a {type(out).__name__} after step {step}; it must return "
+                            "the recovered Graph (e.g. lambda g: shave.finetune(g, data, ...))")
+        return out
 
     def select(self, graph: Graph) -> list:
         """The units (from dependency.analyse) to remove from `graph`. With the
         reconstruction criterion this also refits the consumers' weights in `graph`."""
         return self._select(graph)[0]
 
-    def _select(self, graph: Graph) -> tuple[list, list]:
-        """(units to remove, the plan: a GroupPlan per channel group)."""
+    def _select(self, graph: Graph, targets: dict | None = None) -> tuple[list, list]:
+        """(units to remove, the plan: a GroupPlan per channel group); `targets`: the kept units
+        per group name instead of the ratio's (groups it does not name keep all)."""
         analysis = analyse(graph)
         groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
         if self.criterion == "taylor":
@@ -148,6 +181,8 @@ class Prune(Pass):
             ratios = [d / g.size for d, g in zip(dropped, groups)]
         round_to = self.lanes()
         keeps = [_keep_count(g.size, _unit_width(g), r, round_to) for g, r in zip(groups, ratios)]
+        if targets is not None:
+            keeps = [max(1, min(g.size, targets.get(g.name, g.size))) for g in groups]
         chosen = {}
         if self.criterion == "reconstruction":
             chosen = reconstruct(graph, groups, analysis.reduces,

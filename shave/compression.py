@@ -1,0 +1,354 @@
+"""shave.compress: the fastest artifact within an accuracy budget, chosen by latency measured on the target.
+
+    r = shave.compress(model, (x,), evaluate, max_drop=0.01, train=batches, calibration=images)
+    r.compiled(x); r.recipe; r.save_report("out/compress")
+
+A NetAdapt-style search (Yang et al. 2018) over shave's techniques. From the
+captured model (batch norms kept until the end), each step tries every
+technique that still applies to the current graph:
+
+- "prune": 25 % of the remaining channels of every prunable group (l1), again
+  at each later step;
+- "decompose": tucker2 with rank="auto" (each layer's rank measured on the
+  target; layers not made faster stay), once;
+- "rewrites": DepthwiseSeparable and ShiftRewrite, each layer kept only where
+  measured faster on the target, once each;
+- "quantize": int8 (layers kept float where their int8 kernel is not faster on
+  the target), last: nothing follows it.
+
+Each try is followed by a short recovery (with `train`: a few hundred steps of
+`shave.finetune`, distilled from the original), scored with `evaluate`,
+compiled and timed as a whole model on this machine. The step keeps the try
+that buys the most latency per point of score lost among those that are
+measurably faster than the current model (2 %) and within `max_drop` of the
+baseline score; the search ends when none is, at `speedup=`, or when
+`time_budget` (seconds) runs out. A final, longer recovery follows. Measured
+decisions are frozen into the recipe (the ranks and layers chosen, the layers
+kept float), so `shave.compile(model, x, passes=result.recipe)` replays it
+to the same graph without timing anything.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .errors import CompressError, ShaveError
+from .ir import Graph
+
+log = logging.getLogger("shave.compress")
+
+TECHNIQUES = ("prune", "decompose", "rewrites", "quantize")
+PRUNE_STEP = 0.25
+FASTER = 0.98  # a try must take at most this fraction of the current latency
+
+
+@dataclass
+class Candidate:
+    """One evaluated model: the steps that made it, its score, latency and size."""
+    steps: list[str]
+    score: float
+    latency_ms: float
+    bytes: int
+    step: int  # the search step that tried it (0: the baseline)
+    kept: bool = False
+    note: str = ""
+
+
+@dataclass
+class CompressResult:
+    compiled: object  # CompiledModel of the chosen graph
+    graph: Graph
+    score: float
+    baseline_score: float
+    latency_ms: float
+    baseline_latency_ms: float
+    recipe: list  # passes: shave.compile(model, x, passes=recipe) rebuilds the graph
+    steps: list[str]  # what each kept step did, in words
+    pareto: list[Candidate]  # every evaluated candidate
+    message: str = ""  # why the search ended
+    reference_ms: dict = field(default_factory=dict)  # e.g. {"onnxruntime": ms} on the original model
+    seconds: float = 0.0
+    baseline_compiled: object = None
+
+    @property
+    def speedup(self) -> float:
+        return self.baseline_latency_ms / self.latency_ms
+
+    def __str__(self) -> str:
+        lines = [f"baseline: score {self.baseline_score:.4g}, {self.baseline_latency_ms:.3f} ms",
+                 f"chosen:   score {self.score:.4g}, {self.latency_ms:.3f} ms ({self.speedup:.2f}x faster)",
+                 "steps:    " + (", ".join(self.steps) or "none"),
+                 f"search:   {len(self.pareto)} candidates in {self.seconds:.0f} s; {self.message}"]
+        for name, ms in self.reference_ms.items():
+            lines.append(f"{name} on the original: {ms:.3f} ms ({ms / self.latency_ms:.2f}x the chosen latency)")
+        return "\n".join(lines)
+
+    def save_report(self, directory) -> Path:
+        """Writes README.md (baseline and chosen model, the steps, every candidate, the kernels'
+        time before and after) and pareto.png into `directory`; returns the markdown's path."""
+        from .compression_report import write_report
+
+        return write_report(self, Path(directory))
+
+
+def _score(evaluate, graph: Graph, what: str) -> float:
+    from .reference import to_torch
+
+    try:
+        value = evaluate(to_torch(graph, trainable=False))
+    except Exception as e:  # the user's function: any failure is reported as one line
+        raise CompressError(f"evaluate raised {type(e).__name__} on {what}: {e}") from e
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = float(value)
+    if not isinstance(value, (int, float, np.floating)) or isinstance(value, bool) or math.isnan(float(value)):
+        raise CompressError(f"evaluate returned {value!r} on {what}; it must return a number (higher is better)")
+    return float(value)
+
+
+def _latency_ms(cm, budget_s: float = 1.0) -> float:
+    """Median latency of single calls of a compiled model on its example inputs (about budget_s)."""
+    rt = cm._runtime
+    args = rt.example_inputs()
+    first = rt.benchmark(*args, repeats=5, warmup=3)["p50"]
+    repeats = int(min(500, max(20, budget_s * 1e3 / max(first, 1e-3))))
+    return rt.benchmark(*args, repeats=repeats, warmup=2)["p50"]
+
+
+def _onnxruntime_ms(model, args) -> float | None:
+    """ONNX Runtime's latency on the original model with its default session options, or None."""
+    try:
+        import tempfile
+
+        import onnxruntime as ort
+
+        with tempfile.TemporaryDirectory() as d:
+            path = str(Path(d) / "model.onnx")
+            torch.onnx.export(model, tuple(args), path, opset_version=17, dynamo=False)
+            sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        feed = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+        for _ in range(5):
+            sess.run(None, feed)
+        times = []
+        t_end = time.perf_counter() + 1.0
+        while time.perf_counter() < t_end or len(times) < 20:
+            t0 = time.perf_counter()
+            sess.run(None, feed)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times)) * 1e3
+    except Exception as e:  # a reference line only: the search does not need it
+        log.info("no ONNX Runtime reference: %s", e)
+        return None
+
+
+class _Search:
+    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery, techniques):
+        from .recovery import Finetune
+
+        self.baseline, self.args, self.evaluate, self.target = baseline, args, evaluate, target
+        self.calibration = calibration
+        self.techniques = techniques
+        self.recover = None
+        if train is not None:
+            kw = {"steps": 200, "teacher": baseline, "progress": False} | dict(recovery or {})
+            self.recover = lambda: Finetune(train, **kw)
+        self.used: set[str] = set()
+
+    def compile(self, graph: Graph):
+        from .api import compile as shave_compile
+
+        return shave_compile(graph, self.args, target=self.target, passes=["fold_bn"])
+
+    def actions(self, graph: Graph) -> list[tuple[str, str, Callable[[Graph], tuple[Graph, list]]]]:
+        """(key, label, graph -> (new graph, frozen passes)) for every technique that applies now;
+        every key but "prune" is used once."""
+        if "quantize" in self.used:
+            return []
+        out = []
+        if "prune" in self.techniques:
+            out.append(("prune", f"prune {PRUNE_STEP:.0%} of the channels", self._prune))
+        if "decompose" in self.techniques:
+            out.append(("decompose", "decompose tucker2 (ranks measured)", self._decompose))
+        if "rewrites" in self.techniques:
+            out.append(("depthwise_separable", "depthwise separable (layers measured)", self._depthwise_separable))
+            out.append(("shift_rewrite", "shift rewrite (layers measured)", self._shift_rewrite))
+        if "quantize" in self.techniques and self.calibration is not None:
+            out.append(("quantize", "int8 (layers measured)", self._quantize))
+        return [a for a in out if a[0] not in self.used]
+
+    def _prune(self, graph):
+        from .passes import Prune
+
+        p = Prune(ratio=PRUNE_STEP, target=self.target)
+        return p(graph), [p]
+
+    def _decompose(self, graph):
+        from .passes import Decompose
+
+        r = Decompose("tucker2", rank="auto", target=self.target).apply(graph)
+        frozen = [Decompose("tucker2", rank=lp.rank, layers=[lp.name], target=self.target)
+                  for lp in r.plan if lp.kept]
+        return r.graph, frozen
+
+    def _rewrite(self, cls, graph):
+        r = cls(data=self.calibration, target=self.target, exclude=()).apply(graph)
+        kept = [e.name for e in r.plan if e.kept]
+        return r.graph, ([cls(layers=kept, data=self.calibration)] if kept else [])
+
+    def _depthwise_separable(self, graph):
+        from .passes import DepthwiseSeparable
+
+        return self._rewrite(DepthwiseSeparable, graph)
+
+    def _shift_rewrite(self, graph):
+        from .passes import ShiftRewrite
+
+        return self._rewrite(ShiftRewrite, graph)
+
+    def _quantize(self, graph):
+        from .passes import FoldBN, Quantize
+
+        folded = FoldBN()(graph)
+        r = Quantize(self.calibration, target=self.target).apply(folded)
+        floats = [lq.name for lq in r.plan if not lq.quantized]
+        return r.graph, [FoldBN(), Quantize(self.calibration, exclude=floats)]
+
+
+def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float = 0.01, train=None,
+             calibration=None, speedup: float | None = None, time_budget: float | None = None,
+             techniques=TECHNIQUES, recovery: dict | None = None, final_recovery: dict | None = None,
+             reference: bool = True) -> CompressResult:
+    """The fastest compiled model whose score is within `max_drop` of the original's (see the module doc).
+
+    `evaluate(module) -> float` scores a callable torch module (higher is better; `max_drop` is in its
+    units). `train` yields (inputs, labels) batches, or inputs alone (distillation from the original);
+    without it nothing is recovered. `calibration` yields example inputs (int8 ranges, the rewrites'
+    refits); without it there is no int8. `speedup`: stop once this much faster. `time_budget`: seconds
+    for the search. `recovery` / `final_recovery`: shave.finetune arguments of the short recovery after
+    each try (default 200 steps) and of the last one (default 3x longer, with the best weights kept when
+    `validation` is given). `reference`: also time ONNX Runtime on the original (report and plot)."""
+    from .frontend.capture import _normalise_inputs, capture, eval_model
+    from .recovery import Finetune
+
+    t_start = time.perf_counter()
+    unknown = [t for t in techniques if t not in TECHNIQUES]
+    if unknown:
+        raise CompressError(f"unknown technique {unknown[0]!r}; known: {', '.join(TECHNIQUES)}")
+    if not callable(evaluate):
+        raise CompressError(f"evaluate must be a function module -> score, got {type(evaluate).__name__}")
+    if max_drop < 0:
+        raise CompressError(f"max_drop must be >= 0, got {max_drop!r}")
+    if isinstance(model, Graph):
+        graph = model.copy()
+        args = _normalise_inputs(example_inputs) if example_inputs is not None else None
+        torch_model = None
+    else:
+        torch_model = eval_model(model)
+        args = _normalise_inputs(example_inputs)
+        graph = capture(torch_model, args)
+    search = _Search(graph, args, evaluate, target, train, calibration, recovery, tuple(techniques))
+
+    base_score = _score(evaluate, graph, "the original model")
+    base_cm = search.compile(graph)
+    if not base_cm.runs_here:
+        raise CompressError(f"compress times candidates on this machine, and target {target!r} is another one")
+    base_ms = _latency_ms(base_cm)
+    refs = {}
+    if reference and torch_model is not None:
+        ort_ms = _onnxruntime_ms(torch_model, args)
+        if ort_ms is not None:
+            refs["onnxruntime"] = ort_ms
+    log.info("baseline: score %.4g, %.3f ms", base_score, base_ms)
+    pareto = [Candidate([], base_score, base_ms, graph.stats()["bytes"], 0, kept=True)]
+    current = _State(graph, [], [], base_score, base_ms, base_cm)
+    message, step = "", 0
+    best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm)  # noqa: E731
+
+    try:
+        while True:
+            step += 1
+            if speedup is not None and base_ms / current.ms >= speedup:
+                message = f"reached {speedup:g}x"
+                break
+            tries = []
+            for key, label, act in tqdm(search.actions(current.graph), desc=f"compress step {step}", unit="try",
+                                        leave=False, disable=None):
+                if time_budget is not None and time.perf_counter() - t_start > time_budget:
+                    break
+                t0 = time.perf_counter()
+                try:
+                    g, frozen = act(current.graph)
+                except ShaveError as e:
+                    log.info("step %d: %s does not apply: %s", step, label, e)
+                    search.used.add(key)
+                    continue
+                if not frozen:  # a measured technique that kept no layer
+                    search.used.add(key)
+                    continue
+                passes = list(frozen)
+                if search.recover is not None and key != "quantize":
+                    rec = search.recover()
+                    g = rec(g)
+                    passes.append(rec)
+                score = _score(evaluate, g, f"step {step} ({label})")
+                cm = search.compile(g)
+                ms = _latency_ms(cm)
+                cand = Candidate(current.steps + [label], score, ms, g.stats()["bytes"], step)
+                pareto.append(cand)
+                tries.append((cand, g, passes, cm, label, key))
+                log.info("step %d: %s -> score %.4g, %.3f ms (%.0f s)", step, label, score, ms,
+                         time.perf_counter() - t0)
+            ok = [t for t in tries if t[0].latency_ms <= FASTER * current.ms and t[0].score >= base_score - max_drop]
+            if not ok:
+                message = ("time budget spent" if time_budget is not None and time.perf_counter() - t_start > time_budget
+                           else "no technique made it faster within max_drop")
+                break
+            cand, g, passes, cm, label, key = max(
+                ok, key=lambda t: (current.ms - t[0].latency_ms) / max(current.score - t[0].score,
+                                                                       1e-3 * max(abs(base_score), 1e-9)))
+            cand.kept = True
+            if key != "prune":
+                search.used.add(key)
+            current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm)
+    except CompressError as e:
+        raise CompressError(str(e), best()) from e
+
+    if search.recover is not None and current.steps and "quantize" not in search.used:
+        kw = {"steps": 3 * (recovery or {}).get("steps", 200), "teacher": graph} | dict(final_recovery or {})
+        rec = Finetune(train, **kw)
+        g = rec(current.graph)
+        score = _score(evaluate, g, "the final recovery")
+        if score >= current.score:
+            cm = search.compile(g)
+            current = _State(g, current.recipe + [rec], current.steps + ["final recovery"], score, _latency_ms(cm), cm)
+    if speedup is not None and base_ms / current.ms < speedup:
+        log.warning("compress: %.2fx is the fastest within max_drop=%g, short of speedup=%g",
+                    base_ms / current.ms, max_drop, speedup)
+        message += f"; short of speedup={speedup:g}"
+    return best()
+
+
+@dataclass
+class _State:
+    graph: Graph
+    recipe: list
+    steps: list
+    score: float
+    ms: float
+    cm: object
+
+
+def _result(state: _State, base_score, base_ms, pareto, refs, message, t_start, base_cm) -> CompressResult:
+    from .passes import FoldBN
+
+    return CompressResult(compiled=state.cm, graph=state.graph, score=state.score, baseline_score=base_score,
+                          latency_ms=state.ms, baseline_latency_ms=base_ms, recipe=state.recipe + [FoldBN()],
+                          steps=list(state.steps), pareto=list(pareto), message=message, reference_ms=dict(refs),
+                          seconds=time.perf_counter() - t_start, baseline_compiled=base_cm)
