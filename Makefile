@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-threads bench-contention bench-coverage clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-recovery bench-compress bench-threads bench-contention bench-coverage clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -52,6 +52,12 @@ bench-rewrites: setup
 
 bench-quantize: setup
 	flock /tmp/shave-cpu.lock $(PY) benchmarks/quantize.py
+
+bench-recovery: setup
+	$(PY) benchmarks/recovery.py
+
+bench-compress: setup
+	$(PY) benchmarks/compress.py
 
 bench-threads: setup
 	$(PY) benchmarks/threads.py

@@ -150,10 +150,50 @@ def _compile(args) -> None:
     print(f"wrote {path}")
 
 
+def _load_callable(spec: str, what: str):
+    """The function a module:function names."""
+    import importlib
+    import os
+
+    module, sep, fn = spec.partition(":")
+    if not sep or not fn:
+        raise PassError(f"{what} {spec!r}: give module:function")
+    sys.path.insert(0, os.getcwd())
+    try:
+        return getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError) as e:
+        raise PassError(f"{what} {spec!r}: {type(e).__name__}: {e}") from None
+
+
+def _compress(args) -> None:
+    from pathlib import Path
+
+    import shave
+
+    model, inputs = _load_model(args.model)
+    evaluate = _load_callable(args.eval, "--eval")
+    train = _load_callable(args.train, "--train")() if args.train else None
+    calibration = _load_callable(args.calibration, "--calibration")() if args.calibration else None
+    r = shave.compress(model, inputs, evaluate, target=args.target, max_drop=args.max_drop, train=train,
+                       calibration=calibration, speedup=args.speedup, time_budget=args.time_budget,
+                       techniques=tuple(t.strip() for t in args.techniques.split(",") if t.strip()))
+    path = r.compiled.export(args.output)
+    out = Path(path)
+    recipe = out.with_name(out.name + ".recipe.txt")
+    recipe.write_text("\n".join(["# shave.compress recipe: the passes, in order (replay from Python with "
+                                  "shave.compile(model, x, passes=result.recipe))"] + [repr(p) for p in r.recipe]
+                                 + ["# steps: " + "; ".join(r.steps)]) + "\n")
+    report = r.save_report(Path(args.report) if args.report else out.with_name(out.stem + "-report"))
+    print(r)
+    print(f"wrote {path}, {recipe} and {report}")
+
+
 EXAMPLES = """examples:
   shave compile model.pt2 -o model.shave --target x86 --passes fold_bn,prune:ratio=0.3 --include-ir
   shave compile model.shave -o model-arm.shave --target arm64   # again, from the IR inside
   shave compile mypkg.models:make -o model.shave      # make() returns (model, example_inputs)
+  shave compress mypkg.models:make --eval mypkg.data:accuracy --train mypkg.data:train_batches \\
+      --calibration mypkg.data:images --max-drop 1.0 -o small.shave
   shave bench model.shave --repeats 200
   shave profile model.shave --top 15
   shave info model.shave
@@ -199,6 +239,21 @@ def main(argv=None) -> int:
     p.add_argument("--include-ir", action="store_true",
                    help="keep the compiled IR in the artifact, so it can be compiled again for another target")
     p.set_defaults(fn=_compile)
+    p = sub.add_parser("compress", help="search for the fastest artifact within an accuracy budget (needs torch)",
+                       epilog="MODEL as for compile; --eval names a function module -> score (higher is better), "
+                              "--train and --calibration functions returning the data")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True, help="the artifact to write; the recipe and report go beside it")
+    p.add_argument("--eval", required=True, metavar="MODULE:FUNCTION", help="evaluate(module) -> score")
+    p.add_argument("--train", metavar="MODULE:FUNCTION", help="returns (inputs, labels) or inputs batches")
+    p.add_argument("--calibration", metavar="MODULE:FUNCTION", help="returns example input batches (int8)")
+    p.add_argument("--max-drop", type=float, default=0.01, help="in the score's units (default 0.01)")
+    p.add_argument("--speedup", type=float, default=None, help="stop once this much faster")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS")
+    p.add_argument("--techniques", default="prune,decompose,rewrites,quantize")
+    p.add_argument("--target", default="x86")
+    p.add_argument("--report", default=None, help="report directory (default: beside the artifact)")
+    p.set_defaults(fn=_compress)
     args = ap.parse_args(argv)
     try:
         args.fn(args)

@@ -100,3 +100,22 @@ def test_an_artifact_with_its_ir_compiles_again_for_another_target(tmp_path):
     assert plain.returncode == 0
     with pytest.raises(shave.IRError, match="holds no IR; export it with cm.export"):
         shave.load_graph(tmp_path / "plain.shave")
+
+
+def test_compress_writes_the_artifact_its_recipe_and_report(tmp_path):
+    (tmp_path / "job.py").write_text(
+        "import torch\nfrom torch import nn\n\n"
+        "def make():\n    torch.manual_seed(0)\n"
+        "    m = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),\n"
+        "                      nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                      nn.Flatten(), nn.Linear(32, 4)).eval()\n"
+        "    return m, (torch.randn(1, 3, 16, 16),)\n\n"
+        "def score(m):\n    return float(m(torch.ones(2, 3, 16, 16)).abs().mean() >= 0)\n")
+    out = _cli("compress", "job:make", "--eval", "job:score", "--techniques", "prune", "--max-drop", "0.5",
+               "--time-budget", "60", "-o", "small.shave", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "small.shave").is_file() and (tmp_path / "small-report" / "README.md").is_file()
+    recipe = (tmp_path / "small.shave.recipe.txt").read_text()
+    assert "FoldBN(" in recipe and "# steps:" in recipe
+    bad = _cli("compress", "job:make", "--eval", "job:nothing", "-o", "x.shave", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.count("\n") == 1 and "job:nothing" in bad.stderr

@@ -128,7 +128,14 @@ class Pass:
         return self.apply(graph).graph
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.name!r}, {self.contract})"
+        """The class with its plain settings (numbers, strings, names), e.g. Prune(ratio=0.25, ...);
+        data, timers and other objects are left out."""
+        def plain(v):
+            return v is None or isinstance(v, (bool, int, float, str)) or (
+                isinstance(v, (tuple, list, frozenset)) and all(isinstance(x, (str, int, float)) for x in v))
+        args = ", ".join(f"{k}={sorted(v) if isinstance(v, frozenset) else v!r}" for k, v in vars(self).items()
+                         if not k.startswith("_") and plain(v) and k not in ("name", "contract", "tolerance"))
+        return f"{type(self).__name__}({args})"
 
 
 class FunctionPass(Pass):
