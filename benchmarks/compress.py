@@ -88,8 +88,8 @@ def mobilenet(args) -> None:
     result = shave.compress(
         model, (imgs[:1],), lambda m: agreement(m, search_set, ref_search), max_drop=args.max_drop_mobilenet,
         train=list(train.split(32)), calibration=list(calib.split(32)), time_budget=args.time_budget,
-        recovery={"steps": 30, "lr": 5e-4, "augment": shave.augment()},
-        final_recovery={"epochs": 3, "lr": 5e-4, "augment": shave.augment()})
+        recovery={"steps": 30, "lr": 1e-4, "augment": shave.augment()},
+        final_recovery={"epochs": 2, "lr": 1e-4, "augment": shave.augment()})
     score = lambda g: 100.0 if g is None else agreement(shave.to_torch(g), evalset, ref_eval)  # noqa: E731
     side_by_side("MobileNetV2 (ImageNet weights, no labels)", model, imgs[:1], result, score,
                  "top-1 agreement % (520 images)")

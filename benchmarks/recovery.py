@@ -12,8 +12,8 @@ the measured latency of what it recovered.
    best weights on 5k held-out training images kept. Int8: post-training quantization (PTQ)
    beside quantization-aware fine-tuning (QAT: one epoch through the fake-quant graph at lr/30),
    with fixed and with learned step sizes (LSQ). Test accuracy on the 10k test images.
-2. MobileNetV2 with real ImageNet weights and no labels: 30 % of channels pruned (l1), then
-   label-free distillation from the original on `--crops` random crops of scikit-image's bundled
+2. MobileNetV2 with real ImageNet weights and no labels: 10 % and 30 % of channels pruned (l1),
+   then label-free distillation from the original on `--crops` random crops of scikit-image's bundled
    photographs (none of the 20 evaluation images) with online augmentation. Top-1 agreement with
    the original on the 20 ImageNet images and 500 perturbed copies (the set bench-quantize uses),
    without recovery, with the batch-norm statistics re-estimated alone, and after distillation.
@@ -41,10 +41,10 @@ from shave.passes import Decompose, DepthwiseSeparable, FoldBN, Prune, Quantize,
 from shave.passes.quantize import convert  # noqa: E402
 from shave.recovery import recalibrate_batch_norms  # noqa: E402
 
-FASHION = [  # (label, pass factory taking the calibration data)
-    ("tucker2 50 % FLOPs", lambda d: Decompose("tucker2", flop_budget=0.5)),
-    ("ShiftRewrite", lambda d: ShiftRewrite(exclude="stem.*", data=d, target="x86")),
-    ("DepthwiseSeparable", lambda d: DepthwiseSeparable(exclude="stem.*", data=d, target="x86")),
+FASHION = [  # (label, pass factory taking the calibration data, recovery epochs as a multiple of --epochs)
+    ("tucker2 50 % FLOPs", lambda d: Decompose("tucker2", flop_budget=0.5), 1),
+    ("ShiftRewrite", lambda d: ShiftRewrite(exclude="stem.*", data=d, target="x86"), 1),
+    ("DepthwiseSeparable", lambda d: DepthwiseSeparable(exclude="stem.*", data=d, target="x86"), 1),
 ]
 
 
@@ -62,33 +62,38 @@ def fashion(args) -> None:
 
     compiled = {"original": shave.compile(base, (x1,), passes=[])}
     rows = [["original", f"{base.stats()['flops'] / 1e6:.1f}", "-", f"{base_acc:.2f}", "-"]]
-    for label, make in FASHION:
+    chosen = [v.strip() for v in args.variants.split(",")]
+    for label, make, times in FASHION:
+        if not any(c in label for c in chosen):
+            continue
         g = make(calib)(graph)
         before = evaluate(g)
-        tuned, sec = recover(g, args.epochs, args.lr)
+        tuned, sec = recover(g, args.epochs * times, args.lr)
         tuned = FoldBN()(tuned)
         compiled[label] = shave.compile(tuned, (x1,), passes=[])
         rows.append([label, f"{tuned.stats()['flops'] / 1e6:.1f}", f"{before:.2f}", f"{evaluate(tuned):.2f}",
                      f"{sec:.0f}"])
         print(f"  {label}: {before:.2f} -> {rows[-1][3]} in {sec:.0f} s", flush=True)
 
-    ptq = Quantize(calib)(base)
-    compiled["int8 PTQ"] = shave.compile(ptq, (x1,), passes=[])
-    rows.append(["int8 PTQ", "-", "-", f"{evaluate(ptq):.2f}", "0"])
-    sim = Quantize(calib, simulate=True)(base)
-    for label, learn in (("int8 QAT", False), ("int8 QAT, learned step sizes", True)):
-        tuned, sec = recover(sim, 1, args.lr / 30, learn_scales=learn)
-        gi = convert(tuned)
-        compiled[label] = shave.compile(gi, (x1,), passes=[])
-        rows.append([label, "-", f"{evaluate(sim):.2f}", f"{evaluate(gi):.2f}", f"{sec:.0f}"])
-        print(f"  {label}: {evaluate(sim):.2f} -> {rows[-1][3]} in {sec:.0f} s", flush=True)
+    if "int8" in chosen:
+        ptq = Quantize(calib)(base)
+        compiled["int8 PTQ"] = shave.compile(ptq, (x1,), passes=[])
+        rows.append(["int8 PTQ", "-", "-", f"{evaluate(ptq):.2f}", "0"])
+        sim = Quantize(calib, simulate=True)(base)
+        for label, learn in (("int8 QAT", False), ("int8 QAT, learned step sizes", True)):
+            tuned, sec = recover(sim, 1, args.lr / 30, learn_scales=learn)
+            gi = convert(tuned)
+            compiled[label] = shave.compile(gi, (x1,), passes=[])
+            rows.append([label, "-", f"{evaluate(sim):.2f}", f"{evaluate(gi):.2f}", f"{sec:.0f}"])
+            print(f"  {label}: {evaluate(sim):.2f} -> {rows[-1][3]} in {sec:.0f} s", flush=True)
 
     eager, others, _ = time_variants(compiled, rows, model, x1)
     print(f"\nFashion-MNIST ResNet, {host_line()}; PyTorch eager {eager:.3f} ms; others' CPU while timing: "
           f"{others:.0f} %\n")
     print(markdown_table(["model", "MFLOPs", "acc % after the pass", "acc % after recovery", "recovery s",
                           "shave ms", "speed-up"], rows, right=set(range(1, 7))))
-    print(f"\nrecovery: {args.epochs} epochs (int8: 1 epoch at lr/30), AdamW peak lr {args.lr}; accuracy after"
+    print(f"\nrecovery: {args.epochs:g} epochs (int8: 1 epoch at lr/30), AdamW peak lr "
+          f"{args.lr}; accuracy after"
           " int8 rows is the integer graph's (convert of the trained simulation)")
 
 
@@ -106,26 +111,28 @@ def mobilenet(args) -> None:
     agree = lambda g: float((predict(g, evalset) == ref).float().mean()) * 100  # noqa: E731
     crops = photo_crops(args.crops, seed=0)
     data = list(crops.split(32))
-    pruned = Prune(ratio=0.3)(graph)
-    rows = [["original", "-", "100.00"], ["pruned 30 %, no recovery", "0", f"{agree(pruned):.2f}"]]
-    print(f"MobileNetV2: {rows[1][0]}: agreement {rows[1][2]} %", flush=True)
-    t0 = time.perf_counter()
-    recal = recalibrate_batch_norms(pruned, data)
-    rows.append(["pruned 30 %, batch-norm statistics re-estimated", f"{time.perf_counter() - t0:.0f}",
-                 f"{agree(recal):.2f}"])
-    print(f"  {rows[-1][0]}: {rows[-1][2]} %", flush=True)
-    t0 = time.perf_counter()
-    tuned = shave.finetune(pruned, data, epochs=args.mobilenet_epochs, lr=args.mobilenet_lr, teacher=graph,
-                           augment=shave.augment())
-    rows.append([f"pruned 30 %, label-free distillation ({args.mobilenet_epochs} epochs, {args.crops} crops)",
-                 f"{time.perf_counter() - t0:.0f}", f"{agree(tuned):.2f}"])
-    print(f"  {rows[-1][0]}: {rows[-1][2]} %", flush=True)
-    compiled = {"original": shave.compile(FoldBN()(graph), (x1,), passes=[]),
-                "pruned": shave.compile(FoldBN()(tuned), (x1,), passes=[])}
-    timed = [rows[0], rows[-1]]
+    rows = [["original", "-", "100.00"]]
+    compiled = {"original": shave.compile(FoldBN()(graph), (x1,), passes=[])}
+    timed = [rows[0]]
+    for ratio in (0.1, 0.3):
+        pruned = Prune(ratio=ratio)(graph)
+        rows.append([f"pruned {ratio:.0%}, no recovery", "0", f"{agree(pruned):.2f}"])
+        t0 = time.perf_counter()
+        recal = recalibrate_batch_norms(pruned, data)
+        rows.append([f"pruned {ratio:.0%}, batch-norm statistics re-estimated", f"{time.perf_counter() - t0:.0f}",
+                     f"{agree(recal):.2f}"])
+        t0 = time.perf_counter()
+        tuned = shave.finetune(pruned, data, epochs=args.mobilenet_epochs, lr=args.mobilenet_lr, teacher=graph,
+                               augment=shave.augment())
+        rows.append([f"pruned {ratio:.0%}, label-free distillation ({args.mobilenet_epochs:g} epochs, "
+                     f"{args.crops} crops)", f"{time.perf_counter() - t0:.0f}", f"{agree(tuned):.2f}"])
+        for r in rows[-3:]:
+            print(f"  MobileNetV2 {r[0]}: agreement {r[2]} % ({r[1]} s)", flush=True)
+        compiled[f"pruned {ratio:.0%}"] = shave.compile(FoldBN()(tuned), (x1,), passes=[])
+        timed.append(rows[-1])
     eager, others, _ = time_variants(compiled, timed, model, x1)
-    for r in rows[1:-1]:
-        r += ["", ""]
+    for r in rows:
+        r += [""] * (5 - len(r))
     print(f"\nMobileNetV2 (ImageNet weights, no labels), {host_line()}; PyTorch eager {eager:.2f} ms; "
           f"others' CPU while timing: {others:.0f} %\n")
     print(markdown_table(["model", "recovery s", "top-1 agreement % (520 images)", "shave ms", "speed-up"], rows,
@@ -138,8 +145,10 @@ def main(argv=None) -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--models", default="fashion,mobilenet_v2")
     ap.add_argument("--crops", type=int, default=1000)
-    ap.add_argument("--mobilenet-epochs", type=float, default=4)
-    ap.add_argument("--mobilenet-lr", type=float, default=5e-4)
+    ap.add_argument("--variants", default="tucker2,ShiftRewrite,DepthwiseSeparable,int8",
+                    help="Fashion rows to run (label substrings)")
+    ap.add_argument("--mobilenet-epochs", type=float, default=2)
+    ap.add_argument("--mobilenet-lr", type=float, default=1e-4)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
