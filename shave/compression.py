@@ -321,7 +321,9 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         raise CompressError(str(e), best()) from e
 
     if search.recover is not None and current.steps and "quantize" not in search.used:
-        kw = {"steps": 3 * (recovery or {}).get("steps", 200), "teacher": graph} | dict(final_recovery or {})
+        kw = {"teacher": graph} | dict(final_recovery or {})
+        if not {"steps", "epochs", "seconds"} & set(kw):
+            kw["steps"] = 3 * (recovery or {}).get("steps", 200)
         rec = Finetune(train, **kw)
         g = rec(current.graph)
         score = _score(evaluate, g, "the final recovery")

@@ -88,6 +88,9 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
     if augment is not None and not isinstance(augment, ImageAugment):
         augment = _with_generator(augment)
 
+    if learn_scales and not any(n.op in ("fake_quant", "fake_quant_channel") for n in graph.nodes):
+        raise PassError("finetune learn_scales=True wants a fake-quant graph: run "
+                        "shave.passes.Quantize(data, simulate=True) first")
     stream = _Stream(graph, data, teacher is not None)
     feats = _feature_names(graph, teacher, features) if features else []
     gen = torch.Generator().manual_seed(seed)
@@ -96,9 +99,6 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
         work, inserted = graph, []
         if batch_norm == "insert":
             work, inserted = insert_batch_norms(graph, stream.first_inputs(8))
-        if learn_scales and not any(n.op in ("fake_quant", "fake_quant_channel") for n in graph.nodes):
-            raise PassError("finetune learn_scales=True wants a fake-quant graph: run "
-                            "shave.passes.Quantize(data, simulate=True) first")
         student = to_torch(_with_outputs(work, feats), trainable=True, learn_scales=learn_scales)
         teach = _teacher_module(teacher, feats)
         loop = _Loop(student, teach, stream, feats=len(feats), lr=lr, optimizer=optimizer,
@@ -120,6 +120,8 @@ def finetune(graph: Graph, data, steps: int | None = None, *, epochs: float | No
                  "final": True}
         if scorer is not None:
             final["score"] = scorer(to_torch(trained, trainable=False))
+            if _world() > 1:
+                final["score"] = _all_reduce(final["score"], "mean")
             log.info("recovery done after %d steps, %.0f s: score %.4g", loop.step, final["seconds"], final["score"])
         records.append(final)
     if history is not None:

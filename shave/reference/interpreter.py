@@ -5,9 +5,9 @@ becomes an nn.Parameter (statistics the op registry calls buffers become
 buffers), so the module trains like any other. A batch norm whose statistics
 and affine weights are its own becomes an `IRBatchNorm` submodule (a torch
 `_BatchNorm`): in `.train()` it normalises with batch statistics and updates
-its running ones, `SyncBatchNorm.convert_sync_batchnorm` converts it for
-DistributedDataParallel, and in `.eval()` (the default `to_torch` returns) it
-is the IR's inference batch norm. `from_torch(module, graph)` writes a trained
+its running ones (under torch.distributed, those of the global batch, on any
+device: no SyncBatchNorm conversion is needed), and in `.eval()` (the mode
+`to_torch` returns) it is the IR's inference batch norm. `from_torch(module, graph)` writes a trained
 module's weights and statistics back into a copy of the graph.
 """
 from __future__ import annotations
