@@ -20,9 +20,11 @@ Each try is followed by a short recovery (with `train`: a few hundred steps of
 `shave.finetune`, distilled from the original), scored with `evaluate`,
 compiled and timed as a whole model on this machine. The step keeps the try
 that buys the most latency per point of score lost among those that are
-measurably faster than the current model (2 %) and within `max_drop` of the
-baseline score; the search ends when none is, at `speedup=`, or when
-`time_budget` (seconds) runs out. A final, longer recovery follows. Measured
+measurably faster than the current model (2 %) and within `short_drop` of the
+baseline score (short recoveries understate what a long one gets back: 3 x
+max_drop by default); the search ends when none is, at `speedup=`, or when
+`time_budget` (seconds) runs out. A final, longer recovery follows and must end
+within `max_drop`; where it does not, the search backs off a step. Measured
 decisions are frozen into the recipe (the ranks and layers chosen, the layers
 kept float), so `shave.compile(model, x, passes=result.recipe)` replays it
 to the same graph without timing anything.
@@ -224,7 +226,7 @@ class _Search:
 def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float = 0.01, train=None,
              calibration=None, speedup: float | None = None, time_budget: float | None = None,
              techniques=TECHNIQUES, recovery: dict | None = None, final_recovery: dict | None = None,
-             reference: bool = True) -> CompressResult:
+             short_drop: float | None = None, reference: bool = True) -> CompressResult:
     """The fastest compiled model whose score is within `max_drop` of the original's (see the module doc).
 
     `evaluate(module) -> float` scores a callable torch module (higher is better; `max_drop` is in its
@@ -233,7 +235,10 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     refits); without it there is no int8. `speedup`: stop once this much faster. `time_budget`: seconds
     for the search. `recovery` / `final_recovery`: shave.finetune arguments of the short recovery after
     each try (default 200 steps) and of the last one (default 3x longer, with the best weights kept when
-    `validation` is given). `reference`: also time ONNX Runtime on the original (report and plot)."""
+    `validation` is given). `short_drop`: how far below the original a try may score after its short
+    recovery (default 3 x max_drop with `train`, else max_drop); the final recovery must end within
+    `max_drop`, else the search backs off to the step before (at most 3 tries, then the original).
+    `reference`: also time ONNX Runtime on the original (report and plot)."""
     from .frontend.capture import _normalise_inputs, capture, eval_model
     from .recovery import Finetune
 
@@ -267,7 +272,9 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             refs["onnxruntime"] = ort_ms
     log.info("baseline: score %.4g, %.3f ms", base_score, base_ms)
     pareto = [Candidate([], base_score, base_ms, graph.stats()["bytes"], 0, kept=True)]
-    current = _State(graph, [], [], base_score, base_ms, base_cm)
+    current = _State(graph, [], [], base_score, base_ms, base_cm, final=True)
+    kept = [current]
+    short_drop = (3 * max_drop if train is not None else max_drop) if short_drop is None else short_drop
     message, step = "", 0
     best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm)  # noqa: E731
 
@@ -305,7 +312,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                 tries.append((cand, g, passes, cm, label, key))
                 log.info("step %d: %s -> score %.4g, %.3f ms (%.0f s)", step, label, score, ms,
                          time.perf_counter() - t0)
-            ok = [t for t in tries if t[0].latency_ms <= FASTER * current.ms and t[0].score >= base_score - max_drop]
+            ok = [t for t in tries if t[0].latency_ms <= FASTER * current.ms and t[0].score >= base_score - short_drop]
             if not ok:
                 message = ("time budget spent" if time_budget is not None and time.perf_counter() - t_start > time_budget
                            else "no technique made it faster within max_drop")
@@ -316,20 +323,30 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             cand.kept = True
             if key != "prune":
                 search.used.add(key)
-            current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm)
+            current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm,
+                             final=key == "quantize" or search.recover is None)
+            kept.append(current)
     except CompressError as e:
         raise CompressError(str(e), best()) from e
 
-    if search.recover is not None and current.steps and "quantize" not in search.used:
-        kw = {"teacher": graph} | dict(final_recovery or {})
-        if not {"steps", "epochs", "seconds"} & set(kw):
-            kw["steps"] = 3 * (recovery or {}).get("steps", 200)
-        rec = Finetune(train, **kw)
-        g = rec(current.graph)
-        score = _score(evaluate, g, "the final recovery")
-        if score >= current.score:
+    # the final recovery, from the last kept step back (at most 3 tries) to one within max_drop
+    for state in reversed(kept[-3:]):
+        if not state.final:
+            kw = {"teacher": graph} | dict(final_recovery or {})
+            if not {"steps", "epochs", "seconds"} & set(kw):
+                kw["steps"] = 3 * (recovery or {}).get("steps", 200)
+            rec = Finetune(train, **kw)
+            g = rec(state.graph)
+            score = _score(evaluate, g, "the final recovery")
             cm = search.compile(g)
-            current = _State(g, current.recipe + [rec], current.steps + ["final recovery"], score, _latency_ms(cm), cm)
+            state = _State(g, state.recipe + [rec], state.steps + ["final recovery"], score, _latency_ms(cm), cm,
+                           final=True)
+        if state.score >= base_score - max_drop:
+            current = state
+            break
+        message += f"; {' + '.join(state.steps)} ended at {state.score:.4g}, beyond max_drop"
+    else:
+        current = kept[0]
     if speedup is not None and base_ms / current.ms < speedup:
         log.warning("compress: %.2fx is the fastest within max_drop=%g, short of speedup=%g",
                     base_ms / current.ms, max_drop, speedup)
@@ -345,6 +362,7 @@ class _State:
     score: float
     ms: float
     cm: object
+    final: bool = False  # its score is final (recovered, int8, or nothing to recover with)
 
 
 def _result(state: _State, base_score, base_ms, pareto, refs, message, t_start, base_cm) -> CompressResult:
