@@ -18,25 +18,18 @@ from .isa import compiling_for, isa
 from .ir import Graph, verify
 from .ir.serialize import IR_MEMBER, graph_bytes
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
-from .runtime.report import Report, relative_error
+from .runtime.report import Report, exact_tolerance, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
 
 log = logging.getLogger("shave")
 
 BUILD_TOLERANCE = 1e-4  # compiled code vs the IR it was built from, relative to output scale
-# A graph that rounds float results to int8 codes (a quantize op, or an int8 layer with a sigmoid or SiLU
-# computed in float) can land one code away where the backend's float arithmetic differs from PyTorch's
-# in the last bit (exp, a sum's order); one code in an early layer moves the outputs by ~1e-3..1e-2.
-# Such graphs are checked against this bound instead (a backend bug is off by far more).
-INT8_BOUNDARY_TOLERANCE = 5e-2
 
 
 def build_tolerance(graph: Graph) -> float:
     """How far compiled code may be from the IR it was built from (see INT8_BOUNDARY_TOLERANCE)."""
-    rounds_floats = any(n.op == "quantize" or (n.op in ("qconv2d", "qlinear") and n.attrs.get("act") in ("sigmoid", "silu"))
-                        for n in graph.nodes)
-    return INT8_BOUNDARY_TOLERANCE if rounds_floats else BUILD_TOLERANCE
+    return exact_tolerance(graph, BUILD_TOLERANCE)
 
 
 def _probes(args: tuple[torch.Tensor, ...]) -> list[tuple[np.ndarray, ...]]:

@@ -18,6 +18,26 @@ def relative_error(outputs, reference) -> float:
     return worst
 
 
+# A graph that rounds float results to int8 codes (a quantize op, or an int8 layer with a sigmoid or SiLU
+# computed in float) can land one code away wherever two computations of the same float value differ
+# in the last bit: the backend's exp or summation order against PyTorch's, or a batch norm folded into
+# the conv before it. One code in an early layer moves the outputs by ~1e-3..1e-2, so "exact" for such
+# graphs means within this bound (a real bug is off by far more); the report shows the error.
+INT8_BOUNDARY_TOLERANCE = 5e-2
+
+
+def rounds_floats_to_int8(graph) -> bool:
+    """Whether `graph` rounds float values to int8 codes (see INT8_BOUNDARY_TOLERANCE)."""
+    return any(n.op == "quantize" or (n.op in ("qconv2d", "qlinear") and n.attrs.get("act") in ("sigmoid", "silu"))
+               for n in graph.nodes)
+
+
+def exact_tolerance(graph, tolerance: float) -> float:
+    """The tolerance an exact step (a pass, the build) gets on `graph`: its own, widened to
+    INT8_BOUNDARY_TOLERANCE where the graph rounds floats to int8."""
+    return max(tolerance, INT8_BOUNDARY_TOLERANCE) if rounds_floats_to_int8(graph) else tolerance
+
+
 @dataclass
 class Row:
     stage: str
