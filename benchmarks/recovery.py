@@ -68,7 +68,7 @@ def fashion(args) -> None:
             continue
         g = make(calib)(graph)
         before = evaluate(g)
-        tuned, sec = recover(g, args.epochs * times, args.lr)
+        tuned, sec = recover(g, args.epochs * times, args.lr, features=args.features)
         tuned = FoldBN()(tuned)
         compiled[label] = shave.compile(tuned, (x1,), passes=[])
         rows.append([label, f"{tuned.stats()['flops'] / 1e6:.1f}", f"{before:.2f}", f"{evaluate(tuned):.2f}",
@@ -114,21 +114,24 @@ def mobilenet(args) -> None:
     rows = [["original", "-", "100.00"]]
     compiled = {"original": shave.compile(FoldBN()(graph), (x1,), passes=[])}
     timed = [rows[0]]
-    for ratio in (0.1, 0.3):
-        pruned = Prune(ratio=ratio)(graph)
-        rows.append([f"pruned {ratio:.0%}, no recovery", "0", f"{agree(pruned):.2f}"])
+    calib = crops[:64].split(16)  # for the data-driven criteria
+    for ratio in (float(r) for r in args.mobilenet_ratios.split(",")):
+        pruned = Prune(ratio=ratio, criterion=args.mobilenet_criterion,
+                       data=calib if args.mobilenet_criterion in ("taylor", "reconstruction") else None)(graph)
+        tag = f"pruned {ratio:.0%} ({args.mobilenet_criterion})"
+        rows.append([f"{tag}, no recovery", "0", f"{agree(pruned):.2f}"])
         t0 = time.perf_counter()
         recal = recalibrate_batch_norms(pruned, data)
-        rows.append([f"pruned {ratio:.0%}, batch-norm statistics re-estimated", f"{time.perf_counter() - t0:.0f}",
+        rows.append([f"{tag}, batch-norm statistics re-estimated", f"{time.perf_counter() - t0:.0f}",
                      f"{agree(recal):.2f}"])
         t0 = time.perf_counter()
         tuned = shave.finetune(pruned, data, epochs=args.mobilenet_epochs, lr=args.mobilenet_lr, teacher=graph,
                                augment=shave.augment())
-        rows.append([f"pruned {ratio:.0%}, label-free distillation ({args.mobilenet_epochs:g} epochs, "
+        rows.append([f"{tag}, label-free distillation ({args.mobilenet_epochs:g} epochs, "
                      f"{args.crops} crops)", f"{time.perf_counter() - t0:.0f}", f"{agree(tuned):.2f}"])
         for r in rows[-3:]:
             print(f"  MobileNetV2 {r[0]}: agreement {r[2]} % ({r[1]} s)", flush=True)
-        compiled[f"pruned {ratio:.0%}"] = shave.compile(FoldBN()(tuned), (x1,), passes=[])
+        compiled[tag] = shave.compile(FoldBN()(tuned), (x1,), passes=[])
         timed.append(rows[-1])
     eager, others, _ = time_variants(compiled, timed, model, x1)
     for r in rows:
@@ -149,6 +152,11 @@ def main(argv=None) -> None:
                     help="Fashion rows to run (label substrings)")
     ap.add_argument("--mobilenet-epochs", type=float, default=2)
     ap.add_argument("--mobilenet-lr", type=float, default=1e-4)
+    ap.add_argument("--mobilenet-ratios", default="0.1,0.3", help="pruning ratios, comma-separated")
+    ap.add_argument("--mobilenet-criterion", default="l1", help="Prune criterion (taylor and reconstruction use "
+                    "64 of the crops as calibration data)")
+    ap.add_argument("--features", action="store_true",
+                    help="Fashion rewrites: also match the original's features at layers that kept their shape")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)

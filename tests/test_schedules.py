@@ -241,6 +241,32 @@ def test_linear_layers_become_conv_kernels(n, k, j, bias):
     _check(model, x)
 
 
+class ChannelsLastMLP(nn.Module):
+    """ConvNeXt's block: a conv, then linear layers on the channels-last (N, H, W, C) view."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.norm = nn.Conv2d(3, 16, 3, padding=1), nn.LayerNorm(16)
+        self.fc1, self.fc2 = nn.Linear(16, 48), nn.Linear(48, 16)
+
+    def forward(self, x):
+        y = self.norm(self.conv(x).permute(0, 2, 3, 1))
+        return self.fc2(torch.relu(self.fc1(y))).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 7, 9), (2, 3, 5, 6)])
+def test_linear_layers_on_channels_last_maps_become_conv_kernels(shape):
+    """A linear layer on x[N, H, W, C] runs on the conv kernel over its [N*H*W, C] view (TVM's own
+    matmul took 1.4 s for one of ConvNeXt-T's 7x7x768 -> 3072 layers)."""
+    torch.manual_seed(0)
+    model, x = ChannelsLastMLP().eval(), torch.randn(*shape)
+    names, _ = _scheduled_kernels(model, x)
+    assert len(names) == 3  # the conv and both linear layers
+    assert sorted((s.c, s.oc, s.w, s.act) for s in _kernel_specs(model, x) if s.kh == 1 and s.h == 1) == \
+        sorted([(16, 48, shape[0] * shape[2] * shape[3], "relu"), (48, 16, shape[0] * shape[2] * shape[3], None)])
+    _check(model, x)
+
+
 class TwoBranches(nn.Module):
     """ResNet's downsampling block after fold_bn: the sum of two convs, then relu."""
 

@@ -104,6 +104,8 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
         name = f"shave_conv{len(kernels)}"
         gv = kernels[spec] = bb.add_func(k.prim.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
     x = env[k.x]
+    if k.lead:  # x[*lead, K] as x[N, K]
+        x = bb.emit(R.reshape(x, [spec.w, spec.c]))
     if k.linear:  # x[N, K] as [1, K, 1, N]
         x = bb.emit(R.reshape(R.permute_dims(x, [1, 0]), [1, spec.c, 1, spec.w]) if spec.w > 1
                     else R.reshape(x, [1, spec.c, 1, 1]))
@@ -115,4 +117,6 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
     if k.linear:  # [1, J, 1, N] -> [N, J]
         y = bb.emit(R.permute_dims(R.reshape(y, [spec.oc, spec.w]), [1, 0]) if spec.w > 1
                     else R.reshape(y, [1, spec.oc]))
+    if k.lead:
+        y = bb.emit(R.reshape(y, [*k.lead, spec.oc]))
     return y

@@ -42,7 +42,8 @@ class ConvKernel:
     bias: np.ndarray
     shifts: tuple = ()  # (DY, DX) int32 [C] of a folded shift
     shift_node: str | None = None
-    linear: bool = False  # a 2-d linear layer computed as a 1x1 conv on x laid out [1, K, 1, N]
+    linear: bool = False  # a linear layer computed as a 1x1 conv on x laid out [1, K, 1, N]
+    lead: tuple = ()  # an N-d linear layer's leading axes (x[*lead, K] is computed as [prod(lead), K])
     prim: object = None  # the built PrimFunc
     packed: np.ndarray | None = None  # the weights in the kernel's layout
 
@@ -100,7 +101,8 @@ def _f32_param(graph: Graph, value: str) -> np.ndarray | None:
 
 
 def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
-    """The kernel for a conv2d / 2-d linear layer alone (no epilogue yet), or None."""
+    """The kernel for a conv2d / linear layer alone (no epilogue yet), or None. A linear layer on
+    x[..., K] (channels-last blocks, ConvNeXt) is one on the [prod(...), K] view."""
     vec = isa.fp32_lanes
     xt = graph.type_of(node.inputs[0])
     w = _f32_param(graph, node.inputs[1])
@@ -108,13 +110,14 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
     if w is None or xt.dtype != "float32" or node.type.dtype != "float32" or (len(node.inputs) > 2 and b is None):
         return None
     if node.op == "linear":
-        if len(xt.shape) != 2 or w.ndim != 2:
+        if len(xt.shape) < 2 or w.ndim != 2:
             return None
-        (n, k), j = xt.shape, w.shape[0]
+        n, k, j = int(np.prod(xt.shape[:-1])), xt.shape[-1], w.shape[0]
         spec = ConvSpec(1, k, 1, n, j, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False, vec,
                         regs=isa.vector_registers)
         return ConvKernel(spec, (node.name,), node.inputs[0], None, w.reshape(j, k, 1, 1),
-                          np.zeros(j, np.float32) if b is None else b.reshape(-1), linear=True)
+                          np.zeros(j, np.float32) if b is None else b.reshape(-1), linear=True,
+                          lead=tuple(xt.shape[:-1]) if len(xt.shape) > 2 else ())
     if node.op != "conv2d" or len(xt.shape) != 4:
         return None
     a = node.attrs
