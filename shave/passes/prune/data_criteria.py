@@ -118,14 +118,19 @@ def reconstruct(graph: Graph, groups, reduces, batches, keep_counts, seed: int =
         contrib = torch.einsum("pck,ock->cpo", patches, wf).reshape(w.shape[1], -1)  # per-channel contribution
         chan = [int(u.indices[(node.inputs[0], 1)][0]) for u in g.units]
         n_drop = g.size - keep_counts[gi]
-        dropped, acc = [], torch.zeros(contrib.shape[1], dtype=torch.float64)
-        left = list(range(g.size))
+        # greedy: drop the unit whose contribution, added to the dropped ones' sum `acc`, changes the
+        # output least; |acc + c_i|^2 = |acc|^2 + 2 acc.c_i + |c_i|^2, with acc.c_i kept up to date
+        c = contrib[chan]  # (units, P*O)
+        norms, dots = (c * c).sum(1), torch.zeros(g.size, dtype=torch.float64)
+        left = torch.ones(g.size, dtype=torch.bool)
+        dropped = []
         for _ in range(n_drop):
-            costs = [float(((acc + contrib[chan[i]]) ** 2).sum()) for i in left]
-            best = left[int(np.argmin(costs))]
+            costs = torch.where(left, 2 * dots + norms, torch.tensor(float("inf"), dtype=torch.float64))
+            best = int(torch.argmin(costs))
             dropped.append(best)
-            acc += contrib[chan[best]]
-            left.remove(best)
+            dots += c @ c[best]
+            left[best] = False
+        left = [i for i in range(g.size) if left[i]]
         chosen[gi] = dropped
         kept_c = sorted(chan[i] for i in left)
         target = contrib.sum(0).reshape(len(pos), -1)  # the layer's original output (no bias)
