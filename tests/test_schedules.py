@@ -267,6 +267,21 @@ def test_linear_layers_on_channels_last_maps_become_conv_kernels(shape):
     _check(model, x)
 
 
+@pytest.mark.parametrize("c,hw,k,dil,pad,groups,kept", [
+    (16, 14, 3, 24, 24, 1, (1, 1, (0, 0, 0, 0))),  # DeepLabV3's ASPP rate 24 on a 14x14 map: a 1x1 conv
+    (16, 14, 3, 36, 36, 1, (1, 1, (0, 0, 0, 0))),
+    (16, 14, 3, 12, 12, 1, (3, 3, (12, 12, 12, 12))),  # every tap reads the map somewhere: unchanged
+    (8, 2, 5, 1, 2, 1, (3, 3, (1, 1, 1, 1))),  # a 5x5 on a 2x2 map: its outer ring reads only padding
+    (8, 3, 5, 3, 6, 8, (1, 1, (0, 0, 0, 0))),  # depthwise
+])
+def test_taps_that_read_only_padding_are_dropped(c, hw, k, dil, pad, groups, kept):
+    torch.manual_seed(0)
+    model, x = nn.Conv2d(c, 16 if groups == 1 else c, k, 1, pad, dil, groups).eval(), torch.randn(1, c, hw, hw)
+    (spec,) = _kernel_specs(model, x)
+    assert (spec.kh, spec.kw, spec.pad) == kept
+    _check(model, x)
+
+
 class TwoBranches(nn.Module):
     """ResNet's downsampling block after fold_bn: the sum of two convs, then relu."""
 

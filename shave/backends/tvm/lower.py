@@ -59,8 +59,11 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
                 elif k is not None:
                     env[n.name] = _conv_call(bb, k, env, kernels)
                     covered = list(k.nodes) + ([k.shift_node] if k.shift_node else [])
+                    layer = graph.node(k.nodes[0])  # counted at the taps the kernel computes (some may be dropped)
+                    taps = k.spec.kh * k.spec.kw / (_layer_taps(graph, layer) or 1)
                     calls.append({"kernel": kernels[k.spec].name_hint, "nodes": covered,
-                                  "flops": sum(graph.flops_of(graph.node(v)) for v in covered)})
+                                  "flops": round(graph.flops_of(layer) * taps)
+                                  + sum(graph.flops_of(graph.node(v)) for v in covered[1:])})
                 else:
                     fn = LOWERINGS.get(n.op)
                     if fn is None:
@@ -94,6 +97,12 @@ def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
     nb, cb, _, _, v = _shape(x)
     g = bb.emit(R.reshape(env[gate], (nb, cb, 1, 1, v)))
     return bb.emit(R.multiply(x, g))
+
+
+def _layer_taps(graph, layer) -> int:
+    """KH * KW of a conv layer's weight (1 for a linear layer)."""
+    w = graph.params.get(layer.inputs[1])
+    return int(w.shape[2] * w.shape[3]) if w is not None and w.ndim == 4 else 1
 
 
 def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:

@@ -42,6 +42,11 @@ leaves them alone):
    along all pixels, so a 7x7 map has no padded column per row, and chunks of
    tiles are the parallel work.
 
+   Kernel rows/columns that read only zero padding at every output position
+   are dropped before planning (`fusion._trim_padding_taps`; exact): a dilated
+   conv on a map smaller than its dilation, like DeepLabV3's ASPP rates 24 and
+   36 on a 14x14 map, is computed as the 1x1 conv it is.
+
    Dense 3x3 convs with stride 1 and dilation 1 and at least 32 input and output
    channels run as Winograd F(2x2, 3x3) instead (`winograd.py`: 2.25x fewer
    multiplies; same spec, layouts and fused epilogue, so they sit in the same

@@ -132,15 +132,39 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
         return None
     pad = tuple(int(p) for p in a["padding"])
     pad = pad * 2 if len(pad) == 2 else pad
-    spec = ConvSpec(n, c, h, wd, oc, w.shape[2], w.shape[3], tuple(int(s) for s in a["stride"]), pad,
-                    tuple(int(d) for d in a["dilation"]), depthwise, None, False, vec, groups=kgroups,
-                    regs=isa.vector_registers)
+    stride, dilation = tuple(int(s) for s in a["stride"]), tuple(int(d) for d in a["dilation"])
+    spec = ConvSpec(n, c, h, wd, oc, w.shape[2], w.shape[3], stride, pad, dilation, depthwise, None, False, vec,
+                    groups=kgroups, regs=isa.vector_registers)
     if spec.oh < 1 or spec.ow < 1 or (n, oc, spec.oh, spec.ow) != node.type.shape:
         return None
+    w, spec = _trim_padding_taps(w, spec)
     spec = dataclasses.replace(spec, winograd=use_winograd(spec))
     weight = w if depthwise else merge_groups(w, groups, kgroups)
     return ConvKernel(spec, (node.name,), node.inputs[0], None, weight,
                       np.zeros(oc, np.float32) if b is None else b.reshape(-1))
+
+
+def _live_taps(size: int, k: int, stride: int, pad_lo: int, dil: int, out: int) -> tuple[int, int]:
+    """First and last kernel tap (along one axis) that reads a real input position for some output."""
+    live = [t for t in range(k) if any(0 <= o * stride - pad_lo + t * dil < size for o in range(out))]
+    return (live[0], live[-1]) if live else (k // 2, k // 2)
+
+
+def _trim_padding_taps(w: np.ndarray, spec: ConvSpec) -> tuple[np.ndarray, ConvSpec]:
+    """Drop the kernel's outer rows/columns that read only zero padding at every output position
+    (dilated convs on small maps: DeepLabV3's rates 24 and 36 on a 14x14 map are 1x1 convs): exact,
+    the same output, fewer multiplies. The padding shrinks by what the dropped taps covered."""
+    (t0, t1), (l0, l1) = (_live_taps(spec.h, spec.kh, spec.stride[0], spec.pad[0], spec.dilation[0], spec.oh),
+                          _live_taps(spec.w, spec.kw, spec.stride[1], spec.pad[1], spec.dilation[1], spec.ow))
+    dh, dw = spec.dilation
+    pad = (spec.pad[0] - t0 * dh, spec.pad[1] - l0 * dw,
+           spec.pad[2] - (spec.kh - 1 - t1) * dh, spec.pad[3] - (spec.kw - 1 - l1) * dw)
+    if (t1 - t0 + 1, l1 - l0 + 1) == (spec.kh, spec.kw) or min(pad) < 0:
+        return w, spec
+    kh, kw = t1 - t0 + 1, l1 - l0 + 1
+    trimmed = dataclasses.replace(spec, kh=kh, kw=kw, pad=pad, dilation=(dh if kh > 1 else 1, dw if kw > 1 else 1))
+    assert (trimmed.oh, trimmed.ow) == (spec.oh, spec.ow)
+    return np.ascontiguousarray(w[:, :, t0:t1 + 1, l0:l1 + 1]), trimmed
 
 
 def _with_epilogue(graph: Graph, k: ConvKernel, taken: set) -> ConvKernel:
