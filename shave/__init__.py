@@ -8,7 +8,7 @@ else (which needs torch) is imported on first use.
 """
 __version__ = "0.1.0"
 
-from .errors import (ArtifactError, CaptureError, CompileError, CompressError, InputError, IRError,  # noqa: E402
+from .errors import (ArtifactError, CaptureError, CompileError, CompressError, ExportError, InputError, IRError,  # noqa: E402
                      PassError, ShaveError, TargetError, UnsupportedOpError)
 from .runtime import Runtime, load  # noqa: E402
 
@@ -19,6 +19,7 @@ _LAZY = {
     "from_torch": ("api", "from_torch"),
     "capture": ("frontend", "capture"),
     "compress": ("compression", "compress"),
+    "export_onnx": ("onnx_export", "export_onnx"),
     "finetune": ("recovery", "finetune"),
     "augment": ("recovery", "augment"),
     "register_pass": ("passes", "register_pass"),
@@ -52,7 +53,7 @@ def __dir__():
     return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))
 
 
-__all__ = ["compile", "compress", "load", "capture", "to_torch", "from_torch", "finetune", "augment", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
+__all__ = ["compile", "compress", "export_onnx", "load", "capture", "to_torch", "from_torch", "finetune", "augment", "passes", "register_pass", "Pass", "CompiledModel", "Runtime", "TuneOptions",
            "layer_timer", "LayerTimer",
            "Graph", "Report", "ShaveError", "CaptureError", "UnsupportedOpError", "IRError", "PassError",
-           "TargetError", "CompileError", "CompressError", "ArtifactError", "InputError"]
+           "TargetError", "CompileError", "CompressError", "ArtifactError", "InputError", "ExportError"]

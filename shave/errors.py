@@ -38,6 +38,10 @@ class ArtifactError(ShaveError):
     """An artifact file is corrupt, truncated, foreign or for another target."""
 
 
+class ExportError(ShaveError):
+    """The graph cannot be written in an exchange format (ONNX), or the written file disagrees with it."""
+
+
 class InputError(ShaveError, ValueError):
     """Run-time inputs do not match the compiled signature."""
 
