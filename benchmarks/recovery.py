@@ -116,9 +116,10 @@ def mobilenet(args) -> None:
     timed = [rows[0]]
     calib = crops[:64].split(16)  # for the data-driven criteria
     for ratio in (float(r) for r in args.mobilenet_ratios.split(",")):
-        pruned = Prune(ratio=ratio, criterion=args.mobilenet_criterion,
+        exclude = [p for p in args.mobilenet_exclude.split(",") if p]
+        pruned = Prune(ratio=ratio, criterion=args.mobilenet_criterion, exclude=exclude,
                        data=calib if args.mobilenet_criterion in ("taylor", "reconstruction") else None)(graph)
-        tag = f"pruned {ratio:.0%} ({args.mobilenet_criterion})"
+        tag = f"pruned {ratio:.0%} ({args.mobilenet_criterion}{', expansions only' if exclude else ''})"
         rows.append([f"{tag}, no recovery", "0", f"{agree(pruned):.2f}"])
         t0 = time.perf_counter()
         recal = recalibrate_batch_norms(pruned, data)
@@ -155,6 +156,10 @@ def main(argv=None) -> None:
     ap.add_argument("--mobilenet-ratios", default="0.1,0.3", help="pruning ratios, comma-separated")
     ap.add_argument("--mobilenet-criterion", default="l1", help="Prune criterion (taylor and reconstruction use "
                     "64 of the crops as calibration data)")
+    ap.add_argument("--mobilenet-exclude", default="",
+                    help="Prune exclude= patterns, comma-separated (e.g. the stem, the projections and the last "
+                    "conv: 'features.0.0,features.1.conv.1,features.*.conv.2,features.18.0' prunes only the "
+                    "expansion channels)")
     ap.add_argument("--features", action="store_true",
                     help="Fashion rewrites: also match the original's features at layers that kept their shape")
     args = ap.parse_args(argv)

@@ -23,6 +23,7 @@ from ...ir import Graph, is_layer
 from ..refit import ridge_solve
 
 MAX_POSITIONS = 4096  # output positions sampled per consumer for selection and refit
+CONTRIB_BYTES = 2 << 30  # at most this much for one consumer's per-channel contributions (C x P x O doubles)
 
 
 def taylor_scores(graph: Graph, groups, batches) -> list[np.ndarray]:
@@ -112,7 +113,8 @@ def reconstruct(graph: Graph, groups, reduces, batches, keep_counts, seed: int =
         x = torch.cat(inputs[node.inputs[0]])
         w = torch.from_numpy(np.array(graph.params[node.inputs[1]], dtype=np.float64))
         total = x.shape[0] * (int(np.prod(node.type.shape[2:])) if node.op == "conv2d" else 1)
-        pos = rng.choice(total, size=min(total, MAX_POSITIONS), replace=False)
+        fits = max(256, CONTRIB_BYTES // (8 * w.shape[0] * w.shape[1]))  # wide layers: fewer positions
+        pos = rng.choice(total, size=min(total, MAX_POSITIONS, fits), replace=False)
         patches = _patches(node, x, pos, tuple(w.shape[2:])).double()  # (P, C, kk)
         wf = w.reshape(w.shape[0], w.shape[1], -1)  # (O, C, kk)
         contrib = torch.einsum("pck,ock->cpo", patches, wf).reshape(w.shape[1], -1)  # per-channel contribution
@@ -120,15 +122,16 @@ def reconstruct(graph: Graph, groups, reduces, batches, keep_counts, seed: int =
         n_drop = g.size - keep_counts[gi]
         # greedy: drop the unit whose contribution, added to the dropped ones' sum `acc`, changes the
         # output least; |acc + c_i|^2 = |acc|^2 + 2 acc.c_i + |c_i|^2, with acc.c_i kept up to date
-        c = contrib[chan]  # (units, P*O)
-        norms, dots = (c * c).sum(1), torch.zeros(g.size, dtype=torch.float64)
+        idx = torch.tensor(chan)  # contrib's row of each unit (contrib is large: no copy of it is made)
+        norms = torch.linalg.vector_norm(contrib, dim=1)[idx] ** 2
+        dots = torch.zeros(g.size, dtype=torch.float64)
         left = torch.ones(g.size, dtype=torch.bool)
         dropped = []
         for _ in range(n_drop):
             costs = torch.where(left, 2 * dots + norms, torch.tensor(float("inf"), dtype=torch.float64))
             best = int(torch.argmin(costs))
             dropped.append(best)
-            dots += c @ c[best]
+            dots += (contrib @ contrib[chan[best]])[idx]
             left[best] = False
         left = [i for i in range(g.size) if left[i]]
         chosen[gi] = dropped
