@@ -149,15 +149,31 @@ def main(argv=None) -> None:
             row = {"model": name, "capture": _first_line(e)}
         rows.append(row)
         print(f"{name}: {json.dumps(row)} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    table = []
+    table, notes = [], []
+
+    def cell(text: str, short: str) -> str:
+        """`short` for a step that worked, else a numbered note holding its error."""
+        if text is None or text == "-":
+            return "-"
+        if text.startswith("ok"):
+            return short
+        notes.append(text)
+        return f"failed ({len(notes)})"
+
     for r in rows:
         lat = (f"{r['shave_ms']:.2f}", f"{r['ort_ms']:.2f}", f"{r['shave_ms'] / r['ort_ms']:.2f}x") \
             if "shave_ms" in r else ("-", "-", "-")
-        table.append([r["model"], r["capture"], r.get("compile", "-"), r.get("prune", "-"), r.get("quantize", "-"),
-                      *lat])
+        cap = r["capture"]
+        comp = r.get("compile", "-")
+        table.append([r["model"], cell(cap, cap[4:-1].split(",")[0] if cap.startswith("ok (") else "ok"),
+                      cell(comp, comp[4:]), cell(r.get("prune", "-"), r.get("prune", "")[4:]),
+                      cell(r.get("quantize", "-"), r.get("quantize", "")[4:]), *lat])
     print()
-    print(markdown_table(["model", "capture", "compile (error vs eager)", "Prune(0.3)", "Quantize",
-                          "shave ms", "ORT ms", "shave / ORT"], table, right={5, 6, 7}))
+    print(markdown_table(["model", "capture", "compile: error vs eager (time)", "Prune(0.3)",
+                          "Quantize (the pass)", "shave ms", "ORT ms", "shave / ORT"], table, right={5, 6, 7}))
+    for i, text in enumerate(notes, 1):
+        print(f"\n({i}) {text}", end="")
+    print()
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(rows, indent=1))

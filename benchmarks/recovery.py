@@ -127,8 +127,9 @@ def mobilenet(args) -> None:
                      f"{agree(recal):.2f}"])
         t0 = time.perf_counter()
         tuned = shave.finetune(pruned, data, epochs=args.mobilenet_epochs, lr=args.mobilenet_lr, teacher=graph,
-                               augment=shave.augment())
+                               augment=shave.augment(), features=args.features)
         rows.append([f"{tag}, label-free distillation ({args.mobilenet_epochs:g} epochs, "
+                     f"{'logits and features, ' if args.features else ''}"
                      f"{args.crops} crops)", f"{time.perf_counter() - t0:.0f}", f"{agree(tuned):.2f}"])
         for r in rows[-3:]:
             print(f"  MobileNetV2 {r[0]}: agreement {r[2]} % ({r[1]} s)", flush=True)
@@ -161,7 +162,8 @@ def main(argv=None) -> None:
                     "conv: 'features.0.0,features.1.conv.1,features.*.conv.2,features.18.0' prunes only the "
                     "expansion channels)")
     ap.add_argument("--features", action="store_true",
-                    help="Fashion rewrites: also match the original's features at layers that kept their shape")
+                    help="also match the original's features at layers that kept their shape (Fashion rewrites, "
+                    "MobileNetV2 distillation)")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     torch.manual_seed(0)
