@@ -181,6 +181,14 @@ def _softmax(b, n, ins, out):
     b.op("Softmax", ins, out, axis=int(n.attrs["axis"]))
 
 
+@emits("attention")
+def _attention(b, n, ins, out):
+    q, k, v = ins
+    scores = b.op("Mul", [b.op("MatMul", [q, b.op("Transpose", [k], perm=[0, 1, 3, 2])]),
+                          b.const(np.float32(n.attrs["scale"]))])
+    b.op("MatMul", [b.op("Softmax", [scores], axis=-1), v], out)
+
+
 @emits("add", "sub", "mul", "div")
 def _binary(b, n, ins, out):
     b.op(n.op.capitalize(), ins, out)

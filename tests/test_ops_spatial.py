@@ -1,4 +1,4 @@
-"""Upsampling, padding, pixel shuffle, leaky_relu, amax/amin, repeat: captured, compiled and pruned like the rest."""
+"""Upsampling, padding, pixel shuffle, leaky_relu, amax/amin, repeat, expand, attention: captured, compiled and pruned like the rest."""
 import numpy as np
 import pytest
 import torch
@@ -130,3 +130,49 @@ def test_repeat_along_channels_couples_the_copies_for_pruning():
     pruned = Prune(ratio=0.5, round_to=1)(g)
     convs = [n for n in pruned.nodes if n.op == "conv2d"]
     assert [pruned.type_of(c.inputs[1]).shape[:2] for c in convs] == [(4, 3), (4, 8)]
+
+
+class Encoder(nn.Module):
+    """A ViT-style block: patch conv, a class token expanded to the batch, a pre-norm transformer
+    layer (scaled dot-product attention through nn.MultiheadAttention), the token's logits."""
+
+    def __init__(self):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, 32))
+        self.patch = nn.Conv2d(3, 32, 4, 4)
+        self.enc = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, norm_first=True,
+                                              activation="gelu")
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        y = self.patch(x).flatten(2).transpose(1, 2)
+        y = torch.cat([self.token.expand(x.shape[0], -1, -1), y], 1)
+        return self.fc(self.enc(y)[:, 0])
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_attention_and_expand_capture_compile_and_prune(batch):
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(batch, 3, 16, 16)
+    g = shave.capture(model, (x,))
+    counts = g.op_counts()
+    assert counts.get("attention") == 1 and (batch == 1 or counts.get("repeat") == 1), counts
+    cm = shave.compile(model, (x,))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    assert rel_err(cm(x.numpy()), ref) <= 1e-5
+    # heads are not pruned through attention; the feed-forward hidden layer is
+    pruned = Prune(ratio=0.5)(g)
+    assert pruned.stats()["flops"] < g.stats()["flops"]
+    assert all(pruned.type_of(n.inputs[0]) == g.type_of(n.inputs[0]) for n in pruned.nodes if n.op == "attention")
+    cp = shave.compile(pruned, (x,))
+    assert rel_err(cp(x.numpy()), run_graph(pruned, [x.numpy()])[0]) <= 1e-5
+
+
+def test_attention_with_a_mask_is_one_clear_error():
+    class Masked(nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with pytest.raises(shave.UnsupportedOpError, match="is_causal"):
+        shave.capture(Masked(), (torch.randn(1, 2, 5, 8),))

@@ -7,6 +7,8 @@ the traced tensor metadata, which resolves -1 and symbolic sizes.
 """
 from __future__ import annotations
 
+import math
+
 import operator
 
 import numpy as np
@@ -335,6 +337,29 @@ def _cat(cx, n):
     tensors = n.args[0]
     nd = len(tensors[0].meta["val"].shape)
     return cx.emit("concat", [cx.val(t) for t in tensors], {"axis": _axis(_arg(n, 1, "dim", 0), nd)}, n)
+
+
+@converts(aten.expand.default)
+def _expand(cx, n):
+    """Broadcasting size-1 axes (and adding leading ones) is tiling them: a repeat."""
+    src = tuple(int(d) for d in n.args[0].meta["val"].shape)
+    out = tuple(int(d) for d in n.meta["val"].shape)
+    padded = (1,) * (len(out) - len(src)) + src
+    if padded == out:
+        return _reshape(cx, n)
+    return cx.emit("repeat", [cx.val(n.args[0])], {"repeats": tuple(o // i for o, i in zip(out, padded))}, n)
+
+
+@converts(aten.scaled_dot_product_attention.default)
+def _attention(cx, n):
+    q, k, v = n.args[:3]
+    if _arg(n, 3, "attn_mask") is not None or _arg(n, 4, "dropout_p", 0.0) or _arg(n, 5, "is_causal", False):
+        cx.unsupported(n, "scaled_dot_product_attention with a mask, dropout or is_causal")
+    if len(q.meta["val"].shape) != 4:
+        cx.unsupported(n, "scaled_dot_product_attention on inputs that are not [batch, heads, length, dim]")
+    scale = _arg(n, 6, "scale")
+    scale = float(scale) if scale is not None else 1.0 / math.sqrt(int(q.meta["val"].shape[-1]))
+    return cx.emit("attention", [cx.val(q), cx.val(k), cx.val(v)], {"scale": scale}, n)
 
 
 @converts(aten.repeat.default)

@@ -137,6 +137,29 @@ _act("leaky_relu", lambda x, *, negative_slope: F.leaky_relu(x, negative_slope),
 register_op("softmax", lambda x, *, axis: torch.softmax(x, axis), flops=_elementwise(5), attrs=("axis",),
             channels=ch.softmax, role="reduction")
 
+
+
+def _check_attention(ins, attrs):
+    q, k, v = ins
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4 or q.shape[:2] != k.shape[:2] or k.shape[:3] != v.shape[:3] \
+            or q.shape[3] != k.shape[3]:
+        raise IRError(f"attention wants q, k, v as [batch, heads, length, dim] with matching sizes, got {q}, {k}, {v}")
+
+
+def _attention_rule(in_types, out, attrs):
+    """Heads and head dims are not pruned through attention: every axis frozen."""
+    r = ch.ChannelRule()
+    r.frozen += [(slot, axis) for slot, t in enumerate(in_types) for axis in range(t.ndim)]
+    r.frozen += [(ch.OUT, axis) for axis in range(out.ndim)]
+    return r
+
+
+register_op(  # softmax(q k^T * scale) v over the last two axes (scaled dot-product attention, no mask)
+    "attention", lambda q, k, v, *, scale: F.scaled_dot_product_attention(q, k, v, scale=scale),
+    flops=lambda ins, out, a: 4 * math.prod(ins[0].shape) * ins[1].shape[2] + 5 * math.prod(ins[0].shape[:3]) * ins[1].shape[2],
+    check=_check_attention, num_inputs=(3, 3), attrs=("scale",), channels=_attention_rule, role="reduction",
+)
+
 # ------------------------------------------------------- binary (broadcasting)
 register_op("add", torch.add, flops=_elementwise(1), num_inputs=(2, 2), channels=ch.elementwise,
             role="elementwise")

@@ -115,7 +115,11 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
     x = env[k.x]
     if k.lead:  # x[*lead, K] as x[N, K]
         x = bb.emit(R.reshape(x, [spec.w, spec.c]))
-    if k.linear:  # x[N, K] as [1, K, 1, N]
+    v = spec.vec
+    if k.linear and spec.in_blocked:  # x[N, K] as [1, K/v, 1, N, v]
+        x = bb.emit(R.reshape(R.permute_dims(R.reshape(x, [spec.w, spec.c // v, v]), [1, 0, 2]),
+                              [1, spec.c // v, 1, spec.w, v]))
+    elif k.linear:  # x[N, K] as [1, K, 1, N]
         x = bb.emit(R.reshape(R.permute_dims(x, [1, 0]), [1, spec.c, 1, spec.w]) if spec.w > 1
                     else R.reshape(x, [1, spec.c, 1, 1]))
     args = [x, relax.const(k.packed), relax.const(k.bias.astype(np.float32))]
@@ -123,7 +127,9 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
         args.append(env[k.residual])
     args += [relax.const(s) for s in k.shifts]
     y = bb.emit(relax.call_tir(gv, args, relax.TensorType(spec.out_shape(), "float32")))
-    if k.linear:  # [1, J, 1, N] -> [N, J]
+    if k.linear and spec.out_blocked:  # [1, J/v, 1, N, v] -> [N, J]
+        y = bb.emit(R.reshape(R.permute_dims(R.reshape(y, [spec.oc // v, spec.w, v]), [1, 0, 2]), [spec.w, spec.oc]))
+    elif k.linear:  # [1, J, 1, N] -> [N, J]
         y = bb.emit(R.permute_dims(R.reshape(y, [spec.oc, spec.w]), [1, 0]) if spec.w > 1
                     else R.reshape(y, [1, spec.oc]))
     if k.lead:

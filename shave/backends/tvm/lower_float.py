@@ -54,6 +54,13 @@ lowers("hardsigmoid")(lambda bb, ins, a, n: R.divide(R.clip(R.add(ins[0], _f32(3
 lowers("hardswish")(
     lambda bb, ins, a, n: R.multiply(ins[0], R.divide(R.clip(R.add(ins[0], _f32(3)), 0.0, 6.0), _f32(6))))
 lowers("softmax")(lambda bb, ins, a, n: R.nn.softmax(ins[0], a["axis"]))
+
+
+@lowers("attention")
+def _attention(bb, ins, a, node):  # softmax(q k^T * scale) v on [batch, heads, length, dim]
+    q, k, v = ins
+    scores = R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), relax.const(a["scale"], "float32"))
+    return R.matmul(R.nn.softmax(scores, -1), v)
 lowers("add")(lambda bb, ins, a, n: R.add(ins[0], ins[1]))
 lowers("sub")(lambda bb, ins, a, n: R.subtract(ins[0], ins[1]))
 lowers("mul")(lambda bb, ins, a, n: R.multiply(ins[0], ins[1]))

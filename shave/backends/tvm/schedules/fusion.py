@@ -289,8 +289,13 @@ def _build(kernels: list[ConvKernel], blocked: set, tiles: dict) -> list[ConvKer
     None when one fails while some layout is blocked."""
     out, cache = [], {}
     for k in kernels:
-        spec = dataclasses.replace(k.spec, in_blocked=k.x in blocked, out_blocked=k.tail in blocked,
-                                   res_blocked=k.residual is not None and k.residual in blocked)
+        if k.linear:  # x[N, K] -> [1, K/v, 1, N, v] and back: vector-wide chunks moved, not single values
+            wide = k.spec.w > 1
+            spec = dataclasses.replace(k.spec, in_blocked=wide and k.spec.c % k.spec.vec == 0,
+                                       out_blocked=wide and k.spec.oc % k.spec.vec == 0)
+        else:
+            spec = dataclasses.replace(k.spec, in_blocked=k.x in blocked, out_blocked=k.tail in blocked,
+                                       res_blocked=k.residual is not None and k.residual in blocked)
         tile = tiles.get(spec, tiles.get(k.spec))
         if tile is not None:
             spec = dataclasses.replace(spec, tile=tuple(tile))
