@@ -33,10 +33,18 @@ demo: setup
 test: setup
 	$(PY) -m pytest -rs tests
 
-# random CNNs through compile, prune, decompose and int8 (tests/test_fuzz.py); a few fixed ones run in `make test`
+# random CNNs through compile, prune, decompose and int8 (tests/test_fuzz.py); a few fixed ones run in `make test`.
+# FUZZ_JOBS processes (one per core) share FUZZ_EXAMPLES, each drawing its own random graphs
 FUZZ_EXAMPLES ?= 1000
+FUZZ_JOBS ?= $(shell nproc)
 fuzz: setup
-	SHAVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:logging tests/test_fuzz.py -k random
+	@start=$$(date +%s); pids=""; \
+	for i in $$(seq $(FUZZ_JOBS)); do \
+	  SHAVE_FUZZ_EXAMPLES=$$(( ($(FUZZ_EXAMPLES) + $(FUZZ_JOBS) - 1) / $(FUZZ_JOBS) )) TVM_NUM_THREADS=1 \
+	    $(PY) -m pytest -q -p no:logging -p no:cacheprovider tests/test_fuzz.py -k random & pids="$$pids $$!"; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=1; done; \
+	echo "fuzz: $(FUZZ_EXAMPLES) random graphs in $(FUZZ_JOBS) processes, $$(( $$(date +%s) - start )) s, $$( [ $$rc = 0 ] && echo 'no failure' || echo FAILED)"; \
+	exit $$rc
 
 bench: setup
 	$(PY) benchmarks/latency.py

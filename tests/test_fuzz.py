@@ -27,6 +27,7 @@ REGRESSIONS = [
     (1, 4, 6, 6, (("shuffle", 0),), "map"),  # nn.ChannelShuffle was not captured (aten.channel_shuffle)
     (1, 1, 12, 11, (("conv", 12),), "linear"),  # int8: a nearly constant input's tiny scale put the bias past int32
     (2, 3, 14, 14, (("convt", 1), ("bn", 2), ("act", 3), ("conv", 4)), "map"),  # a float island before int8
+    (1, 8, 6, 12, (("act", 1024), ("act", 1024), ("act", 65536)), "both"),  # sigmoid, sigmoid, silu: the build hung
 ]
 
 

@@ -101,11 +101,28 @@ def _legalize_sigmoid(bb, call):
         x, primfunc_name_hint=name)
 
 
+EXP_KERNELS = ("sigmoid", "silu")  # the PrimFuncs _legalize_sigmoid makes
+
+
+@tvm.transform.module_pass(opt_level=0, name="shave.OneExpPerKernel")
+def _one_exp_per_kernel(mod, ctx):
+    """Mark the exp-based activation kernels "out-elementwise fusable" (TVM's pattern for ops like
+    conv2d): FuseOps then fuses what follows one of them (an SE gate's multiply) but never a chain
+    of two into one kernel. Fused, each inlined exp nests its Let-bound steps inside the next, and
+    TVM's LowerIntrin worked exponentially in that depth: sigmoid -> sigmoid -> silu never finished
+    building (found by the fuzzer)."""
+    for gv, f in list(mod.functions.items()):
+        if isinstance(f, tvm.tirx.PrimFunc) and gv.name_hint.startswith(EXP_KERNELS):
+            mod[gv] = f.with_attr("op_pattern", 4)  # kOutEWiseFusable
+    return mod
+
+
 def legalize_and_fuse(mod: tvm.IRModule) -> tvm.IRModule:
     return tvm.transform.Sequential([
         relax.transform.LegalizeOps({"relax.nn.relu": _legalize_clip, "relax.clip": _legalize_clip,
                                      "relax.sigmoid": _legalize_sigmoid, "relax.nn.silu": _legalize_sigmoid}),
         relax.transform.AnnotateTIROpPattern(),
+        _one_exp_per_kernel,
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
