@@ -170,6 +170,10 @@ def _rank(rank, store, out):
         trained = shave.finetune(graph, shard, steps=8, optimizer="sgd", progress=False)
         if rank == 0:
             np.savez(out, **trained.params)
+        # both ranks done before either tears its group down: a rank destroying the group while
+        # its peer still used the connection aborted once in gloo ("terminate called without an
+        # active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
