@@ -16,8 +16,10 @@ from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .isa import compiling_for, isa
 from .ir import Graph, verify
+from .ir.rebatch import batch_of, check_sample_independent, rebatch
 from .ir.serialize import IR_MEMBER, graph_bytes
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
+from .reference import run_graph
 from .runtime.report import Report, exact_tolerance, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
@@ -130,7 +132,27 @@ class CompiledModel:
         return write_artifact(path, self.manifest, members)
 
 
-def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None) -> CompiledModel:
+DYNAMIC_BATCH_SIZES = (1, 8)  # the batch sizes dynamic_batch=True compiles
+
+
+def _batch_sizes(dynamic_batch) -> tuple[int, ...] | None:
+    """The batch sizes to compile for `dynamic_batch` (False/None: none, a static build; True:
+    DYNAMIC_BATCH_SIZES; or an iterable of sizes, 1 added)."""
+    if dynamic_batch is None or dynamic_batch is False:
+        return None
+    if dynamic_batch is True:
+        return DYNAMIC_BATCH_SIZES
+    try:
+        sizes = list(dynamic_batch)
+    except TypeError:
+        sizes = None
+    if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
+        raise CompileError(f"dynamic_batch must be True, False or batch sizes (positive ints), got {dynamic_batch!r}")
+    return tuple(sorted(set(sizes) | {1}))
+
+
+def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None,
+            dynamic_batch=False) -> CompiledModel:
     """Capture `model`, rewrite it with `passes` (names or Pass objects, each
     checked numerically), and build it for `target` (a name: 'x86', 'arm64', 'rpi4',
     'h100', 'sm_90', ...; or a TVM target dict). Code for another machine is built, not run.
@@ -139,9 +161,16 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     kernels with MetaSchedule, keeping the results in its database directory
     (a later compile of the same kernels reuses them without tuning again).
 
+    `dynamic_batch`: True builds one artifact that takes any batch size on axis 0 of the
+    inputs: it holds the kernels for batches 1 and 8 (and the example inputs' batch), and a call
+    runs a batch of n as chunks of those sizes, largest first (21 = 8 + 8 + 5 x 1), each at the
+    speed of a static build of its size. A tuple of sizes (e.g. (1, 4, 32)) chooses them. The
+    graph must compute each sample on its own (checked: the compile stops otherwise).
+
     `model` may also be an IR Graph (from shave.capture, perhaps already
     rewritten); then it is its own reference and example_inputs may be omitted."""
     spec = resolve_target(target)  # fail fast on a bad target or pass list, before any tracing
+    sizes = _batch_sizes(dynamic_batch)
     passes = [get_pass(p) for p in pass_list(passes)]
     if tune is not None and not isinstance(tune, TuneOptions):
         raise CompileError(f"tune must be None or a shave.TuneOptions, got {type(tune).__name__}")
@@ -173,7 +202,13 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     with compiling_for(spec):  # passes given no target= plan for this one
         graph, report = run_passes(graph, passes, probes, reference, report, graph_outputs=captured)
 
-    library, seconds, tuned, calls = build(graph, spec, tune)
+    variants, batch_functions = {}, {}
+    if sizes is not None:
+        main_batch = batch_of(graph)
+        check_sample_independent(graph, max(sizes), run_graph, build_tolerance(graph))
+        batch_functions = {k: "main" if k == main_batch else f"main_b{k}" for k in sorted(set(sizes) | {main_batch})}
+        variants = {f: rebatch(graph, k) for k, f in batch_functions.items() if f != "main"}
+    library, seconds, tuned, calls = build(graph, spec, tune, variants)
     manifest = {
         "shave_version": __version__,
         "versions": _versions(),
@@ -184,6 +219,8 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
         "outputs": [{"name": v, "shape": list(graph.type_of(v).shape), "dtype": graph.type_of(v).dtype}
                     for v in graph.outputs],
     }
+    if batch_functions:  # dynamic batch: the VM function for each compiled batch size (Runtime.run)
+        manifest["batch_functions"] = {str(k): f for k, f in batch_functions.items()}
     manifest["kernels"] = calls  # which IR nodes each conv kernel call computes (Runtime.profile)
     if tuned is not None:
         manifest["tuning"] = {"summary": tuned.summary(), "kernels": tuned.kernels}
@@ -192,6 +229,12 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     # code for another machine (aarch64, or a GPU this one lacks) is built but not run here
     compiled = [o for p in probes for o in cm._runtime.run(*p)] if cm.runs_here else None
     ir_err = relative_error(compiled, run_probes(graph, probes)) if compiled is not None else 0.0
+    if cm.runs_here:  # each other batch size's function against the IR at that size
+        for f, g in variants.items():
+            rows = [np.concatenate([p[i] for p in probes]) for i in range(len(probes[0]))]  # the probes' samples,
+            xs = _probes(tuple(torch.from_numpy(np.resize(r, t.shape)) for r, (_, t) in zip(rows, g.inputs)))
+            got = [o for p in xs for o in cm._runtime.run(*p)]  # cycled, then random ones of their scale
+            ir_err = max(ir_err, relative_error(got, run_probes(g, xs)))
     stats = graph.stats()
     row = report.add(stage=f"build ({spec.get('kind')} {spec.get('mcpu', spec.get('arch', ''))})".replace(" )", ")"),
                contract="exact", flops=stats["flops"], params=stats["params"], bytes=stats["bytes"],
@@ -201,6 +244,9 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
                                                 f"{tuned.default_ms:.2f} -> {tuned.tuned_ms:.2f} ms")
     if compiled is None:
         row.changes = "not run on this machine"
+    if batch_functions:
+        row.changes = "; ".join(filter(None, [row.changes, "dynamic batch: kernels for batch "
+                                              + ", ".join(map(str, batch_functions))]))
     log.info("%s: %.2f s, %s", row.stage, seconds,
              row.changes or f"error {row.error:.3g} vs the model, {ir_err:.3g} vs the IR")
     tolerance = build_tolerance(graph)

@@ -20,9 +20,13 @@ def _info(args) -> None:
     t = m["target"]
     print(f"{args.artifact}: shave {m['shave_version']}, TVM {m['versions']['tvm']}")
     print(f"target: {t['name']} ({t['arch']}, {t['dict'].get('mcpu', '')}; needs {', '.join(t['cpu_features']) or '-'})")
+    batches = m.get("batch_functions")
     for kind in ("inputs", "outputs"):
         for v in m[kind]:
-            print(f"{kind[:-1]:6} {v['name']}: {v['dtype']}[{','.join(map(str, v['shape']))}]")
+            dims = (["N"] if batches else []) + [str(d) for d in v["shape"][1 if batches else 0:]]
+            print(f"{kind[:-1]:6} {v['name']}: {v['dtype']}[{','.join(dims)}]")
+    if batches:
+        print(f"batch:  any N (dynamic; kernels for {', '.join(sorted(batches, key=int))}, larger batches run in chunks)")
     runs_here = target_mismatch(t)
     print(f"runs here: {'no: ' + runs_here if runs_here else 'yes'}")
     if "tuning" in m:
@@ -41,9 +45,9 @@ def _run(args) -> None:
               + (f" argmax {int(o.reshape(o.shape[0], -1).argmax(1)[0])}" if o.ndim == 2 else ""))
 
 
-def _inputs(rt, paths) -> list:
-    """The .npy files given, or random inputs of the artifact's signature."""
-    return [np.load(p) for p in paths] if paths else rt.example_inputs()
+def _inputs(rt, paths, batch=None) -> list:
+    """The .npy files given, or random inputs of the artifact's signature (at `batch`)."""
+    return [np.load(p) for p in paths] if paths else rt.example_inputs(batch=batch)
 
 
 def _profile(args) -> None:
@@ -55,9 +59,24 @@ def _profile(args) -> None:
 
 def _bench(args) -> None:
     rt = load(args.artifact, threads=args.threads)
-    r = rt.benchmark(*_inputs(rt, args.inputs), repeats=args.repeats, warmup=args.warmup)
-    print(f"{args.artifact}: {r['calls']} calls, {rt.threads} threads: p10 {r['p10']:.3f} ms, "
-          f"median {r['p50']:.3f} ms, p90 {r['p90']:.3f} ms, mean {r['mean']:.3f} ms, min {r['min']:.3f} ms")
+    for batch in _batches(args.batch) if args.batch else [None]:
+        inputs = _inputs(rt, args.inputs, batch)
+        r = rt.benchmark(*inputs, repeats=args.repeats, warmup=args.warmup)
+        n = inputs[0].shape[0] if inputs and inputs[0].ndim else 1
+        print(f"{args.artifact}: batch {n}, {r['calls']} calls, {rt.threads} threads: p10 {r['p10']:.3f} ms, "
+              f"median {r['p50']:.3f} ms ({r['p50'] / n:.3f} ms a sample), p90 {r['p90']:.3f} ms, "
+              f"mean {r['mean']:.3f} ms, min {r['min']:.3f} ms")
+
+
+def _batches(text: str) -> list[int]:
+    """"1,8,32" -> [1, 8, 32]; a one-line error otherwise."""
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise ShaveError(f"--batch wants batch sizes >= 1 separated by commas (1,8,32), got {text!r}")
+    return sizes
 
 
 def split_passes(text: str) -> list:
@@ -144,7 +163,9 @@ def _compile(args) -> None:
     model, inputs = _load_model(args.model)
     tune = shave.TuneOptions(trials=args.tune) if args.tune is not None else None
     passes = split_passes(args.passes) if args.passes is not None else shave.passes.DEFAULT_PASSES
-    cm = shave.compile(model, inputs, target=args.target, passes=passes, tune=tune)
+    dynamic = (False if args.dynamic_batch is None else True if args.dynamic_batch == "default"
+               else tuple(_batches(args.dynamic_batch)))
+    cm = shave.compile(model, inputs, target=args.target, passes=passes, tune=tune, dynamic_batch=dynamic)
     path = cm.export(args.output, include_ir=args.include_ir)
     print(cm.report)
     print(f"wrote {path}")
@@ -224,6 +245,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=100)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--threads", type=int, default=None, help="default: every CPU this process may use")
+    p.add_argument("--batch", default=None, metavar="SIZES",
+                   help="random inputs at these batch sizes, e.g. 1,8,32 (other than the signature's: a "
+                        "dynamic-batch artifact)")
     p.set_defaults(fn=_bench)
     p = sub.add_parser("compile", help="compile a model into an artifact (needs torch)",
                        epilog="MODEL: a torch.export program file (.pt2, saved with example inputs), an "
@@ -236,6 +260,9 @@ def main(argv=None) -> int:
                    help="comma-separated: fold_bn,prune:ratio=0.3 or prune(ratio=0.3); default: shave's defaults; "
                         "'' for none")
     p.add_argument("--tune", type=int, default=None, metavar="TRIALS", help="tune the conv kernels (0: tile search only)")
+    p.add_argument("--dynamic-batch", nargs="?", const="default", default=None, metavar="SIZES",
+                   help="one artifact for any batch size: kernels for batch 1 and 8 (or these sizes, e.g. 1,4,32), "
+                        "other batches run in chunks of them")
     p.add_argument("--include-ir", action="store_true",
                    help="keep the compiled IR in the artifact, so it can be compiled again for another target")
     p.set_defaults(fn=_compile)

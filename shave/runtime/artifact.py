@@ -67,7 +67,8 @@ def _check(value, schema, where: str) -> str | None:
 
 def signature_digest(manifest: dict, library: bytes) -> str:
     """SHA-256 over the library and the input/output signature the library was built for."""
-    sig = json.dumps({k: manifest.get(k) for k in ("inputs", "outputs")}, sort_keys=True).encode()
+    sig = json.dumps({k: manifest.get(k) for k in ("inputs", "outputs", "batch_functions")
+                      if k in manifest or k != "batch_functions"}, sort_keys=True).encode()
     return hashlib.sha256(hashlib.sha256(library).digest() + sig).hexdigest()
 
 
@@ -134,6 +135,11 @@ def read_artifact(path) -> tuple[dict, dict[str, bytes]]:
     if LIB not in members:
         raise ArtifactError(f"{path}: corrupt artifact, the manifest lists no {LIB}")
     err = _check(manifest, MANIFEST_SCHEMA, "")
+    batches = manifest.get("batch_functions", {}) if isinstance(manifest, dict) else {}
+    if not err and not (isinstance(batches, dict) and all(isinstance(k, str) and k.isdigit() and int(k) >= 1
+                                                          and isinstance(f, str) for k, f in batches.items())
+                        and (not batches or "1" in batches)):
+        err = f"batch_functions must map batch sizes (including 1) to function names, not {batches!r}"
     if err:
         raise ArtifactError(f"{path}: invalid manifest.json: {err}")
     digest = manifest.get("signature_sha256")

@@ -36,6 +36,8 @@ class Runtime:
         self.manifest = manifest
         self.inputs = [(i["name"], tuple(i["shape"]), i["dtype"]) for i in manifest["inputs"]]
         self.outputs = [(o["name"], tuple(o["shape"]), o["dtype"]) for o in manifest["outputs"]]
+        # dynamic batch: {batch size: VM function} (compile(dynamic_batch=...)); {} for a static build
+        self.batch_functions = {int(k): f for k, f in manifest.get("batch_functions", {}).items()}
         self._device = tvm.cuda(0) if manifest["target"]["arch"] == "cuda" else tvm.cpu()
         self._module = module
         self._local = threading.local()
@@ -53,21 +55,41 @@ class Runtime:
         self._threads = min(n, pool_size()) if n is not None else pool_size()
         self.governor = ThreadGovernor(self._threads)
 
-    def _state(self):
-        """This thread's (VM entry point, input tensors, numpy views of them on the CPU), made on the
-        thread's first call. The input tensors are reused call after call: copying into them costs
-        about 1 us where allocating an aligned TVM tensor per call cost 37 (a LeNet-sized model ran
-        134 us a call, 65 after)."""
-        state = getattr(self._local, "state", None)
-        if state is None:
-            tvm = import_tvm()
+    def _state(self, batch: int | None = None):
+        """This thread's (VM entry point, input tensors, numpy views of them on the CPU) for the
+        function that runs `batch` samples (None: `main`, at the signature's batch), made on the
+        thread's first call of it. The input tensors are reused call after call: copying into them
+        costs about 1 us where allocating an aligned TVM tensor per call cost 37 (a LeNet-sized
+        model ran 134 us a call, 65 after)."""
+        states = getattr(self._local, "states", None)
+        if states is None:
             from tvm import relax
 
             self._local.vm = relax.VirtualMachine(self._module, self._device)
-            bufs = [tvm.runtime.empty(shape, dtype, self._device) for _, shape, dtype in self.inputs]
+            states = self._local.states = {}
+        state = states.get(batch)
+        if state is None:
+            tvm = import_tvm()
+            fname = "main" if batch is None else self.batch_functions[batch]
+            shapes = [shape if batch is None else (batch,) + shape[1:] for _, shape, _ in self.inputs]
+            bufs = [tvm.runtime.empty(shape, dtype, self._device) for shape, (_, _, dtype) in zip(shapes, self.inputs)]
             views = [np.from_dlpack(b) for b in bufs] if self._device.dlpack_device_type() == 1 else None
-            state = self._local.state = (self._local.vm["main"], bufs, views)
+            state = states[batch] = (self._local.vm[fname], bufs, views)
         return state
+
+    @property
+    def dynamic_batch(self) -> bool:
+        """Whether one call takes any batch size (compiled with dynamic_batch)."""
+        return bool(self.batch_functions)
+
+    def chunks(self, n: int) -> list[int]:
+        """The batch sizes a batch of `n` runs as, in order: the largest compiled sizes first
+        (every dynamic build has batch 1), e.g. 21 -> [8, 8, 1, 1, 1, 1, 1] with sizes (1, 8)."""
+        out = []
+        for size in sorted(self.batch_functions, reverse=True):
+            k, n = divmod(n, size)
+            out += [size] * k
+        return out
 
     @property
     def input_names(self) -> list[str]:
@@ -99,35 +121,59 @@ class Runtime:
         if len(args) != len(self.inputs):
             raise InputError(f"model takes {len(self.inputs)} input(s) "
                              f"({', '.join(n for n, _, _ in self.inputs)}), got {len(args)}")
-        arrays = []
+        arrays, batch = [], None
         for a, (name, shape, dtype) in zip(args, self.inputs):
             a = np.asarray(a)
-            if a.shape != shape or a.dtype != np.dtype(dtype):
-                raise InputError(f"input {name!r}: expected {dtype}[{','.join(map(str, shape))}], "
-                                 f"got {a.dtype}[{','.join(map(str, a.shape))}]")
+            ok = a.shape == shape
+            if self.batch_functions:  # any batch size: axis 0 is free, the same for every input
+                ok = a.ndim == len(shape) and a.shape[1:] == shape[1:] and a.shape[0] >= 1 and batch in (None, a.shape[0])
+                batch = a.shape[0] if ok else batch
+            if not ok or a.dtype != np.dtype(dtype):
+                want = ",".join(["N" if self.batch_functions else str(shape[0])] + [str(d) for d in shape[1:]])
+                extra = f" (N: one batch size for all inputs, here {batch})" if self.batch_functions and batch else ""
+                raise InputError(f"input {name!r}: expected {dtype}[{want}], "
+                                 f"got {a.dtype}[{','.join(map(str, a.shape))}]{extra}")
             arrays.append(a)
         return arrays
 
     def run(self, *args) -> list[np.ndarray]:
-        main, bufs, views = self._state()
-        n = self.governor.pick() if self.adaptive else self._threads
-        use_threads(n)
-        t0 = time.perf_counter()
         arrays = self._check(args)
+        batch = arrays[0].shape[0] if self.batch_functions and arrays else None
+        threads = self.governor.pick() if self.adaptive else self._threads
+        use_threads(threads)
+        t0 = time.perf_counter()
+        if batch is None:
+            outs = self._run_one(None, arrays)
+        elif batch in self.batch_functions:
+            outs = self._run_one(batch, arrays)
+        else:  # a batch no function has: run it in chunks of the compiled sizes
+            parts, at = [], 0
+            for k in self.chunks(batch):
+                parts.append(self._run_one(k, [a[at:at + k] for a in arrays]))
+                at += k
+            outs = [np.concatenate(ys) for ys in zip(*parts)]
+        if self.adaptive:  # per sample, so calls of different batch sizes compare
+            self.governor.record(threads, (time.perf_counter() - t0) / (batch or 1))
+        return outs
+
+    def _run_one(self, batch: int | None, arrays: list) -> list[np.ndarray]:
+        """One VM call of the function for `batch` (None: main) on arrays of its shapes."""
+        main, bufs, views = self._state(batch)
         if views is None:  # GPU memory: copied in and out
             for b, a in zip(bufs, arrays):
                 b.copyfrom(np.ascontiguousarray(a))
             return [o.numpy() for o in main(*bufs)]
-        for v, a in zip(views, arrays):
-            np.copyto(v, a)
+        args = _in_place(arrays, bufs)
+        if args is None:
+            for v, a in zip(views, arrays):
+                np.copyto(v, a)
+            args = bufs
         outs = []
-        for o in main(*bufs):
+        for o in main(*args):
             y = np.from_dlpack(o)  # the VM's fresh output tensor, kept alive by the array: no copy
-            if any(np.may_share_memory(y, v) for v in views):  # a view of an input buffer (an
-                y = y.copy()  # identity or reshape of an input), which the next call overwrites
+            if any(np.may_share_memory(y, v) for v in views + arrays):  # a view of an input (an identity
+                y = y.copy()  # or reshape of one): its buffer is overwritten next call, the caller's is theirs
             outs.append(y)
-        if self.adaptive:
-            self.governor.record(n, time.perf_counter() - t0)
         return outs
 
     def __call__(self, *args, **named):
@@ -136,11 +182,16 @@ class Runtime:
         outs = self.run(*self.bind(args, named))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def example_inputs(self, seed: int = 0) -> list[np.ndarray]:
-        """Random inputs of the signature's shapes (standard normal floats; zeros for integers)."""
+    def example_inputs(self, seed: int = 0, batch: int | None = None) -> list[np.ndarray]:
+        """Random inputs of the signature's shapes (standard normal floats; zeros for integers),
+        at batch size `batch` if given (another than the signature's: a dynamic-batch model)."""
         rng = np.random.default_rng(seed)
+        if batch is not None and self.inputs and batch != self.inputs[0][1][0] and not self.batch_functions:
+            raise InputError(f"this model takes batch {self.inputs[0][1][0]} only (compile it with "
+                             f"dynamic_batch=True for any batch size), asked for {batch}")
+        shapes = [shape if batch is None else (batch,) + shape[1:] for _, shape, _ in self.inputs]
         return [rng.standard_normal(shape).astype(dtype) if np.dtype(dtype).kind == "f" else np.zeros(shape, dtype)
-                for _, shape, dtype in self.inputs]
+                for shape, (_, _, dtype) in zip(shapes, self.inputs)]
 
     def benchmark(self, *inputs, repeats: int = 100, warmup: int = 5) -> dict:
         """Latency of single calls on `inputs` (default: example_inputs()): {"p10", "p50", "p90",
@@ -170,6 +221,23 @@ class Runtime:
         from .report import Report
 
         return Report.from_dict(self.manifest.get("report", {}))
+
+
+def _in_place(arrays: list, bufs: list) -> list | None:
+    """The arrays themselves as TVM tensors (DLPack, no copy) when every one is C-contiguous,
+    64-byte aligned (what the compiled kernels assume) and of its buffer's dtype; else None (the
+    caller copies them into its aligned buffers). Torch's and numpy's own allocations of more
+    than a few bytes are aligned so; slices and transposes are not."""
+    tvm = import_tvm()
+    out = []
+    for a, b in zip(arrays, bufs):
+        if not (a.flags.c_contiguous and a.ctypes.data % 64 == 0 and str(a.dtype) == str(b.dtype) and a.size):
+            return None
+        try:
+            out.append(tvm.runtime.from_dlpack(a))
+        except Exception:  # e.g. a read-only array, which DLPack cannot export
+            return None
+    return out
 
 
 _HOST_TARGET = {"x86_64": "x86", "aarch64": "arm64"}

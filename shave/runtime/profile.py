@@ -84,6 +84,12 @@ def profile(runtime, inputs, repeats: int = 10) -> Profile:
     if runtime._device.dlpack_device_type() != 1:
         raise NotImplementedError("the kernel profile times CPU models only")
     runtime.run(*inputs)  # checks the inputs and sets this thread's pool
+    main_batch = runtime.inputs[0][1][0] if runtime.inputs else None
+    if runtime.batch_functions and np.shape(inputs[0])[0] != main_batch:
+        from ..errors import InputError
+
+        raise InputError(f"the kernel profile runs the signature's batch size ({main_batch}); "
+                         f"got a batch of {np.shape(inputs[0])[0]}")
     walls = []
     for _ in range(max(3, repeats)):
         t0 = time.perf_counter()

@@ -11,10 +11,12 @@ from .schedules import schedule_module
 from .tune import TuneResult, tune_module
 
 
-def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneResult | None", list]:
+def build(graph: Graph, target: dict, tune=None, variants: dict | None = None
+          ) -> tuple[bytes, float, "TuneResult | None", list]:
     """-> (the shared library's bytes, seconds, what tuning did, the conv kernel calls in the order
     the model makes them: lower.to_relax's `calls`). `target` is a resolved target dict; `tune` a
-    TuneOptions or None (default schedules only).
+    TuneOptions or None (default schedules only). The library's VM function `main` runs `graph`;
+    `variants` ({function name: graph}, the same graph at other batch sizes) adds one function each.
     The library is linked once here; running and exporting both use these bytes."""
     import tvm
 
@@ -23,7 +25,7 @@ def build(graph: Graph, target: dict, tune=None) -> tuple[bytes, float, "TuneRes
 
     def lowered(kernels=None, tiles=None):
         calls.clear()
-        return to_relax(graph, target, kernels, tiles, calls)
+        return to_relax(graph, target, kernels, tiles, calls, variants)
 
     mod = lowered()
     tuned = None

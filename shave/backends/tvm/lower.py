@@ -19,34 +19,42 @@ from .lowering import LOWERING_DOT, LOWERINGS, R, _shape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
-             tiles: dict | None = None, calls: list | None = None) -> tvm.IRModule:
-    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`.
+             tiles: dict | None = None, calls: list | None = None, variants: dict | None = None) -> tvm.IRModule:
+    """The graph as an IRModule with one function `main(inputs...) -> tuple of outputs`
+    (and one more function per entry of `variants`, {name: graph}: the same graph at other
+    batch sizes, ir/rebatch.py; their weights are the same constants, stored once).
     With a CPU `target`: the conv kernels of schedules/fusion.py, sized for its vector width
     (`tiles`: register tiles from tuning, by ConvSpec; `kernels`, if given, is filled with
     {ConvSpec: GlobalVar} of the kernels made), and int8 kernels' weights packed for its dot
     product (AVX2's without a target). `calls`, if given, is filled with one
     {"kernel", "nodes", "flops"} per conv kernel call, in the order main calls them."""
     calls = [] if calls is None else calls
+    kernels = {} if kernels is None else kernels
+    functions = {"main": (graph, calls), **{name: (g, []) for name, g in (variants or {}).items()}}
+    bb = relax.BlockBuilder()
     if target is None:
-        return _to_relax(graph, None, {}, calls)
+        for name, (g, c) in functions.items():
+            _emit_function(bb, name, g, None, kernels, c)
+        return bb.get()
     from ...isa import isa
     from .schedules.fusion import plan_convs
 
     desc = isa(target)
-    plan = plan_convs(graph, desc, tiles) if target.get("kind") == "llvm" else None
     token = LOWERING_DOT.set(desc.int8_dot)
     try:
-        return _to_relax(graph, plan, {} if kernels is None else kernels, calls)
+        for name, (g, c) in functions.items():
+            plan = plan_convs(g, desc, tiles) if target.get("kind") == "llvm" else None
+            _emit_function(bb, name, g, plan, kernels, c)
+        return bb.get()
     finally:
         LOWERING_DOT.reset(token)
 
 
-def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
-    bb = relax.BlockBuilder()
+def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: list) -> None:
     vars_ = [relax.Var(name, relax.TensorType(t.shape, t.dtype)) for name, t in graph.inputs]
     env: dict[str, relax.Expr] = {name: v for (name, _), v in zip(graph.inputs, vars_)}
     skip = plan.covered() if plan is not None else set()
-    with bb.function("main", vars_):
+    with bb.function(fname, vars_):
         with bb.dataflow():
             for name, arr in graph.params.items():
                 env[name] = relax.const(np.ascontiguousarray(arr))
@@ -82,7 +90,6 @@ def _to_relax(graph: Graph, plan, kernels: dict, calls: list) -> tvm.IRModule:
                     raise CompileError(f"node {n.name!r} ({n.op}): Relax infers shape {got}, IR has {n.type.shape}")
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
-    return bb.get()
 
 
 def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
