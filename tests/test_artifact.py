@@ -110,6 +110,28 @@ print(seen[0])
         shave.load(artifact, threads=0)
 
 
+@pytest.mark.parametrize("bind", [None, "1"], ids=["default", "user_binds"])
+def test_a_call_leaves_the_callers_cpu_affinity_alone(artifact, bind):
+    """TVM pins its pool threads to cores, the calling thread included (one thread: the caller
+    ends on core 0, so every one-thread process shares core 0); shave turns that off at import
+    (TVM_BIND_THREADS=0) unless the user set the variable."""
+    code = f"""
+import os, numpy as np, shave
+before = sorted(os.sched_getaffinity(0))
+rt = shave.load({str(artifact)!r}, adaptive=False)
+rt(np.zeros(rt.inputs[0][1], np.float32))
+print(os.environ["TVM_BIND_THREADS"], before == sorted(os.sched_getaffinity(0)), len(before))
+"""
+    env = ({k: v for k, v in os.environ.items() if k != "TVM_BIND_THREADS"} | {"TVM_NUM_THREADS": "1"}
+           | ({"TVM_BIND_THREADS": bind} if bind else {}))  # a one-thread pool: TVM pins the caller itself
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    value, kept, cpus = out.stdout.split()
+    assert value == (bind or "0")
+    if bind is None or int(cpus) > 1:  # pinned to one core of several: the user's own choice, as TVM does it
+        assert kept == ("True" if bind is None else "False")
+
+
 def test_wrong_inputs_at_run_time(artifact):
     rt = shave.load(artifact)
     with pytest.raises(InputError, match=r"input .input.: expected float32\[1,3,8,8\], got float32\[1,3,9,8\]"):

@@ -7,6 +7,13 @@ machine. Importing shave therefore sets TVM_NUM_THREADS to the CPUs this process
 (`os.sched_getaffinity`), unless one of the two variables is already set: the user's choice
 wins. A pool cannot grow after it is made; a Runtime asks for fewer threads with
 `threads=` (TVM's `runtime.config_threadpool`, applied in each calling thread before a call).
+
+TVM also pins its pool's threads to cores, the calling thread included (pool thread 0 is
+the caller), unless TVM_BIND_THREADS=0. Pinned, the caller stays on core 0 after the call
+(and so do threads it starts later, PyTorch's OpenMP workers among them), every process
+using shave shares core 0 however many cores are idle, and a kernel thread on a busy core
+cannot move to a free one. Importing shave sets TVM_BIND_THREADS=0 unless it is set: two
+processes at one thread each ran on one core of two before, each at half speed.
 """
 from __future__ import annotations
 
@@ -24,10 +31,15 @@ def available_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+BIND = "TVM_BIND_THREADS"
+
+
 def set_default_pool_size() -> None:
-    """Set TVM_NUM_THREADS to available_cpus() unless TVM_NUM_THREADS or OMP_NUM_THREADS is set."""
+    """Set TVM_NUM_THREADS to available_cpus() unless TVM_NUM_THREADS or OMP_NUM_THREADS is set,
+    and TVM_BIND_THREADS to 0 (threads not pinned to cores) unless it is set."""
     if ENV not in os.environ and "OMP_NUM_THREADS" not in os.environ:
         os.environ[ENV] = str(available_cpus())
+    os.environ.setdefault(BIND, "0")
 
 
 def pool_size() -> int:
