@@ -176,3 +176,20 @@ def test_attention_with_a_mask_is_one_clear_error():
 
     with pytest.raises(shave.UnsupportedOpError, match="is_causal"):
         shave.capture(Masked(), (torch.randn(1, 2, 5, 8),))
+
+
+def test_cross_attention_with_other_lengths_and_scale():
+    """q and k/v of different lengths, head sizes that fill no whole vector, an explicit scale:
+    the attention kernels (schedules/matmul.py) pad rows and columns inside and match torch."""
+    class Cross(nn.Module):
+        def forward(self, q, kv):
+            return F.scaled_dot_product_attention(q, kv, kv * 0.5, scale=0.3)
+
+    torch.manual_seed(0)
+    q, kv = torch.randn(2, 3, 13, 20), torch.randn(2, 3, 29, 20)
+    cm = shave.compile(Cross().eval(), (q, kv))
+    with torch.no_grad():
+        ref = Cross()(q, kv).numpy()
+    assert rel_err(cm(q.numpy(), kv.numpy()), ref) <= 1e-5
+    kernels = {c.kernel for c in cm.profile(q.numpy(), kv.numpy(), repeats=1).calls}
+    assert {"shave_bmm_6x13x29x20_t_s" + str(abs(hash(0.3)) % 10**6), "shave_bmm_6x13x20x29"} <= kernels, kernels

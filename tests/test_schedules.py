@@ -666,3 +666,32 @@ def test_reductions_vectorised_by_partial_sums(target):
     assert pools and all("_rf" in s and "T.vectorized" in s for s in pools), list(scripts)
     if runs_here(target):
         _check(model, x)
+
+
+@pytest.mark.parametrize("isa_name", sorted(FP32_ISAS))
+@pytest.mark.parametrize("trans_b", [False, True], ids=["nn", "nt"])
+def test_batched_matmul_kernel_for_each_isa(isa_name, trans_b):
+    """Attention's matmul kernel (schedules/matmul.py) on odd sizes (rows and columns that fill no
+    whole tile): built for every ISA with its vector FMAs, run against numpy where the host can."""
+    import re
+
+    import tvm
+
+    from shave.backends.tvm.schedules.matmul import build_primfunc, tile
+
+    target, lanes, fma = FP32_ISAS[isa_name]
+    batch, m, n, k = 3, 13, 21, 10
+    func = build_primfunc(batch, m, n, k, trans_b=trans_b, scale=0.25, lanes=lanes,
+                          regs=isa(target).vector_registers)
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target(target))
+    assert re.search(fma, asm_of(lib)), f"no {isa_name} vector FMA in the kernel"
+    rows, cols = tile(m, n, lanes, isa(target).vector_registers)
+    assert rows * cols + cols + 1 <= isa(target).vector_registers
+    if runs_here(target):
+        rng = np.random.default_rng(0)
+        a = rng.standard_normal((batch, m, k)).astype(np.float32)
+        b = rng.standard_normal((batch, n, k) if trans_b else (batch, k, n)).astype(np.float32)
+        out = tvm.runtime.tensor(np.zeros((batch, m, n), np.float32))
+        lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
+        ref = 0.25 * (a @ (b.transpose(0, 2, 1) if trans_b else b))
+        np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)

@@ -15,7 +15,7 @@ from tvm import relax
 from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
-from .lowering import LOWERING_DOT, LOWERINGS, R, _shape
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
@@ -40,14 +40,16 @@ def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = No
     from .schedules.fusion import plan_convs
 
     desc = isa(target)
-    token = LOWERING_DOT.set(desc.int8_dot)
+    cpu = target.get("kind") == "llvm"
+    token, cpu_token = LOWERING_DOT.set(desc.int8_dot), LOWERING_CPU.set(desc if cpu else None)
     try:
         for name, (g, c) in functions.items():
-            plan = plan_convs(g, desc, tiles) if target.get("kind") == "llvm" else None
+            plan = plan_convs(g, desc, tiles) if cpu else None
             _emit_function(bb, name, g, plan, kernels, c)
         return bb.get()
     finally:
         LOWERING_DOT.reset(token)
+        LOWERING_CPU.reset(cpu_token)
 
 
 def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: list) -> None:

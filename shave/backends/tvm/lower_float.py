@@ -7,7 +7,7 @@ import numpy as np
 from tvm import relax
 
 from ...errors import CompileError
-from .lowering import R, _channel, _f32, _shape, lowers
+from .lowering import LOWERING_CPU, R, _channel, _f32, _shape, lowers
 
 
 @lowers("conv2d")
@@ -59,8 +59,28 @@ lowers("softmax")(lambda bb, ins, a, n: R.nn.softmax(ins[0], a["axis"]))
 @lowers("attention")
 def _attention(bb, ins, a, node):  # softmax(q k^T * scale) v on [batch, heads, length, dim]
     q, k, v = ins
-    scores = R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), relax.const(a["scale"], "float32"))
-    return R.matmul(R.nn.softmax(scores, -1), v)
+    cpu = LOWERING_CPU.get()
+    if cpu is None or cpu.fp32_lanes < 4:  # TVM's matmuls (GPU; or a CPU without SIMD)
+        scores = R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), relax.const(a["scale"], "float32"))
+        return R.matmul(R.nn.softmax(scores, -1), v)
+    (nb, heads, lq, d), lk = _shape(q), _shape(k)[2]
+    flat = lambda x, rows, cols: bb.emit(R.reshape(x, [nb * heads, rows, cols]))  # noqa: E731
+    scores = _bmm(bb, flat(q, lq, d), flat(k, lk, d), (nb * heads, lq, lk, d), True, a["scale"], cpu)
+    probs = bb.emit(R.nn.softmax(scores, -1))
+    out = _bmm(bb, probs, flat(v, lk, d), (nb * heads, lq, d, lk), False, 1.0, cpu)
+    return R.reshape(out, [nb, heads, lq, d])
+
+
+def _bmm(bb, x, y, dims, trans_b: bool, scale: float, cpu):
+    """call_tir of schedules/matmul.py's kernel: scale * x @ y (y^T when trans_b); dims (batch, m, n, k)."""
+    from .schedules import matmul
+
+    batch, m, n, k = dims
+    func = matmul.build_primfunc(batch, m, n, k, trans_b=trans_b, scale=scale, lanes=cpu.fp32_lanes,
+                                 regs=cpu.vector_registers)
+    name = f"shave_bmm_{batch}x{m}x{n}x{k}{'_t' if trans_b else ''}" + (f"_s{abs(hash(scale)) % 10**6}" if scale != 1 else "")
+    gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gv, [x, y], relax.TensorType((batch, m, n), "float32")))
 lowers("add")(lambda bb, ins, a, n: R.add(ins[0], ins[1]))
 lowers("sub")(lambda bb, ins, a, n: R.subtract(ins[0], ins[1]))
 lowers("mul")(lambda bb, ins, a, n: R.multiply(ins[0], ins[1]))

@@ -40,3 +40,7 @@ def _shape(expr) -> tuple[int, ...]:
 # conv weights are packed (lower_quant). Without a target, AVX2's (the packing every x86 target
 # can run; the schedule falls back to plain code elsewhere).
 LOWERING_DOT: ContextVar = ContextVar("shave_lowering_dot", default="avx2")
+
+# The CPU the graph is being lowered for (a shave.isa.ISA), or None (no target, or a GPU): ops
+# with a kernel of their own on CPUs (attention's matmuls: schedules/matmul.py) read it.
+LOWERING_CPU: ContextVar = ContextVar("shave_lowering_cpu", default=None)

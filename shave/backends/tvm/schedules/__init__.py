@@ -56,6 +56,11 @@ leaves them alone):
    (`int8.py`: u8 x s8 -> i32 with vpmaddubsw/vpmaddwd on AVX2, fused requantization),
    scheduled by `schedule_module(mod, target)`, which runs before `tvm.compile`.
 
+   Attention's two matmuls (q @ k^T with its scale, probabilities @ v) are
+   `matmul.py`'s kernels on CPU targets, emitted by the attention lowering: both
+   operands packed inside (B as [N/v, K, v] vector columns, A's rows padded to
+   the register tile), rows x cols-vector register tiles, the k loop around them.
+
 2. Every other operator: TVM's legalization, FoldConstant and FuseOps /
    FuseTIR, then a generic rule (`generic.py`): for each block, the outer
    spatial loops are fused and run in parallel, and the innermost spatial
