@@ -357,6 +357,34 @@ def test_vector_sigmoid_is_accurate_and_has_no_libm_calls():
     assert not re.search(r"call\s+\S*expf", asm) and "vfmadd" in asm
 
 
+def test_vector_gelu_is_accurate_and_has_no_libm_calls():
+    """GELU's erf as a rational function (legalize.vector_erf): within 1e-6 of PyTorch's exact GELU
+    over [-10, 10], NaN and infinities as PyTorch, no erff call left in the legalized kernel."""
+    import re
+
+    import tvm
+    from tvm import te
+
+    from shave.backends.tvm.schedules.legalize import vector_gelu
+
+    x = np.concatenate([np.linspace(-10, 10, 20001, dtype=np.float32), np.float32([np.nan, np.inf, -np.inf])])
+    X = te.placeholder(x.shape, "float32")
+    f = te.create_prim_func([X, te.compute(x.shape, lambda i: vector_gelu(X[i]))])
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tvm.target.Target(AVX2))
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), out)
+    got, ref = out.numpy(), torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    assert np.abs(got[:-3] - ref[:-3]).max() <= 1e-6
+    np.testing.assert_array_equal(got[-3:], ref[-3:])  # nan, inf, nan (-inf * 0)
+    assert not re.search(r"call\s+\S*erff", asm_of(lib)) and "vfmadd" in asm_of(lib)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU()).eval()
+    xi = torch.randn(1, 3, 9, 9)
+    with torch.no_grad():
+        ref = model(xi).numpy()
+    got = shave.compile(model, (xi,))(xi.numpy())
+    assert np.abs(got - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
 def test_isa_of_explicit_targets():
     """One description per target, from LLVM's features for its mcpu/mattr, never from the host."""
     x86 = lambda cpu: isa({"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": cpu})  # noqa: E731

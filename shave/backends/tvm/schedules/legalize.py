@@ -73,6 +73,43 @@ def vector_sigmoid(x):
     return one / (one + vector_exp(-x))
 
 
+# erf(x) for float32 in vector registers: libm's erff (what tirx.erf becomes) is one scalar call
+# per lane. A rational function instead, odd numerator over even denominator in x^2 on x clamped
+# to [-4, 4] (erf is +-1 in float32 beyond): the float32 approximation Eigen and XLA use, within a
+# few ulp of erff; only FMAs, a division and a clamp.
+_ERF_NUM = (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06, -5.69250639462346e-05,
+            -7.34990630326855e-04, -2.95459980854025e-03, -1.60960333262415e-02)
+_ERF_DEN = (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03, -7.37332916720468e-03,
+            -1.42647390514189e-02)
+
+
+def vector_erf(x):
+    """TIR float32 erf(x) that vectorises (see above); a NaN stays NaN."""
+    from tvm import tirx
+
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+
+    def from_clamped(xc):
+        def from_sq(x2):
+            p, q = f32(_ERF_NUM[0]), f32(_ERF_DEN[0])
+            for c in _ERF_NUM[1:]:
+                p = p * x2 + f32(c)
+            for c in _ERF_DEN[1:]:
+                q = q * x2 + f32(c)
+            return xc * p / q
+        return shared(xc * xc, from_sq, "erf_x2")
+
+    return shared(nan_keeping_clip(x, -4.0, 4.0), from_clamped, "erf_x")
+
+
+def vector_gelu(x):
+    """PyTorch's exact GELU, x * (0.5 + 0.5 * erf(x / sqrt 2)), with vector_erf."""
+    from tvm import tirx
+
+    f32 = lambda v: tirx.const(v, "float32")  # noqa: E731
+    return shared(x, lambda v: v * (f32(0.5) + f32(0.5) * vector_erf(v * f32(0.7071067811865476))), "gelu_x")
+
+
 def _legalize_clip(bb, call):
     """relax.nn.relu / relax.clip on floats as nan_keeping_clip; integers as TOPI does."""
     from tvm import te
@@ -101,6 +138,17 @@ def _legalize_sigmoid(bb, call):
         x, primfunc_name_hint=name)
 
 
+def _legalize_gelu(bb, call):
+    """relax.nn.gelu on float32 with vector_gelu; other dtypes as TOPI does."""
+    from tvm import te
+
+    x = call.args[0]
+    if str(x.ty.dtype) != "float32":
+        return tvm.ir.Op.get(call.op.name).get_attr("FLegalize")(bb, call)
+    return bb.call_te(lambda t: te.compute(t.shape, lambda *i: vector_gelu(t[i]), name="gelu"), x,
+                      primfunc_name_hint="gelu")
+
+
 EXP_KERNELS = ("sigmoid", "silu")  # the PrimFuncs _legalize_sigmoid makes
 
 
@@ -120,7 +168,8 @@ def _one_exp_per_kernel(mod, ctx):
 def legalize_and_fuse(mod: tvm.IRModule) -> tvm.IRModule:
     return tvm.transform.Sequential([
         relax.transform.LegalizeOps({"relax.nn.relu": _legalize_clip, "relax.clip": _legalize_clip,
-                                     "relax.sigmoid": _legalize_sigmoid, "relax.nn.silu": _legalize_sigmoid}),
+                                     "relax.sigmoid": _legalize_sigmoid, "relax.nn.silu": _legalize_sigmoid,
+                                     "relax.nn.gelu": _legalize_gelu}),
         relax.transform.AnnotateTIROpPattern(),
         _one_exp_per_kernel,
         relax.transform.FoldConstant(),
