@@ -723,3 +723,26 @@ def test_batched_matmul_kernel_for_each_isa(isa_name, trans_b):
         lib["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(b), out)
         ref = 0.25 * (a @ (b.transpose(0, 2, 1) if trans_b else b))
         np.testing.assert_allclose(out.numpy(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_softmax_kernel():
+    """The softmax kernel between attention's matmuls (schedules/matmul.py): rows of whole vectors,
+    the padding columns (-3.4e38) get 0, large and small logits as torch, a NaN spoils its row only."""
+    import tvm
+
+    from shave.backends.tvm.schedules.matmul import softmax_primfunc
+
+    rows, n, valid = 7, 24, 21
+    x = np.random.default_rng(0).standard_normal((rows, n)).astype(np.float32) * 30
+    x[1] += 1e4
+    x[2, 3] = np.nan
+    x[:, valid:] = -3.4e38
+    lib = tvm.compile(tvm.IRModule({"main": softmax_primfunc(rows, n, 8).with_attr("global_symbol", "main")}),
+                      target=tvm.target.Target(AVX2))
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), out)
+    got, ref = out.numpy(), torch.softmax(torch.from_numpy(x[:, :valid]), -1).numpy()
+    assert np.isnan(got[2]).all() and np.isnan(ref[2]).all()
+    keep = [r for r in range(rows) if r != 2]
+    np.testing.assert_allclose(got[keep, :valid], ref[keep], rtol=1e-5, atol=1e-7)
+    assert np.abs(got[keep, valid:]).max() < 1e-30

@@ -63,24 +63,28 @@ def _attention(bb, ins, a, node):  # softmax(q k^T * scale) v on [batch, heads, 
     if cpu is None or cpu.fp32_lanes < 4:  # TVM's matmuls (GPU; or a CPU without SIMD)
         scores = R.multiply(R.matmul(q, R.permute_dims(k, [0, 1, 3, 2])), relax.const(a["scale"], "float32"))
         return R.matmul(R.nn.softmax(scores, -1), v)
+    from .schedules import matmul
+
     (nb, heads, lq, d), lk = _shape(q), _shape(k)[2]
-    flat = lambda x, rows, cols: bb.emit(R.reshape(x, [nb * heads, rows, cols]))  # noqa: E731
-    scores = _bmm(bb, flat(q, lq, d), flat(k, lk, d), (nb * heads, lq, lk, d), True, a["scale"], cpu)
-    probs = bb.emit(R.nn.softmax(scores, -1))
-    out = _bmm(bb, probs, flat(v, lk, d), (nb * heads, lq, d, lk), False, 1.0, cpu)
+    bh, lanes = nb * heads, cpu.fp32_lanes
+    lp = matmul.padded(lk, lanes)  # the scores' rows padded to whole vectors (-3.4e38: 0 after softmax)
+    flat = lambda x, rows, cols: bb.emit(R.reshape(x, [bh, rows, cols]))  # noqa: E731
+    scores = _kernel(bb, matmul.build_primfunc(bh, lq, lk, d, trans_b=True, scale=a["scale"], lanes=lanes,
+                                               regs=cpu.vector_registers, pad_out=True),
+                     f"shave_qk_{bh}x{lq}x{lk}x{d}_s{abs(hash(a['scale'])) % 10**6}", [flat(q, lq, d), flat(k, lk, d)],
+                     (bh, lq, lp))
+    probs = _kernel(bb, matmul.softmax_primfunc(bh * lq, lp, lanes), f"shave_softmax_{bh * lq}x{lp}",
+                    [bb.emit(R.reshape(scores, [bh * lq, lp]))], (bh * lq, lp))
+    out = _kernel(bb, matmul.build_primfunc(bh, lq, d, lp, trans_b=False, scale=1.0, lanes=lanes,
+                                            regs=cpu.vector_registers, k_valid=lk),
+                  f"shave_pv_{bh}x{lq}x{d}x{lk}", [flat(probs, lq, lp), flat(v, lk, d)], (bh, lq, d))
     return R.reshape(out, [nb, heads, lq, d])
 
 
-def _bmm(bb, x, y, dims, trans_b: bool, scale: float, cpu):
-    """call_tir of schedules/matmul.py's kernel: scale * x @ y (y^T when trans_b); dims (batch, m, n, k)."""
-    from .schedules import matmul
-
-    batch, m, n, k = dims
-    func = matmul.build_primfunc(batch, m, n, k, trans_b=trans_b, scale=scale, lanes=cpu.fp32_lanes,
-                                 regs=cpu.vector_registers)
-    name = f"shave_bmm_{batch}x{m}x{n}x{k}{'_t' if trans_b else ''}" + (f"_s{abs(hash(scale)) % 10**6}" if scale != 1 else "")
+def _kernel(bb, func, name: str, args: list, shape):
+    """call_tir of a scheduled PrimFunc, added to the module once per name."""
     gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
-    return bb.emit(relax.call_tir(gv, [x, y], relax.TensorType((batch, m, n), "float32")))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, "float32")))
 lowers("add")(lambda bb, ins, a, n: R.add(ins[0], ins[1]))
 lowers("sub")(lambda bb, ins, a, n: R.subtract(ins[0], ins[1]))
 lowers("mul")(lambda bb, ins, a, n: R.multiply(ins[0], ins[1]))

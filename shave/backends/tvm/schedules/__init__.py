@@ -56,10 +56,12 @@ leaves them alone):
    (`int8.py`: u8 x s8 -> i32 with vpmaddubsw/vpmaddwd on AVX2, fused requantization),
    scheduled by `schedule_module(mod, target)`, which runs before `tvm.compile`.
 
-   Attention's two matmuls (q @ k^T with its scale, probabilities @ v) are
+   Attention (q @ k^T with its scale, softmax, probabilities @ v) is three of
    `matmul.py`'s kernels on CPU targets, emitted by the attention lowering: both
-   operands packed inside (B as [N/v, K, v] vector columns, A's rows padded to
-   the register tile), rows x cols-vector register tiles, the k loop around them.
+   matmul operands packed inside (B as [N/v, K, v] vector columns, A's rows padded
+   to the register tile), rows x cols-vector register tiles around the k loop; the
+   scores' rows padded to whole vectors so the softmax (vector partial max and sum,
+   vector exp) has no tail.
 
 2. Every other operator: TVM's legalization, FoldConstant and FuseOps /
    FuseTIR, then a generic rule (`generic.py`): for each block, the outer
