@@ -71,6 +71,27 @@ def test_rewritten_graphs_export(tmp_path):
             assert any(i.data_type == onnx.TensorProto.INT8 for i in proto.graph.initializer)
 
 
+def test_int8_exports_are_checked_node_by_node(tmp_path):
+    """An int8 graph's export is checked layer by layer (one-code rounding differences compound end
+    to end in deep networks): a correct export passes, one wrong int8 weight is named by its node."""
+    torch.manual_seed(0)
+    m, x = Small().eval(), torch.randn(2, 3, 12, 12)
+    gi = Quantize([torch.randn(2, 3, 12, 12) for _ in range(3)])(FoldBN()(shave.capture(m, (x,))))
+    proto = shave.onnx_export.to_onnx(gi)
+    good = tmp_path / "good.onnx"
+    good.write_bytes(proto.SerializeToString())
+    assert check_onnx(gi, good) <= 0.05
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.onnx"]  # the probe copy is removed
+    w = next(i for i in proto.graph.initializer if i.data_type == onnx.TensorProto.INT8 and len(i.dims) == 4)
+    arr = onnx.numpy_helper.to_array(w).copy()
+    arr.flat[0] = -arr.flat[0] if arr.flat[0] else 40
+    w.CopyFrom(onnx.numpy_helper.from_array(arr, w.name))
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(proto.SerializeToString())
+    with pytest.raises(ExportError, match=r"ONNX export of node '[^']+' \(qconv2d\).*codes on the same inputs"):
+        check_onnx(gi, bad)
+
+
 def test_compiled_model_exports_its_graph(tmp_path):
     torch.manual_seed(0)
     m, x = Small().eval(), torch.randn(1, 3, 12, 12)
@@ -78,6 +99,11 @@ def test_compiled_model_exports_its_graph(tmp_path):
     proto = _export(cm, tmp_path)
     assert [o.name for o in proto.graph.output] == list(cm.graph.outputs)
     assert [i.name for i in proto.graph.input] == [n for n, _ in cm.graph.inputs]
+    # every weight written once: the linear layer's only as its transposed copy
+    stored = sum(onnx.numpy_helper.to_array(i).nbytes for i in proto.graph.initializer)
+    assert stored <= sum(a.nbytes for a in cm.graph.params.values()) + 256  # + small constants (scales, axes)
+    fc = next(n for n in cm.graph.nodes if n.op == "linear")
+    assert fc.inputs[1] not in {i.name for i in proto.graph.initializer}
 
 
 def test_export_errors_are_one_line(tmp_path):
