@@ -58,6 +58,10 @@ def test_verify_names_the_node_and_the_problem():
     del g.nodes[0].attrs["groups"]
     with pytest.raises(IRError, match="missing attribute"):
         verify(g)
+    g = Graph(inputs=[("x", TensorType((1, 4, 2, 2)))], outputs=["p"],
+              nodes=[Node("p", "channel_permute", ["x"], {"indices": (0, 1, 2, 9)})])
+    with pytest.raises(IRError, match=r"node 'p' \(channel_permute\).*indices \[9\] are outside the 4 channels"):
+        verify(g)  # a meta-tensor run does not check indices; the op's check does
 
 
 def test_json_npz_round_trip(tmp_path):

@@ -220,9 +220,16 @@ register_op("repeat", lambda x, *, repeats: x.repeat(*repeats), attrs=("repeats"
             role="movement")  # torch's repeat (numpy's tile): len(repeats) >= x.ndim
 register_op("permute", lambda x, *, dims: torch.permute(x, dims), attrs=("dims",), channels=ch.permute,
             role="movement")
+def _check_channel_permute(ins, a):
+    x = ins[0]
+    bad = [i for i in a["indices"] if not 0 <= int(i) < (x.shape[1] if x.ndim > 1 else 0)]
+    if bad:
+        raise IRError(f"channel_permute indices {bad[:4]} are outside the {x.shape[1] if x.ndim > 1 else 0} channels of {x}")
+
+
 register_op(  # out[:, j] = x[:, indices[j]]: channel shuffle, and any channel reordering
     "channel_permute", lambda x, *, indices: x[:, list(indices)], attrs=("indices",), channels=ch.channel_permute,
-    role="movement",
+    role="movement", check=_check_channel_permute,
 )
 
 from . import opset_rewrites  # noqa: E402,F401  (shift, channel_shuffle)
