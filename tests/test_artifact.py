@@ -263,3 +263,29 @@ def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     assert back[first:].count(1) <= 6  # probes again at 1, 2, 4, 8, 16 s
     single = ThreadGovernor(1, clock=lambda: now[0])
     assert all(single.pick() == 1 for _ in range(5))
+
+
+def test_large_aligned_inputs_are_passed_without_a_copy():
+    """Inputs of at least IN_PLACE_BYTES that are C-contiguous and 64-byte aligned reach the kernels
+    through DLPack; slices, read-only and small arrays are copied; every path gives the same outputs."""
+    from shave.runtime.module import IN_PLACE_BYTES, _in_place
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 64, 64)  # 96 KiB
+    cm = shave.compile(model, (x,))
+    with torch.no_grad():
+        ref = model(x).numpy()
+    rt = cm._runtime
+    _, bufs, _ = rt._state(None)
+    big = x.numpy()
+    assert big.nbytes >= IN_PLACE_BYTES and _in_place([big], bufs) is not None
+    wide = np.ascontiguousarray(np.pad(big, ((0, 0), (0, 0), (0, 0), (0, 1))))[..., :64]  # not contiguous
+    frozen = big.copy()
+    frozen.flags.writeable = False
+    assert _in_place([wide], bufs) is None and _in_place([big[:, :, :8, :8].copy()], bufs) is None
+    for arr in (big, wide, frozen, torch.from_numpy(big)):
+        out = cm(arr)
+        np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
+    y = cm(big)
+    assert not np.may_share_memory(y, big)
