@@ -130,9 +130,9 @@ class Runtime:
                 ok = a.ndim == len(shape) and a.shape[1:] == shape[1:] and a.shape[0] >= 1 and batch in (None, a.shape[0])
                 batch = a.shape[0] if ok else batch
             if not ok or a.dtype != want:
-                want = ",".join(["N" if self.batch_functions else str(shape[0])] + [str(d) for d in shape[1:]])
+                dims = ",".join(["N" if self.batch_functions else str(shape[0])] + [str(d) for d in shape[1:]])
                 extra = f" (N: one batch size for all inputs, here {batch})" if self.batch_functions and batch else ""
-                raise InputError(f"input {name!r}: expected {dtype}[{want}], "
+                raise InputError(f"input {name!r}: expected {dtype}[{dims}], "
                                  f"got {a.dtype}[{','.join(map(str, a.shape))}]{extra}")
             arrays.append(a)
         return arrays
