@@ -16,7 +16,7 @@ from .errors import CaptureError, CompileError, TargetError
 from .frontend.capture import _normalise_inputs, capture, eval_model
 from .isa import compiling_for, isa
 from .ir import Graph, verify
-from .ir.rebatch import batch_of, check_sample_independent, rebatch
+from .ir.rebatch import batch_of, rebatch
 from .ir.serialize import IR_MEMBER, graph_bytes
 from .passes import DEFAULT_PASSES, get_pass, pass_list, run_passes, run_probes
 from .reference import run_graph
@@ -149,6 +149,23 @@ def _batch_sizes(dynamic_batch) -> tuple[int, ...] | None:
     if not sizes or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in sizes):
         raise CompileError(f"dynamic_batch must be True, False or batch sizes (positive ints), got {dynamic_batch!r}")
     return tuple(sorted(set(sizes) | {1}))
+
+
+def check_sample_independent(graph: Graph, n: int, run, tolerance: float, seed: int = 0) -> float:
+    """That `graph` at batch `n` computes each sample on its own: the outputs for a batch of `n`
+    random samples match those for each sample alone at batch 1. `run(graph, inputs)` evaluates a
+    graph (the reference interpreter). Returns the relative error; raises CompileError above
+    `tolerance` (an op that mixes samples, e.g. a mean over the batch that keeps the shape)."""
+    big, one = rebatch(graph, n), rebatch(graph, 1)
+    rng = np.random.default_rng(seed)
+    xs = [rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
+          else np.zeros(t.shape, t.dtype) for _, t in big.inputs]
+    alone = [run(one, [x[i:i + 1] for x in xs]) for i in range(n)]
+    err = relative_error(run(big, xs), [np.concatenate(ys) for ys in zip(*alone)])
+    if not err <= tolerance:
+        raise CompileError(f"dynamic batch: the graph mixes the samples of a batch (a batch of {n} differs from "
+                           f"its samples run one by one by {err:.3g}, relative); compile it without dynamic_batch")
+    return err
 
 
 def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tune=None,

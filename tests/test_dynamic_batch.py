@@ -1,9 +1,6 @@
 """Dynamic batch: one artifact for any batch size (shave.compile(dynamic_batch=...)), the graph
 at another batch size (ir/rebatch.py), and the refusals for graphs that do not keep samples apart."""
-import subprocess
-import sys
 import threading
-import zipfile
 
 import numpy as np
 import pytest
@@ -12,8 +9,10 @@ from torch import nn
 
 import shave
 from shave.errors import ArtifactError, CompileError, InputError
-from shave.ir.rebatch import check_sample_independent, rebatch
+from shave.api import check_sample_independent
+from shave.ir.rebatch import rebatch
 from shave.reference import run_graph
+from conftest import rewrite_artifact, run_cli
 
 
 def _cnn():
@@ -181,37 +180,23 @@ def test_dynamic_model_from_several_threads_at_different_batches():
     assert not errors
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "shave.cli", *map(str, args)], capture_output=True, text=True,
-                          timeout=300)
-
-
 def test_cli_compiles_a_dynamic_batch_artifact_and_benches_batches(tmp_path):
     model, x = _cnn(), torch.randn(1, 3, 16, 16)
     torch.export.save(torch.export.export(model, (x,)), tmp_path / "m.pt2")
-    out = _cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "m.shave", "--dynamic-batch", "1,4")
+    out = run_cli("compile", tmp_path / "m.pt2", "-o", tmp_path / "m.shave", "--dynamic-batch", "1,4")
     assert out.returncode == 0, out.stderr
-    info = _cli("info", tmp_path / "m.shave")
+    info = run_cli("info", tmp_path / "m.shave")
     assert "float32[N,3,16,16]" in info.stdout and "kernels for 1, 4" in info.stdout, info.stdout
-    bench = _cli("bench", tmp_path / "m.shave", "--batch", "1,6", "--repeats", "3")
+    bench = run_cli("bench", tmp_path / "m.shave", "--batch", "1,6", "--repeats", "3")
     assert bench.returncode == 0, bench.stderr
     assert "batch 1," in bench.stdout and "batch 6," in bench.stdout and "a sample" in bench.stdout
-    bad = _cli("bench", tmp_path / "m.shave", "--batch", "x")
+    bad = run_cli("bench", tmp_path / "m.shave", "--batch", "x")
     assert bad.returncode != 0 and "--batch wants batch sizes" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_an_edited_batch_table_is_refused(tmp_path):
     path = shave.compile(_cnn(), (torch.randn(1, 3, 16, 16),), dynamic_batch=True).export(tmp_path / "m.shave")
-    import json
-
-    with zipfile.ZipFile(path) as z:
-        members = {n: z.read(n) for n in z.namelist()}
-    manifest = json.loads(members["manifest.json"])
-    manifest["batch_functions"]["8"] = "main_b1"
-    members["manifest.json"] = json.dumps(manifest).encode()
-    edited = tmp_path / "edited.shave"
-    with zipfile.ZipFile(edited, "w") as z:
-        for n, data in members.items():
-            z.writestr(n, data)
+    edited = rewrite_artifact(path, tmp_path / "edited.shave",
+                              edit_manifest=lambda m: m["batch_functions"].update({"8": "main_b1"}))
     with pytest.raises(ArtifactError, match="changed after export|checksum|manifest"):
         shave.load(edited)

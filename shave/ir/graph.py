@@ -29,6 +29,11 @@ class Node:
     def copy(self) -> "Node":
         return Node(self.name, self.op, list(self.inputs), dict(self.attrs), self.type, self.source)
 
+    @property
+    def where(self) -> str:
+        """The node as errors name it: "node 'conv' (conv2d) from net.py:12 in forward: ..."."""
+        return f"node {self.name!r} ({self.op})" + (f" from {self.source}" if self.source else "")
+
 
 @dataclass
 class Epilogue:

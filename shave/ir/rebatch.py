@@ -5,8 +5,8 @@ attributes (reshape, repeat) hold that size. `rebatch(graph, n)` is a copy with 
 axis 0 set to n and those attributes rescaled, its types inferred again. It refuses a graph in
 which some value computed from the inputs does not keep the batch on axis 0 (a permute or
 reshape that moves it, a slice or reduction over it), naming the node and its source line.
-Ops that mix the samples of a batch while keeping the shapes are found by
-`check_sample_independent` (numerically), not here.
+Ops that mix the samples of a batch while keeping the shapes are found numerically by
+`shave.api.check_sample_independent`, not here.
 """
 from __future__ import annotations
 
@@ -23,10 +23,6 @@ def batch_of(graph: Graph) -> int:
         raise CompileError(f"dynamic batch needs every input to have the batch on axis 0 with one size; "
                            f"the inputs are {shapes}")
     return sizes.pop()
-
-
-def _where(node) -> str:
-    return f"node {node.name!r} ({node.op})" + (f" from {node.source}" if node.source else "")
 
 
 def rebatch(graph: Graph, n: int) -> Graph:
@@ -52,7 +48,7 @@ def rebatch(graph: Graph, n: int) -> Graph:
             if shape and shape[0] == old:
                 node.attrs["shape"] = (n, *shape[1:])
         elif node.op == "repeat" and node.attrs["repeats"] and node.attrs["repeats"][0] != 1:
-            raise CompileError(f"dynamic batch: {_where(node)} repeats the batch axis")
+            raise CompileError(f"dynamic batch: {node.where} repeats the batch axis")
     try:
         infer_types(g)
     except Exception as e:
@@ -65,33 +61,9 @@ def rebatch(graph: Graph, n: int) -> Graph:
             continue
         t0, t = before[node.name], node.type
         if not (t0.ndim and t0.shape[0] == old and t.shape == (n,) + tuple(t0.shape[1:])):
-            raise CompileError(f"dynamic batch: {_where(node)} does not keep the batch on axis 0 "
+            raise CompileError(f"dynamic batch: {node.where} does not keep the batch on axis 0 "
                                f"(batch {old}: {list(t0.shape)}; batch {n}: {list(t.shape)})")
     for v in g.outputs:
         if v not in batched:
             raise CompileError(f"dynamic batch: output {v!r} does not depend on the inputs, so it has no batch axis")
     return g
-
-
-def check_sample_independent(graph: Graph, n: int, run, tolerance: float, seed: int = 0) -> float:
-    """That `graph` at batch `n` computes each sample on its own: the outputs for a batch of `n`
-    random samples match those for each sample alone at batch 1. `run(graph, inputs)` evaluates a
-    graph (the reference interpreter). Returns the relative error; raises CompileError above
-    `tolerance` (an op that mixes samples, e.g. a mean over the batch that keeps the shape)."""
-    import numpy as np
-
-    big, one = rebatch(graph, n), rebatch(graph, 1)
-    rng = np.random.default_rng(seed)
-    xs = [rng.standard_normal(t.shape).astype(t.dtype) if np.dtype(t.dtype).kind == "f"
-          else np.zeros(t.shape, t.dtype) for _, t in big.inputs]
-    together = run(big, xs)
-    alone = [run(one, [x[i:i + 1] for x in xs]) for i in range(n)]
-    err = 0.0
-    for k, y in enumerate(together):
-        ref = np.concatenate([a[k] for a in alone])
-        scale = float(np.abs(ref).max()) or 1.0
-        err = max(err, float(np.abs(np.asarray(y, np.float64) - ref).max()) / scale)
-    if not err <= tolerance:
-        raise CompileError(f"dynamic batch: the graph mixes the samples of a batch (a batch of {n} differs from "
-                           f"its samples run one by one by {err:.3g}, relative); compile it without dynamic_batch")
-    return err

@@ -18,7 +18,7 @@ def verify(graph: Graph) -> Graph:
 
         types[name] = TensorType.of(arr)
     for n in graph.nodes:
-        where = f"node {n.name!r} ({n.op})" + (f" from {n.source}" if n.source else "")
+        where = n.where
         if n.name in types:
             raise IRError(f"{where}: name is defined twice")
         op = get_op(n.op)
