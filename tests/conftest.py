@@ -38,6 +38,31 @@ def asm_of(executable) -> str:
     return "".join(m.inspect_source("asm") for m in mods if m.kind == "llvm")
 
 
+def run_cli(*args, cwd=None):
+    """`python -m shave.cli ARGS` in a subprocess (captured, text)."""
+    import subprocess
+
+    return subprocess.run([sys.executable, "-m", "shave.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, cwd=cwd)
+
+
+def rewrite_artifact(src, dst, edit_manifest=None, edit_lib=None):
+    """A copy of artifact `src` at `dst` with its manifest and/or library edited (no checksums redone)."""
+    import json
+    import zipfile
+
+    with zipfile.ZipFile(src) as z:
+        manifest, lib = json.loads(z.read("manifest.json")), z.read("lib.so")
+    if edit_manifest:
+        edit_manifest(manifest)
+    if edit_lib:
+        lib = edit_lib(lib)
+    with zipfile.ZipFile(dst, "w") as z:
+        z.writestr("manifest.json", json.dumps(manifest))
+        z.writestr("lib.so", lib)
+    return dst
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import shave
-from conftest import BLOCK_TORCH
+from conftest import BLOCK_TORCH, rewrite_artifact
 from shave.errors import ArtifactError, InputError, TargetError
 
 
@@ -155,21 +155,8 @@ def test_inputs_by_name(artifact, compiled):
         rt(xn, input=xn)
 
 
-def _rewrite(src, dst, edit_manifest=None, edit_lib=None):
-    with zipfile.ZipFile(src) as z:
-        manifest, lib = json.loads(z.read("manifest.json")), z.read("lib.so")
-    if edit_manifest:
-        edit_manifest(manifest)
-    if edit_lib:
-        lib = edit_lib(lib)
-    with zipfile.ZipFile(dst, "w") as z:
-        z.writestr("manifest.json", json.dumps(manifest))
-        z.writestr("lib.so", lib)
-    return dst
-
-
 def test_corrupt_truncated_foreign_and_missing(artifact, tmp_path):
-    flipped = _rewrite(artifact, tmp_path / "c.shave", edit_lib=lambda b: b[:1000] + bytes([b[1000] ^ 0xFF]) + b[1001:])
+    flipped = rewrite_artifact(artifact, tmp_path / "c.shave", edit_lib=lambda b: b[:1000] + bytes([b[1000] ^ 0xFF]) + b[1001:])
     with pytest.raises(ArtifactError, match=r"c.shave: corrupt artifact, checksum of lib.so"):
         shave.load(flipped)
     data = artifact.read_bytes()
@@ -181,11 +168,11 @@ def test_corrupt_truncated_foreign_and_missing(artifact, tmp_path):
         shave.load(tmp_path / "n.shave")
     with pytest.raises(ArtifactError, match="no such artifact file"):
         shave.load(tmp_path / "absent.shave")
-    arm = _rewrite(artifact, tmp_path / "a.shave",
+    arm = rewrite_artifact(artifact, tmp_path / "a.shave",
                    edit_manifest=lambda m: m["target"].update(arch="aarch64", name="arm64"))
     with pytest.raises(ArtifactError, match=r"built for aarch64 \(target 'arm64'\), but this machine is x86_64"):
         shave.load(arm)
-    avx512 = _rewrite(artifact, tmp_path / "v.shave",
+    avx512 = rewrite_artifact(artifact, tmp_path / "v.shave",
                       edit_manifest=lambda m: m["target"].update(cpu_features=["avx2", "avx512_fp99"]))
     with pytest.raises(ArtifactError, match="needs avx512_fp99, which this CPU lacks"):
         shave.load(avx512)
@@ -208,7 +195,7 @@ def test_corrupt_truncated_foreign_and_missing(artifact, tmp_path):
 def test_edited_manifest_is_refused_at_load(artifact, tmp_path, edit, message):
     """A manifest edited by hand must not load and then fail inside TVM (or give wrong shapes)."""
     with pytest.raises(ArtifactError, match=r"e.shave: " + message):
-        shave.load(_rewrite(artifact, tmp_path / "e.shave", edit_manifest=edit))
+        shave.load(rewrite_artifact(artifact, tmp_path / "e.shave", edit_manifest=edit))
 
 
 def test_export_errors_name_the_users_path_and_leave_nothing(compiled, tmp_path):

@@ -331,24 +331,32 @@ def test_activations_keep_nan_as_pytorch_does():
         torch.testing.assert_close(torch.nan_to_num(g, 7.0), torch.nan_to_num(r, 7.0), rtol=1e-5, atol=1e-5)
 
 
+def _elementwise_on_avx2(fn, x: np.ndarray):
+    """(fn applied to every element of x by a TIR kernel built for AVX2 and run here, the library)."""
+    import tvm
+    from tvm import te
+
+    X = te.placeholder(x.shape, "float32")
+    f = te.create_prim_func([X, te.compute(x.shape, lambda i: fn(X[i]))])
+    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tvm.target.Target(AVX2))
+    out = tvm.runtime.tensor(np.zeros_like(x))
+    lib["main"](tvm.runtime.tensor(x), out)
+    return out.numpy(), lib
+
+
 def test_vector_sigmoid_is_accurate_and_has_no_libm_calls():
     """The SiLU / sigmoid epilogue: within 2e-7 relative of torch over [-100, 100], NaN kept, and no
     per-lane expf call left in the kernel (LLVM's llvm.exp scalarises to them)."""
     import re
 
     import tvm
-    from tvm import te
 
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc
     from shave.backends.tvm.schedules.legalize import vector_sigmoid
 
     x = np.concatenate([np.linspace(-100, 100, 20001, dtype=np.float32), np.float32([np.nan, np.inf, -np.inf])])
-    X = te.placeholder(x.shape, "float32")
-    f = te.create_prim_func([X, te.compute(x.shape, lambda i: vector_sigmoid(X[i]))])
-    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tvm.target.Target(AVX2))
-    out = tvm.runtime.tensor(np.zeros_like(x))
-    lib["main"](tvm.runtime.tensor(x), out)
-    got, ref = out.numpy(), torch.sigmoid(torch.from_numpy(x)).numpy()
+    got, _ = _elementwise_on_avx2(vector_sigmoid, x)
+    ref = torch.sigmoid(torch.from_numpy(x)).numpy()
     assert np.isnan(got[-3]) and got[-2] == 1.0 and abs(got[-1]) < 1e-37
     big = np.abs(ref[:-3]) > 1e-30
     assert (np.abs(got[:-3] - ref[:-3])[big] / ref[:-3][big]).max() <= 2e-7
@@ -362,18 +370,11 @@ def test_vector_gelu_is_accurate_and_has_no_libm_calls():
     over [-10, 10], NaN and infinities as PyTorch, no erff call left in the legalized kernel."""
     import re
 
-    import tvm
-    from tvm import te
-
     from shave.backends.tvm.schedules.legalize import vector_gelu
 
     x = np.concatenate([np.linspace(-10, 10, 20001, dtype=np.float32), np.float32([np.nan, np.inf, -np.inf])])
-    X = te.placeholder(x.shape, "float32")
-    f = te.create_prim_func([X, te.compute(x.shape, lambda i: vector_gelu(X[i]))])
-    lib = tvm.compile(tvm.IRModule({"main": f.with_attr("global_symbol", "main")}), target=tvm.target.Target(AVX2))
-    out = tvm.runtime.tensor(np.zeros_like(x))
-    lib["main"](tvm.runtime.tensor(x), out)
-    got, ref = out.numpy(), torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
+    got, lib = _elementwise_on_avx2(vector_gelu, x)
+    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
     assert np.abs(got[:-3] - ref[:-3]).max() <= 1e-6
     np.testing.assert_array_equal(got[-3:], ref[-3:])  # nan, inf, nan (-inf * 0)
     assert not re.search(r"call\s+\S*erff", asm_of(lib)) and "vfmadd" in asm_of(lib)
