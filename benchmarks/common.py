@@ -173,19 +173,22 @@ def torch_compile_engine(model, x, threads: int) -> Engine:
                                                 "threads": torch.get_num_threads()})
 
 
-def export_onnx(model, x, path: Path, opset: int = 17) -> str:
+def export_onnx(model, x, path: Path, opset: int = 17, dynamic_batch: bool = False) -> str:
     """Write `model` as ONNX; returns which exporter was used.
 
     torch's torch.export-based exporter (dynamo=True, the default since 2.9)
     needs the `onnxscript` package; without it, the TorchScript exporter
-    (dynamo=False, deprecated but present) is used. Both give a static-shape graph.
+    (dynamo=False, deprecated but present) is used. Both give a static-shape graph;
+    `dynamic_batch` makes axis 0 of the input and output dynamic ("N", TorchScript exporter).
     """
     import importlib.util
 
     import torch
 
     kw = dict(input_names=["input"], output_names=["output"], opset_version=opset)
-    if importlib.util.find_spec("onnxscript") is not None:
+    if dynamic_batch:
+        kw["dynamic_axes"] = {"input": {0: "N"}, "output": {0: "N"}}
+    elif importlib.util.find_spec("onnxscript") is not None:
         try:
             torch.onnx.export(model, (x,), str(path), dynamo=True, **kw)
             return f"torch.export-based (dynamo=True), opset {opset}"

@@ -21,12 +21,11 @@ import statistics
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import (MODELS, ensure_shave_importable, fmt_ms, fmt_ratio, host_line, make_input,  # noqa: E402
-                    markdown_table, measure, output_diff)
+from common import (MODELS, ensure_shave_importable, export_onnx, fmt_ms, fmt_ratio, host_line,  # noqa: E402
+                    make_input, markdown_table, measure, output_diff)
 
 DEFAULT = "mobilenet_v2,resnet18,efficientnet_b0,shufflenet_v2,regnet_y_400mf"
 
@@ -35,13 +34,9 @@ def _ort_dynamic(model, x, workdir: Path):
     """An ONNX Runtime session whose input and output have a dynamic batch axis (default threads,
     all graph optimisations)."""
     import onnxruntime as ort
-    import torch
 
     path = workdir / "model.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=17)
+    export_onnx(model, x, path, dynamic_batch=True)
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

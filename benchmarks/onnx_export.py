@@ -25,11 +25,11 @@ import json
 import statistics
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ensure_shave_importable, fmt_ms, host_line, markdown_table, measure, output_diff  # noqa: E402
+from common import (ensure_shave_importable, export_onnx, fmt_ms, host_line, markdown_table, measure,  # noqa: E402
+                    output_diff)
 
 
 def main(argv=None) -> int:
@@ -62,10 +62,7 @@ def main(argv=None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="shave-onnx-bench-"))
     orig_path = work / "original.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), str(orig_path), dynamo=False, input_names=["input"], output_names=["output"],
-                          dynamic_axes={"input": {0: "N"}, "output": {0: "N"}}, opset_version=17)
+    export_onnx(model, x, orig_path, dynamic_batch=True)
     variants = {"original": (None, orig_path), "fold_bn": (folded, None), "int8": (int8, None),
                 "pruned+lr+int8": (small, None)}
     so = ort.SessionOptions()
