@@ -242,6 +242,8 @@ def shave_engine(model, x, threads: int, target: str = "x86", tune=None, name: s
         warnings.simplefilter("ignore", FutureWarning)  # torch-internal deprecation notices during capture
         cm = shave.compile(model, (x,), target=target, tune=tune)
     setup = time.perf_counter() - t0
+    if threads:
+        cm.threads = threads  # the runtime's thread count (TVM_NUM_THREADS, when set, caps it)
     xn = x.numpy()
 
     def run():
@@ -292,17 +294,28 @@ def _mobilenet_v2():
     return pretrained_mobilenet_v2(), "MobileNetV2, ImageNet weights (torchvision IMAGENET1K_V1)"
 
 
-def _torchvision(name: str, label: str, seed: int = 0):
+def _torchvision(name: str, label: str, seed: int = 0, **kwargs):
     def make():
         import torch
         from shave.zoo import torchvision_models
 
         torch.manual_seed(seed)
-        return getattr(torchvision_models(), name)().eval(), f"{label}, random init (torchvision, seed {seed})"
+        model = getattr(torchvision_models(), name)(weights=None, **kwargs).eval()
+        return model, f"{label}, random init (torchvision, seed {seed})"
     return make
 
 
-# name -> () -> (eval-mode model, description); all take 3x224x224 inputs
+def _lenet5(seed: int = 0):
+    import torch
+    from shave.zoo import LeNet5
+
+    torch.manual_seed(seed)
+    return LeNet5().eval(), f"LeNet-5 (1x28x28, 0.85 MFLOP), random init (seed {seed})"
+
+
+_NO_AUX = {"aux_logits": False, "init_weights": True}  # GoogLeNet, Inception-v3: no auxiliary heads
+
+# name -> () -> (eval-mode model, description); input 3x224x224 unless INPUT_SHAPES says otherwise
 MODELS: dict[str, Callable[[], tuple[object, str]]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet18": _torchvision("resnet18", "ResNet-18"),
@@ -312,15 +325,36 @@ MODELS: dict[str, Callable[[], tuple[object, str]]] = {
     "regnet_y_400mf": _torchvision("regnet_y_400mf", "RegNetY-400MF"),
     "shufflenet_v2": _torchvision("shufflenet_v2_x1_0", "ShuffleNetV2 x1.0"),
     "resnet50": _torchvision("resnet50", "ResNet-50"),
+    "resnext50_32x4d": _torchvision("resnext50_32x4d", "ResNeXt-50 32x4d"),
+    "wide_resnet50_2": _torchvision("wide_resnet50_2", "Wide ResNet-50-2"),
+    "vgg11_bn": _torchvision("vgg11_bn", "VGG-11-BN"),
+    "densenet121": _torchvision("densenet121", "DenseNet-121"),
+    "googlenet": _torchvision("googlenet", "GoogLeNet", **_NO_AUX),
+    "inception_v3": _torchvision("inception_v3", "Inception-v3", **_NO_AUX),
+    "efficientnet_v2_s": _torchvision("efficientnet_v2_s", "EfficientNetV2-S"),
+    "regnet_x_400mf": _torchvision("regnet_x_400mf", "RegNetX-400MF"),
+    "squeezenet1_0": _torchvision("squeezenet1_0", "SqueezeNet 1.0"),
+    "mnasnet1_0": _torchvision("mnasnet1_0", "MNASNet 1.0"),
+    "convnext_tiny": _torchvision("convnext_tiny", "ConvNeXt-T"),
+    "alexnet": _torchvision("alexnet", "AlexNet"),
+    "lenet5": _lenet5,
 }
 DEFAULT_MODELS = ("mobilenet_v2", "resnet18")
+INPUT_SHAPES = {"inception_v3": (3, 299, 299), "lenet5": (1, 28, 28)}  # (C, H, W); others 3x224x224
 
 
-def make_input(batch: int, size: int = 224, seed: int = 0):
+def make_input(batch: int, size: int = 224, seed: int = 0, channels: int = 3):
     """A fixed N(0, 1) image batch: roughly the range of ImageNet-normalised pixels."""
     import torch
 
-    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return torch.randn(batch, channels, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def model_input(name: str, batch: int, seed: int = 0):
+    """make_input at the shape model `name` takes."""
+    c, h, w = INPUT_SHAPES.get(name, (3, 224, 224))
+    assert h == w
+    return make_input(batch, h, seed, channels=c)
 
 
 def output_diff(out: np.ndarray, ref: np.ndarray) -> tuple[float, float]:
@@ -454,4 +488,4 @@ def fmt_ratio(r: float) -> str:
 
 
 def fmt_ms(ms: float) -> str:
-    return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}"
+    return f"{ms:.1f}" if ms >= 100 else f"{ms:.2f}" if ms >= 1 else f"{ms:.3f}"

@@ -101,7 +101,7 @@ def bench_model(name: str, args, common) -> dict:
     import torch
 
     model, desc = common.MODELS[name]()
-    x = common.make_input(args.batch)
+    x = common.model_input(name, args.batch)
     print(f"\n## {name}: {desc}, input {list(x.shape)}", flush=True)
     factory_kw = {"shave": {"target": args.target},
                   "shave-tuned": {"target": args.target, "trials": 64 if args.tune_trials is None else args.tune_trials, "database": args.tune_db}}

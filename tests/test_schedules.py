@@ -180,7 +180,8 @@ def test_hardswish_silu_and_gates_fuse_into_conv_kernels(act, gate):
 
 class Chain(nn.Module):
     """Convs feeding convs (blocked in between), a 12-channel layer (not a multiple of 8:
-    NCHW around it), a residual read blocked, and a conv output also read by a pool (NCHW)."""
+    NCHW around it), a residual read blocked, and a conv output also read by a max pool (which
+    reads the blocked layout too)."""
 
     def __init__(self):
         super().__init__()
@@ -215,10 +216,69 @@ def test_activations_between_conv_kernels_stay_blocked():
     layout = {(s.c, s.oc, s.kh, s.depthwise): (s.in_blocked, s.out_blocked, s.res_blocked) for s in kernels}
     assert layout[(3, 16, 3, False)] == (False, True, False)  # graph input NCHW; output read by dw and pw only
     assert layout[(16, 16, 3, True)] == (True, True, False)
-    assert layout[(16, 16, 1, False)] == (True, False, True)  # output also read by the pool: NCHW
-    assert layout[(16, 12, 3, False)] == (False, False, False)  # 12 channels: no whole blocks
+    assert layout[(16, 16, 1, False)] == (True, True, True)  # also read by the max pool, on the blocked layout
+    assert layout[(16, 12, 3, False)] == (True, False, False)  # 12 output channels: no whole blocks
     assert layout[(12, 16, 1, False)] == (False, True, False)  # read only by a global mean: blocked
     _check(model, x)
+
+
+class Passthrough(nn.Module):
+    """Concats, pools and a batch norm -> relu between conv kernels (SqueezeNet, Inception,
+    DenseNet), and the cases that need NCHW: a concat with a 12-channel part, an average pool
+    whose divisor varies at the border."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 16, 3, 1, 1), nn.Conv2d(3, 8, 1)
+        self.bn = nn.BatchNorm2d(24)
+        self.c, self.d = nn.Conv2d(24, 16, 1), nn.Conv2d(16, 16, 3, 1, 1)
+        self.e, self.odd = nn.Conv2d(32, 16, 1), nn.Conv2d(16, 12, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        y = torch.cat([torch.relu(self.a(x)), self.b(x)], 1)  # 16 + 8 channels: blocks concatenated
+        y = nn.functional.max_pool2d(y, 3, 2, ceil_mode=True)  # a last window reaching past the edge
+        z = self.c(torch.relu(self.bn(y)))  # DenseNet's pre-activation
+        w = torch.cat([nn.functional.avg_pool2d(z, 3, 1, 1), self.d(z)], 1)  # Inception's pool branch
+        w = self.e(nn.functional.avg_pool2d(w, 2))  # DenseNet's transition
+        u = torch.cat([w, self.odd(w)], 1)  # 16 + 12 channels: NCHW
+        v = nn.functional.avg_pool2d(w, 3, 1, 1, count_include_pad=False)  # divisor varies: NCHW
+        return torch.cat([u.mean((2, 3)), v.mean((2, 3))], 1)
+
+
+def test_concat_pools_and_norms_between_conv_kernels_stay_blocked():
+    from shave.backends.tvm.schedules.fusion import plan_convs
+
+    torch.manual_seed(0)
+    model, x = Passthrough().eval(), torch.randn(2, 3, 17, 15)
+    graph = shave.capture(model, (x,))
+    plan = plan_convs(graph, isa(AVX2))
+    kinds = sorted(plan.passthrough.values())
+    assert kinds == ["activation", "avg_pool", "avg_pool", "batch_norm", "concat", "concat", "max_pool"], kinds
+    assert {graph.node(n).op for n in plan.passthrough} == {"concat", "max_pool2d", "avg_pool2d", "batch_norm", "relu"}
+    layout = {(s.c, s.oc, s.kh): (s.in_blocked, s.out_blocked) for s in _kernel_specs(model, x)}
+    assert layout[(3, 16, 3)] == layout[(3, 8, 1)] == (False, True)  # read by the concat
+    assert layout[(24, 16, 1)] == layout[(16, 16, 3)] == (True, True)
+    assert layout[(32, 16, 1)] == (True, False)  # read by the 28-channel concat and the varying-divisor pool
+    _check(model, x)
+
+
+def test_blocked_pools_on_vectors():
+    """The blocked pools' lane loop is vectorised (AVX2: a vmaxps / vaddps on ymm), whatever the host."""
+    import tvm
+
+    from shave.backends.tvm.schedules.generic import schedule_func
+    from shave.backends.tvm.schedules.pool import blocked_pool_primfunc
+
+    for kind, op in (("max", "vmaxps"), ("avg", "vaddps")):
+        prim = blocked_pool_primfunc(kind, (1, 2, 9, 9, 8), (4, 4), (3, 3), (2, 2), (0, 0, 1, 1), (1, 1))
+        mod = tvm.IRModule({"main": schedule_func(prim, 8).with_attr("global_symbol", "main")})
+        asm = asm_of(tvm.compile(mod, target=tvm.target.Target(AVX2)))
+        assert op in asm and "%ymm" in asm, kind
 
 
 class MLP(nn.Module):

@@ -11,14 +11,14 @@
 * ``photo_crops`` / ``natural_photos``: scikit-image's bundled photographs
   (none of the 20 above) and random crops of them, unlabelled images for
   label-free recovery.
-* ``load_fashion_mnist`` / ``FashionResNet``: real Fashion-MNIST (Debian's
-  ``dataset-fashion-mnist`` package) and a small ResNet for it.
+* ``load_fashion_mnist`` / ``FashionResNet`` / ``LeNet5``: real Fashion-MNIST (Debian's
+  ``dataset-fashion-mnist`` package), a small ResNet and LeNet-5 for it.
 
 Small versions of torchvision's classification families, for the tests, are
 in ``tests/families.py``.
 """
 
-from .fashion_mnist import FashionResNet, load_fashion_mnist
+from .fashion_mnist import FashionResNet, LeNet5, load_fashion_mnist
 from .imagenet_samples import IMAGENET_MEAN, IMAGENET_STD, imagenet_samples, imagenet_samples_dir, preprocess_imagenet
 from .photos import natural_photos, photo_crops
 from .mobilenet_v2 import mobilenet_v2_weights_path, pretrained_mobilenet_v2
@@ -26,6 +26,7 @@ from .tv import torchvision_models
 
 __all__ = [
     "FashionResNet",
+    "LeNet5",
     "load_fashion_mnist",
     "IMAGENET_MEAN",
     "IMAGENET_STD",

@@ -15,7 +15,7 @@ from tvm import relax
 from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
-from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _f32, _shape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
@@ -64,7 +64,7 @@ def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: lis
                 if n.name in skip:
                     continue
                 k = plan.kernels.get(n.name) if plan is not None else None
-                if plan is not None and (n.name in plan.pools or n.name in plan.gates):
+                if plan is not None and (n.name in plan.pools or n.name in plan.gates or n.name in plan.passthrough):
                     env[n.name] = _on_blocked(bb, n, plan, env)
                 elif k is not None:
                     env[n.name] = _conv_call(bb, k, env, kernels)
@@ -95,8 +95,12 @@ def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: lis
 
 
 def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
-    """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), or a
-    per-channel gate multiply of one (blocked in, blocked out): schedules/fusion.py plans them."""
+    """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), a
+    per-channel gate multiply of one, or a pass-through node (concat, max or average pool,
+    activation, batch norm; blocked in, blocked out): schedules/fusion.py plans them."""
+    kind = plan.passthrough.get(n.name)
+    if kind is not None:
+        return _passthrough(bb, n, kind, env)
     if n.name in plan.pools:
         x = env[n.inputs[0]]
         pooled = bb.emit(R.mean(x, [2, 3], keepdims=True))  # [N, C/v, 1, 1, v]: channel c = block * v + lane
@@ -106,6 +110,40 @@ def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
     nb, cb, _, _, v = _shape(x)
     g = bb.emit(R.reshape(env[gate], (nb, cb, 1, 1, v)))
     return bb.emit(R.multiply(x, g))
+
+
+def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
+    """Node `n` (fusion.passthrough_kind `kind`) on blocked inputs, giving a blocked output."""
+    ins = [env[v] for v in n.inputs]
+    if kind == "concat":  # whole channel blocks: concatenating channels concatenates blocks
+        return bb.emit(R.concat(ins, axis=1))
+    x = ins[0]
+    nb, cb, h, w, v = _shape(x)
+    if kind == "activation":
+        return bb.emit(LOWERINGS[n.op](bb, [x], n.attrs, n))
+    if kind == "batch_norm":
+        mean, var, wt, b = ins[1:]
+        scale = bb.emit(R.multiply(wt, R.rsqrt(R.add(var, _f32(n.attrs["eps"])))))
+        shift = bb.emit(R.subtract(b, R.multiply(mean, scale)))
+        blk = lambda t: R.reshape(t, (1, cb, 1, 1, v))  # noqa: E731  channel c = block * v + lane
+        return bb.emit(R.add(R.multiply(x, blk(scale)), blk(shift)))
+    assert kind in ("max_pool", "avg_pool"), kind
+    from .lower_float import _pool_padding
+    from .schedules.pool import blocked_pool_primfunc
+
+    a = n.attrs
+    oh, ow = n.type.shape[2:]
+    pad = _pool_padding(n, (nb, cb * v, h, w), a)
+    dil = tuple(a.get("dilation", (1, 1)))
+    prim = blocked_pool_primfunc(kind[:3], (nb, cb, h, w, v), (oh, ow), tuple(a["kernel"]), tuple(a["stride"]),
+                                 tuple(pad), dil)
+    dims = lambda *t: "x".join(str(int(d)) for d in t)  # noqa: E731  one kernel per configuration
+    name = (f"shave_{kind}_{dims(nb, cb, h, w, v)}_k{dims(*a['kernel'])}_s{dims(*a['stride'])}"
+            f"_p{dims(*pad)}_d{dims(*dil)}")
+    # opaque to FuseOps (as the conv kernels): fused into a concat before it, TVM 0.27's FuseTIR
+    # fails ("Inconsistent buffers T_concat and X mapped to the same relax var")
+    gv = bb.add_func(prim.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    return bb.emit(relax.call_tir(gv, [x], relax.TensorType((nb, cb, oh, ow, v), n.type.dtype)))
 
 
 def _layer_taps(graph, layer) -> int:

@@ -58,6 +58,7 @@ class ConvPlan:
     blocked: set[str]  # values produced and read in the blocked layout
     pools: set = dataclasses.field(default_factory=set)  # global average pools reading a blocked value
     gates: dict = dataclasses.field(default_factory=dict)  # per-channel multiply on the blocked layout -> (data, gate)
+    passthrough: dict = dataclasses.field(default_factory=dict)  # node -> kind (passthrough_kind), blocked in and out
 
     def covered(self) -> set[str]:
         """Nodes computed inside a kernel without being its tail (lower.py skips them)."""
@@ -218,11 +219,48 @@ def gate_of(graph: Graph, n: Node) -> tuple[str, str] | None:
     return None
 
 
-def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict]:
+def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
+    """How node `n` computes on the blocked layout ([N, C/v, H, W, v] in and out) when its tensor
+    inputs are blocked: "concat" (along channels, every part whole channel blocks: the blocks are
+    concatenated), "max_pool" or "avg_pool" (a window on H x W, vectorised over the v lanes; an
+    average only where torch divides by the whole window), "activation" (per
+    element: the ops a conv epilogue can apply) or "batch_norm" (constant statistics: a
+    per-channel scale and shift); None when it needs NCHW. Between conv kernels these keep the
+    blocked layout through SqueezeNet's and Inception's concats and pools and DenseNet's
+    concat -> batch norm -> relu, instead of a transpose on each side and a scalar loop."""
+    t = n.type
+    if len(t.shape) != 4 or t.dtype != "float32" or t.shape[1] % vec:
+        return None
+    ins = [graph.type_of(v) for v in n.inputs]
+    if n.op == "concat":
+        ok = (n.attrs["axis"] % 4 == 1 and len(set(n.inputs)) == len(n.inputs)
+              and not any(graph.is_param(v) for v in n.inputs)
+              and all(len(i.shape) == 4 and i.shape[1] % vec == 0 and i.dtype == "float32" for i in ins))
+        return "concat" if ok else None
+    if graph.is_param(n.inputs[0]) or ins[0].shape[1] != t.shape[1]:
+        return None
+    if n.op == "max_pool2d":
+        return "max_pool"
+    if n.op == "avg_pool2d":  # only where torch divides every window by its whole size
+        from ..lower_float import _pool_padding
+
+        a = n.attrs
+        pad = _pool_padding(n, ins[0].shape, a)
+        exact = pad[2:] == list(a["padding"])  # no padding added for ceil_mode
+        return "avg_pool" if exact and (a["count_include_pad"] or not any(a["padding"])) else None
+    if n.op == "batch_norm" and all(graph.is_param(v) for v in n.inputs[1:]):
+        return "batch_norm"
+    if len(n.inputs) == 1 and get_op(n.op).epilogue is not None and ins[0].shape == t.shape:
+        return "activation"
+    return None
+
+
+def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict, dict]:
     """(values kept blocked, global pools reading them, gate multiplies making them with their
-    (data, gate) operands): a kernel
-    output, or a gate multiply's output, whose every reader can read the blocked layout: a conv
-    kernel (as its input or residual), a global pool, or a gate multiply that is itself blocked.
+    (data, gate) operands, pass-through nodes making them with their kind): a kernel output, a
+    gate multiply's output or a pass-through node's (passthrough_kind) whose every reader can
+    read the blocked layout: a conv kernel (as its input or residual), a global pool, or a gate
+    multiply or pass-through node that is itself blocked (whose blocked inputs are all blocked).
     Found as a fixpoint: candidates are dropped until every reader of every one qualifies."""
     reader_kernel = {}  # node computed by a kernel -> the kernel
     for k in kernels:
@@ -231,13 +269,17 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
     unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
     gates = {name: dg for name, dg in gates.items() if dg is not None and graph.type_of(dg[0]).shape[1] % vec == 0}
-    blocked = {k.tail for k in kernels if not k.linear and k.spec.oc % k.spec.vec == 0} | set(gates)
+    through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
+    through = {name: kind for name, kind in through.items() if kind is not None}
+    blocked = {k.tail for k in kernels if not k.linear and k.spec.oc % k.spec.vec == 0} | set(gates) | set(through)
     users = {v: graph.users(v) for v in blocked}
     changed = True
     while changed:
         changed = False
         for v in sorted(blocked):
             if v in gates and gates[v][0] not in blocked:
+                ok = False
+            elif v in through and any(u not in blocked for u in graph.node(v).inputs if not graph.is_param(u)):
                 ok = False
             else:
                 ok = v not in graph.outputs and bool(users[v])
@@ -251,13 +293,16 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                         pass
                     elif r.name in gates and gates[r.name][0] == v:
                         ok &= r.name in blocked
+                    elif r.name in through:
+                        ok &= r.name in blocked
                     else:
                         ok = False
             if not ok:
                 blocked.discard(v)
                 changed = True
     pools = {r.name for v in blocked for r in users[v] if r.name not in reader_kernel and global_pool(graph, r)}
-    return blocked, pools, {name: dg for name, dg in gates.items() if name in blocked}
+    return (blocked, pools, {name: dg for name, dg in gates.items() if name in blocked},
+            {name: kind for name, kind in through.items() if name in blocked})
 
 
 def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
@@ -277,11 +322,11 @@ def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
                 if k.shift_node:
                     taken.add(k.shift_node)
                 kernels.append(k)
-    blocked, pools, gates = _blocked(graph, kernels, isa.fp32_lanes)
+    blocked, pools, gates, through = _blocked(graph, kernels, isa.fp32_lanes)
     built = _build(kernels, blocked, tiles)
     if built is None:
-        (blocked, pools, gates), built = (set(), set(), {}), _build(kernels, set(), tiles)
-    return ConvPlan({k.tail: k for k in built}, blocked, pools, gates)
+        (blocked, pools, gates, through), built = (set(), set(), {}, {}), _build(kernels, set(), tiles)
+    return ConvPlan({k.tail: k for k in built}, blocked, pools, gates, through)
 
 
 def _build(kernels: list[ConvKernel], blocked: set, tiles: dict) -> list[ConvKernel] | None:
