@@ -593,6 +593,20 @@ def test_every_candidate_tile_computes_the_conv(name):
         assert _kernel_error(spec, case) <= TOL, tile
 
 
+@pytest.mark.parametrize("name", ["1x1_flat_c24_oc24_7x7_blocked", "3x3_c16_oc24_w13_blocked", "1x1_s2_c32_oc16_blocked"])
+def test_both_parallel_task_orders_compute_the_conv(name, monkeypatch):
+    """Dense kernels order their parallel tasks pixels-major when the weights are small, else
+    channels-major (conv.PIXELS_MAJOR_MAX_WEIGHT_BYTES): both orders give the same result."""
+    from shave.backends.tvm.schedules import conv
+
+    fields = TILE_SPECS[name]
+    spec = conv.ConvSpec(*fields, vec=8, in_blocked=True, out_blocked=True, res_blocked=fields[-1])
+    case = _conv_case(fields)
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(conv, "PIXELS_MAJOR_MAX_WEIGHT_BYTES", limit)
+        assert _kernel_error(spec, case) <= TOL, limit
+
+
 def test_flat_view_of_pointwise_convs():
     """1x1 stride-1 unpadded convs run on the 1 x H*W view, with the spec's own tensor shapes
     in the kernel's signature; other convs are left as they are."""
