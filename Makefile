@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-recovery bench-compress bench-threads bench-contention bench-coverage bench-dynamic bench-onnx clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-recovery bench-compress bench-threads bench-contention bench-coverage bench-families bench-dynamic bench-onnx clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -75,6 +75,9 @@ bench-contention: setup
 
 bench-coverage: setup
 	$(PY) benchmarks/coverage.py
+
+bench-families: setup
+	$(PY) benchmarks/families.py
 
 bench-dynamic: setup
 	$(PY) benchmarks/dynamic_batch.py
