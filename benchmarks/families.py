@@ -61,7 +61,7 @@ def _latency_args(args, batch: int, threads: int | None):
     """The argument namespace latency.bench_model reads."""
     import latency
 
-    engines = args.engines + (f",shave-tuned" if args.tune_trials is not None else "")
+    engines = args.engines + (",shave-tuned" if args.tune_trials is not None else "")
     return latency.parse_args(["--engines", engines, "--batch", str(batch), "--rounds", str(args.rounds),
                                "--budget", str(args.budget), "--repeats", str(args.repeats),
                                "--warmup", str(args.warmup), "--pause", str(args.pause),

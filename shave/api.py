@@ -238,7 +238,7 @@ def compile(model, example_inputs=None, target="x86", passes=DEFAULT_PASSES, tun
     }
     if batch_functions:  # dynamic batch: the VM function for each compiled batch size (Runtime.run)
         manifest["batch_functions"] = {str(k): f for k, f in batch_functions.items()}
-    manifest["kernels"] = calls  # which IR nodes each conv kernel call computes (Runtime.profile)
+    manifest["kernels"] = calls  # which IR nodes each kernel call of shave's computes (Runtime.profile)
     if tuned is not None:
         manifest["tuning"] = {"summary": tuned.summary(), "kernels": tuned.kernels}
     cm = CompiledModel(graph, library, manifest, report)

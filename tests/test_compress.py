@@ -73,3 +73,31 @@ def test_an_evaluate_that_fails_is_one_line_with_the_best_so_far(setup):
     assert "\n" not in str(e.value) and e.value.best is not None and e.value.best.steps == []
     with pytest.raises(shave.CompressError, match="unknown technique 'distill'"):
         shave.compress(model, (x,), agreement, techniques=("distill",))
+
+
+def test_report_layer_table_follows_each_layer_through_the_passes(setup):
+    """The report's per-layer table finds every original layer in the compressed graph (pruned:
+    same name; decomposed: "<layer>.<part>" nodes; int8: "<layer>.weight.q") and gives each
+    layer's kernel time before and after from the two models' profiles."""
+    from shave.compression_report import LAYER_OPS, layer_origins, layer_rows
+    from shave.passes import Decompose, FoldBN, Prune, Quantize
+
+    model, images, _ = setup
+    x = images[0][:1]
+    base = shave.compile(model, (x,))
+    original = base.graph
+    layers = [n.name for n in original.nodes if n.op in LAYER_OPS]
+    pruned = Prune(ratio=0.5, round_to=1)(original)
+    decomposed = Decompose("tucker2", rank=(4, 4), layers=[layers[2]], round_to=1)(pruned)
+    chosen = Quantize(images[:2], exclude=[layers[1]], min_speedup=0.0)(FoldBN()(decomposed))
+    origins = layer_origins(original, chosen)
+    assert set(origins.values()) == set(layers)
+    assert all(m.op not in LAYER_OPS or m.name in origins for m in chosen.nodes)
+    cm = shave.compile(chosen, (x,), passes=[])
+    rows = {r[0]: r for r in layer_rows(original, chosen, base.profile(x.numpy()), cm.profile(x.numpy()))}
+    assert rows[layers[0]][2] == "pruned to 3 -> 16; int8"
+    assert rows[layers[1]][2] == "pruned to 16 -> 32"  # kept float
+    assert rows[layers[2]][2] == "pruned to 32 -> 32; 3 layers (in, core, out); int8"
+    assert rows[layers[0]][1] == "3 -> 32"
+    for name in layers[:3]:  # every conv's kernel time is found, before and after
+        assert rows[name][3] > 0 and rows[name][4] > 0, rows[name]

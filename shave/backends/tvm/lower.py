@@ -27,7 +27,8 @@ def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = No
     (`tiles`: register tiles from tuning, by ConvSpec; `kernels`, if given, is filled with
     {ConvSpec: GlobalVar} of the kernels made), and int8 kernels' weights packed for its dot
     product (AVX2's without a target). `calls`, if given, is filled with one
-    {"kernel", "nodes", "flops"} per conv kernel call, in the order main calls them."""
+    {"kernel", "nodes", "flops"} per call of one of shave's kernels (conv kernels with their
+    epilogue; int8 layers, shift and other single-node kernels), in the order main calls them."""
     calls = [] if calls is None else calls
     kernels = {} if kernels is None else kernels
     functions = {"main": (graph, calls), **{name: (g, []) for name, g in (variants or {}).items()}}
@@ -79,12 +80,14 @@ def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: lis
                     if fn is None:
                         raise CompileError(f"node {n.name!r}: op {n.op!r} has no TVM lowering")
                     try:
-                        env[n.name] = bb.emit(fn(bb, [env[v] for v in n.inputs], n.attrs, n))
+                        expr = fn(bb, [env[v] for v in n.inputs], n.attrs, n)
+                        env[n.name] = bb.emit(expr)
                     except CompileError:
                         raise
                     except Exception as e:
                         raise CompileError(f"node {n.name!r} ({n.op}): TVM rejected it: "
                                            f"{str(e).strip().splitlines()[-1]}") from None
+                    _record_kernel(calls, expr, graph, n)
                 if plan is not None and n.name in plan.blocked:
                     continue  # the blocked layout: only kernels, pools and gates read it
                 got = _shape(env[n.name])
@@ -92,6 +95,21 @@ def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: lis
                     raise CompileError(f"node {n.name!r} ({n.op}): Relax infers shape {got}, IR has {n.type.shape}")
             out = bb.emit_output(relax.Tuple([env[v] for v in graph.outputs]))
         bb.emit_func_output(out)
+
+
+_CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+
+
+def _record_kernel(calls: list, expr, graph, n) -> None:
+    """Add a {"kernel", "nodes", "flops"} entry for node `n` when its lowering is one call of a
+    kernel of shave's own (int8 layers, attention, shift): the profile then names the node
+    beside the kernel's time. FLOPs only for float ops (the profile's peak is fp32's)."""
+    if not (isinstance(expr, relax.Call) and expr.op.same_as(_CALL_TIR) and isinstance(expr.args[0], tvm.ir.GlobalVar)):
+        return
+    name = expr.args[0].name_hint
+    if name.startswith("shave_"):
+        calls.append({"kernel": name, "nodes": [n.name],
+                      "flops": 0 if n.op.startswith("q") else round(graph.flops_of(n))})
 
 
 def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
