@@ -595,16 +595,35 @@ def test_every_candidate_tile_computes_the_conv(name):
 
 @pytest.mark.parametrize("name", ["1x1_flat_c24_oc24_7x7_blocked", "3x3_c16_oc24_w13_blocked", "1x1_s2_c32_oc16_blocked"])
 def test_both_parallel_task_orders_compute_the_conv(name, monkeypatch):
-    """Dense kernels order their parallel tasks pixels-major when the weights are small, else
-    channels-major (conv.PIXELS_MAJOR_MAX_WEIGHT_BYTES): both orders give the same result."""
+    """Dense kernels order their parallel tasks pixels-major or channels-major (conv._pixels_major,
+    by the weights' size and the memory traffic of each order): both orders give the same result."""
     from shave.backends.tvm.schedules import conv
 
     fields = TILE_SPECS[name]
     spec = conv.ConvSpec(*fields, vec=8, in_blocked=True, out_blocked=True, res_blocked=fields[-1])
     case = _conv_case(fields)
-    for limit in (0, 1 << 30):
-        monkeypatch.setattr(conv, "PIXELS_MAJOR_MAX_WEIGHT_BYTES", limit)
-        assert _kernel_error(spec, case) <= TOL, limit
+    for pixels_major in (False, True):
+        monkeypatch.setattr(conv, "_pixels_major", lambda *a: pixels_major)
+        assert _kernel_error(spec, case) <= TOL, pixels_major
+
+
+def test_task_order_follows_the_memory_traffic():
+    """Small weights: pixels-major. Large weights: the order that reads less from memory
+    (ConvNeXt-T's 384 -> 1536 linear layer at batch 8 on 14 x 14: pixels-major; a 2048 -> 2048
+    linear layer on 8 rows, one chunk of columns: channels-major, the weights read once)."""
+    from shave.backends.tvm.schedules import conv
+
+    def order(n, c, h, w, oc):
+        spec = conv.flat_view(conv.ConvSpec(n, c, h, w, oc, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None,
+                                            False, 8))
+        p = conv.plan(spec)
+        ntiles = p["owp"] // p["reg_n"]
+        chunks = ntiles // max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * p["reg_n"] <= 64)
+        return conv._pixels_major(spec, p, chunks)
+
+    assert order(1, 256, 56, 56, 64)  # 64 KB of weights
+    assert order(1, 384, 1, 8 * 14 * 14, 1536)  # a linear layer: 2.4 MB of weights, 25 chunks, 96 groups
+    assert not order(1, 2048, 1, 8, 2048)  # 16 MB of weights, 8 columns: reading them per chunk is the most
 
 
 def test_flat_view_of_pointwise_convs():

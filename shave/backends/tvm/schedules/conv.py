@@ -271,6 +271,21 @@ def compute_primfunc(spec: ConvSpec):
     return te.create_prim_func(args + [output_stage(spec, Cc, B, Res)])
 
 
+def _pixels_major(spec: ConvSpec, p: dict, spatial_tasks: int) -> bool:
+    """Order a dense kernel's parallel tasks (output-channel group, row or chunk of columns)
+    pixels-major? Channels-major, each group sweeps the whole input: it is read again from L3 or
+    memory once per group (ResNet-50's 256 -> 64 1x1 convs: 4 times). Pixels-major, consecutive
+    tasks (one thread's share) reuse the input they read, and every row or chunk reads all the
+    weights: free while they stay in cache (<= PIXELS_MAJOR_MAX_WEIGHT_BYTES), else chosen
+    when that traffic is the smaller (ConvNeXt's linear layers at batch 8: 25 chunks x 2.4 MB
+    of weights against 96 groups x 2.4 MB of input)."""
+    weight = spec.c // spec.groups * spec.kh * spec.kw * spec.oc * 4
+    if weight <= PIXELS_MAJOR_MAX_WEIGHT_BYTES:
+        return True
+    groups = p["ocb"] // p["ocb_in"]
+    return spec.n * spatial_tasks * weight < groups * spec.n * spec.c * spec.h * spec.w * 4
+
+
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     v = spec.vec
     reg_n, ocb_in = p["reg_n"], p["ocb_in"]
@@ -309,14 +324,10 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         oo, oi = sch.split(o, [None, ocb_in])
         xo, xi = sch.split(x, [None, reg_n])
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
-        # the parallel tasks: (channel-block group, row or chunk of columns). Ordered pixels-major
-        # when the weights are small enough to stay in cache across every group: consecutive tasks
-        # (one thread's share) then reuse the input they read, which channels-major read again
-        # from L3 or memory once per group (ResNet-50's 256 -> 64 1x1 convs: 4 times)
-        pixels_major = spec.c // spec.groups * spec.kh * spec.kw * spec.oc * 4 <= PIXELS_MAJOR_MAX_WEIGHT_BYTES
+        ntiles = p["owp"] // reg_n
+        per_chunk = max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * reg_n <= 64)
+        pixels_major = _pixels_major(spec, p, ntiles // per_chunk if spec.oh == 1 else spec.oh)
         if spec.oh == 1:  # a flat view (one long row): chunks of tiles along it are the parallel work
-            ntiles = p["owp"] // reg_n
-            per_chunk = max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * reg_n <= 64)
             xc, xo = sch.split(xo, [None, per_chunk])
             if pixels_major:
                 sch.reorder(b, y, xc, oo)
