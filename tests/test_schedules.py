@@ -616,10 +616,7 @@ def test_task_order_follows_the_memory_traffic():
     def order(n, c, h, w, oc):
         spec = conv.flat_view(conv.ConvSpec(n, c, h, w, oc, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None,
                                             False, 8))
-        p = conv.plan(spec)
-        ntiles = p["owp"] // p["reg_n"]
-        chunks = ntiles // max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * p["reg_n"] <= 64)
-        return conv._pixels_major(spec, p, chunks)
+        return conv._pixels_major(spec, conv.plan(spec))
 
     assert order(1, 256, 56, 56, 64)  # 64 KB of weights
     assert order(1, 384, 1, 8 * 14 * 14, 1536)  # a linear layer: 2.4 MB of weights, 25 chunks, 96 groups

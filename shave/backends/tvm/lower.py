@@ -15,7 +15,8 @@ from tvm import relax
 from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
-from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _f32, _shape
+from .lower_float import batch_norm_affine, pool_padding
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
@@ -140,18 +141,15 @@ def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
     if kind == "activation":
         return bb.emit(LOWERINGS[n.op](bb, [x], n.attrs, n))
     if kind == "batch_norm":
-        mean, var, wt, b = ins[1:]
-        scale = bb.emit(R.multiply(wt, R.rsqrt(R.add(var, _f32(n.attrs["eps"])))))
-        shift = bb.emit(R.subtract(b, R.multiply(mean, scale)))
+        scale, shift = batch_norm_affine(bb, *ins[1:], n.attrs["eps"])
         blk = lambda t: R.reshape(t, (1, cb, 1, 1, v))  # noqa: E731  channel c = block * v + lane
         return bb.emit(R.add(R.multiply(x, blk(scale)), blk(shift)))
     assert kind in ("max_pool", "avg_pool"), kind
-    from .lower_float import _pool_padding
     from .schedules.pool import blocked_pool_primfunc
 
     a = n.attrs
     oh, ow = n.type.shape[2:]
-    pad = _pool_padding(n, (nb, cb * v, h, w), a)
+    pad = pool_padding(n, (nb, cb * v, h, w), a)
     dil = tuple(a.get("dilation", (1, 1)))
     prim = blocked_pool_primfunc(kind[:3], (nb, cb, h, w, v), (oh, ow), tuple(a["kernel"]), tuple(a["stride"]),
                                  tuple(pad), dil)

@@ -29,13 +29,17 @@ def _linear(bb, ins, a, node):
     return R.linear(ins[0], ins[1], ins[2] if len(ins) > 2 else None)
 
 
+def batch_norm_affine(bb, mean, var, w, b, eps: float) -> tuple:
+    """(scale, shift) per channel of an inference batch norm: x * scale + shift."""
+    scale = bb.emit(R.multiply(w, R.rsqrt(R.add(var, _f32(eps)))))
+    return scale, bb.emit(R.subtract(b, R.multiply(mean, scale)))
+
+
 @lowers("batch_norm")
 def _batch_norm(bb, ins, a, node):
-    x, mean, var, w, b = ins
     nd = len(node.type.shape)
-    scale = bb.emit(R.multiply(w, R.rsqrt(R.add(var, _f32(a["eps"])))))
-    shift = bb.emit(R.subtract(b, R.multiply(mean, scale)))
-    return R.add(R.multiply(x, _channel(scale, nd)), _channel(shift, nd))
+    scale, shift = batch_norm_affine(bb, *ins[1:], a["eps"])
+    return R.add(R.multiply(ins[0], _channel(scale, nd)), _channel(shift, nd))
 
 
 @lowers("layer_norm")
@@ -155,7 +159,7 @@ lowers("amax")(lambda bb, ins, a, n: R.max(ins[0], list(a["axes"]), a["keepdim"]
 lowers("amin")(lambda bb, ins, a, n: R.min(ins[0], list(a["axes"]), a["keepdim"]))
 
 
-def _pool_padding(node, in_shape, a):
+def pool_padding(node, in_shape, a):
     """Padding (top, left, bottom, right) that makes TVM's floor-mode window count
     equal torch's output size. torch's ceil_mode drops a last window that would
     start in the right padding, so it cannot be passed through as is."""
@@ -171,14 +175,14 @@ def _pool_padding(node, in_shape, a):
 
 @lowers("max_pool2d")
 def _max_pool2d(bb, ins, a, node):
-    pad = _pool_padding(node, _shape(ins[0]), a)
+    pad = pool_padding(node, _shape(ins[0]), a)
     return R.nn.max_pool2d(ins[0], a["kernel"], a["stride"], pad, a["dilation"], ceil_mode=False)
 
 
 @lowers("avg_pool2d")
 def _avg_pool2d(bb, ins, a, node):
     in_shape = _shape(ins[0])
-    pad = _pool_padding(node, in_shape, a)
+    pad = pool_padding(node, in_shape, a)
     extra = [pad[2] - a["padding"][0], pad[3] - a["padding"][1]]
     if a["count_include_pad"] and any(extra):
         # torch divides by the window clipped to the *declared* padding; spell it out
@@ -190,7 +194,7 @@ def _avg_pool2d(bb, ins, a, node):
 def _avg_pool_explicit(bb, x, in_shape, a, node):
     """Sum pooling over zero padding, divided by torch's per-window divisor (a constant)."""
     out_h, out_w = node.type.shape[2:]
-    pad = _pool_padding(node, in_shape, a)
+    pad = pool_padding(node, in_shape, a)
     k, s, p = a["kernel"], a["stride"], a["padding"]
     summed = bb.emit(R.multiply(R.nn.avg_pool2d(x, k, s, pad, (1, 1), count_include_pad=True), _f32(k[0] * k[1])))
     div = np.empty((out_h, out_w), np.float32)

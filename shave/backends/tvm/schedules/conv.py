@@ -271,7 +271,13 @@ def compute_primfunc(spec: ConvSpec):
     return te.create_prim_func(args + [output_stage(spec, Cc, B, Res)])
 
 
-def _pixels_major(spec: ConvSpec, p: dict, spatial_tasks: int) -> bool:
+def _tiles_per_chunk(p: dict) -> int:
+    """Register tiles in one parallel chunk of a flat view's long row (at most 64 columns)."""
+    ntiles = p["owp"] // p["reg_n"]
+    return max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * p["reg_n"] <= 64)
+
+
+def _pixels_major(spec: ConvSpec, p: dict) -> bool:
     """Order a dense kernel's parallel tasks (output-channel group, row or chunk of columns)
     pixels-major? Channels-major, each group sweeps the whole input: it is read again from L3 or
     memory once per group (ResNet-50's 256 -> 64 1x1 convs: 4 times). Pixels-major, consecutive
@@ -282,6 +288,7 @@ def _pixels_major(spec: ConvSpec, p: dict, spatial_tasks: int) -> bool:
     weight = spec.c // spec.groups * spec.kh * spec.kw * spec.oc * 4
     if weight <= PIXELS_MAJOR_MAX_WEIGHT_BYTES:
         return True
+    spatial_tasks = p["owp"] // p["reg_n"] // _tiles_per_chunk(p) if spec.oh == 1 else spec.oh
     groups = p["ocb"] // p["ocb_in"]
     return spec.n * spatial_tasks * weight < groups * spec.n * spec.c * spec.h * spec.w * 4
 
@@ -324,11 +331,9 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         oo, oi = sch.split(o, [None, ocb_in])
         xo, xi = sch.split(x, [None, reg_n])
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
-        ntiles = p["owp"] // reg_n
-        per_chunk = max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * reg_n <= 64)
-        pixels_major = _pixels_major(spec, p, ntiles // per_chunk if spec.oh == 1 else spec.oh)
+        pixels_major = _pixels_major(spec, p)
         if spec.oh == 1:  # a flat view (one long row): chunks of tiles along it are the parallel work
-            xc, xo = sch.split(xo, [None, per_chunk])
+            xc, xo = sch.split(xo, [None, _tiles_per_chunk(p)])
             if pixels_major:
                 sch.reorder(b, y, xc, oo)
             outer = sch.fuse(b, y, xc, oo) if pixels_major else sch.fuse(b, oo, y, xc)

@@ -242,10 +242,10 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
     if n.op == "max_pool2d":
         return "max_pool"
     if n.op == "avg_pool2d":  # only where torch divides every window by its whole size
-        from ..lower_float import _pool_padding
+        from ..lower_float import pool_padding
 
         a = n.attrs
-        pad = _pool_padding(n, ins[0].shape, a)
+        pad = pool_padding(n, ins[0].shape, a)
         exact = pad[2:] == list(a["padding"])  # no padding added for ceil_mode
         return "avg_pool" if exact and (a["count_include_pad"] or not any(a["padding"])) else None
     if n.op == "batch_norm" and all(graph.is_param(v) for v in n.inputs[1:]):
