@@ -3,31 +3,32 @@
     r = shave.compress(model, (x,), evaluate, max_drop=0.01, train=batches, calibration=images)
     r.compiled(x); r.recipe; r.save_report("out/compress")
 
-A NetAdapt-style search (Yang et al. 2018) over shave's techniques. From the
-captured model (batch norms kept until the end), each step tries every
-technique that still applies to the current graph:
+A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by layer.
 
-- "prune": 25 % of the remaining channels of every prunable group (l1), again
-  at each later step;
-- "decompose": tucker2 with rank="auto" (each layer's rank measured on the
-  target; layers not made faster stay), once;
-- "rewrites": DepthwiseSeparable and ShiftRewrite, each layer kept only where
-  measured faster on the target, once each;
-- "quantize": int8 (layers kept float where their int8 kernel is not faster on
-  the target), last: nothing follows it.
+1. The per-layer table (compression_layers.py), built once on the captured model (batch
+   norms kept until the end): every way to compress one layer or channel group alone --
+   prune a group to 75 % or 50 % of its channels, Tucker-2 at the rank measured fastest,
+   the depthwise-separable or shift rewrite of a conv -- with the time it saves measured
+   on the target (its layers compiled alone, before and after; options not faster are
+   left out) and the score it costs alone (after the pass's own refit, no recovery).
+2. Steps: each takes the options that buy the most time per point of score lost (one
+   per layer; prunes of different groups combine) until together they save
+   `STEP_SAVING` of the current latency, applies them, recovers briefly (with `train`:
+   a few hundred steps of `shave.finetune`, distilled from the original), scores the
+   result with `evaluate` and times the whole compiled model on this machine. The step
+   is kept if the model is measurably faster (2 %) and within `short_drop` of the
+   baseline score (short recoveries understate what a long one gets back: 3 x max_drop
+   by default); else a second try takes half as much, and if that fails too the most
+   promising option is dropped from the table. The steps end when no option is left, at
+   `speedup=`, or when `time_budget` (seconds) runs out.
+3. int8 last (layers kept float where their int8 kernel is not faster on the target),
+   kept on the same terms.
 
-Each try is followed by a short recovery (with `train`: a few hundred steps of
-`shave.finetune`, distilled from the original), scored with `evaluate`,
-compiled and timed as a whole model on this machine. The step keeps the try
-that buys the most latency per point of score lost among those that are
-measurably faster than the current model (2 %) and within `short_drop` of the
-baseline score (short recoveries understate what a long one gets back: 3 x
-max_drop by default); the search ends when none is, at `speedup=`, or when
-`time_budget` (seconds) runs out. A final, longer recovery follows and must end
-within `max_drop`; where it does not, the search backs off a step. Measured
-decisions are frozen into the recipe (the ranks and layers chosen, the layers
-kept float), so `shave.compile(model, x, passes=result.recipe)` replays it
-to the same graph without timing anything.
+A final, longer recovery follows and must end within `max_drop`; where it does not,
+the search backs off a step. Measured decisions are frozen into the recipe (the
+groups' widths, the ranks and layers chosen, the layers kept float), so
+`shave.compile(model, x, passes=result.recipe)` replays it to the same graph without
+timing anything.
 """
 from __future__ import annotations
 
@@ -36,19 +37,20 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+from .compression_layers import Option, apply_options, choose, layer_options
 from .errors import CompressError, ShaveError
 from .ir import Graph
 
 log = logging.getLogger("shave.compress")
 
 TECHNIQUES = ("prune", "decompose", "rewrites", "quantize")
-PRUNE_STEP = 0.25
+STEP_SAVING = 0.2  # a step's options together save this fraction of the current latency (measured per layer)
+QUANTIZE = "int8 (layers measured)"
 FASTER = 0.98  # a try must take at most this fraction of the current latency
 
 
@@ -79,6 +81,7 @@ class CompressResult:
     reference_ms: dict = field(default_factory=dict)  # e.g. {"onnxruntime": ms} on the original model
     seconds: float = 0.0
     baseline_compiled: object = None
+    options: list = field(default_factory=list)  # the per-layer table (compression_layers.Option)
 
     @property
     def speedup(self) -> float:
@@ -151,70 +154,22 @@ def _onnxruntime_ms(model, args) -> float | None:
 
 
 class _Search:
-    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery, techniques):
+    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery):
         from .recovery import Finetune
 
         self.baseline, self.args, self.evaluate, self.target = baseline, args, evaluate, target
         self.calibration = calibration
-        self.techniques = techniques
         self.recover = None
         if train is not None:
             kw = {"steps": 200, "teacher": baseline, "progress": False} | dict(recovery or {})
             self.recover = lambda: Finetune(train, **kw)
-        self.used: set[str] = set()
 
     def compile(self, graph: Graph):
         from .api import compile as shave_compile
 
         return shave_compile(graph, self.args, target=self.target, passes=["fold_bn"])
 
-    def actions(self, graph: Graph) -> list[tuple[str, str, Callable[[Graph], tuple[Graph, list]]]]:
-        """(key, label, graph -> (new graph, frozen passes)) for every technique that applies now;
-        every key but "prune" is used once."""
-        if "quantize" in self.used:
-            return []
-        out = []
-        if "prune" in self.techniques:
-            out.append(("prune", f"prune {PRUNE_STEP:.0%} of the channels", self._prune))
-        if "decompose" in self.techniques:
-            out.append(("decompose", "decompose tucker2 (ranks measured)", self._decompose))
-        if "rewrites" in self.techniques:
-            out.append(("depthwise_separable", "depthwise separable (layers measured)", self._depthwise_separable))
-            out.append(("shift_rewrite", "shift rewrite (layers measured)", self._shift_rewrite))
-        if "quantize" in self.techniques and self.calibration is not None:
-            out.append(("quantize", "int8 (layers measured)", self._quantize))
-        return [a for a in out if a[0] not in self.used]
-
-    def _prune(self, graph):
-        from .passes import Prune
-
-        p = Prune(ratio=PRUNE_STEP, target=self.target)
-        return p(graph), [p]
-
-    def _decompose(self, graph):
-        from .passes import Decompose
-
-        r = Decompose("tucker2", rank="auto", target=self.target).apply(graph)
-        frozen = [Decompose("tucker2", rank=lp.rank, layers=[lp.name], target=self.target)
-                  for lp in r.plan if lp.kept]
-        return r.graph, frozen
-
-    def _rewrite(self, cls, graph):
-        r = cls(data=self.calibration, target=self.target, exclude=()).apply(graph)
-        kept = [e.name for e in r.plan if e.kept]
-        return r.graph, ([cls(layers=kept, data=self.calibration)] if kept else [])
-
-    def _depthwise_separable(self, graph):
-        from .passes import DepthwiseSeparable
-
-        return self._rewrite(DepthwiseSeparable, graph)
-
-    def _shift_rewrite(self, graph):
-        from .passes import ShiftRewrite
-
-        return self._rewrite(ShiftRewrite, graph)
-
-    def _quantize(self, graph):
+    def quantize(self, graph):
         from .passes import FoldBN, Quantize
 
         folded = FoldBN()(graph)
@@ -258,7 +213,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         torch_model = eval_model(model)
         args = _normalise_inputs(example_inputs)
         graph = capture(torch_model, args)
-    search = _Search(graph, args, evaluate, target, train, calibration, recovery, tuple(techniques))
+    search = _Search(graph, args, evaluate, target, train, calibration, recovery)
 
     base_score = _score(evaluate, graph, "the original model")
     base_cm = search.compile(graph)
@@ -276,56 +231,99 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     kept = [current]
     short_drop = (3 * max_drop if train is not None else max_drop) if short_drop is None else short_drop
     message, step = "", 0
-    best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm)  # noqa: E731
+    table: list[Option] = []
+    best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm, table)  # noqa: E731
+
+    def out_of_time() -> bool:
+        return time_budget is not None and time.perf_counter() - t_start > time_budget
+
+    eps = 1e-3 * max(abs(base_score), 1e-9)  # the least score loss a step is charged
+
+    def attempt(step: int, label: str, make) -> tuple | None:
+        """Build, recover, score, compile and time one candidate from the current model: ->
+        (candidate, graph, passes, compiled) and recorded in the Pareto list, or None where the
+        passes do not apply."""
+        t0 = time.perf_counter()
+        try:
+            g, passes = make(current.graph)
+        except ShaveError as e:
+            log.info("step %d: %s does not apply: %s", step, label, e)
+            return None
+        if search.recover is not None and label != QUANTIZE:
+            rec = search.recover()
+            g = rec(g)
+            passes = passes + [rec]
+        score = _score(evaluate, g, f"step {step} ({label})")
+        cm = search.compile(g)
+        cand = Candidate(current.steps + [label], score, _latency_ms(cm), g.stats()["bytes"], step)
+        pareto.append(cand)
+        log.info("step %d: %s -> score %.4g, %.3f ms (%.0f s)", step, label, score, cand.latency_ms,
+                 time.perf_counter() - t0)
+        return cand, g, passes, cm
+
+    def good(cand: Candidate) -> bool:
+        return cand.latency_ms <= FASTER * current.ms and cand.score >= base_score - short_drop
 
     try:
-        while True:
-            step += 1
+        # the per-layer table: each option's measured saving and its score cost alone
+        for o in tqdm(layer_options(graph, techniques, target, calibration), desc="compress: layer sensitivity",
+                      unit="option", leave=False, disable=None):
+            if out_of_time():
+                break
+            try:
+                g, _ = apply_options(graph, [o], target, calibration)
+            except ShaveError as e:
+                log.info("option %s does not apply: %s", o.label, e)
+                continue
+            o.drop = base_score - _score(evaluate, g, f"option {o.label!r} alone")
+            table.append(o)
+            log.info("option %s: saves %.4f ms, loses %.4g alone", o.label, o.saving_ms, o.drop)
+        log.info("per-layer table: %d options (%.0f s)", len(table), time.perf_counter() - t_start)
+        remaining = list(table)
+        # NetAdapt-style steps: the options that buy the most time per point lost, together
+        # saving STEP_SAVING of the current latency (half that on a second try), recovered,
+        # scored and timed as a whole model
+        while remaining and not out_of_time():
             if speedup is not None and base_ms / current.ms >= speedup:
-                message = f"reached {speedup:g}x"
                 break
-            tries = []
-            for key, label, act in tqdm(search.actions(current.graph), desc=f"compress step {step}", unit="try",
-                                        leave=False, disable=None):
-                if time_budget is not None and time.perf_counter() - t_start > time_budget:
+            step += 1
+            kept_step = None
+            tried: list = []
+            for frac in (1.0, 0.5):
+                chosen = choose(remaining, frac * STEP_SAVING * current.ms, eps)
+                if chosen in tried or out_of_time():
+                    continue
+                tried.append(chosen)
+                label = "; ".join(o.label for o in chosen)
+                got = attempt(step, label, lambda g, c=chosen: apply_options(g, c, target, calibration))
+                if got is not None and good(got[0]):
+                    kept_step = (got, chosen, label)
                     break
-                t0 = time.perf_counter()
-                try:
-                    g, frozen = act(current.graph)
-                except ShaveError as e:
-                    log.info("step %d: %s does not apply: %s", step, label, e)
-                    search.used.add(key)
-                    continue
-                if not frozen:  # a measured technique that kept no layer
-                    search.used.add(key)
-                    continue
-                passes = list(frozen)
-                if search.recover is not None and key != "quantize":
-                    rec = search.recover()
-                    g = rec(g)
-                    passes.append(rec)
-                score = _score(evaluate, g, f"step {step} ({label})")
-                cm = search.compile(g)
-                ms = _latency_ms(cm)
-                cand = Candidate(current.steps + [label], score, ms, g.stats()["bytes"], step)
-                pareto.append(cand)
-                tries.append((cand, g, passes, cm, label, key))
-                log.info("step %d: %s -> score %.4g, %.3f ms (%.0f s)", step, label, score, ms,
-                         time.perf_counter() - t0)
-            ok = [t for t in tries if t[0].latency_ms <= FASTER * current.ms and t[0].score >= base_score - short_drop]
-            if not ok:
-                message = ("time budget spent" if time_budget is not None and time.perf_counter() - t_start > time_budget
-                           else "no technique made it faster within max_drop")
-                break
-            cand, g, passes, cm, label, key = max(
-                ok, key=lambda t: (current.ms - t[0].latency_ms) / max(current.score - t[0].score,
-                                                                       1e-3 * max(abs(base_score), 1e-9)))
+            if kept_step is None:  # the most promising option costs too much: go on without it
+                remaining.remove(tried[-1][0] if tried else remaining[0])
+                continue
+            (cand, g, passes, cm), chosen, label = kept_step
             cand.kept = True
-            if key != "prune":
-                search.used.add(key)
+            for o in chosen:
+                o.step = step
+            remaining = [o for o in remaining if o not in chosen and not any(o.conflicts(c) for c in chosen)]
             current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm,
-                             final=key == "quantize" or search.recover is None)
+                             final=search.recover is None)
             kept.append(current)
+        # int8 last: nothing follows it
+        if "quantize" in techniques and calibration is not None and not out_of_time() and not (
+                speedup is not None and base_ms / current.ms >= speedup):
+            step += 1
+            got = attempt(step, QUANTIZE, search.quantize)
+            if got is not None and good(got[0]):
+                cand, g, passes, cm = got
+                cand.kept = True
+                current = _State(g, current.recipe + passes, current.steps + [QUANTIZE], cand.score, cand.latency_ms,
+                                 cm, final=True)
+                kept.append(current)
+        message = ("time budget spent" if out_of_time() else
+                   f"reached {speedup:g}x" if speedup is not None and base_ms / current.ms >= speedup else
+                   "no option left that is faster within max_drop")
     except CompressError as e:
         raise CompressError(str(e), best()) from e
 
@@ -365,10 +363,10 @@ class _State:
     final: bool = False  # its score is final (recovered, int8, or nothing to recover with)
 
 
-def _result(state: _State, base_score, base_ms, pareto, refs, message, t_start, base_cm) -> CompressResult:
+def _result(state: _State, base_score, base_ms, pareto, refs, message, t_start, base_cm, table) -> CompressResult:
     from .passes import FoldBN
 
     return CompressResult(compiled=state.cm, graph=state.graph, score=state.score, baseline_score=base_score,
                           latency_ms=state.ms, baseline_latency_ms=base_ms, recipe=state.recipe + [FoldBN()],
                           steps=list(state.steps), pareto=list(pareto), message=message, reference_ms=dict(refs),
-                          seconds=time.perf_counter() - t_start, baseline_compiled=base_cm)
+                          seconds=time.perf_counter() - t_start, baseline_compiled=base_cm, options=list(table))

@@ -161,6 +161,14 @@ def write_report(result, directory: Path) -> Path:
         lines.append(f"| {c.step} | {' → '.join(c.steps) or 'original'} | {c.score:.4g} | {c.latency_ms:.3f} | "
                      f"{'yes' if c.kept else ''} |")
     lines += ["", "![score vs latency](pareto.png)", ""]
+    if result.options:
+        lines += ["## Per-layer options", "", "Every way to compress one layer or channel group alone that was "
+                  "measured faster: the time its layers save compiled alone on the target, and the score lost "
+                  "with it alone (no recovery); the search takes them by most time saved per point lost.", "",
+                  "| option | technique | ms saved | score lost | step |", "|---|---|---:|---:|---:|"]
+        lines += [f"| {o.label} | {o.technique} | {o.saving_ms:.4f} | {o.drop:.4g} | {o.step or ''} |"
+                  for o in sorted(result.options, key=lambda o: (o.step is None, o.step or 0, -o.saving_ms))]
+        lines.append("")
     profiles = {title: _profile(cm) if cm is not None else None
                 for title, cm in (("original", result.baseline_compiled), ("chosen", result.compiled))}
     if result.baseline_compiled is not None and any(profiles.values()):

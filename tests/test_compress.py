@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import shave
+from shave.passes import Prune
 from shave.reference import run_graph
 
 
@@ -50,7 +51,12 @@ def test_compress_keeps_the_budget_and_its_recipe_replays(setup, tmp_path):
     again = shave.compile(model, (x,), passes=r.recipe)
     np.testing.assert_allclose(run_graph(again.graph, [images[1]])[0],
                                run_graph(shave.passes.FoldBN()(r.graph), [images[1]])[0], rtol=1e-4, atol=1e-4)
+    # the per-layer table: every option scored alone; each kept step's options name their step
+    assert r.options and all(o.technique == "prune" and o.saving_ms > 0 and o.drop is not None for o in r.options)
+    steps_kept = {c.step for c in r.pareto if c.kept and c.step and c.steps[-1] != shave.compression.QUANTIZE}
+    assert {o.step for o in r.options if o.step} == steps_kept
     md = r.save_report(tmp_path / "report")
+    assert "## Per-layer options" in md.read_text()
     assert md.read_text().startswith("# shave.compress report") and (tmp_path / "report" / "pareto.png").stat().st_size
     assert "chosen" in str(r)
 
@@ -68,7 +74,7 @@ def test_an_evaluate_that_fails_is_one_line_with_the_best_so_far(setup):
         if len(calls) > 1:
             raise RuntimeError("disk full")
         return agreement(m)
-    with pytest.raises(shave.CompressError, match="evaluate raised RuntimeError on step 1 .*: disk full") as e:
+    with pytest.raises(shave.CompressError, match="evaluate raised RuntimeError on option 'prune .*' alone: disk full") as e:
         shave.compress(model, (x,), flaky, techniques=("prune",), reference=False)
     assert "\n" not in str(e.value) and e.value.best is not None and e.value.best.steps == []
     with pytest.raises(shave.CompressError, match="unknown technique 'distill'"):
@@ -101,3 +107,42 @@ def test_report_layer_table_follows_each_layer_through_the_passes(setup):
     assert rows[layers[0]][1] == "3 -> 32"
     for name in layers[:3]:  # every conv's kernel time is found, before and after
         assert rows[name][3] > 0 and rows[name][4] > 0, rows[name]
+
+
+def _macs_timer(graphs, target):
+    """A stand-in device: a graph's time is its FLOPs (1 GFLOP/s)."""
+    return [g.stats()["flops"] * 1e-9 for g in graphs]
+
+
+def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
+    """The per-layer table: one option per channel group and width, its saving from the timer;
+    steps take options by time saved per point lost, one per group; prunes of different groups
+    combine; the passes an application returns replay to the same graph."""
+    from shave.compression_layers import apply_options, choose, layer_options
+    from shave.passes.prune import analyse
+
+    model, images, _ = setup
+    graph = shave.capture(model, (images[0][:1],))
+    groups = {g.name: g.size for g in analyse(graph).groups if g.size > 1}
+    opts = layer_options(graph, ("prune",), "x86", None, timer=shave.timing.FunctionTimer(_macs_timer))
+    assert {o.name for o in opts} == set(groups) and all(o.saving_ms > 0 for o in opts)
+    for name, size in groups.items():  # 75 % and 50 % of each group, rounded to the 8 lanes of x86
+        assert sorted(o.setting for o in opts if o.name == name) == [size // 2, size * 3 // 4]
+    for o in opts:  # every layer it names shrank; wider cuts save more
+        wider = [p for p in opts if p.name == o.name and p.setting < o.setting]
+        assert all(p.saving_ms > o.saving_ms for p in wider)
+    by_name = sorted(groups)
+    for o in opts:  # the first group costs nothing, the others a lot
+        o.drop = 0.0 if o.name == by_name[0] else 10.0 + o.saving_ms
+    first = choose(opts, 1e-12, eps=0.1)
+    assert len(first) == 1 and first[0].name == by_name[0] and first[0].setting == min(
+        o.setting for o in opts if o.name == by_name[0])  # the widest cut of the free group
+    every = choose(opts, 1e9, eps=0.1)
+    assert sorted(o.name for o in every) == by_name  # one option per group, all groups combined
+    pruned, passes = apply_options(graph, every, "x86", None)
+    again = graph
+    for p in passes:
+        again = p(again)
+    x = images[1]
+    np.testing.assert_allclose(run_graph(again, [x])[0], run_graph(pruned, [x])[0], rtol=1e-5, atol=1e-5)
+    assert Prune(keep={o.name: o.setting for o in every})(graph).stats() == pruned.stats()

@@ -225,3 +225,21 @@ def test_iterative_prune_reaches_the_one_shot_widths_with_a_recovery_after_each_
         Prune(ratio=0.5, steps=2, recover=lambda graph: None)(g)
     with pytest.raises(shave.PassError, match="steps must be a positive int"):
         Prune(ratio=0.5, steps=0)
+
+
+
+def test_keep_prunes_the_named_groups_to_their_widths_only():
+    model, inputs = FAMILIES["resnet"]()
+    g = FoldBN()(shave.capture(model, inputs))
+    groups = [(grp.name, grp.size) for grp in analyse(g).groups if grp.size > 1]
+    (a, size_a), (b, size_b) = groups[0], groups[-1]
+    p = Prune(keep={a: 3, b: size_b - 1}).apply(g)
+    assert sorted(p.plan) == sorted([(a, size_a, 3), (b, size_b, size_b - 1)])  # the others stay whole
+    assert "keep={" in repr(Prune(keep={a: 3}))  # the recipe shows it
+    x = inputs[0]
+    ref = Prune(ratio=1 - 3 / size_a, round_to=1, exclude=[part for n, _ in groups if n != a for part in n.split("+")])(g)
+    np.testing.assert_allclose(run_graph(Prune(keep={a: 3})(g), [x])[0], run_graph(ref, [x])[0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(PassError, match="Prune keep names 'nope', which is no channel group of this graph"):
+        Prune(keep={"nope": 2})(g)
+    with pytest.raises(PassError, match="Prune keep must be a dict"):
+        Prune(keep={a: 0})

@@ -132,7 +132,8 @@ class Pass:
         data, timers and other objects are left out."""
         def plain(v):
             return v is None or isinstance(v, (bool, int, float, str)) or (
-                isinstance(v, (tuple, list, frozenset)) and all(isinstance(x, (str, int, float)) for x in v))
+                isinstance(v, (tuple, list, frozenset)) and all(isinstance(x, (str, int, float)) for x in v)) or (
+                isinstance(v, dict) and all(isinstance(k, str) and isinstance(x, (int, float)) for k, x in v.items()))
         args = ", ".join(f"{k}={sorted(v) if isinstance(v, frozenset) else v!r}" for k, v in vars(self).items()
                          if not k.startswith("_") and plain(v) and k not in ("name", "contract", "tolerance"))
         return f"{type(self).__name__}({args})"

@@ -1,6 +1,7 @@
 """Prune: filter pruning with channel propagation to every consumer.
 
-    Prune(ratio=0.5, criterion="l1", per_layer=True, exclude=(), round_to="auto", data=None, target=None)
+    Prune(ratio=0.5, criterion="l1", per_layer=True, exclude=(), round_to="auto", data=None, target=None,
+          keep=None)
 
 Channels are removed in units found by the dependency analysis, so a residual
 stream, a concat, a depthwise conv or a channel shuffle is pruned consistently
@@ -13,6 +14,10 @@ in every tensor that carries it. Criteria score each unit:
 - "reconstruction": ThiNet-style greedy selection that best preserves the next
   layer's output on `data`, then a least-squares refit of that layer; groups
   not read by exactly one dense conv/linear fall back to "l1".
+
+`keep` ({group name: units kept}) prunes the groups it names to those widths and leaves
+the others whole, instead of `ratio` (what shave.compress's per-layer search writes
+into its recipe); a name that is no channel group of the graph is an error.
 
 `data` is an iterable of calibration inputs (each a tensor/array or a tuple of them).
 
@@ -81,7 +86,7 @@ def _keep_count(n_units: int, unit_width: int, ratio: float, round_to: int) -> i
 @register_pass("prune", contract="lossy")
 class Prune(Pass):
     def __init__(self, ratio: float = 0.5, criterion: str = "l1", per_layer: bool = True, exclude=(),
-                 round_to="auto", data=None, target=None, steps: int = 1, recover=None):
+                 round_to="auto", data=None, target=None, steps: int = 1, recover=None, keep=None):
         if not isinstance(ratio, numbers.Real) or isinstance(ratio, bool) or not 0.0 <= ratio < 1.0:
             raise PassError(f"Prune ratio must be a number in [0, 1), got {ratio!r}")
         if criterion not in CRITERIA:
@@ -99,6 +104,11 @@ class Prune(Pass):
         if recover is not None and not callable(recover):
             raise PassError(f"Prune recover must be a callable Graph -> Graph, got {type(recover).__name__}")
         self.steps, self.recover = int(steps), recover
+        if keep is not None and not (isinstance(keep, dict) and all(
+                isinstance(k, str) and isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                for k, v in keep.items())):
+            raise PassError(f"Prune keep must be a dict {{channel group name: units kept >= 1}}, got {keep!r}")
+        self.keep = None if keep is None else {k: int(v) for k, v in keep.items()}
 
     def lanes(self) -> int:
         """The multiple kept channel counts are rounded to."""
@@ -128,11 +138,11 @@ class Prune(Pass):
 
     def run(self, graph: Graph) -> tuple[Graph, list]:
         if self.steps == 1:
-            doomed, plan = self._select(graph)
+            doomed, plan = self._select(graph, self.keep)
             return self._recovered(remove_channels(graph, doomed), 1), plan
         # the one-shot plan fixes each group's final width; the steps shrink the widths
         # geometrically towards it, each step followed by `recover`
-        _, final = self._select(graph.copy())
+        _, final = self._select(graph.copy(), self.keep)
         lanes = self.lanes()
         for step in range(1, self.steps + 1):
             frac = step / self.steps
@@ -162,6 +172,12 @@ class Prune(Pass):
         per group name instead of the ratio's (groups it does not name keep all)."""
         analysis = analyse(graph)
         groups = [g for g in analysis.groups if not self._excluded(g) and g.size > 1]
+        if targets is not None:
+            unknown = sorted(set(targets) - {g.name for g in analysis.groups})
+            if unknown:
+                raise PassError(f"Prune keep names {unknown[0]!r}, which is no channel group of this graph; "
+                                f"groups: {', '.join(g.name for g in analysis.groups) or 'none'}")
+            groups = [g for g in groups if g.name in targets]
         if self.criterion == "taylor":
             scores = taylor_scores(graph, groups, check_batches(graph, self.batches, "Prune calibration"))
         else:
