@@ -25,7 +25,8 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
    kept on the same terms.
 
 A final, longer recovery follows and must end within `max_drop`; where it does not,
-the search backs off a step. Measured decisions are frozen into the recipe (the
+the search backs off a step. Where int8 was kept, the final recovery runs on the float
+model below it and int8 is applied again on top (nothing recovers an int8 model). Measured decisions are frozen into the recipe (the
 groups' widths, the ranks and layers chosen, the layers kept float), so
 `shave.compile(model, x, passes=result.recipe)` replays it to the same graph without
 timing anything.
@@ -319,7 +320,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                 cand, g, passes, cm = got
                 cand.kept = True
                 current = _State(g, current.recipe + passes, current.steps + [QUANTIZE], cand.score, cand.latency_ms,
-                                 cm, final=True)
+                                 cm, final=True, int8=passes, below=current)
                 kept.append(current)
         message = ("time budget spent" if out_of_time() else
                    f"reached {speedup:g}x" if speedup is not None and base_ms / current.ms >= speedup else
@@ -327,9 +328,22 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     except CompressError as e:
         raise CompressError(str(e), best()) from e
 
-    # the final recovery, from the last kept step back (at most 3 tries) to one within max_drop
-    for state in reversed(kept[-3:]):
-        if not state.final:
+    # the final recovery, from the last kept step back (at most 3 tries) to one within max_drop;
+    # int8 kept on a briefly recovered model: the float model below it recovers, then int8 again
+    recovered: dict = {}
+
+    def final(state: _State) -> _State:
+        if state.final and state.int8 and state.below is not None and not state.below.final:
+            below = final(state.below)
+            g = below.graph
+            for p in state.int8:
+                g = p(g)
+            cm = search.compile(g)
+            return _State(g, below.recipe + state.int8, below.steps + [QUANTIZE],
+                          _score(evaluate, g, "int8 after the final recovery"), _latency_ms(cm), cm, final=True)
+        if state.final:
+            return state
+        if id(state) not in recovered:
             kw = {"teacher": graph} | dict(final_recovery or {})
             if not {"steps", "epochs", "seconds"} & set(kw):
                 kw["steps"] = 3 * (recovery or {}).get("steps", 200)
@@ -337,8 +351,12 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             g = rec(state.graph)
             score = _score(evaluate, g, "the final recovery")
             cm = search.compile(g)
-            state = _State(g, state.recipe + [rec], state.steps + ["final recovery"], score, _latency_ms(cm), cm,
-                           final=True)
+            recovered[id(state)] = _State(g, state.recipe + [rec], state.steps + ["final recovery"], score,
+                                          _latency_ms(cm), cm, final=True)
+        return recovered[id(state)]
+
+    for state in reversed(kept[-3:]):
+        state = final(state)
         if state.score >= base_score - max_drop:
             current = state
             break
@@ -361,6 +379,8 @@ class _State:
     ms: float
     cm: object
     final: bool = False  # its score is final (recovered, int8, or nothing to recover with)
+    int8: list | None = None  # the int8 passes, where it is the int8 step on top of `below`
+    below: "_State | None" = None
 
 
 def _result(state: _State, base_score, base_ms, pareto, refs, message, t_start, base_cm, table) -> CompressResult:

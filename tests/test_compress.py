@@ -146,3 +146,29 @@ def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
     x = images[1]
     np.testing.assert_allclose(run_graph(again, [x])[0], run_graph(pruned, [x])[0], rtol=1e-5, atol=1e-5)
     assert Prune(keep={o.name: o.setting for o in every})(graph).stats() == pruned.stats()
+
+
+def test_int8_kept_on_a_briefly_recovered_model_is_redone_after_the_final_recovery(setup, monkeypatch):
+    """int8 comes last and nothing recovers it: where the float model below it had only its short
+    recovery, the final recovery runs on that float model and int8 is applied again on top."""
+    import shave.compression as comp
+    from shave.compression_layers import Option
+
+    model, images, agreement = setup
+    x = images[0][:1]
+    graph = shave.capture(model, (x,))
+    group = next(g for g in shave.passes.prune.analyse(graph).groups if g.size > 1)
+    prune = Option("prune", group.name, f"prune {group.name}", frozenset(), 1.0, group.size // 2)
+    monkeypatch.setattr(comp, "layer_options", lambda *a, **k: [prune])
+    # a stand-in latency: FLOPs, halved by int8
+    monkeypatch.setattr(comp, "_latency_ms", lambda cm: cm.graph.stats()["flops"] / 1e6 * (
+        0.5 if any(n.op.startswith("q") for n in cm.graph.nodes) else 1.0))
+    r = shave.compress(model, (x,), agreement, max_drop=100.0, train=images, calibration=images[:2],
+                       techniques=("prune", "quantize"), recovery={"steps": 5}, reference=False)
+    assert r.steps == [prune.label, "final recovery", comp.QUANTIZE]
+    names = [type(p).__name__ for p in r.recipe]
+    assert names.index("Finetune") < names.index("Quantize")  # recovered, then int8
+    assert sum(n == "Finetune" for n in names) == 2  # the short recovery and the final one
+    again = shave.compile(model, (x,), passes=r.recipe)
+    np.testing.assert_allclose(run_graph(again.graph, [images[1]])[0], run_graph(r.graph, [images[1]])[0],
+                               rtol=1e-4, atol=1e-4)
