@@ -99,15 +99,18 @@ def accuracy(module, x, y) -> float:
     return float((pred == y).float().mean()) * 100
 
 
-def median_ms(engines: dict, x, rounds: int = 10, runs: int = 30) -> dict:
+def median_ms(engines: dict, x, rounds: int = 10, runs: int = 30, pause: float = 0.5) -> dict:
     """Median latency (ms) of each callable on x. Engines are timed in turns,
-    `runs` calls each per round, so a passing disturbance hits all of them alike."""
+    `runs` calls each per round, so a passing disturbance hits all of them alike; a `pause`
+    (seconds) before each block lets the previous engine's spinning worker threads (ONNX
+    Runtime's, PyTorch's OpenMP) go idle, so no engine runs against the one before it."""
     samples = {name: [] for name in engines}
     for fn in engines.values():
         for _ in range(5):
             fn(x)
     for _ in range(rounds):
         for name, fn in engines.items():
+            time.sleep(pause)
             for _ in range(runs):
                 t0 = time.perf_counter()
                 fn(x)

@@ -10,7 +10,8 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
    prune a group to 75 % or 50 % of its channels, Tucker-2 at the rank measured fastest,
    the depthwise-separable or shift rewrite of a conv -- with the time it saves measured
    on the target (its layers compiled alone, before and after; options not faster are
-   left out) and the score it costs alone (after the pass's own refit, no recovery).
+   left out) and the score it costs alone (after the pass's own refit, no recovery),
+   scored by most time saved first; the table takes at most `TABLE_SHARE` of `time_budget`.
 2. Steps: each takes the options that buy the most time per point of score lost (one
    per layer; prunes of different groups combine) until together they save
    `STEP_SAVING` of the current latency, applies them, recovers briefly (with `train`:
@@ -52,6 +53,7 @@ log = logging.getLogger("shave.compress")
 TECHNIQUES = ("prune", "decompose", "rewrites", "quantize")
 STEP_SAVING = 0.2  # a step's options together save this fraction of the current latency (measured per layer)
 QUANTIZE = "int8 (layers measured)"
+TABLE_SHARE = 0.5  # the most of time_budget that building and scoring the per-layer table may take
 FASTER = 0.98  # a try must take at most this fraction of the current latency
 
 
@@ -235,8 +237,11 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     table: list[Option] = []
     best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm, table)  # noqa: E731
 
-    def out_of_time() -> bool:
-        return time_budget is not None and time.perf_counter() - t_start > time_budget
+    def out_of_time(share: float = 1.0) -> bool:
+        return time_budget is not None and time.perf_counter() - t_start > share * time_budget
+
+    def table_time_spent() -> bool:
+        return out_of_time(TABLE_SHARE)
 
     eps = 1e-3 * max(abs(base_score), 1e-9)  # the least score loss a step is charged
 
@@ -267,9 +272,14 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
 
     try:
         # the per-layer table: each option's measured saving and its score cost alone
-        for o in tqdm(layer_options(graph, techniques, target, calibration), desc="compress: layer sensitivity",
-                      unit="option", leave=False, disable=None):
-            if out_of_time():
+        # scored by most time saved first: where the table's share of the budget runs out, the
+        # options left unscored are those that save least
+        options = sorted(layer_options(graph, techniques, target, calibration, stop=table_time_spent),
+                         key=lambda o: -o.saving_ms)
+        for o in tqdm(options, desc="compress: layer sensitivity", unit="option", leave=False, disable=None):
+            if table_time_spent():
+                log.info("the table's share of the time budget is spent: %d options unscored",
+                         len(options) - options.index(o))
                 break
             try:
                 g, _ = apply_options(graph, [o], target, calibration)

@@ -82,14 +82,15 @@ def choose(options: list[Option], saving_ms: float, eps: float) -> list[Option]:
     return chosen
 
 
-def layer_options(graph: Graph, techniques, target, calibration, timer=None) -> list[Option]:
+def layer_options(graph: Graph, techniques, target, calibration, timer=None, stop=lambda: False) -> list[Option]:
     """Every option of `techniques` on `graph` that is measured faster (drops not yet scored); a
-    technique that does not apply to the graph adds none."""
+    technique that does not apply to the graph adds none. `stop() -> True` ends the table early
+    (the options measured so far are returned)."""
     from .passes import DepthwiseSeparable, ShiftRewrite
 
     makers = []
     if "prune" in techniques:
-        makers.append(("prune", lambda: _prune_options(graph, target, timer)))
+        makers.append(("prune", lambda: _prune_options(graph, target, timer, stop)))
     if "decompose" in techniques:
         makers.append(("decompose", lambda: _decompose_options(graph, target)))
     if "rewrites" in techniques:
@@ -99,6 +100,8 @@ def layer_options(graph: Graph, techniques, target, calibration, timer=None) -> 
                                                                                           calibration)))
     out = []
     for technique, make in makers:
+        if stop():
+            break
         try:
             out += make()
         except ShaveError as e:
@@ -121,7 +124,7 @@ def _decompose_options(graph: Graph, target) -> list[Option]:
             for lp in r.plan if lp.kept and lp.seconds and lp.seconds[0] > lp.seconds[1]]
 
 
-def _prune_options(graph: Graph, target, timer) -> list[Option]:
+def _prune_options(graph: Graph, target, timer, stop) -> list[Option]:
     from .passes import Prune
     from .passes.layers import cut_out
     from .passes.prune.dependency import analyse
@@ -134,6 +137,8 @@ def _prune_options(graph: Graph, target, timer) -> list[Option]:
     weighted = [n for n in graph.nodes if n.op in WEIGHTED and graph.is_param(n.inputs[1])]
     tries = []  # (group, units kept, pruned graph, layers whose weights shrank)
     for group in analyse(graph).groups:
+        if stop():
+            break
         if group.size < 2:
             continue
         for keep in sorted({_keep_count(group.size, _unit_width(group), r, lanes) for r in PRUNE_RATIOS}, reverse=True):

@@ -126,6 +126,7 @@ def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
     groups = {g.name: g.size for g in analyse(graph).groups if g.size > 1}
     opts = layer_options(graph, ("prune",), "x86", None, timer=shave.timing.FunctionTimer(_macs_timer))
     assert {o.name for o in opts} == set(groups) and all(o.saving_ms > 0 for o in opts)
+    assert layer_options(graph, ("prune", "decompose"), "x86", None, stop=lambda: True) == []  # out of time
     for name, size in groups.items():  # 75 % and 50 % of each group, rounded to the 8 lanes of x86
         assert sorted(o.setting for o in opts if o.name == name) == [size // 2, size * 3 // 4]
     for o in opts:  # every layer it names shrank; wider cuts save more
