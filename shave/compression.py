@@ -157,11 +157,11 @@ def _onnxruntime_ms(model, args) -> float | None:
 
 
 class _Search:
-    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery):
+    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery, timer):
         from .recovery import Finetune
 
         self.baseline, self.args, self.evaluate, self.target = baseline, args, evaluate, target
-        self.calibration = calibration
+        self.calibration, self.timer = calibration, timer
         self.recover = None
         if train is not None:
             kw = {"steps": 200, "teacher": baseline, "progress": False} | dict(recovery or {})
@@ -176,7 +176,7 @@ class _Search:
         from .passes import FoldBN, Quantize
 
         folded = FoldBN()(graph)
-        r = Quantize(self.calibration, target=self.target).apply(folded)
+        r = Quantize(self.calibration, target=self.target, timer=self.timer).apply(folded)
         floats = [lq.name for lq in r.plan if not lq.quantized]
         return r.graph, [FoldBN(), Quantize(self.calibration, exclude=floats)]
 
@@ -184,7 +184,7 @@ class _Search:
 def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float = 0.01, train=None,
              calibration=None, speedup: float | None = None, time_budget: float | None = None,
              techniques=TECHNIQUES, recovery: dict | None = None, final_recovery: dict | None = None,
-             short_drop: float | None = None, reference: bool = True) -> CompressResult:
+             short_drop: float | None = None, reference: bool = True, timer=None) -> CompressResult:
     """The fastest compiled model whose score is within `max_drop` of the original's (see the module doc).
 
     `evaluate(module) -> float` scores a callable torch module (higher is better; `max_drop` is in its
@@ -196,7 +196,9 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     `validation` is given). `short_drop`: how far below the original a try may score after its short
     recovery (default 3 x max_drop with `train`, else max_drop); the final recovery must end within
     `max_drop`, else the search backs off to the step before (at most 3 tries, then the original).
-    `reference`: also time ONNX Runtime on the original (report and plot)."""
+    `reference`: also time ONNX Runtime on the original (report and plot). `timer`: the LayerTimer of
+    the per-layer table and int8's per-layer choice (shave.layer_timer(cache="layers.json") keeps the
+    measurements across runs); whole models are timed here."""
     from .frontend.capture import _normalise_inputs, capture, eval_model
     from .recovery import Finetune
 
@@ -216,7 +218,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         torch_model = eval_model(model)
         args = _normalise_inputs(example_inputs)
         graph = capture(torch_model, args)
-    search = _Search(graph, args, evaluate, target, train, calibration, recovery)
+    search = _Search(graph, args, evaluate, target, train, calibration, recovery, timer)
 
     base_score = _score(evaluate, graph, "the original model")
     base_cm = search.compile(graph)
@@ -274,7 +276,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         # the per-layer table: each option's measured saving and its score cost alone
         # scored by most time saved first: where the table's share of the budget runs out, the
         # options left unscored are those that save least
-        options = sorted(layer_options(graph, techniques, target, calibration, stop=table_time_spent),
+        options = sorted(layer_options(graph, techniques, target, calibration, timer, stop=table_time_spent),
                          key=lambda o: -o.saving_ms)
         for o in tqdm(options, desc="compress: layer sensitivity", unit="option", leave=False, disable=None):
             if table_time_spent():

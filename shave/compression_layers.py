@@ -83,7 +83,8 @@ def choose(options: list[Option], saving_ms: float, eps: float) -> list[Option]:
 
 
 def layer_options(graph: Graph, techniques, target, calibration, timer=None, stop=lambda: False) -> list[Option]:
-    """Every option of `techniques` on `graph` that is measured faster (drops not yet scored); a
+    """Every option of `techniques` on `graph` that is measured faster (drops not yet scored), each
+    timed with `timer` (a LayerTimer, e.g. shave.layer_timer(cache=..., rpc=...); None: here); a
     technique that does not apply to the graph adds none. `stop() -> True` ends the table early
     (the options measured so far are returned)."""
     from .passes import DepthwiseSeparable, ShiftRewrite
@@ -92,12 +93,12 @@ def layer_options(graph: Graph, techniques, target, calibration, timer=None, sto
     if "prune" in techniques:
         makers.append(("prune", lambda: _prune_options(graph, target, timer, stop)))
     if "decompose" in techniques:
-        makers.append(("decompose", lambda: _decompose_options(graph, target)))
+        makers.append(("decompose", lambda: _decompose_options(graph, target, timer)))
     if "rewrites" in techniques:
         for technique, cls, words in (("depthwise_separable", DepthwiseSeparable, "depthwise separable"),
                                       ("shift_rewrite", ShiftRewrite, "shift rewrite")):
             makers.append((technique, lambda t=technique, c=cls, w=words: _rewrite_options(graph, t, c, w, target,
-                                                                                          calibration)))
+                                                                                          calibration, timer)))
     out = []
     for technique, make in makers:
         if stop():
@@ -109,16 +110,16 @@ def layer_options(graph: Graph, techniques, target, calibration, timer=None, sto
     return out
 
 
-def _rewrite_options(graph: Graph, technique: str, cls, words: str, target, calibration) -> list[Option]:
-    r = cls(data=calibration, target=target, exclude=()).apply(graph)
+def _rewrite_options(graph: Graph, technique: str, cls, words: str, target, calibration, timer) -> list[Option]:
+    r = cls(data=calibration, target=target, exclude=(), timer=timer).apply(graph)
     return [Option(technique, e.name, f"{words} {e.name}", frozenset([e.name]), (e.seconds[0] - e.seconds[1]) * 1e3)
             for e in r.plan if e.kept and e.seconds and e.seconds[0] > e.seconds[1]]
 
 
-def _decompose_options(graph: Graph, target) -> list[Option]:
+def _decompose_options(graph: Graph, target, timer) -> list[Option]:
     from .passes import Decompose
 
-    r = Decompose("tucker2", rank="auto", target=target).apply(graph)
+    r = Decompose("tucker2", rank="auto", target=target, timer=timer).apply(graph)
     return [Option("decompose", lp.name, f"tucker2 {lp.name} at rank {lp.rank}", frozenset([lp.name]),
                    (lp.seconds[0] - lp.seconds[1]) * 1e3, tuple(lp.rank))
             for lp in r.plan if lp.kept and lp.seconds and lp.seconds[0] > lp.seconds[1]]

@@ -36,9 +36,12 @@ def test_compress_keeps_the_budget_and_its_recipe_replays(setup, tmp_path):
     model, images, agreement = setup
     x = images[0][:1]
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    timed = []
+    timer = shave.timing.FunctionTimer(lambda graphs, target: timed.extend(graphs) or _macs_timer(graphs, target))
     r = shave.compress(model, (x,), agreement, max_drop=60.0, train=images, calibration=images[:2],
                        techniques=("prune", "quantize"), recovery={"steps": 10}, short_drop=60.0,
-                       time_budget=120, reference=False)
+                       time_budget=120, reference=False, timer=timer)
+    assert timed  # the per-layer table was timed with the given timer
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not changed
     assert r.baseline_score == pytest.approx(100.0)
     assert r.score >= r.baseline_score - 60.0
