@@ -103,3 +103,50 @@ def test_op_lowering_matches_torch(case):
     for o, r in zip(out, ref):
         assert o.shape == r.shape
         assert rel_err(o, r) < 1e-5, case
+
+
+class _ShuffleUnits(nn.Module):
+    """Two ShuffleNetV2 units at a channel count that is no multiple of a vector: split, a branch,
+    concat, shuffle; then a gather of a gather (a shuffle of the shuffled tensor)."""
+
+    def __init__(self, c=12):
+        super().__init__()
+        self.b1, self.b2 = nn.Conv2d(c // 2, c // 2, 1), nn.Conv2d(c // 2, c // 2, 3, padding=1)
+
+    @staticmethod
+    def shuffle(x, g=2):
+        n, c, h, w = x.shape
+        return x.reshape(n, g, c // g, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def forward(self, x):
+        for branch in (self.b1, self.b2):
+            x1, x2 = x.chunk(2, dim=1)
+            x = self.shuffle(torch.cat((x1, torch.relu(branch(x2))), dim=1))
+        return self.shuffle(self.shuffle(x, 3), 2)
+
+
+def test_shuffles_and_their_splits_lower_to_fusible_slices():
+    """A split (slice) of a shuffle (channel_permute) is folded into one gather of the shuffle's
+    input; a gather of interleaved runs lowers to slices, a concat and a transpose (no take, which
+    TVM does not fuse); the compiled model still computes the same."""
+    from shave.backends.tvm.lower import fold_channel_gathers, to_relax
+    from shave.backends.tvm.lower_float import interleaved_runs
+    from shave.ir.opset_rewrites import shuffle_indices
+
+    assert interleaved_runs(shuffle_indices(12, 2)) == [0, 6]
+    assert interleaved_runs(shuffle_indices(12, 2)[:6]) == [0, 6]  # the first half: runs 0..2, 6..8
+    assert interleaved_runs(shuffle_indices(12, 2)[6:]) == [3, 9]
+    assert interleaved_runs(list(range(4, 9))) == [4]
+    assert interleaved_runs([2, 0, 1]) == [2, 0, 1]  # three runs of one channel
+    assert interleaved_runs([1, 0, 3, 2, 5, 4, 7, 6, 9, 8]) is None  # a take
+    torch.manual_seed(0)
+    model = _ShuffleUnits().eval()
+    x = torch.randn(2, 12, 5, 7)
+    graph = shave.capture(model, (x,))
+    folded = fold_channel_gathers(graph)
+    gathers = {n.name for n in folded.nodes if n.op == "channel_permute"}
+    assert not any(n.inputs[0] in gathers for n in folded.nodes if n.op in ("slice", "channel_permute"))
+    assert "take" not in to_relax(folded).script()
+    cm = shave.compile(model, (x,), passes=[])
+    with torch.no_grad():
+        assert rel_err(cm(x), model(x)) < 1e-5

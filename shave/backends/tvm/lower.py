@@ -32,7 +32,8 @@ def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = No
     epilogue; int8 layers, shift and other single-node kernels), in the order main calls them."""
     calls = [] if calls is None else calls
     kernels = {} if kernels is None else kernels
-    functions = {"main": (graph, calls), **{name: (g, []) for name, g in (variants or {}).items()}}
+    functions = {"main": (fold_channel_gathers(graph), calls),
+                 **{name: (fold_channel_gathers(g), []) for name, g in (variants or {}).items()}}
     bb = relax.BlockBuilder()
     if target is None:
         for name, (g, c) in functions.items():
@@ -52,6 +53,34 @@ def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = No
     finally:
         LOWERING_DOT.reset(token)
         LOWERING_CPU.reset(cpu_token)
+
+
+def fold_channel_gathers(graph: Graph) -> Graph:
+    """The graph (a copy, where anything changes) with each channel slice or channel_permute of a
+    channel_permute reading the first one's input directly, as one smaller gather; the first is
+    dropped where nothing else reads it. ShuffleNet's split after its shuffle becomes one gather per
+    branch, each lowered to injective ops that TVM fuses into the concat reading it (lower_float's
+    channel_permute), instead of a gather of every channel and a copy of each half. Node names are
+    kept (the manifest's kernel records name them)."""
+    permutes = {n.name for n in graph.nodes if n.op == "channel_permute"}
+
+    def reads_gather(n) -> bool:
+        return (n.op == "channel_permute" or (n.op == "slice" and n.attrs["axis"] == 1)) and n.inputs[0] in permutes
+
+    if not any(reads_gather(n) for n in graph.nodes):
+        return graph
+    g = graph.copy()
+    made = {n.name: n for n in g.nodes}
+    for n in g.nodes:
+        if not reads_gather(n):
+            continue
+        src = made[n.inputs[0]]
+        idx = tuple(src.attrs["indices"])
+        idx = (tuple(idx[i] for i in n.attrs["indices"]) if n.op == "channel_permute"
+               else idx[n.attrs["start"]:n.attrs["end"]:n.attrs["step"]])
+        n.op, n.inputs, n.attrs = "channel_permute", [src.inputs[0]], {"indices": idx}
+        permutes.add(n.name)
+    return g.remove_dead()
 
 
 def _emit_function(bb, fname: str, graph: Graph, plan, kernels: dict, calls: list) -> None:

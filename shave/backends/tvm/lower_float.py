@@ -241,10 +241,40 @@ def _slice(bb, ins, a, node):
 lowers("reshape")(lambda bb, ins, a, n: R.reshape(ins[0], a["shape"]))
 lowers("permute")(lambda bb, ins, a, n: R.permute_dims(ins[0], list(a["dims"])))
 lowers("repeat")(lambda bb, ins, a, n: R.tile(ins[0], list(a["repeats"])))
-# mode "clip": the indices are constants inside the axis (verify checks them), and TVM's default
-# "fast" mode prints a warning about out-of-bounds indices at every compile
-lowers("channel_permute")(
-    lambda bb, ins, a, n: R.take(ins[0], relax.const(np.asarray(a["indices"], dtype="int64")), axis=1, mode="clip"))
+def interleaved_runs(indices, max_runs: int = 8) -> list[int] | None:
+    """The starts of g runs of m consecutive channels whose interleaving the gather `indices` is
+    (indices[i * g + r] = starts[r] + i), with the fewest runs (at most max_runs), or None.
+    A shuffle is one; a slice of a shuffle (ShuffleNet's split after its shuffle) is another."""
+    idx = np.asarray(indices, dtype=np.int64)
+    for g in range(1, min(max_runs, len(idx)) + 1):
+        if len(idx) % g:
+            continue
+        cols = idx.reshape(-1, g)
+        if (cols - cols[0] == np.arange(len(cols))[:, None]).all():
+            return [int(v) for v in cols[0]]
+    return None
+
+
+@lowers("channel_permute")
+def _channel_permute(bb, ins, a, node):
+    """A gather of interleaved runs is slices, a concat and a reshape -> transpose -> reshape:
+    injective ops FuseOps fuses into their consumer (a concat, the next gather). Any other index
+    list is a take (mode "clip": the indices are constants inside the axis, as verify checks, and
+    TVM's default "fast" mode prints an out-of-bounds warning at every compile); a take with a
+    constant index tensor is not fused with its consumer."""
+    x, indices = ins[0], a["indices"]
+    starts = interleaved_runs(indices) if len(_shape(x)) >= 2 else None
+    if starts is None:
+        return R.take(x, relax.const(np.asarray(indices, dtype="int64")), axis=1, mode="clip")
+    shape = _shape(x)
+    g, m = len(starts), len(indices) // len(starts)
+    parts = [R.strided_slice(x, [1], [s], [s + m]) for s in starts]
+    if g == 1:
+        return parts[0]
+    y = bb.emit(R.concat([bb.emit(p) for p in parts], 1))
+    y = bb.emit(R.reshape(y, (shape[0], g, m) + shape[2:]))
+    y = bb.emit(R.permute_dims(y, [0, 2, 1] + list(range(3, len(shape) + 1))))
+    return R.reshape(y, (shape[0], g * m) + shape[2:])
 
 
 SHIFT_KERNEL = "shave_shift"  # a shift read by one conv is folded into that conv's input packing (schedules/fusion.py)
