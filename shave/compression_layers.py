@@ -9,7 +9,8 @@ alone, with the time it saves measured on the target and the score it costs.
 
 The score each option costs (its "drop") is the model's score with that option alone applied
 (with the pass's own refit, before any recovery). Options that are not faster when measured are
-left out. `choose` takes options by most time saved per point of score lost, one per layer.
+left out. `choose` takes options by most time saved per point of score lost, none in conflict
+with another (one per layer or group; prunes of different groups combine).
 """
 from __future__ import annotations
 

@@ -241,6 +241,8 @@ def _slice(bb, ins, a, node):
 lowers("reshape")(lambda bb, ins, a, n: R.reshape(ins[0], a["shape"]))
 lowers("permute")(lambda bb, ins, a, n: R.permute_dims(ins[0], list(a["dims"])))
 lowers("repeat")(lambda bb, ins, a, n: R.tile(ins[0], list(a["repeats"])))
+
+
 def interleaved_runs(indices, max_runs: int = 8) -> list[int] | None:
     """The starts of g runs of m consecutive channels whose interleaving the gather `indices` is
     (indices[i * g + r] = starts[r] + i), with the fewest runs (at most max_runs), or None.
