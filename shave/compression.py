@@ -27,10 +27,10 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
 
 A final, longer recovery follows and must end within `max_drop`; where it does not,
 the search backs off a step. Where int8 was kept, the final recovery runs on the float
-model below it and int8 is applied again on top (nothing recovers an int8 model). Measured decisions are frozen into the recipe (the
-groups' widths, the ranks and layers chosen, the layers kept float), so
-`shave.compile(model, x, passes=result.recipe)` replays it to the same graph without
-timing anything.
+model below it and int8 is applied again on top (nothing recovers an int8 model).
+Measured decisions are frozen into the recipe (the groups' widths, the ranks and layers
+chosen, the layers kept float), so `shave.compile(model, x, passes=result.recipe)`
+replays it to the same graph without timing anything.
 """
 from __future__ import annotations
 
