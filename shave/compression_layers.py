@@ -128,7 +128,7 @@ def _decompose_options(graph: Graph, target, timer) -> list[Option]:
 
 def _prune_options(graph: Graph, target, timer, stop) -> list[Option]:
     from .passes import Prune
-    from .passes.layers import cut_out
+    from .passes.layers import cut_out, weighted_layers
     from .passes.prune.dependency import analyse
     from .passes.prune.prune import _keep_count, _unit_width
     from .target import resolve_target
@@ -136,7 +136,7 @@ def _prune_options(graph: Graph, target, timer, stop) -> list[Option]:
 
     spec, timer = resolve_target(target), as_timer(timer)
     lanes = Prune(target=target).lanes()
-    weighted = [n for n in graph.nodes if n.op in WEIGHTED and graph.is_param(n.inputs[1])]
+    weighted = weighted_layers(graph, WEIGHTED)
     tries = []  # (group, units kept, pruned graph, layers whose weights shrank)
     for group in analyse(graph).groups:
         if stop():

@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import shave
+from conftest import AVX2, AVX512
 from shave.passes import Prune
 from shave.reference import run_graph
 
@@ -117,7 +118,8 @@ def _macs_timer(graphs, target):
     return [g.stats()["flops"] * 1e-9 for g in graphs]
 
 
-def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
+@pytest.mark.parametrize("target, lanes", [(AVX2, 8), (AVX512, 16)])
+def test_layer_table_measures_each_option_and_steps_choose_by_value(setup, target, lanes):
     """The per-layer table: one option per channel group and width, its saving from the timer;
     steps take options by time saved per point lost, one per group; prunes of different groups
     combine; the passes an application returns replay to the same graph."""
@@ -127,11 +129,12 @@ def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
     model, images, _ = setup
     graph = shave.capture(model, (images[0][:1],))
     groups = {g.name: g.size for g in analyse(graph).groups if g.size > 1}
-    opts = layer_options(graph, ("prune",), "x86", None, timer=shave.timing.FunctionTimer(_macs_timer))
+    opts = layer_options(graph, ("prune",), target, None, timer=shave.timing.FunctionTimer(_macs_timer))
     assert {o.name for o in opts} == set(groups) and all(o.saving_ms > 0 for o in opts)
-    assert layer_options(graph, ("prune", "decompose"), "x86", None, stop=lambda: True) == []  # out of time
-    for name, size in groups.items():  # 75 % and 50 % of each group, rounded to the 8 lanes of x86
-        assert sorted(o.setting for o in opts if o.name == name) == [size // 2, size * 3 // 4]
+    assert layer_options(graph, ("prune", "decompose"), target, None, stop=lambda: True) == []  # out of time
+    for name, size in groups.items():  # 75 % and 50 % of each group, rounded up to the target's lanes
+        widths = {-(-size * 3 // 4 // lanes) * lanes, -(-size // 2 // lanes) * lanes} - {size}
+        assert sorted(o.setting for o in opts if o.name == name) == sorted(widths)
     for o in opts:  # every layer it names shrank; wider cuts save more
         wider = [p for p in opts if p.name == o.name and p.setting < o.setting]
         assert all(p.saving_ms > o.saving_ms for p in wider)
@@ -143,7 +146,7 @@ def test_layer_table_measures_each_option_and_steps_choose_by_value(setup):
         o.setting for o in opts if o.name == by_name[0])  # the widest cut of the free group
     every = choose(opts, 1e9, eps=0.1)
     assert sorted(o.name for o in every) == by_name  # one option per group, all groups combined
-    pruned, passes = apply_options(graph, every, "x86", None)
+    pruned, passes = apply_options(graph, every, target, None)
     again = graph
     for p in passes:
         again = p(again)
@@ -167,8 +170,10 @@ def test_int8_kept_on_a_briefly_recovered_model_is_redone_after_the_final_recove
     # a stand-in latency: FLOPs, halved by int8
     monkeypatch.setattr(comp, "_latency_ms", lambda cm: cm.graph.stats()["flops"] / 1e6 * (
         0.5 if any(n.op.startswith("q") for n in cm.graph.nodes) else 1.0))
+    int8_halves = shave.timing.FunctionTimer(lambda graphs, target: [  # int8's per-layer choice, any host
+        g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0) for g in graphs])
     r = shave.compress(model, (x,), agreement, max_drop=100.0, train=images, calibration=images[:2],
-                       techniques=("prune", "quantize"), recovery={"steps": 5}, reference=False)
+                       techniques=("prune", "quantize"), recovery={"steps": 5}, reference=False, timer=int8_halves)
     assert r.steps == [prune.label, "final recovery", comp.QUANTIZE]
     names = [type(p).__name__ for p in r.recipe]
     assert names.index("Finetune") < names.index("Quantize")  # recovered, then int8

@@ -264,11 +264,10 @@ def _channel_permute(bb, ins, a, node):
     list is a take (mode "clip": the indices are constants inside the axis, as verify checks, and
     TVM's default "fast" mode prints an out-of-bounds warning at every compile); a take with a
     constant index tensor is not fused with its consumer."""
-    x, indices = ins[0], a["indices"]
-    starts = interleaved_runs(indices) if len(_shape(x)) >= 2 else None
+    x, indices, shape = ins[0], a["indices"], _shape(ins[0])
+    starts = interleaved_runs(indices) if len(shape) >= 2 else None
     if starts is None:
         return R.take(x, relax.const(np.asarray(indices, dtype="int64")), axis=1, mode="clip")
-    shape = _shape(x)
     g, m = len(starts), len(indices) // len(starts)
     parts = [R.strided_slice(x, [1], [s], [s + m]) for s in starts]
     if g == 1:
