@@ -6,6 +6,7 @@ import torch.nn as nn
 import shave
 from shave.reference import run_graph
 from shave.errors import PassError
+from conftest import AVX2, AVX512, runs_here
 from shave.passes import FoldBN, Pass, get_pass, register_pass
 
 
@@ -215,8 +216,12 @@ def test_passes_named_with_arguments():
     for spec in ("prune(ratio=0.5, criterion='l2')", ("prune", {"ratio": 0.5, "criterion": "l2"})):
         p = get_pass(spec)
         assert (type(p).__name__, p.ratio, p.criterion) == ("Prune", 0.5, "l2")
-    cm = shave.compile(model, (x,), passes=["fold_bn", "prune(ratio=0.5)"])
+    # built for an AVX2 CPU (runs on every x86 host here): round_to="auto" keeps multiples of its 8 lanes
+    cm = shave.compile(model, (x,), passes=["fold_bn", "prune(ratio=0.5)"], target=AVX2)
     assert [n.type.shape[1] for n in cm.graph.nodes if n.op == "conv2d"] == [8, 8]
+    if runs_here(AVX512):  # 16 lanes: half of 16 channels rounds up to 16
+        cm = shave.compile(model, (x,), passes=["fold_bn", "prune(ratio=0.5)"], target=AVX512)
+        assert [n.type.shape[1] for n in cm.graph.nodes if n.op == "conv2d"] == [16, 8]
     for bad, msg in [("prune(0.5)", "cannot read pass 'prune\\(0.5\\)': write it as name\\(key=value, ...\\)"),
                      ("prune(ratio=x)", "cannot read pass"),
                      ("prune(ratio=2.0)", "ratio must be a number in \\[0, 1\\)"),
@@ -260,7 +265,7 @@ def test_requirements_and_plans_in_report_and_artifact(tmp_path):
     x = torch.randn(1, 3, 10, 10)
     with pytest.raises(PassError, match="pass 'prune' needs batch_norm nodes, and the graph has none: .*run Prune before it"):
         shave.compile(model, (x,), passes=["fold_bn", Prune(ratio=0.5, criterion="bn_gamma")])
-    cm = shave.compile(model, (x,), passes=[Prune(ratio=0.5, criterion="bn_gamma"), "fold_bn"])
+    cm = shave.compile(model, (x,), passes=[Prune(ratio=0.5, criterion="bn_gamma"), "fold_bn"], target=AVX2)
     plan = cm.report["prune"].plan
     assert plan and all(rec["kept"] == rec["channels"] // 2 for rec in plan)
     assert "prune:" in cm.report.plans() and "16 -> 8 channels" in cm.report.plans()

@@ -78,8 +78,9 @@ def test_bias_correction_matches_float_channel_means(tiny):  # noqa: F811
     before = str(g)
     layers = [n.name for n in g.nodes if n.op in ("conv2d", "linear")]
     fm = _channel_means(g, cal, layers)
-    plain = Quantize(cal, simulate=True, method="percentile", bias_correction=False)
-    corr = Quantize(cal, simulate=True, method="percentile", bias_correction="output")
+    # 7-bit weights whatever the host (with 8-bit ones the uncorrected shift is smaller)
+    plain = Quantize(cal, simulate=True, method="percentile", bias_correction=False, reduce_range=True)
+    corr = Quantize(cal, simulate=True, method="percentile", bias_correction="output", reduce_range=True)
     rc = corr.apply(g)
     sp, sc = plain(g), rc.graph
     assert str(g) == before

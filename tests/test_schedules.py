@@ -426,17 +426,21 @@ def test_vector_sigmoid_is_accurate_and_has_no_libm_calls():
 
 
 def test_vector_gelu_is_accurate_and_has_no_libm_calls():
-    """GELU's erf as a rational function (legalize.vector_erf): within 1e-6 of PyTorch's exact GELU
-    over [-10, 10], NaN and infinities as PyTorch, no erff call left in the legalized kernel."""
+    """GELU's erf as a rational function (legalize.vector_erf): within 1e-6 of the exact GELU
+    over [-10, 10], NaN and infinities as PyTorch's AVX2 kernel, no erff call left in the legalized kernel."""
+    import math
     import re
 
     from shave.backends.tvm.schedules.legalize import vector_gelu
 
     x = np.concatenate([np.linspace(-10, 10, 20001, dtype=np.float32), np.float32([np.nan, np.inf, -np.inf])])
     got, lib = _elementwise_on_avx2(vector_gelu, x)
-    ref = torch.nn.functional.gelu(torch.from_numpy(x)).numpy()
-    assert np.abs(got[:-3] - ref[:-3]).max() <= 1e-6
-    np.testing.assert_array_equal(got[-3:], ref[-3:])  # nan, inf, nan (-inf * 0)
+    # against the exact GELU in float64 (PyTorch's own float32 GELU is itself ~1e-6 off, differently
+    # in its AVX2 and AVX-512 kernels, so the two can differ by more than either does from the truth)
+    exact = np.array([0.5 * v * (1 + math.erf(v / math.sqrt(2))) for v in x[:-3].astype(np.float64)])
+    assert np.abs(got[:-3] - exact).max() <= 1e-6
+    # nan, inf (the limit), nan (-inf * 0): what PyTorch's AVX2 kernel gives (its AVX-512 kernel gives nan for inf)
+    np.testing.assert_array_equal(got[-3:], np.float32([np.nan, np.inf, np.nan]))
     assert not re.search(r"call\s+\S*erff", asm_of(lib)) and "vfmadd" in asm_of(lib)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.GELU()).eval()
     xi = torch.randn(1, 3, 9, 9)
