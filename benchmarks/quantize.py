@@ -12,7 +12,7 @@
    fake-quant simulation (torch); the default setting also through the compiled shave int8 artifact
    (batch 1), and ONNX Runtime's int8 model on the same images. `--sweep` evaluates the whole table
    of settings (weight bits, weight clipping, bias correction, first/last layer float, calibration size).
-3. Latency, batch 1, 2 threads, medians of interleaved rounds (under `flock /tmp/shave-cpu.lock`):
+3. Latency, batch 1, 2 threads, medians of interleaved rounds, a 0.5 s pause before each engine's block (under `flock /tmp/shave-cpu.lock`):
    shave fp32, shave int8 (MobileNetV2: the default setting, and "fast": 7-bit dense weights, whose
    kernels use AVX2's u8 x s8 pair sums), ONNX Runtime fp32 and ONNX Runtime int8 (quantize_static, QDQ, per-channel,
    u8 activations x s8 weights, a CalibrationDataReader over the same calibration data); and the
@@ -42,7 +42,7 @@ import torch.nn.functional as F  # noqa: E402
 import shave  # noqa: E402
 from shave.passes import FoldBN, Quantize  # noqa: E402
 from shave.passes.quantize import convert  # noqa: E402
-from prune_fashion import OUT, trained_model  # noqa: E402
+from prune_fashion import OUT, median_ms, trained_model  # noqa: E402
 from common import host_line  # noqa: E402
 from shave.zoo import imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2  # noqa: E402
 
@@ -129,20 +129,6 @@ def ort_sessions(model, x, calib, workdir: Path, threads: int = 2):
     return sess, {"ort fp32": fp32.stat().st_size, "ort int8": int8.stat().st_size}
 
 
-def median_ms(engines: dict, rounds: int, runs: int = 20) -> dict:
-    samples = {k: [] for k in engines}
-    for fn in engines.values():
-        for _ in range(3):
-            fn()
-    for _ in range(rounds):
-        for k, fn in engines.items():
-            for _ in range(runs):
-                t0 = time.perf_counter()
-                fn()
-                samples[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) * 1e3 for k, v in samples.items()}
-
-
 def latency_and_size(label, model, graph, gq, x, calib, rounds, agree_on=None) -> dict:
     """Latency and file sizes of shave fp32 / int8 and ORT fp32 / int8; with `agree_on` (images, and
     the fp32 top-1 of each), also the top-1 agreement of the compiled shave int8 and ORT int8 models.
@@ -156,9 +142,8 @@ def latency_and_size(label, model, graph, gq, x, calib, rounds, agree_on=None) -
         sizes = {k: cm.export(d / f"{k.replace(' ', '_')}.shave").stat().st_size for k, cm in cms.items()}
         sess, ort_sizes = ort_sessions(model, x, calib, d)
         sizes.update(ort_sizes)
-        engines = {k: (lambda cm=cm: cm(xn)) for k, cm in cms.items()}
-        engines.update({k: (lambda s=s: s.run(None, {"input": xn})) for k, s in sess.items()})
-        ms = median_ms(engines, rounds)
+        engines = dict(cms) | {k: (lambda a, s=s: s.run(None, {"input": a})) for k, s in sess.items()}
+        ms = median_ms(engines, xn, rounds=rounds, runs=20)  # a pause before each engine's block
         if agree_on is not None:
             imgs, ref = agree_on
             for k, fn in [(k, lambda a, k=k: cms[k](a)) for k in gq] + [

@@ -9,8 +9,8 @@ from shave.errors import PassError
 from shave.ir import get_op
 from shave.passes import FoldBN, Quantize
 from shave.passes.quantize import convert, qparams
-from shave.isa import compiling_for
-from conftest import AVX2, AVX512_VNNI, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
+from shave.isa import compiling_for, isa
+from conftest import AVX2, AVX512, AVX512_VNNI, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
 
 
 # ---------------------------------------------------------------- numpy integer reference
@@ -331,11 +331,20 @@ def _run_kernel(func, args, ref, target=AVX2):
 def test_int8_kernel_bit_exact(rng, case, wide):
     """The AVX2 u8 x s8 kernel (vpmaddubsw pairs) equals the integer reference; so does its int16
     variant for 8-bit weights (wide)."""
+    import dataclasses
+
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, *case, wide=wide)
     _, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
+    # the same pair sums on an AVX-512 CPU without VNNI, in its larger register tile: built on any
+    # host, run where the host has AVX-512
+    spec32 = dataclasses.replace(spec, regs=32)
+    func = int8.schedule(spec32, "avx2")
+    assert ("vpmaddwd" if spec.wide else "vpmaddubsw") in asm_of(_build_kernel(func, AVX512))
+    if runs_here(AVX512):
+        np.testing.assert_array_equal(_run_kernel(func, args, ref, AVX512)[1], ref)
 
 
 # int8 dot products beside AVX2's: (target, the step's instruction in the assembly)
@@ -362,6 +371,7 @@ def test_int8_kernel_for_each_dot_product(rng, case, dot):
         args[0], args[4], ref = _blocked(args[0]), _blocked(args[4]), _blocked(ref)
         assert int8.reads_in_place(spec) == (dot == "avx512_vnni")
     assert not spec.wide and not spec.pairs and spec.shifted == (dot == "neon_dot")
+    spec = dataclasses.replace(spec, regs=isa(target).vector_registers)  # as lower_quant sets it: 32 here
     assert int8.step_intrin(spec, dot) is not None
     asm = asm_of(_build_kernel(int8.schedule(spec, dot), target))
     assert re.search(rf"\b{instr}\b", asm), f"no {instr} in the {dot} kernel"
@@ -371,6 +381,34 @@ def test_int8_kernel_for_each_dot_product(rng, case, dot):
         np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, dot), args, ref, target)[1], ref)
     # an AVX2 host given a spec packed for VNNI (8-bit weights in bytes) must not use the pair sums
     assert int8.step_intrin(spec, "avx2") is None
+
+
+def test_int8_register_tiles_for_the_register_file(tiny):
+    """Dense int8 tiles are 2 blocks x up to 5 columns within 16 registers, x up to 8 on x86 targets
+    with 32 (AVX-512); Arm's shifted variant keeps the small tile (two sdot accumulators per block)."""
+    import dataclasses
+
+    from shave.backends.tvm.schedules import int8
+
+    base = int8.QConvSpec(1, 64, 14, 14, 64, 1, 1, (1, 1), (0,) * 4, (1, 1), 0, 0, "uint8", None, None)
+    tile = lambda **kw: (lambda p: (p["ocb_in"], p["reg_n"]))(int8.plan(dataclasses.replace(base, **kw)))  # noqa: E731
+    assert tile() == (2, 2) and tile(regs=32) == (2, 7)
+    assert tile(w=56) == (2, 4) and tile(w=56, regs=32) == (2, 8)
+    assert tile(w=56, regs=32, shifted=True) == (2, 4)
+    assert tile(w=56, regs=32, depthwise=True, oc=64) == (1, 8)  # depthwise: columns only
+    # the lowering sizes them for the target's register file
+    import tvm
+
+    from shave.backends.tvm.lower import to_relax
+
+    g, cal = tiny
+    gi = Quantize(cal, reduce_range=False)(g)
+
+    def registers(target):
+        return {int8.QConvSpec.from_json(str(f.attrs["shave.qconv"])).regs for f in to_relax(gi, target).functions.values()
+                if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "shave.qconv" in f.attrs}
+
+    assert registers(AVX512_VNNI) == {32} and registers(AVX2) == {16} and registers(NEON_DOT) == {16}
 
 
 @pytest.mark.parametrize("case", [(20, 20, 3, 1, 1, True, "uint8", None, None),

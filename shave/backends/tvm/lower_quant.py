@@ -16,7 +16,7 @@ import numpy as np
 import tvm
 from tvm import relax
 
-from .lowering import LOWERING_DOT, LOWERINGS, _channel, lowers
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, _channel, lowers
 from .schedules import int8
 
 _Const = tvm.ir.expr.Constant
@@ -60,6 +60,12 @@ def _consts(ins):
     return tuple(v.value.numpy() for v in ins[1:4])
 
 
+def _x86_registers() -> int:
+    """Vector registers of the x86 CPU being lowered for (its int8 register tiles), else 16."""
+    cpu = LOWERING_CPU.get()
+    return cpu.vector_registers if cpu is not None and cpu.arch == "x86_64" else 16
+
+
 def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=None, depthwise=False):
     """call_tir to the int8 conv kernel on NCHW uint8 `x` of shape xs, or None where it does not apply."""
     spec = int8.QConvSpec(
@@ -67,7 +73,7 @@ def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=No
         int(a["out_zp"]), a["out_dtype"], None if a["lo"] is None else float(a["lo"]),
         None if a["hi"] is None else float(a["hi"]), residual is not None,
         int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
-        depthwise=depthwise, act=a.get("act"), out_inv=float(a.get("out_inv", 1.0)),
+        depthwise=depthwise, act=a.get("act"), out_inv=float(a.get("out_inv", 1.0)), regs=_x86_registers(),
         **int8.variant(w, depthwise, LOWERING_DOT.get()))
     if spec.oh < 1 or spec.ow < 1:
         return None
