@@ -269,6 +269,9 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                  time.perf_counter() - t0)
         return cand, g, passes, cm
 
+    def reached() -> bool:
+        return speedup is not None and base_ms / current.ms >= speedup
+
     def good(cand: Candidate) -> bool:
         return cand.latency_ms <= FASTER * current.ms and cand.score >= base_score - short_drop
 
@@ -297,7 +300,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         # saving STEP_SAVING of the current latency (half that on a second try), recovered,
         # scored and timed as a whole model
         while remaining and not out_of_time():
-            if speedup is not None and base_ms / current.ms >= speedup:
+            if reached():
                 break
             step += 1
             kept_step = None
@@ -324,8 +327,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                              final=search.recover is None)
             kept.append(current)
         # int8 last: nothing follows it
-        if "quantize" in techniques and calibration is not None and not out_of_time() and not (
-                speedup is not None and base_ms / current.ms >= speedup):
+        if "quantize" in techniques and calibration is not None and not out_of_time() and not reached():
             step += 1
             got = attempt(step, QUANTIZE, search.quantize)
             if got is not None and good(got[0]):
@@ -335,7 +337,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                                  cm, final=True, int8=passes, below=current)
                 kept.append(current)
         message = ("time budget spent" if out_of_time() else
-                   f"reached {speedup:g}x" if speedup is not None and base_ms / current.ms >= speedup else
+                   f"reached {speedup:g}x" if reached() else
                    "no option left that is faster within max_drop")
     except CompressError as e:
         raise CompressError(str(e), best()) from e
