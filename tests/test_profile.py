@@ -67,3 +67,35 @@ def test_report_saved_as_markdown_and_plots(tmp_path):
         if p.suffix == ".png":
             with Image.open(p) as im:
                 assert im.size[0] > 300 and im.size[1] > 100 and im.convert("L").getextrema()[0] < 128  # drawn on
+
+
+def test_profile_names_the_ir_nodes_of_int8_kernels_with_blocked_activations():
+    """int8 kernels whose uint8 activations stay blocked between them are replaced by new kernels
+    after lowering (int8_blocked.block_qconvs): the profile still names each call's IR node."""
+    from shave.passes import FoldBN, Quantize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(16, 16, 1), nn.ReLU(), nn.Conv2d(16, 8, 3, padding=1)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    calib = [torch.randn(4, 3, 12, 12) for _ in range(2)]
+    cm = shave.compile(model, (x,), passes=[FoldBN(), Quantize(calib)])
+    qconvs = [n.name for n in cm.graph.nodes if n.op == "qconv2d"]
+    assert len(qconvs) == 4
+    assert any(f.attrs is not None and "shave.replaces" in f.attrs for f in _scheduled_functions(cm))
+    calls = [c for c in cm.profile(x, repeats=2).calls if c.kernel.startswith("shave_qconv")]
+    assert [c.nodes[0] for c in calls] == qconvs  # every call, in order, with its node
+
+
+def _scheduled_functions(cm):
+    """The PrimFuncs of cm's graph after the schedules (what block_qconvs made among them)."""
+    import tvm
+
+    from shave.backends.tvm.lower import to_relax
+    from shave.backends.tvm.schedules import schedule_module
+    from shave.target import resolve_target
+
+    target = resolve_target("x86")
+    with tvm.target.Target(target):
+        mod = schedule_module(to_relax(cm.graph, target), target)
+    return [f for _, f in mod.functions.items() if isinstance(f, tvm.tirx.PrimFunc)]

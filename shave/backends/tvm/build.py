@@ -6,7 +6,7 @@ import time
 from ...errors import CompileError
 from ...ir import Graph
 from .cross import codegen_for, export_library
-from .lower import to_relax
+from .lower import follow_renames, to_relax
 from .schedules import schedule_module
 from .tune import TuneResult, tune_module
 
@@ -35,6 +35,7 @@ def build(graph: Graph, target: dict, tune=None, variants: dict | None = None
                 mod = schedule_module(mod, target)
             else:
                 mod, tuned = tune_module(lowered, target, tune)
+            follow_renames(mod, calls)
             ex = tvm.compile(mod, target=tvm.target.Target(target))
     except CompileError:
         raise

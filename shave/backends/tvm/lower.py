@@ -142,6 +142,31 @@ def _record_kernel(calls: list, expr, graph, n) -> None:
                       "flops": 0 if n.op.startswith("q") else round(graph.flops_of(n))})
 
 
+def follow_renames(mod, calls: list) -> None:
+    """Rename `calls` entries whose kernel a later stage replaced (int8_blocked.block_qconvs gives
+    each replacement a "shave.replaces" attribute with the name it takes over): the k-th call of a
+    kernel in `calls` is its k-th call site in `mod`'s main, before and after."""
+    main = next((f for gv, f in mod.functions.items() if gv.name_hint == "main"), None)
+    if not isinstance(main, relax.Function) or not isinstance(main.body, relax.SeqExpr):
+        return
+    by_kernel: dict = {}
+    for entry in calls:
+        by_kernel.setdefault(entry["kernel"], []).append(entry)
+    seen: dict = {}
+    for blk in main.body.blocks:
+        for bd in blk.bindings:
+            v = bd.value
+            if not (isinstance(v, relax.Call) and v.op.same_as(_CALL_TIR) and isinstance(v.args[0], tvm.ir.GlobalVar)):
+                continue
+            name = v.args[0].name_hint
+            f = mod[v.args[0]]
+            old = str(f.attrs["shave.replaces"]) if f.attrs is not None and "shave.replaces" in f.attrs else name
+            k = seen.get(old, 0)
+            seen[old] = k + 1
+            if k < len(by_kernel.get(old, [])):
+                by_kernel[old][k]["kernel"] = name
+
+
 def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
     """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), a
     per-channel gate multiply of one, or a pass-through node (concat, max or average pool,

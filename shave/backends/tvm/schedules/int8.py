@@ -490,7 +490,10 @@ def schedule_qconvs(mod, target: dict):
                 if step_intrin(spec, dot) is None:
                     raise
                 new = schedule(spec, "none")
-            updates[gv] = new.with_attr("global_symbol", gv.name_hint)
+            new = new.with_attr("global_symbol", gv.name_hint)
+            if "shave.replaces" in func.attrs:  # int8_blocked's mark, for the profile (lower.follow_renames)
+                new = new.with_attr("shave.replaces", func.attrs["shave.replaces"])
+            updates[gv] = new
     for gv, f in updates.items():
         mod[gv] = f
     return mod

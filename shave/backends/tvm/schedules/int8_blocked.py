@@ -68,7 +68,10 @@ def block_qconvs(mod: tvm.IRModule) -> tvm.IRModule:
                                   res_blocked=spec.residual and fields[4] in blocked)
         if new == spec:
             continue
-        prim = int8.compute_primfunc(new).with_attr("shave.qconv", new.to_json())
+        # "shave.replaces": the kernel this call made before (lower.follow_renames keeps the profile's
+        # IR node names); one per new spec, since the kernels before had no blocked operand
+        prim = int8.compute_primfunc(new).with_attr("shave.qconv", new.to_json()).with_attr(
+            "shave.replaces", call.args[0].name_hint)
         gv = bb.add_func(prim, "shave_qconv")
         args = [new_var.get(a, a) if isinstance(a, relax.Var) else a for a in fields]
         call = relax.call_tir(gv, args, relax.TensorType(new.out_shape(), new.out_dtype))
