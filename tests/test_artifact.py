@@ -241,8 +241,8 @@ def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     quiet = run("quiet", 60)
     assert gov.current == 2 and quiet.count(1) <= 8  # a few probes of one thread, backing off to 30 s
     busy = run("busy", 60)
-    assert gov.current == 1 and busy[:2] == [2, 1]  # the first slow call sends it to one thread
-    assert busy.count(2) <= 6  # the full count retried at doubling intervals, then every 30 s at most
+    assert gov.current == 1 and busy[:3] == [2, 2, 1]  # two slow calls in a row send it to one thread
+    assert busy.count(2) <= 7  # those two, then retried at doubling intervals, every 30 s at most
     assert sum(cost["busy"][n] for n in busy) / len(busy) < 0.05  # no collapse: about one thread's time
     back = run("quiet", 40)
     first = back.index(2)  # back at the full count within max_probe_s (30 s) of the CPUs coming free
@@ -250,6 +250,21 @@ def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     assert back[first:].count(1) <= 6  # probes again at 1, 2, 4, 8, 16 s
     single = ThreadGovernor(1, clock=lambda: now[0])
     assert all(single.pick() == 1 for _ in range(5))
+
+
+def test_thread_governor_keeps_the_full_count_through_lone_slow_calls():
+    """A small model (0.10 ms at 2 threads, 0.11 at one) on a VM: now and then one call takes 6x
+    (a tick, a host preemption). A lone slow call is not contention: the governor stays at 2."""
+    from shave.runtime.threads import ThreadGovernor
+
+    now = [0.0]
+    gov = ThreadGovernor(2, clock=lambda: now[0])
+    for i in range(200_000):  # 20 s of calls, one in 50 slow
+        n = gov.pick()
+        t = {2: 100e-6, 1: 110e-6}[n] * (6 if i % 50 == 49 else 1)
+        now[0] += t
+        gov.record(n, t)
+    assert gov.current == 2 and gov.switches == 0
 
 
 def test_large_aligned_inputs_are_passed_without_a_copy():

@@ -85,8 +85,10 @@ class ThreadGovernor:
     times every call, keeping the last few times at the count in use, and now and then makes
     one call with the other count (a probe): after `first_probe_s`, then at doubling intervals
     up to `max_probe_s` while the choice holds. A probe at least 10 % faster than the recent
-    median switches; a call at the full count that takes `spike` times its recent median
-    probes one thread at once (against that call's time). Under contention that lasts, the
+    median switches; two calls in a row at the full count that take `spike` times its recent
+    median probe one thread at once (against the slower of them). One such call alone does not:
+    on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
+    against one such call sent small models to one thread for good. Under contention that lasts, the
     full count is retried once per `max_probe_s` at most. It costs a few comparisons per call; the clock is injectable
     for tests."""
 
@@ -105,6 +107,7 @@ class ThreadGovernor:
         self.interval = first_probe_s
         self.next_probe = None  # set at the first call
         self.switches = 0
+        self.spikes = []  # the slow calls in a row at the full count (seconds)
 
     def _median(self) -> float | None:
         xs = sorted(self.recent)
@@ -138,7 +141,12 @@ class ThreadGovernor:
             return
         self.recent.append(seconds)
         if threads == self.full and typical is not None and len(self.recent) > 2 and seconds > self.spike * typical:
-            # a sudden slow call at full threads: try one thread next, against this call's time
+            self.spikes.append(seconds)
+        else:
+            self.spikes.clear()
+        if len(self.spikes) >= 2:
+            # slow calls in a row at full threads: try one thread next, against the slower of them
             self.recent.clear()
-            self.recent.append(seconds)
+            self.recent.append(max(self.spikes))
+            self.spikes.clear()
             self.next_probe = self.clock()
