@@ -22,8 +22,13 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
    by default); else a second try takes half as much, and if that fails too the most
    promising option is dropped from the table. The steps end when no option is left, at
    `speedup=`, or when `time_budget` (seconds) runs out.
-3. int8 last (layers kept float where their int8 kernel is not faster on the target),
-   kept on the same terms.
+3. int8 last, once the steps end (also when the budget is spent: at most two candidates,
+   nothing to recover): Quantize (percentile calibration unless `quantize=` says otherwise)
+   with its speed check (layers kept float where their int8 kernel is slower and the whole
+   model is faster so), with the target's weight range and,
+   where that is the full 8 bits (VNNI, Arm's sdot), with 7-bit dense weights too (as fast
+   there; sometimes more accurate). Kept on the same terms; of two good ones the faster,
+   the better scored where they time within 2 %.
 
 A final, longer recovery follows and must end within `max_drop`; where it does not,
 the search backs off a step. Where int8 was kept, the final recovery runs on the float
@@ -53,6 +58,7 @@ log = logging.getLogger("shave.compress")
 TECHNIQUES = ("prune", "decompose", "rewrites", "quantize")
 STEP_SAVING = 0.2  # a step's options together save this fraction of the current latency (measured per layer)
 QUANTIZE = "int8 (layers measured)"
+QUANTIZE_DENSE = "int8 (layers measured, 7-bit dense weights)"
 TABLE_SHARE = 0.5  # the most of time_budget that building and scoring the per-layer table may take
 FASTER = 0.98  # a try must take at most this fraction of the current latency
 
@@ -156,12 +162,16 @@ def _onnxruntime_ms(model, args) -> float | None:
         return None
 
 
+INT8 = {"method": "percentile"}  # the int8 step's Quantize keywords unless compress(quantize=...) says
+
+
 class _Search:
-    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery, timer):
+    def __init__(self, baseline: Graph, args, evaluate, target, train, calibration, recovery, timer, quantize=None):
         from .recovery import Finetune
 
         self.baseline, self.args, self.evaluate, self.target = baseline, args, evaluate, target
         self.calibration, self.timer = calibration, timer
+        self.int8 = dict(INT8 if quantize is None else quantize)
         self.recover = None
         if train is not None:
             kw = {"steps": 200, "teacher": baseline, "progress": False} | dict(recovery or {})
@@ -172,33 +182,48 @@ class _Search:
 
         return shave_compile(graph, self.args, target=self.target, passes=["fold_bn"])
 
-    def quantize(self, graph):
+    def weight_ranges(self) -> list:
+        """The int8 weight ranges tried: the target's own ("auto"), and where that is the full 8 bits
+        (dot products that do not saturate: VNNI, sdot) also 7-bit dense weights, which run as fast
+        there and can keep more of the score (Quantize's reduce_range="dense")."""
+        from .passes import Quantize
+
+        if "reduce_range" in self.int8:
+            return [self.int8["reduce_range"]]
+        own = Quantize(target=self.target).weight_range()
+        return [own] + (["dense"] if own is False else [])
+
+    def quantize(self, graph, reduce_range):
         from .passes import FoldBN, Quantize
 
+        kw = self.int8 | {"reduce_range": reduce_range}
         folded = FoldBN()(graph)
-        r = Quantize(self.calibration, target=self.target, timer=self.timer).apply(folded)
+        r = Quantize(self.calibration, target=self.target, timer=self.timer, **kw).apply(folded)
         floats = [lq.name for lq in r.plan if not lq.quantized]
-        return r.graph, [FoldBN(), Quantize(self.calibration, exclude=floats)]
+        return r.graph, [FoldBN(), Quantize(self.calibration, **kw | {"exclude": list(kw.get("exclude", ())) + floats})]
 
 
 def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float = 0.01, train=None,
              calibration=None, speedup: float | None = None, time_budget: float | None = None,
              techniques=TECHNIQUES, recovery: dict | None = None, final_recovery: dict | None = None,
-             short_drop: float | None = None, reference: bool = True, timer=None) -> CompressResult:
+             short_drop: float | None = None, reference: bool = True, timer=None,
+             quantize: dict | None = None) -> CompressResult:
     """The fastest compiled model whose score is within `max_drop` of the original's (see the module doc).
 
     `evaluate(module) -> float` scores a callable torch module (higher is better; `max_drop` is in its
     units). `train` yields (inputs, labels) batches, or inputs alone (distillation from the original);
     without it nothing is recovered. `calibration` yields example inputs (int8 ranges, the rewrites'
     refits); without it there is no int8. `speedup`: stop once this much faster. `time_budget`: seconds
-    for the search. `recovery` / `final_recovery`: shave.finetune arguments of the short recovery after
+    for the table and the steps (int8 and the final recovery follow). `recovery` / `final_recovery`: shave.finetune arguments of the short recovery after
     each try (default 200 steps) and of the last one (default 3x longer, with the best weights kept when
     `validation` is given). `short_drop`: how far below the original a try may score after its short
     recovery (default 3 x max_drop with `train`, else max_drop); the final recovery must end within
     `max_drop`, else the search backs off to the step before (at most 3 tries, then the original).
     `reference`: also time ONNX Runtime on the original (report and plot). `timer`: the LayerTimer of
     the per-layer table and int8's per-layer choice (shave.layer_timer(cache="layers.json") keeps the
-    measurements across runs); whole models are timed here."""
+    measurements across runs); whole models are timed here. `quantize`: Quantize keywords of the int8
+    step (default {"method": "percentile"}, the calibration bench-quantize found closest to float32 on
+    MobileNetV2; with "reduce_range" only that weight range is tried)."""
     from .frontend.capture import _normalise_inputs, capture, eval_model
     from .recovery import Finetune
 
@@ -218,7 +243,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
         torch_model = eval_model(model)
         args = _normalise_inputs(example_inputs)
         graph = capture(torch_model, args)
-    search = _Search(graph, args, evaluate, target, train, calibration, recovery, timer)
+    search = _Search(graph, args, evaluate, target, train, calibration, recovery, timer, quantize)
 
     base_score = _score(evaluate, graph, "the original model")
     base_cm = search.compile(graph)
@@ -247,17 +272,17 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
 
     eps = 1e-3 * max(abs(base_score), 1e-9)  # the least score loss a step is charged
 
-    def attempt(step: int, label: str, make) -> tuple | None:
-        """Build, recover, score, compile and time one candidate from the current model: ->
-        (candidate, graph, passes, compiled) and recorded in the Pareto list, or None where the
-        passes do not apply."""
+    def attempt(step: int, label: str, make, recover: bool = True) -> tuple | None:
+        """Build, recover (unless `recover` is False), score, compile and time one candidate from the
+        current model: -> (candidate, graph, passes, compiled) and recorded in the Pareto list, or
+        None where the passes do not apply."""
         t0 = time.perf_counter()
         try:
             g, passes = make(current.graph)
         except ShaveError as e:
             log.info("step %d: %s does not apply: %s", step, label, e)
             return None
-        if search.recover is not None and label != QUANTIZE:
+        if search.recover is not None and recover:
             rec = search.recover()
             g = rec(g)
             passes = passes + [rec]
@@ -326,14 +351,20 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm,
                              final=search.recover is None)
             kept.append(current)
-        # int8 last: nothing follows it
-        if "quantize" in techniques and calibration is not None and not out_of_time() and not reached():
+        # int8 last, after the budget's steps (at most two candidates, nothing to recover): each
+        # weight range the target allows; the fastest good one, the best scored where they time alike
+        if "quantize" in techniques and calibration is not None and not reached():
             step += 1
-            got = attempt(step, QUANTIZE, search.quantize)
-            if got is not None and good(got[0]):
-                cand, g, passes, cm = got
+            tries = []
+            for i, rr in enumerate(search.weight_ranges()):
+                label = QUANTIZE if i == 0 else QUANTIZE_DENSE
+                got = attempt(step, label, lambda g, rr=rr: search.quantize(g, rr), recover=False)
+                if got is not None and good(got[0]):
+                    tries.append((label, got))
+            if tries:
+                label, (cand, g, passes, cm) = tries[_pick([got[0] for _, got in tries])]
                 cand.kept = True
-                current = _State(g, current.recipe + passes, current.steps + [QUANTIZE], cand.score, cand.latency_ms,
+                current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms,
                                  cm, final=True, int8=passes, below=current)
                 kept.append(current)
         message = ("time budget spent" if out_of_time() else
@@ -353,7 +384,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             for p in state.int8:
                 g = p(g)
             cm = search.compile(g)
-            return _State(g, below.recipe + state.int8, below.steps + [QUANTIZE],
+            return _State(g, below.recipe + state.int8, below.steps + state.steps[-1:],
                           _score(evaluate, g, "int8 after the final recovery"), _latency_ms(cm), cm, final=True)
         if state.final:
             return state
@@ -382,6 +413,14 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                     base_ms / current.ms, max_drop, speedup)
         message += f"; short of speedup={speedup:g}"
     return best()
+
+
+def _pick(cands: list[Candidate]) -> int:
+    """Index of the candidate to keep among good ones: the best scored of those that time within
+    2 % of the fastest (the first of equals)."""
+    fastest = min(c.latency_ms for c in cands)
+    near = [i for i, c in enumerate(cands) if FASTER * c.latency_ms <= fastest]
+    return max(near, key=lambda i: (cands[i].score, -i))
 
 
 @dataclass

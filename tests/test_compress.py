@@ -57,7 +57,8 @@ def test_compress_keeps_the_budget_and_its_recipe_replays(setup, tmp_path):
                                run_graph(shave.passes.FoldBN()(r.graph), [images[1]])[0], rtol=1e-4, atol=1e-4)
     # the per-layer table: every option scored alone; each kept step's options name their step
     assert r.options and all(o.technique == "prune" and o.saving_ms > 0 and o.drop is not None for o in r.options)
-    steps_kept = {c.step for c in r.pareto if c.kept and c.step and c.steps[-1] != shave.compression.QUANTIZE}
+    steps_kept = {c.step for c in r.pareto if c.kept and c.step and c.steps[-1] not in (shave.compression.QUANTIZE,
+                                                                               shave.compression.QUANTIZE_DENSE)}
     assert {o.step for o in r.options if o.step} == steps_kept
     md = r.save_report(tmp_path / "report")
     assert "## Per-layer options" in md.read_text()
@@ -174,10 +175,31 @@ def test_int8_kept_on_a_briefly_recovered_model_is_redone_after_the_final_recove
         g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0) for g in graphs])
     r = shave.compress(model, (x,), agreement, max_drop=100.0, train=images, calibration=images[:2],
                        techniques=("prune", "quantize"), recovery={"steps": 5}, reference=False, timer=int8_halves)
-    assert r.steps == [prune.label, "final recovery", comp.QUANTIZE]
+    # int8 with the host's weight range (and 7-bit dense weights where that is 8 bits): both time alike here
+    assert r.steps[:2] == [prune.label, "final recovery"] and r.steps[2] in (comp.QUANTIZE, comp.QUANTIZE_DENSE)
     names = [type(p).__name__ for p in r.recipe]
     assert names.index("Finetune") < names.index("Quantize")  # recovered, then int8
     assert sum(n == "Finetune" for n in names) == 2  # the short recovery and the final one
     again = shave.compile(model, (x,), passes=r.recipe)
     np.testing.assert_allclose(run_graph(again.graph, [images[1]])[0], run_graph(r.graph, [images[1]])[0],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_int8_weight_ranges_per_target_and_the_choice_between_them():
+    """int8 tries the target's weight range, and 7-bit dense weights too where that range is the full
+    8 bits (dot products that do not saturate); of good candidates the fastest is kept, and the
+    best scored among those within 2 % of it."""
+    from conftest import AVX512_VNNI, NEON_DOT
+
+    from shave.compression import Candidate, _pick, _Search
+
+    ranges = lambda t: _Search(None, None, None, t, None, None, None, None).weight_ranges()  # noqa: E731
+    assert ranges(AVX2) == [True]  # vpmaddubsw pairs saturate: 7 bits throughout, nothing else to try
+    assert ranges(AVX512) == [True]
+    assert ranges(AVX512_VNNI) == [False, "dense"] and ranges(NEON_DOT) == [False, "dense"]
+    assert _Search(None, None, None, AVX512_VNNI, None, None, None, None, {"reduce_range": True}).weight_ranges() == [True]
+    c = lambda score, ms: Candidate(["int8"], score, ms, 0, 1)  # noqa: E731
+    assert _pick([c(95.0, 1.00), c(96.0, 1.01)]) == 1  # alike in time: the better score
+    assert _pick([c(95.0, 1.00), c(96.0, 1.10)]) == 0  # 10 % slower: the faster
+    assert _pick([c(96.0, 1.20), c(95.0, 1.00)]) == 1
+    assert _pick([c(95.0, 1.00), c(95.0, 1.00)]) == 0
