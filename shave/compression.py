@@ -214,9 +214,9 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     units). `train` yields (inputs, labels) batches, or inputs alone (distillation from the original);
     without it nothing is recovered. `calibration` yields example inputs (int8 ranges, the rewrites'
     refits); without it there is no int8. `speedup`: stop once this much faster. `time_budget`: seconds
-    for the table and the steps (int8 and the final recovery follow). `recovery` / `final_recovery`: shave.finetune arguments of the short recovery after
-    each try (default 200 steps) and of the last one (default 3x longer, with the best weights kept when
-    `validation` is given). `short_drop`: how far below the original a try may score after its short
+    for the table and the steps (int8 and the final recovery follow). `recovery` / `final_recovery`:
+    shave.finetune arguments of the short recovery after each try (default 200 steps) and of the last
+    one (default 3x longer, with the best weights kept when `validation` is given). `short_drop`: how far below the original a try may score after its short
     recovery (default 3 x max_drop with `train`, else max_drop); the final recovery must end within
     `max_drop`, else the search backs off to the step before (at most 3 tries, then the original).
     `reference`: also time ONNX Runtime on the original (report and plot). `timer`: the LayerTimer of

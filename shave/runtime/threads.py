@@ -88,9 +88,9 @@ class ThreadGovernor:
     median switches; two calls in a row at the full count that take `spike` times its recent
     median probe one thread at once (against the slower of them). One such call alone does not:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
-    against one such call sent small models to one thread for good. Under contention that lasts, the
-    full count is retried once per `max_probe_s` at most. It costs a few comparisons per call; the clock is injectable
-    for tests."""
+    against one such call sent small models to one thread for good. Under contention that
+    lasts, the full count is retried once per `max_probe_s` at most. It costs a few comparisons
+    per call; the clock is injectable for tests."""
 
     WINDOW = 5
 

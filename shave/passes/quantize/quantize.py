@@ -44,8 +44,8 @@ layers with fp32 / int8 below `min_speedup` (default 1.0) stay float32 ("slower:
 kernel the check does not see the quantize / dequantize a float32 layer adds between int8
 neighbours, so where it sends layers back, the whole model is timed both ways (int8
 throughout, and with those layers float32) and the faster is kept: on an AVX-512 VNNI host
-MobileNetV2's depthwise layers are each slower int8 alone, yet the whole model runs in 0.45x
-the time of float32 int8 throughout against 1.04x with them float32.
+MobileNetV2's depthwise layers are each slower int8 alone, yet the whole model takes 0.45x
+float32's time int8 throughout, against 1.04x with those layers kept float32.
 `timer`: the LayerTimer that times them (shave/timing.py; default: this machine; a function
 (graphs, target) -> seconds also works, e.g. a latency model).
 
