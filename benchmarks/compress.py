@@ -75,22 +75,23 @@ def mobilenet(args) -> None:
 
     from shave.zoo import imagenet_samples, photo_crops, pretrained_mobilenet_v2
 
+    def top1(m, x):
+        with torch.no_grad():
+            return torch.cat([m(x[i:i + 50]).argmax(1) for i in range(0, len(x), 50)])
+
+    def agreement(m, x, ref):
+        return float((top1(m, x) == ref).float().mean()) * 100
+
     model = pretrained_mobilenet_v2().eval()
     imgs, _ = imagenet_samples()
     evalset = torch.cat([imgs, perturbed_copies(imgs, 500, seed=2)])
-    with torch.no_grad():
-        ref_eval = torch.cat([model(evalset[i:i + 50]).argmax(1) for i in range(0, len(evalset), 50)])
+    ref_eval = top1(model, evalset)
     crops = photo_crops(1000 + 256 + 64, seed=0)
     train, pool, calib = crops[:1000], crops[1000:1256], crops[1256:]
     with torch.no_grad():
         recognised = pool[model(pool).softmax(1).max(1).values >= 0.5][:20]
-        search_set = torch.cat([recognised, perturbed_copies(recognised, 500, seed=3)])
-        ref_search = torch.cat([model(search_set[i:i + 50]).argmax(1) for i in range(0, len(search_set), 50)])
-
-    def agreement(m, x, ref):
-        with torch.no_grad():
-            pred = torch.cat([m(x[i:i + 50]).argmax(1) for i in range(0, len(x), 50)])
-        return float((pred == ref).float().mean()) * 100
+    search_set = torch.cat([recognised, perturbed_copies(recognised, 500, seed=3)])
+    ref_search = top1(model, search_set)
     result = shave.compress(
         model, (imgs[:1],), lambda m: agreement(m, search_set, ref_search), max_drop=args.max_drop_mobilenet,
         train=list(train.split(32)), calibration=list(calib.split(32)), time_budget=args.time_budget,
