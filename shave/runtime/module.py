@@ -56,12 +56,9 @@ class Runtime:
         self._threads = min(n, pool_size()) if n is not None else pool_size()
         self.governor = ThreadGovernor(self._threads)
 
-    def _state(self, batch: int | None = None):
-        """This thread's (VM entry point, input tensors, numpy views of them on the CPU) for the
-        function that runs `batch` samples (None: `main`, at the signature's batch), made on the
-        thread's first call of it. The input tensors are reused call after call: copying into them
-        costs about 1 us where allocating an aligned TVM tensor per call cost 37 (a LeNet-sized
-        model ran 134 us a call, 65 after)."""
+    def _state(self, batch: int | None = None) -> "_Function":
+        """This thread's state of the function that runs `batch` samples (None: `main`, at the
+        signature's batch), made on the thread's first call of it."""
         states = getattr(self._local, "states", None)
         if states is None:
             from tvm import relax
@@ -74,8 +71,8 @@ class Runtime:
             fname = "main" if batch is None else self.batch_functions[batch]
             shapes = [shape if batch is None else (batch,) + shape[1:] for _, shape, _ in self.inputs]
             bufs = [tvm.runtime.empty(shape, dtype, self._device) for shape, (_, _, dtype) in zip(shapes, self.inputs)]
-            views = [np.from_dlpack(b) for b in bufs] if self._device.dlpack_device_type() == 1 else None
-            state = states[batch] = (self._local.vm[fname], bufs, views)
+            on_cpu = self._device.dlpack_device_type() == 1
+            state = states[batch] = _Function(self._local.vm[fname], bufs, on_cpu)
         return state
 
     @property
@@ -159,23 +156,7 @@ class Runtime:
 
     def _run_one(self, batch: int | None, arrays: list) -> list[np.ndarray]:
         """One VM call of the function for `batch` (None: main) on arrays of its shapes."""
-        main, bufs, views = self._state(batch)
-        if views is None:  # GPU memory: copied in and out
-            for b, a in zip(bufs, arrays):
-                b.copyfrom(np.ascontiguousarray(a))
-            return [o.numpy() for o in main(*bufs)]
-        args = _in_place(arrays, bufs)
-        if args is None:
-            for v, a in zip(views, arrays):
-                np.copyto(v, a)
-            args = bufs
-        outs = []
-        for o in main(*args):
-            y = np.from_dlpack(o)  # the VM's fresh output tensor, kept alive by the array: no copy
-            if any(np.may_share_memory(y, v) for v in views + arrays):  # a view of an input (an identity
-                y = y.copy()  # or reshape of one): its buffer is overwritten next call, the caller's is theirs
-            outs.append(y)
-        return outs
+        return self._state(batch).run(arrays)
 
     def __call__(self, *args, **named):
         """The outputs (one array, or a tuple of them) for inputs by position and/or by name
@@ -222,6 +203,46 @@ class Runtime:
         from .report import Report
 
         return Report.from_dict(self.manifest.get("report", {}))
+
+
+class _Function:
+    """One VM function as one thread calls it: the entry point, the input tensors it is called
+    on, numpy views of them (None on a GPU). The input tensors are reused call after call:
+    copying into them costs about 1 us where allocating an aligned TVM tensor per call cost 37
+    (a LeNet-sized model ran 134 us a call, 65 after). What the first call learns is kept: whether
+    an output is a view of an input (an identity or reshape of one), which the caller must get
+    as a copy since the input's buffer is overwritten next call."""
+
+    __slots__ = ("main", "bufs", "views", "small", "aliased")
+
+    def __init__(self, main, bufs: list, on_cpu: bool):
+        self.main, self.bufs = main, bufs
+        self.views = [np.from_dlpack(b) for b in bufs] if on_cpu else None
+        # inputs this small are always copied (the shapes are the function's own)
+        self.small = on_cpu and any(v.nbytes < IN_PLACE_BYTES for v in self.views)
+        self.aliased = None  # per output: a view of an input? (known after the first call)
+
+    def run(self, arrays: list) -> list[np.ndarray]:
+        views = self.views
+        if views is None:  # GPU memory: copied in and out
+            for b, a in zip(self.bufs, arrays):
+                b.copyfrom(np.ascontiguousarray(a))
+            return [o.numpy() for o in self.main(*self.bufs)]
+        args = None if self.small else _in_place(arrays, self.bufs)
+        if args is None:
+            for v, a in zip(views, arrays):
+                v[...] = a
+            args = self.bufs
+        # each output is the VM's fresh tensor, kept alive by its numpy array: no copy (indexed:
+        # iterating the VM's tuple cost 1.5 us of Python per call, indexing 0.7)
+        r = self.main(*args)
+        outs = [np.from_dlpack(r[i]) for i in range(len(r))]
+        aliased = self.aliased
+        if aliased is None:
+            aliased = self.aliased = [any(np.may_share_memory(y, v) for v in views + arrays) for y in outs]
+        if True in aliased:
+            outs = [y.copy() if a else y for y, a in zip(outs, aliased)]
+        return outs
 
 
 # Inputs smaller than this are copied: a copy costs about 1 us there, while wrapping an array
