@@ -68,11 +68,26 @@ def rel_err(a, b) -> float:
     return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-12))
 
 
+@pytest.fixture
+def parallel_kernels(monkeypatch):
+    """Every compute kernel parallel, whatever its work (schedules/parallel.py): the kernel tests'
+    small specs would otherwise all run the serial path, while a model's large kernels run the
+    parallel one."""
+    from shave.backends.tvm.schedules import parallel
+
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_WORK", 0)
+
+
+def parallel_lambdas(executable) -> list[str]:
+    """The parallel loop bodies (`__tvm_parallel_lambda` functions) of a compiled module's LLVM IR."""
+    ir = executable.jit().inspect_source("ll")
+    return [f for f in ir.split("\ndefine ") if "parallel_lambda" in f.split("\n", 1)[0]]
+
+
 def workspace_calls_in_parallel_loops(executable) -> int:
     """Parallel loop bodies (`__tvm_parallel_lambda` functions) of a compiled kernel's LLVM IR
     that allocate from TVM's workspace pool; raises if the kernel has no parallel loop."""
-    ir = executable.jit().inspect_source("ll")
-    lambdas = [f for f in ir.split("\ndefine ") if "parallel_lambda" in f.split("\n", 1)[0]]
+    lambdas = parallel_lambdas(executable)
     assert lambdas, "no parallel loop in the kernel"
     return sum("@__TVMBackendAllocWorkspace" in f for f in lambdas)
 

@@ -12,6 +12,9 @@ from shave.passes.quantize import convert, qparams
 from shave.isa import compiling_for, isa
 from conftest import AVX2, AVX512, AVX512_VNNI, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
 
+# the kernels' parallel path, which a model's large kernels take (test_small_kernels_run_serially: the other)
+pytestmark = pytest.mark.usefixtures("parallel_kernels")
+
 
 # ---------------------------------------------------------------- numpy integer reference
 def np_conv_int(x, w, stride, pad, groups):

@@ -13,6 +13,9 @@ from shave.backends.tvm.schedules import schedule_module
 from shave.isa import isa
 from conftest import AVX2, AVX512, AVX512_VNNI, NEON, NEON_DOT, asm_of, runs_here, workspace_calls_in_parallel_loops
 
+# the kernels' parallel path, which a model's large kernels take (test_small_kernels_run_serially: the other)
+pytestmark = pytest.mark.usefixtures("parallel_kernels")
+
 TOL = 1e-5
 
 

@@ -38,6 +38,7 @@ import numpy as np
 
 from . import winograd
 from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .parallel import worth_parallel
 
 
 def flat_view(spec: ConvSpec) -> ConvSpec:
@@ -296,6 +297,7 @@ def _pixels_major(spec: ConvSpec, p: dict) -> bool:
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     v = spec.vec
     reg_n, ocb_in = p["reg_n"], p["ocb_in"]
+    par = worth_parallel(sch.mod["main"])
     pack = sch.get_sblock("pack")
     conv = sch.get_sblock("conv")
     out = sch.get_sblock("out")
@@ -306,7 +308,8 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     elif not pack_per_tile:
         # pack: one pass, parallel over (n, cblock, row)
         b, i, y, x, j = sch.get_loops(pack)
-        sch.parallel(sch.fuse(b, i, y))
+        if par:
+            sch.parallel(sch.fuse(b, i, y))
         if vector_pack:
             sch.vectorize(j)
     # conv
@@ -343,7 +346,8 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
             outer = sch.fuse(b, y, oo) if pixels_major else sch.fuse(b, oo, y)
         first_r = rcb
         unrolled = [oi, xi]
-    sch.parallel(outer)
+    if par:
+        sch.parallel(outer)
     sch.vectorize(j)
     for lp in unrolled:
         sch.unroll(lp)

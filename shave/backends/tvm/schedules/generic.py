@@ -1,7 +1,7 @@
 """Generic CPU rule for every PrimFunc that is not one of shave's own kernels (conv, int8).
 
 Per block at the root of a PrimFunc: the leading spatial loops are fused and
-run in parallel (when the block has enough work to pay for the threads), and
+run in parallel (when the block has enough work to pay for the threads: parallel.py), and
 the innermost loop of a pure spatial (elementwise, injective) block is split
 by the vector width and vectorised when its extent is a multiple of it.
 Reductions (pooling, mean, matmul) keep their reduction loops serial inside.
@@ -16,7 +16,8 @@ from __future__ import annotations
 import tvm
 from tvm import tirx
 
-MIN_PARALLEL_WORK = 4096  # iterations below which a thread launch costs more than it saves
+from .parallel import MIN_PARALLEL_ITERATIONS
+
 
 
 def _extent(sch, loop):
@@ -51,7 +52,7 @@ def _schedule_block(sch, block, vec):
         spatial = spatial[:-1] + [last_o]
     if len(spatial) > 1:
         spatial = spatial[:-1]  # keep the innermost loop whole: no div/mod in its indices
-    if work >= MIN_PARALLEL_WORK:
+    if work >= MIN_PARALLEL_ITERATIONS:
         outer = sch.fuse(*spatial) if len(spatial) > 1 else spatial[0]
         if _extent(sch, outer) and _extent(sch, outer) > 1:
             sch.parallel(outer)
@@ -92,7 +93,7 @@ def _vectorize_reduction(sch, block, vec) -> bool:
     work = 1
     for e in exts:
         work *= e
-    if n_sp and work >= MIN_PARALLEL_WORK:
+    if n_sp and work >= MIN_PARALLEL_ITERATIONS:
         sp = rloops[:n_sp]
         outer = sch.fuse(*sp) if len(sp) > 1 else sp[0]
         if _extent(sch, outer) and _extent(sch, outer) > 1:

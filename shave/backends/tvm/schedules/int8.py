@@ -54,6 +54,7 @@ import numpy as np
 
 from ....ir import get_op
 from .conv_spec import OutSize, _act, _pick_reg_n
+from .parallel import worth_parallel
 
 VO, VI = 8, 4  # output channels per block (int32 lanes of a ymm), input channels per step
 MAX_W = 64  # |w| bound that keeps vpmaddubsw's int16 pair sums from saturating
@@ -417,10 +418,12 @@ def schedule(spec: QConvSpec, dot: str):
     intrin = step_intrin(spec, dot)
     p = plan(spec)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    par = worth_parallel(sch.mod["main"])
     conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
     if not reads_in_place(spec):
         b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
-        sch.parallel(sch.fuse(b, i, y))
+        if par:
+            sch.parallel(sch.fuse(b, i, y))
         if spec.in_blocked:  # contiguous bytes of one channel block
             sch.vectorize(j)
     # the accumulator stays "global" (the intrinsics' C too): a stack array under 1 KB kept in
@@ -429,7 +432,8 @@ def schedule(spec: QConvSpec, dot: str):
         b, o, y, x, j, rkh, rkw = sch.get_loops(conv)
         xo, xi = sch.split(x, [None, p["reg_n"]])
         sch.reorder(b, o, y, xo, rkh, rkw, xi, j)
-        sch.parallel(sch.fuse(b, o, y))
+        if par:
+            sch.parallel(sch.fuse(b, o, y))
         sch.vectorize(j)
         sch.unroll(xi)
         sch.reverse_compute_at(out, xo)
@@ -445,7 +449,8 @@ def schedule(spec: QConvSpec, dot: str):
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, oi, xi, j, rci)
     else:  # int32 lanes over j, the 4 input channels one after another
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
-    sch.parallel(sch.fuse(b, oo, y))
+    if par:
+        sch.parallel(sch.fuse(b, oo, y))
     if not intrin:
         sch.vectorize(j)
     sch.reverse_compute_at(out, xo)

@@ -23,6 +23,7 @@ stride of N: ViT-B/16's attention matmuls ran at about 1.3 GFLOP/s, half of its 
 from __future__ import annotations
 
 import math
+from .parallel import worth_parallel
 
 
 def tile(m: int, n: int, lanes: int, regs: int = 16) -> tuple[int, int]:
@@ -88,11 +89,12 @@ def build_primfunc(batch: int, m: int, n: int, k: int, *, trans_b: bool, scale: 
     else:
         out = te.compute((batch, m, n), lambda b, i, j: C[b, i, j] * s, name="out")
     sch = tvm.s_tir.Schedule(te.create_prim_func([A, B, out]))
-
+    par = worth_parallel(sch.mod["main"])
     for name in ("pack_b", "pack_a"):
         blk = sch.get_sblock(name)
         loops = sch.get_loops(blk)
-        sch.parallel(sch.fuse(loops[0], loops[1]))
+        if par:
+            sch.parallel(sch.fuse(loops[0], loops[1]))
         if name == "pack_b":
             sch.vectorize(loops[-1])
     mm = sch.get_sblock("mm")
@@ -101,7 +103,8 @@ def build_primfunc(batch: int, m: int, n: int, k: int, *, trans_b: bool, scale: 
     jo, jv = sch.split(j, [None, v])
     joo, joi = sch.split(jo, [None, cols])
     sch.reorder(b, io, joo, kk, ii, joi, jv)
-    sch.parallel(sch.fuse(b, io))
+    if par:
+        sch.parallel(sch.fuse(b, io))
     sch.vectorize(jv)
     sch.unroll(ii)
     sch.unroll(joi)
@@ -141,11 +144,13 @@ def softmax_primfunc(rows: int, n: int, lanes: int):
     S = te.compute((rows,), lambda r: te.sum(S8[r, si], axis=si), name="sum")
     O = te.compute((rows, n), lambda r, j: E[r, j] * (tirx.const(1.0, "float32") / S[r]), name="out")
     sch = tvm.s_tir.Schedule(te.create_prim_func([X, O]))
+    par = worth_parallel(sch.mod["main"])
     out = sch.get_sblock("out")
     r, j = sch.get_loops(out)
     jo_, ji = sch.split(j, [None, v])
     sch.vectorize(ji)
-    sch.parallel(r)
+    if par:
+        sch.parallel(r)
     for name in ("sum", "sum_v", "exp", "max", "max_v"):
         sch.compute_at(sch.get_sblock(name), r)
     for name in ("max_v", "sum_v"):

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .parallel import worth_parallel
 
 # F(2, 3) (Lavin & Gray): Y = A^T [(G g G^T) . (B^T d B)] A
 _BT = np.array([[1, 0, -1, 0], [0, 1, 1, 0], [0, -1, 1, 0], [0, 1, 0, -1]], np.float64)
@@ -205,10 +206,11 @@ def _unroll_vectorize(sch, block, n_unroll):
 
 
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:
+    par = worth_parallel(sch.mod["main"])
     if p["fused"]:
-        _schedule_fused(sch, spec, p)
+        _schedule_fused(sch, spec, p, par)
     else:
-        _schedule_staged(sch, spec, p)
+        _schedule_staged(sch, spec, p, par)
 
 
 def _gemm_tile(sch, gemm, acc, oi, t, j, first_r):
@@ -245,7 +247,7 @@ def _output_transform(sch, otrans, o, y, x, j):
     return ty
 
 
-def _schedule_fused(sch, spec: ConvSpec, p: dict) -> None:
+def _schedule_fused(sch, spec: ConvSpec, p: dict, par: bool) -> None:
     """Per block of reg_n tiles of a tile row (parallel): its input transform, the 16 GEMMs
     (all of U, kept in L2 by the size rule), the output transform and the epilogue; V, M
     and O are per-block buffers that stay in cache."""
@@ -258,7 +260,8 @@ def _schedule_fused(sch, spec: ConvSpec, p: dict) -> None:
     to, xr = sch.split(x, [None, M_OUT * p["reg_n"]])
     sch.reorder(b, ty, to, o, yi, xr)
     outer = sch.fuse(b, ty, to)
-    sch.parallel(outer)
+    if par:
+        sch.parallel(outer)
     if spec.out_blocked:
         sch.vectorize(loops[-1])
     sch.compute_at(otrans, outer)
@@ -292,7 +295,7 @@ def _new_loops(sch, block, dims):
     return out
 
 
-def _schedule_staged(sch, spec: ConvSpec, p: dict) -> None:
+def _schedule_staged(sch, spec: ConvSpec, p: dict, par: bool) -> None:
     """Each of the 16 GEMMs over all tiles before the next (U's panel stays in L1/L2; V and M
     go out to memory), the transforms as parallel passes of their own."""
     patch, vtrans, gemm = sch.get_sblock("patch"), sch.get_sblock("vtrans"), sch.get_sblock("gemm")
@@ -301,18 +304,21 @@ def _schedule_staged(sch, spec: ConvSpec, p: dict) -> None:
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     sch.reorder(e, oo, b, ty, to, rcb, rci, oi, t, j)
     outer = sch.fuse(e, oo, b, ty, to)
-    sch.parallel(outer)
+    if par:
+        sch.parallel(outer)
     acc = sch.cache_write(gemm, 0, "local")
     sch.reverse_compute_at(acc, outer)
     _gemm_tile(sch, gemm, acc, oi, t, j, rcb)
     e, b, ty, to, i, t, j = sch.get_loops(vtrans)
     sch.reorder(b, ty, to, i, t, e, j)
-    sch.parallel(sch.fuse(b, ty, to, i))
+    if par:
+        sch.parallel(sch.fuse(b, ty, to, i))
     _input_transform(sch, vtrans, patch, e, t, j)
     b, o, y, x, j = sch.get_loops(otrans)
     ty = _output_transform(sch, otrans, o, y, x, j)
     row = sch.fuse(b, o, ty)
-    sch.parallel(row)
+    if par:
+        sch.parallel(row)
     sch.reverse_compute_at(out, row)
     if spec.out_blocked:
         sch.vectorize(sch.get_loops(out)[-1])
