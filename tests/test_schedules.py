@@ -745,6 +745,62 @@ def test_narrow_groups_merge_into_whole_vector_blocks():
     assert merged.tolist() == [[1, 0], [0, 2], [3, 0], [0, 4]]
 
 
+def test_groups_narrower_than_a_vector_take_half_width_vectors():
+    """Merging 8-channel groups into 16-lane blocks would compute the conv densely (RegNetY's 104
+    channels in 13 groups: 13x its work): on AVX-512 such a conv runs at 8 lanes, groups as they
+    are. Where merging costs at most twice the work (ResNeXt's 4-channel groups), full width stays."""
+    from shave.backends.tvm.schedules.fusion import grouped_lanes
+
+    assert grouped_lanes(104, 104, 13, 16) == (8, 13)  # RegNetY-400MF, 8-channel groups
+    assert grouped_lanes(440, 440, 55, 16) == (8, 55)
+    assert grouped_lanes(104, 104, 13, 8) == (8, 13)  # AVX2: the groups fit as they are
+    assert grouped_lanes(128, 128, 32, 16) == (16, 8)  # ResNeXt 32x4d: 4 groups per block, 4x the work...
+    assert grouped_lanes(128, 128, 32, 8) == (8, 16)  # ...against 2x at 8 lanes: not worth half the lanes
+    assert grouped_lanes(64, 64, 8, 16) == (16, 4)  # pairs of 8-channel groups per block: 2x, full width kept
+    assert grouped_lanes(40, 40, 5, 16) == (8, 5)  # 5 groups of 8: one dense conv (5x) against exact at 8 lanes
+    assert grouped_lanes(64, 64, 2, 16) == (16, 2)
+    assert grouped_lanes(48, 48, 12, 4) == (4, 12)  # NEON: no narrower vectors
+
+
+class NarrowGroups(nn.Module):
+    """A RegNetY-like block: 1x1 conv, 3x3 conv in 8-channel groups, SE gate, 1x1 conv, residual."""
+
+    def __init__(self, c=40):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU())
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, 1, 1, groups=c // 8), nn.ReLU())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(c, 10, 1), nn.ReLU(), nn.Conv2d(10, c, 1),
+                                nn.Sigmoid())
+        self.c = nn.Conv2d(c, c, 1)
+
+    def forward(self, x):
+        y = self.b(self.a(x))
+        return torch.relu(x + self.c(y * self.se(y)))
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_narrow_group_kernel_reads_and_writes_nchw(target):
+    """On AVX-512 the 8-lane grouped kernel reads and writes NCHW (its neighbours' blocks are 16
+    lanes), and the model still computes the block; on AVX2 the same conv is an 8-lane kernel in
+    the blocked chain."""
+    import tvm
+
+    torch.manual_seed(0)
+    model, x = NarrowGroups().eval(), torch.randn(1, 40, 10, 9)
+    kernels = {}
+    with tvm.target.Target(target):
+        schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
+    grouped = [s for s in kernels if s.groups > 1]
+    assert [(s.vec, s.groups) for s in grouped] == [(8, 5)]
+    wide = isa(target).fp32_lanes == 16
+    assert (grouped[0].in_blocked, grouped[0].out_blocked) == ((False, False) if wide else (True, True))
+    if runs_here(target):
+        with torch.no_grad():
+            ref = model(x).numpy()
+        cm = shave.compile(model, (x,), target=target, passes=[])
+        assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+
+
 @pytest.mark.parametrize("fields", [
     (1, 144, 28, 28, 144, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", False),  # depthwise
     (1, 96, 28, 28, 96, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), True, "clip:0.0:6.0", False),  # depthwise s2

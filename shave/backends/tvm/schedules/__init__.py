@@ -12,7 +12,9 @@ leaves them alone):
    planned on the IR by `fusion.py` and emitted by `lower.py` as one `call_tir`
    to a PrimFunc built and scheduled here. Dense convs, grouped convs whose groups hold whole vector
    blocks of output channels (and whole blocks, or fewer than one, of input
-   channels), and depthwise convs (groups=C=OC) are handled; other grouped
+   channels; narrower groups are merged with zero weights between them, or, where
+   that would more than double the work, run on half-width vectors with NCHW in and
+   out: `fusion.grouped_lanes`), and depthwise convs (groups=C=OC) are handled; other grouped
    convs, non-NCHW or non-float32 convs keep TVM's default lowering.
 
    Layout: the graph stays NCHW; each kernel packs its input to NCHWc (v =

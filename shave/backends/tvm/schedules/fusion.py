@@ -82,6 +82,23 @@ def kernel_groups(c: int, oc: int, groups: int, vec: int) -> int:
     return 1
 
 
+def grouped_lanes(c: int, oc: int, groups: int, vec: int) -> tuple[int, int]:
+    """(vector lanes, kernel groups) for a grouped conv on a CPU with `vec` fp32 lanes: the full
+    width, unless merging groups narrower than a vector would compute more than twice the conv's
+    multiply-adds where half-width vectors (ymm on AVX-512, xmm on AVX2) would merge fewer, at
+    half the lanes per instruction. RegNetY's 8-channel groups on AVX-512: merged into 16-lane
+    blocks there were none (104 channels in 13 groups ran as one dense conv, 13x the work);
+    at 8 lanes the groups run as they are."""
+    g = kernel_groups(c, oc, groups, vec)
+    while vec >= 8:
+        half = vec // 2
+        g_half = kernel_groups(c, oc, groups, half)
+        if groups / g <= 2 * groups / g_half:
+            break
+        vec, g = half, g_half
+    return vec, g
+
+
 def merge_groups(w: np.ndarray, groups: int, kernel_groups: int) -> np.ndarray:
     """[OC, C/groups, KH, KW] -> [OC, C/kernel_groups, KH, KW]: each output channel's
     weights at its group's place inside the merged group, zeros elsewhere."""
@@ -128,7 +145,8 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
     if groups == c and icg == 1 and oc == c:
         depthwise, kgroups = True, 1
     elif icg * groups == c and oc % groups == 0:
-        depthwise, kgroups = False, kernel_groups(c, oc, groups, vec)
+        depthwise = False
+        vec, kgroups = grouped_lanes(c, oc, groups, vec)
     else:
         return None
     pad = tuple(int(p) for p in a["padding"])
@@ -266,12 +284,15 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
     for k in kernels:
         for v in k.nodes + ((k.shift_node,) if k.shift_node else ()):
             reader_kernel[v] = k
-    unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec}
+    # a kernel on narrower vectors than the target's (grouped_lanes) reads and writes NCHW only
+    narrow = {id(k) for k in kernels if k.spec.vec != vec}
+    unreadable = {k.x for k in kernels if not k.linear and ((k.spec.c // k.spec.groups) % k.spec.vec or id(k) in narrow)}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
     gates = {name: dg for name, dg in gates.items() if dg is not None and graph.type_of(dg[0]).shape[1] % vec == 0}
     through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
     through = {name: kind for name, kind in through.items() if kind is not None}
-    blocked = {k.tail for k in kernels if not k.linear and k.spec.oc % k.spec.vec == 0} | set(gates) | set(through)
+    blocked = ({k.tail for k in kernels if not k.linear and id(k) not in narrow and k.spec.oc % vec == 0}
+               | set(gates) | set(through))
     users = {v: graph.users(v) for v in blocked}
     changed = True
     while changed:
@@ -288,7 +309,8 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                         ok = False
                     elif r.name in reader_kernel:
                         k = reader_kernel[r.name]
-                        ok &= (not k.linear and ((k.x == v and v not in unreadable) or k.residual == v))
+                        ok &= (not k.linear and ((k.x == v and v not in unreadable)
+                                                 or (k.residual == v and id(k) not in narrow)))
                     elif global_pool(graph, r):
                         pass
                     elif r.name in gates and gates[r.name][0] == v:
