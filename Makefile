@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-recovery bench-compress bench-threads bench-contention bench-coverage bench-families bench-dynamic bench-onnx clean
+.PHONY: setup demo test fuzz bench bench-prune bench-decompose bench-rewrites bench-quantize bench-recovery bench-compress bench-threads bench-contention bench-coverage bench-families bench-overhead bench-dynamic bench-onnx clean
 
 DATASETS := /usr/share/datasets/fashion-mnist
 
@@ -78,6 +78,9 @@ bench-coverage: setup
 
 bench-families: setup
 	$(PY) benchmarks/families.py
+
+bench-overhead: setup
+	$(PY) benchmarks/overhead.py
 
 bench-dynamic: setup
 	$(PY) benchmarks/dynamic_batch.py
