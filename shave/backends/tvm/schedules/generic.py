@@ -19,7 +19,6 @@ from tvm import tirx
 from .parallel import MIN_PARALLEL_ITERATIONS
 
 
-
 def _extent(sch, loop):
     ext = sch.get(loop).extent
     return int(ext) if isinstance(ext, tirx.IntImm) else None

@@ -23,6 +23,7 @@ stride of N: ViT-B/16's attention matmuls ran at about 1.3 GFLOP/s, half of its 
 from __future__ import annotations
 
 import math
+
 from .parallel import worth_parallel
 
 
