@@ -5,9 +5,9 @@ chunks, wakes the workers (a sleeping worker's wake-up, an interrupt to an idle 
 up to 10 us on the development VMs) and waits at a barrier for the slowest. For a kernel of a
 few microseconds that costs more than the split saves: LeNet-5 (a 320 K and a 240 K
 multiply-add conv, the rest smaller) took 0.049 ms a call on two threads with every kernel
-parallel and 0.025 with none (Zen 4 VM), while the Fashion-MNIST ResNet's 0.9-1.8 M
-multiply-add convs ran 19 % slower serial. So shave's compute kernels (conv, Winograd, int8,
-matmul) ask `worth_parallel` before they parallelise a loop, with the kernel's work counted on
+parallel and 0.025 with none (Zen 4 VM), while the Fashion-MNIST ResNet went from 0.104 ms to
+0.123 with its 0.9-1.0 M multiply-add convs serial and to 0.158 with all serial. So shave's
+compute kernels (conv, Winograd, int8, matmul, softmax) ask `worth_parallel` before they parallelise a loop, with the kernel's work counted on
 its unscheduled function: the iterations of every block (a conv's block runs once per
 multiply-add; a pack or output stage once per element); below MIN_PARALLEL_WORK the kernel
 runs on the calling thread alone, whatever the runtime's thread count. The generic schedule
