@@ -61,19 +61,23 @@ class LayerTimer:
         raise NotImplementedError
 
     def key(self, graphs: Sequence[Graph], target: dict) -> str:
-        return json.dumps([self.where, sorted((k, str(v)) for k, v in target.items()), [graph_key(g) for g in graphs]])
+        return self._key([graph_key(g) for g in graphs], target)
+
+    def _key(self, graph_keys: list, target: dict) -> str:
+        return json.dumps([self.where, sorted((k, str(v)) for k, v in target.items()), graph_keys])
 
     def time(self, graphs: Sequence[Graph], target: dict, cached: bool = True) -> list[float]:
         """Median seconds per call of each graph, measured together (graphs with the same key once);
         from the cache unless `cached` is False (then measured again and stored)."""
-        keys = [json.dumps(graph_key(g)) for g in graphs]
-        if len(set(keys)) < len(keys):  # graphs alike in all that decides latency are measured once
+        graph_keys = [graph_key(g) for g in graphs]
+        ids = [json.dumps(k) for k in graph_keys]
+        if len(set(ids)) < len(ids):  # graphs alike in all that decides latency are measured once
             first = {}
-            for g, k in zip(graphs, keys):
-                first.setdefault(k, g)
+            for g, i in zip(graphs, ids):
+                first.setdefault(i, g)
             got = dict(zip(first, self.time(list(first.values()), target, cached)))
-            return [got[k] for k in keys]
-        key = self.key(graphs, target)
+            return [got[i] for i in ids]
+        key = self._key(graph_keys, target)
         with self._lock:
             hit = self._memory.get(key) if cached else None
         if hit is not None:

@@ -284,9 +284,8 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
     for k in kernels:
         for v in k.nodes + ((k.shift_node,) if k.shift_node else ()):
             reader_kernel[v] = k
-    # a kernel on narrower vectors than the target's (grouped_lanes) reads and writes NCHW only
-    narrow = {id(k) for k in kernels if k.spec.vec != vec}
-    unreadable = {k.x for k in kernels if not k.linear and ((k.spec.c // k.spec.groups) % k.spec.vec or id(k) in narrow)}
+    narrow = {id(k) for k in kernels if k.spec.vec != vec}  # half-width vectors (grouped_lanes): NCHW in and out
+    unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
     gates = {name: dg for name, dg in gates.items() if dg is not None and graph.type_of(dg[0]).shape[1] % vec == 0}
     through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
@@ -309,8 +308,8 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                         ok = False
                     elif r.name in reader_kernel:
                         k = reader_kernel[r.name]
-                        ok &= (not k.linear and ((k.x == v and v not in unreadable)
-                                                 or (k.residual == v and id(k) not in narrow)))
+                        ok &= (not k.linear and id(k) not in narrow
+                               and ((k.x == v and v not in unreadable) or k.residual == v))
                     elif global_pool(graph, r):
                         pass
                     elif r.name in gates and gates[r.name][0] == v:
