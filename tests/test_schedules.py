@@ -182,9 +182,9 @@ def test_hardswish_silu_and_gates_fuse_into_conv_kernels(act, gate):
 
 
 class Chain(nn.Module):
-    """Convs feeding convs (blocked in between), a 12-channel layer (not a multiple of 8:
-    NCHW around it), a residual read blocked, and a conv output also read by a max pool (which
-    reads the blocked layout too)."""
+    """Convs feeding convs (blocked in between), a 12-channel layer (not a multiple of 8: blocked
+    with padding lanes), a residual read blocked, and a conv output also read by a max pool
+    (which reads the blocked layout too)."""
 
     def __init__(self):
         super().__init__()
@@ -220,9 +220,59 @@ def test_activations_between_conv_kernels_stay_blocked():
     assert layout[(3, 16, 3, False)] == (False, True, False)  # graph input NCHW; output read by dw and pw only
     assert layout[(16, 16, 3, True)] == (True, True, False)
     assert layout[(16, 16, 1, False)] == (True, True, True)  # also read by the max pool, on the blocked layout
-    assert layout[(16, 12, 3, False)] == (True, False, False)  # 12 output channels: no whole blocks
-    assert layout[(12, 16, 1, False)] == (False, True, False)  # read only by a global mean: blocked
+    assert layout[(16, 12, 3, False)] == (True, True, False)  # 12 output channels: 2 blocks, 4 padding lanes
+    assert layout[(12, 16, 1, False)] == (True, True, False)  # read only by a global mean: blocked
     _check(model, x)
+
+
+class Ragged(nn.Module):
+    """Channel counts that are not a multiple of the vector width (MobileNetV3's 72 / 88 / 120 on
+    16 lanes, here 12 and 20 on 8 and 16): a dense conv, a depthwise conv, an SE block (global
+    pool, gate multiply), a residual, a global pool, with sigmoids, whose padding lanes hold
+    0.5 (act(0)), not 0: a kernel that read them into a real channel would be wrong."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 20, 3, 2, 1), nn.Sigmoid())
+        self.dw = nn.Sequential(nn.Conv2d(20, 20, 5, 1, 2, groups=20), nn.Sigmoid())
+        self.se = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(20, 6, 1), nn.ReLU(), nn.Conv2d(6, 20, 1),
+                                nn.Hardsigmoid())
+        self.pw = nn.Conv2d(20, 12, 1)
+        self.b = nn.Conv2d(12, 20, 1)
+        self.c = nn.Conv2d(20, 12, 3, 1, 1)
+
+    def forward(self, x):
+        y = self.a(x)
+        z = self.dw(y)
+        z = self.pw(z * self.se(z))
+        return (z + self.c(torch.sigmoid(self.b(z) + y))).mean((2, 3))
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_ragged_channels_stay_blocked(target):
+    """12 and 20 channels fill no whole 8- or 16-lane block; every kernel still reads and writes the
+    blocked layout (the last block padded), the SE block and the pools read it, and the model
+    computes what torch does (where the host runs the target)."""
+    import tvm
+
+    torch.manual_seed(0)
+    model, x = Ragged().eval(), torch.randn(2, 3, 17, 15)
+    kernels = {}
+    with tvm.target.Target(target):
+        mod = schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
+    layout = {(s.c, s.oc, s.kh): (s.in_blocked, s.out_blocked, s.residual and s.res_blocked) for s in kernels}
+    assert layout[(3, 20, 3)] == (False, True, False)  # the graph input is NCHW
+    assert layout[(20, 20, 5)] == (True, True, False)
+    assert layout[(20, 12, 1)] == (True, True, False)  # reads the gated blocks
+    assert layout[(12, 20, 1)] == (True, True, True)  # + y, blocked
+    assert layout[(20, 12, 3)] == (True, True, True)  # + z, blocked; read by the global mean only
+    others = [gv.name_hint for gv in mod.functions if gv.name_hint != "main" and not gv.name_hint.startswith("shave_")]
+    assert not any("transpose" in n or "layout" in n for n in others), others
+    if runs_here(target):
+        with torch.no_grad():
+            ref = model(x).numpy()
+        cm = shave.compile(model, (x,), target=target, passes=[])
+        assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
 
 
 class Passthrough(nn.Module):

@@ -174,15 +174,33 @@ def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
     kind = plan.passthrough.get(n.name)
     if kind is not None:
         return _passthrough(bb, n, kind, env)
+    from .schedules.pool import blocked_gate_primfunc, blocked_global_mean_primfunc
+
     if n.name in plan.pools:
         x = env[n.inputs[0]]
-        pooled = bb.emit(R.mean(x, [2, 3], keepdims=True))  # [N, C/v, 1, 1, v]: channel c = block * v + lane
+        nb, cb, h, w, v = _shape(x)
+        c = n.type.shape[1]
+        gv = _kernel(bb, f"shave_global_mean_{nb}x{cb}x{h}x{w}x{v}", lambda: blocked_global_mean_primfunc((nb, cb, h, w, v)))
+        pooled = bb.emit(relax.call_tir(gv, [x], relax.TensorType((nb, cb, 1, 1, v), "float32")))
+        if cb * v != c:  # padding lanes (conv_spec.blocked_shape) dropped
+            pooled = bb.emit(R.strided_slice(R.reshape(pooled, (nb, cb * v)), [1], [0], [c]))
         return bb.emit(R.reshape(pooled, n.type.shape))
     data, gate = plan.gates[n.name]
     x = env[data]
-    nb, cb, _, _, v = _shape(x)
-    g = bb.emit(R.reshape(env[gate], (nb, cb, 1, 1, v)))
-    return bb.emit(R.multiply(x, g))
+    shape = _shape(x)
+    c = n.type.shape[1]
+    gv = _kernel(bb, "shave_gate_" + "x".join(map(str, shape)) + f"_c{c}", lambda: blocked_gate_primfunc(shape, c))
+    g = bb.emit(R.reshape(env[gate], (shape[0], c)))
+    return bb.emit(relax.call_tir(gv, [x, g], relax.TensorType(shape, "float32")))
+
+
+def _kernel(bb, name: str, make) -> tvm.ir.GlobalVar:
+    """The GlobalVar of shave's kernel `name` in the module being built, added (from `make()`,
+    a scheduled PrimFunc) on first use; opaque to FuseOps as the conv kernels are."""
+    mod = bb.get()
+    if name in [gv.name_hint for gv in mod.get_global_vars()]:
+        return mod.get_global_var(name)
+    return bb.add_func(make().with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
 
 
 def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
@@ -239,7 +257,9 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
     elif k.linear:  # x[N, K] as [1, K, 1, N]
         x = bb.emit(R.reshape(R.permute_dims(x, [1, 0]), [1, spec.c, 1, spec.w]) if spec.w > 1
                     else R.reshape(x, [1, spec.c, 1, 1]))
-    args = [x, relax.const(k.packed), relax.const(k.bias.astype(np.float32))]
+    bias = np.zeros(spec.bias_len, np.float32)  # padded for a blocked output (ConvSpec.bias_len)
+    bias[:spec.oc] = k.bias
+    args = [x, relax.const(k.packed), relax.const(bias)]
     if k.residual is not None:
         args.append(env[k.residual])
     args += [relax.const(s) for s in k.shifts]

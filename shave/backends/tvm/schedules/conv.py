@@ -22,12 +22,17 @@ of the output block's group) or [C/v, KH, KW, v] (depthwise), so
 every weight load in the inner loop is one contiguous vector.
 
 Between two such kernels the activation can stay blocked: with `in_blocked` the
-input X is already [N, C/v, H, W, v] (C a multiple of v), so `pack` is a
-contiguous vector copy that only adds the zero border; with `out_blocked` the
-output Y (and with `res_blocked` the residual) is [N, OC/v, OH, OW, v], stored as
-whole vectors straight from the register tile. That removes the two transposes
-(NCHW -> NCHWc gather in `pack`, NCHWc -> NCHW scatter in `out`) per layer, which
-cost as much as the reduction itself in depthwise and short 1x1 convs.
+input X is already [N, C/v, H, W, v], so `pack` is a contiguous vector copy that
+only adds the zero border; with `out_blocked` the output Y (and with `res_blocked`
+the residual) is [N, OC/v, OH, OW, v], stored as whole vectors straight from the
+register tile. That removes the two transposes (NCHW -> NCHWc gather in `pack`,
+NCHWc -> NCHW scatter in `out`) per layer, which cost as much as the reduction
+itself in depthwise and short 1x1 convs. Channel counts that are not a multiple of
+v (MobileNetV3's 72 and 88 on 16 lanes) round up to whole blocks: the last block's
+padding lanes hold finite values that no kernel reads into a real channel (the
+packed weights are zero there), so dense and depthwise kernels read and write
+that layout as well (conv_spec.blocked_shape); grouped and Winograd kernels need
+whole blocks.
 """
 from __future__ import annotations
 
@@ -152,8 +157,6 @@ def plan(spec: ConvSpec) -> dict:
     ocb_in, reg_n = spec.tile or default_tile(spec)
     if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
         raise ValueError(f"invalid conv tile {spec.tile}")
-    if (spec.in_blocked and spec.c % v) or ((spec.out_blocked or spec.res_blocked) and spec.oc % v):
-        raise ValueError("a blocked layout needs channels that are a multiple of the vector width")
     cg = spec.c // spec.groups
     if spec.groups > 1 and (spec.depthwise or (spec.oc // spec.groups) % v or (cg % v and cg > v)
                             or (spec.in_blocked and cg % v)):

@@ -43,26 +43,41 @@ class ConvSpec(OutSize):
     residual: bool
     vec: int
     tile: tuple[int, int] | None = None  # (ocb_in, reg_n) chosen by tuning; None: the default plan
-    in_blocked: bool = False  # X is [N, C/v, H, W, v]
-    out_blocked: bool = False  # Y is [N, OC/v, OH, OW, v]
-    res_blocked: bool = False  # the residual is [N, OC/v, OH, OW, v]
+    in_blocked: bool = False  # X is [N, ceil(C/v), H, W, v] (see `in_shape`)
+    out_blocked: bool = False  # Y is [N, ceil(OC/v), OH, OW, v]
+    res_blocked: bool = False  # the residual is [N, ceil(OC/v), OH, OW, v]
     groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
     winograd: bool = False  # computed by the Winograd F(2x2, 3x3) kernel (winograd.py) instead
     regs: int = 16  # vector registers of the target (shave.isa): 16 ymm, 32 zmm or NEON
 
     def in_shape(self) -> tuple[int, ...]:
-        """Shape of X."""
+        """Shape of X. Blocked, channel c is lane c % v of block c // v; where C is not a multiple
+        of v the last block has padding lanes (`blocked_shape`)."""
         if self.in_blocked:
-            return (self.n, self.c // self.vec, self.h, self.w, self.vec)
+            return blocked_shape(self.n, self.c, self.h, self.w, self.vec)
         return (self.n, self.c, self.h, self.w)
 
     def out_shape(self, blocked: bool | None = None) -> tuple[int, ...]:
         """Shape of Y (or, with blocked=True/False, of an output/residual in that layout)."""
         blocked = self.out_blocked if blocked is None else blocked
         if blocked:
-            return (self.n, self.oc // self.vec, self.oh, self.ow, self.vec)
+            return blocked_shape(self.n, self.oc, self.oh, self.ow, self.vec)
         return (self.n, self.oc, self.oh, self.ow)
+
+    @property
+    def bias_len(self) -> int:
+        """Length of the bias argument: OC, padded with zeros to whole blocks for a blocked output
+        (its padding lanes get act(0 [+ the residual's padding lane]): finite values no consumer reads)."""
+        return blocked_shape(1, self.oc, 1, 1, self.vec)[1] * self.vec if self.out_blocked else self.oc
+
+
+def blocked_shape(n: int, c: int, h: int, w: int, v: int) -> tuple[int, int, int, int, int]:
+    """[N, ceil(C/v), H, W, v]: the blocked layout of an [N, C, H, W] value. Channels C..ceil(C/v)*v-1
+    are padding lanes: written by the kernel that makes the value (with finite values) and ignored
+    by every reader (a dense conv's packed weights are zero there; a depthwise conv computes them
+    into its own padding lanes; a global pool drops them)."""
+    return (n, -(-c // v), h, w, v)
 
 
 def _pick_reg_n(ow: int, max_reg: int) -> int:
@@ -118,7 +133,7 @@ def kernel_args(spec: ConvSpec, w_shape):
 
     X = te.placeholder(spec.in_shape(), "float32", name="X")
     Wt = te.placeholder(w_shape, "float32", name="W")
-    B = te.placeholder((spec.oc,), "float32", name="B")
+    B = te.placeholder((spec.bias_len,), "float32", name="B")
     Res = te.placeholder(spec.out_shape(spec.res_blocked), "float32", name="R") if spec.residual else None
     return X, Wt, B, Res
 

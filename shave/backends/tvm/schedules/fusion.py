@@ -9,8 +9,11 @@ weights, computed as a 1x1 conv with the batch along the width (the weights are 
 per call; TVM's legalized matmul reads them strided, once per output). A `shift` read only by
 the conv is folded into the kernel's input packing.
 
-Layout: a kernel's output that only other kernels read (as their input or residual), with whole
-channel blocks, stays blocked ([N, C/v, H, W, v]) and both transposes between the kernels go.
+Layout: a kernel's output that only other kernels read (as their input or residual) stays
+blocked ([N, C/v, H, W, v]) and both transposes between the kernels go. Channel counts that
+are not a multiple of v are rounded up to whole blocks for the kernels that can (ragged_blocks:
+dense and depthwise direct convs), so MobileNetV3's 72 / 88 / 120 channels stay blocked on
+16-lane AVX-512 as they do on 8-lane AVX2.
 Global average pools and per-channel gate multiplies (the squeeze-and-excitation blocks of
 MobileNetV3, EfficientNet, RegNetY) also read the blocked layout, and a gate multiply whose
 product only kernels read writes it blocked: the depthwise conv before an SE block and the
@@ -273,6 +276,14 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
     return None
 
 
+def ragged_blocks(k: ConvKernel) -> bool:
+    """Whether kernel `k` reads and writes the blocked layout also where its channels do not fill
+    whole blocks (conv_spec.blocked_shape's padding lanes): dense and depthwise direct convs do;
+    grouped convs (whose blocks must not straddle groups), Winograd kernels and linear layers
+    need whole blocks."""
+    return not k.linear and k.spec.groups == 1 and not k.spec.winograd
+
+
 def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict, dict]:
     """(values kept blocked, global pools reading them, gate multiplies making them with their
     (data, gate) operands, pass-through nodes making them with their kind): a kernel output, a
@@ -285,12 +296,13 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
         for v in k.nodes + ((k.shift_node,) if k.shift_node else ()):
             reader_kernel[v] = k
     narrow = {id(k) for k in kernels if k.spec.vec != vec}  # half-width vectors (grouped_lanes): NCHW in and out
-    unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec}
+    ragged = {id(k) for k in kernels if ragged_blocks(k)}
+    unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec and id(k) not in ragged}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
-    gates = {name: dg for name, dg in gates.items() if dg is not None and graph.type_of(dg[0]).shape[1] % vec == 0}
+    gates = {name: dg for name, dg in gates.items() if dg is not None}
     through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
     through = {name: kind for name, kind in through.items() if kind is not None}
-    blocked = ({k.tail for k in kernels if not k.linear and id(k) not in narrow and k.spec.oc % vec == 0}
+    blocked = ({k.tail for k in kernels if not k.linear and id(k) not in narrow and (k.spec.oc % vec == 0 or id(k) in ragged)}
                | set(gates) | set(through))
     users = {v: graph.users(v) for v in blocked}
     changed = True
@@ -309,7 +321,8 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                     elif r.name in reader_kernel:
                         k = reader_kernel[r.name]
                         ok &= (not k.linear and id(k) not in narrow
-                               and ((k.x == v and v not in unreadable) or k.residual == v))
+                               and ((k.x == v and v not in unreadable)
+                                    or (k.residual == v and (k.spec.oc % vec == 0 or id(k) in ragged))))
                     elif global_pool(graph, r):
                         pass
                     elif r.name in gates and gates[r.name][0] == v:
