@@ -91,15 +91,30 @@ STACK_BYTES = 1024
 PIXELS_MAJOR_MAX_WEIGHT_BYTES = 256 * 1024
 
 
+DW_MAX_REG = 8  # widest depthwise register tile (accumulators)
+
+
+def _dw_cols(spec, r: int) -> int:
+    """Input columns a depthwise register tile of r output columns reads."""
+    return (r - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
+
+
+def _dw_patch_rows(spec) -> int:
+    """Kernel rows of a blocked input a depthwise tile packs at once (_schedule): all kh where
+    that patch (kh rows x the columns x v lanes) is a stack array for a tile of at least 2
+    columns, else one row at a time (16-lane 5x5: all rows allowed 1-column tiles, 50 GFLOP/s;
+    one row at a time 7-column tiles, 160-200)."""
+    return spec.kh if spec.kh * _dw_cols(spec, 2) * spec.vec * 4 < STACK_BYTES else 1
+
+
 def _dw_max_reg(spec) -> int:
-    """Widest depthwise tile (<= 8 columns) whose packed input patch (kh rows x the columns
-    the tile reads x v lanes) is a stack array."""
-    best = 1
-    for r in range(1, 9):
-        cols = (r - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
-        if spec.kh * cols * spec.vec * 4 < STACK_BYTES:
-            best = r
-    return best
+    """Widest depthwise tile (<= DW_MAX_REG columns); a blocked input is packed per tile
+    (_dw_patch_rows rows at a time), into a patch that must be a stack array."""
+    if not (spec.in_blocked and not spec.shift):
+        return DW_MAX_REG
+    rows = _dw_patch_rows(spec)
+    return max([r for r in range(1, DW_MAX_REG + 1) if rows * _dw_cols(spec, r) * spec.vec * 4 < STACK_BYTES],
+               default=1)
 
 
 def default_tile(spec: ConvSpec) -> tuple[int, int]:
@@ -327,10 +342,11 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         first_r = rkh
         unrolled = [xi]
         if pack_per_tile:
-            # the input patch one register tile reads (kh rows x its columns), packed inside
-            # the tile loop: a stack array in L1 instead of a whole padded copy of the input
-            # going out to L2/L3 and back (and small enough not to be a workspace call per tile)
-            sch.compute_at(pack, xo)
+            # the input patch one register tile reads (its kh rows, or one kernel row at a time:
+            # _dw_patch_rows), packed inside the tile loop: a stack array in L1 instead of a whole
+            # padded copy of the input going out to L2/L3 and back (and small enough not to be a
+            # workspace call per tile)
+            sch.compute_at(pack, xo if _dw_patch_rows(spec) == spec.kh else rkh)
             sch.vectorize(sch.get_loops(pack)[-1])
     else:
         b, o, y, x, j, rcb, rkh, rkw, rci = loops
