@@ -275,6 +275,35 @@ def test_ragged_channels_stay_blocked(target):
         assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
 
 
+@pytest.mark.parametrize("target,k", [(AVX2, 7), (AVX512, 5)], ids=["avx2-7x7", "avx512-5x5"])
+def test_wide_depthwise_tiles_on_a_blocked_input(target, k):
+    """A depthwise kernel whose whole input patch (k rows) would fit only a 1-column tile in a
+    stack array (7x7 on 8 lanes, 5x5 on 16) packs one kernel row at a time: a tile of several
+    columns, with no workspace call inside its parallel loop, computing what torch does."""
+    import tvm
+
+    torch.manual_seed(0)
+    c = 24
+    model = nn.Sequential(nn.Conv2d(3, c, 1), nn.ReLU(), nn.Conv2d(c, c, k, 1, k // 2, groups=c), nn.ReLU(),
+                          nn.Conv2d(c, 8, 1)).eval()
+    x = torch.randn(1, 3, 19, 23)
+    kernels = {}
+    with tvm.target.Target(target):
+        schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
+    (dw,) = [s for s in kernels if s.depthwise]
+    assert dw.in_blocked and dw.vec == isa(target).fp32_lanes
+    from shave.backends.tvm.schedules.conv import build_primfunc, default_tile
+
+    assert default_tile(dw)[1] >= 4
+    ex = tvm.compile(tvm.IRModule({"main": build_primfunc(dw)}), target=tvm.target.Target(target))
+    assert workspace_calls_in_parallel_loops(ex) == 0
+    if runs_here(target):
+        with torch.no_grad():
+            ref = model(x).numpy()
+        cm = shave.compile(model, (x,), target=target, passes=[])
+        assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+
+
 class Passthrough(nn.Module):
     """Concats, pools and a batch norm -> relu between conv kernels (SqueezeNet, Inception,
     DenseNet), and the cases that need NCHW: a concat with a 12-channel part, an average pool
