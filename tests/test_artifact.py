@@ -252,6 +252,34 @@ def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     assert all(single.pick() == 1 for _ in range(5))
 
 
+def test_thread_governor_probes_when_the_calls_slow_down_below_the_spike_factor():
+    """After a long quiet spell (probe interval grown to 30 s), other processes slow the calls at
+    2 threads 3x (below the 4x spike factor; one thread now 20 ms against 30): the governor
+    notices the median move and tries one thread within a few calls, not 30 s later; when the
+    CPUs come free it notices that too and goes back to 2 threads."""
+    from shave.runtime.threads import ThreadGovernor
+
+    now = [0.0]
+    gov = ThreadGovernor(2, clock=lambda: now[0])
+    cost = {"quiet": {2: 0.010, 1: 0.013}, "busy": {2: 0.030, 1: 0.020}}
+
+    def run(phase, calls):
+        used = []
+        for _ in range(calls):
+            n = gov.pick()
+            now[0] += cost[phase][n]
+            gov.record(n, cost[phase][n])
+            used.append(n)
+        return used
+
+    run("quiet", 6000)  # 60 s
+    assert gov.current == 2 and gov.interval == gov.max_probe_s
+    busy = run("busy", 200)
+    assert gov.current == 1 and 1 in busy[:2 * gov.WINDOW]
+    back = run("quiet", 200)
+    assert gov.current == 2 and 2 in back[:2 * gov.WINDOW]
+
+
 def test_thread_governor_keeps_the_full_count_through_lone_slow_calls():
     """A small model (0.10 ms at 2 threads, 0.11 at one) on a VM: now and then one call takes 6x
     (a tick, a host preemption). A lone slow call is not contention: the governor stays at 2."""

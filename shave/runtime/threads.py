@@ -89,19 +89,24 @@ class ThreadGovernor:
     median probe one thread at once (against the slower of them). One such call alone does not:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
     against one such call sent small models to one thread for good. Under contention that
-    lasts, the full count is retried once per `max_probe_s` at most. It costs a few comparisons
-    per call; the clock is injectable for tests."""
+    lasts, the full count is retried once per `max_probe_s` at most. When the median of the
+    last WINDOW calls at the count in use moves by `drift` times or more from where it settled
+    (other processes started or stopped: ResNet-18 took 3.6x at 2 threads beside two CPU-bound
+    processes, below the spike factor, while the probe interval had grown to `max_probe_s` in the
+    quiet before), the other count is probed at once. It costs a few comparisons per call; the
+    clock is injectable for tests."""
 
     WINDOW = 5
 
     def __init__(self, threads: int, clock=None, first_probe_s: float = 1.0, max_probe_s: float = 30.0,
-                 spike: float = 4.0):
+                 spike: float = 4.0, drift: float = 1.5):
         import collections
         import time
 
         self.full = threads
         self.clock = clock or time.perf_counter
-        self.first_probe_s, self.max_probe_s, self.spike = first_probe_s, max_probe_s, spike
+        self.first_probe_s, self.max_probe_s, self.spike, self.drift = first_probe_s, max_probe_s, spike, drift
+        self.settled = None  # the median of a full window at `current`, as of the last decision
         self.recent = collections.deque(maxlen=self.WINDOW)  # seconds per call at `current`
         self.current = threads
         self.interval = first_probe_s
@@ -133,6 +138,7 @@ class ThreadGovernor:
             if typical is not None and seconds < typical / 1.1:
                 self.current, self.interval, self.switches = threads, self.first_probe_s, self.switches + 1
                 self.recent.clear()
+                self.settled = None
             else:
                 self.interval = min(self.interval * 2, self.max_probe_s)
             if threads == self.current:
@@ -149,4 +155,12 @@ class ThreadGovernor:
             self.recent.clear()
             self.recent.append(max(self.spikes))
             self.spikes.clear()
+            self.settled = None
             self.next_probe = self.clock()
+        elif len(self.recent) == self.WINDOW:
+            m = self._median()
+            if self.settled is None:
+                self.settled = m
+            elif m > self.drift * self.settled or m * self.drift < self.settled:
+                # the machine changed under this count: compare the other one now
+                self.settled, self.interval, self.next_probe = m, self.first_probe_s, self.clock()
