@@ -880,6 +880,32 @@ def test_narrow_group_kernel_reads_and_writes_nchw(target):
         assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
 
 
+def test_dense_conv_with_few_output_channels_runs_on_narrower_vectors():
+    """A dense conv whose output channels fill at most half a vector runs on the narrowest width
+    that holds them (LeNet-5's 6-channel conv: 8 lanes on AVX-512), NCHW in and out; built for
+    AVX2, a 3-channel conv runs on 4 lanes, which every x86 host runs, and computes the conv."""
+    import tvm
+
+    from shave.backends.tvm.schedules.fusion import narrow_lanes
+
+    assert [narrow_lanes(oc, v) for oc, v in [(6, 16), (3, 16), (8, 16), (9, 16), (6, 8), (3, 8), (1, 4)]] == \
+        [8, 4, 8, 16, 8, 4, 4]
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(4, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 3, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(3, 16, 1)).eval()
+    x = torch.randn(2, 4, 12, 11)
+    for target, lanes in ((AVX2, 4), (AVX512, 4)):
+        kernels = {}
+        with tvm.target.Target(target):
+            schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
+        (narrow,) = [s for s in kernels if s.oc == 3]
+        assert narrow.vec == lanes and not (narrow.in_blocked or narrow.out_blocked)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    cm = shave.compile(model, (x,), target=AVX2, passes=[])
+    assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+
+
 def test_half_width_grouped_kernel_computes_the_conv():
     """The half-width path built for AVX2, which every x86 host runs: 4-channel groups, 5 of them
     (merged at 8 lanes: one dense conv, 5x the work) run on 4-lane vectors, NCHW in and out."""
