@@ -168,9 +168,10 @@ def follow_renames(mod, calls: list) -> None:
 
 
 def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
-    """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape), a
-    per-channel gate multiply of one, or a pass-through node (concat, max or average pool,
-    activation, batch norm; blocked in, blocked out): schedules/fusion.py plans them."""
+    """A global pool of a blocked value ([N, C/v, H, W, v] -> the node's NCHW-ordered shape, padding
+    lanes dropped), a per-channel gate multiply of one (both schedules/pool.py's kernels), or a
+    pass-through node (concat, max or average pool, activation, batch norm; blocked in, blocked
+    out): schedules/fusion.py plans them."""
     kind = plan.passthrough.get(n.name)
     if kind is not None:
         return _passthrough(bb, n, kind, env)
@@ -180,7 +181,8 @@ def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
         x = env[n.inputs[0]]
         nb, cb, h, w, v = _shape(x)
         c = n.type.shape[1]
-        gv = _kernel(bb, f"shave_global_mean_{nb}x{cb}x{h}x{w}x{v}", lambda: blocked_global_mean_primfunc((nb, cb, h, w, v)))
+        gv = _kernel(bb, f"shave_global_mean_{nb}x{cb}x{h}x{w}x{v}",
+                     lambda: blocked_global_mean_primfunc((nb, cb, h, w, v)))
         pooled = bb.emit(relax.call_tir(gv, [x], relax.TensorType((nb, cb, 1, 1, v), "float32")))
         if cb * v != c:  # padding lanes (conv_spec.blocked_shape) dropped
             pooled = bb.emit(R.strided_slice(R.reshape(pooled, (nb, cb * v)), [1], [0], [c]))

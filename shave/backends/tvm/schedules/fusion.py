@@ -309,12 +309,14 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
             reader_kernel[v] = k
     narrow = {id(k) for k in kernels if k.spec.vec != vec}  # half-width vectors (grouped_lanes): NCHW in and out
     ragged = {id(k) for k in kernels if ragged_blocks(k)}
-    unreadable = {k.x for k in kernels if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec and id(k) not in ragged}
+    unreadable = {k.x for k in kernels
+                  if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec and id(k) not in ragged}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
     gates = {name: dg for name, dg in gates.items() if dg is not None}
     through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
     through = {name: kind for name, kind in through.items() if kind is not None}
-    blocked = ({k.tail for k in kernels if not k.linear and id(k) not in narrow and (k.spec.oc % vec == 0 or id(k) in ragged)}
+    blocked = ({k.tail for k in kernels
+                if not k.linear and id(k) not in narrow and (k.spec.oc % vec == 0 or id(k) in ragged)}
                | set(gates) | set(through))
     users = {v: graph.users(v) for v in blocked}
     changed = True
