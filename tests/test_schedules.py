@@ -304,6 +304,39 @@ def test_wide_depthwise_tiles_on_a_blocked_input(target, k):
         assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
 
 
+def test_a_registered_kernel_class_takes_the_convs_it_chooses(monkeypatch):
+    """The conv kernels are a registry of classes (schedules/kernels.py): one registered with a
+    higher priority than the direct kernel takes the convs its `chosen` accepts, in the plan,
+    the lowering and the build, and nothing else changes (here a copy of the direct kernel for
+    the 1x1 convs); an unknown kernel name is a clear error."""
+    import tvm
+
+    from shave.backends.tvm.schedules import conv, kernels
+
+    class Pointwise(conv.Direct):
+        name, priority = "test_pointwise", 5
+
+        def chosen(self, spec):
+            return (spec.kh, spec.kw) == (1, 1) and not spec.depthwise
+
+    monkeypatch.setitem(kernels.REGISTRY, Pointwise.name, Pointwise())
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 24, 1), nn.ReLU(),
+                          nn.Conv2d(24, 24, 3, padding=1, groups=24), nn.Conv2d(24, 16, 1)).eval()
+    x = torch.randn(1, 3, 10, 9)
+    specs = {}
+    with tvm.target.Target(AVX2):
+        schedule_module(to_relax(shave.capture(model, (x,)), AVX2, specs), AVX2)
+    assert sorted((s.kh, s.kernel) for s in specs) == [(1, "test_pointwise"), (1, "test_pointwise"),
+                                                       (3, "direct"), (3, "direct")]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    cm = shave.compile(model, (x,), target=AVX2, passes=[])
+    assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+    with pytest.raises(ValueError, match="unknown conv kernel 'nope'"):
+        kernels.kernel_of(dataclasses.replace(next(iter(specs)), kernel="nope"))
+
+
 class Passthrough(nn.Module):
     """Concats, pools and a batch norm -> relu between conv kernels (SqueezeNet, Inception,
     DenseNet), and the cases that need NCHW: a concat with a 12-channel part, an average pool
@@ -752,7 +785,7 @@ def test_winograd_kernel_matches_torch(name, fused, monkeypatch):
 
     monkeypatch.setattr(winograd, "FUSED_WEIGHT_BYTES", 1 << 40 if fused else 0)
     fields, (ib, ob, rb) = WINOGRAD_SPECS[name]
-    spec = ConvSpec(*fields, vec=8, in_blocked=ib, out_blocked=ob, res_blocked=rb and fields[-1], winograd=True)
+    spec = ConvSpec(*fields, vec=8, in_blocked=ib, out_blocked=ob, res_blocked=rb and fields[-1], kernel="winograd")
     assert winograd.plan(spec)["fused"] == fused
     assert _kernel_error(spec, _conv_case(fields)) <= TOL
 
@@ -761,7 +794,7 @@ def test_every_winograd_tile_computes_the_conv():
     from shave.backends.tvm.schedules.conv import ConvSpec, candidate_tiles
 
     fields = (1, 16, 9, 13, 24, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True)
-    base = ConvSpec(*fields, vec=8, winograd=True)
+    base = ConvSpec(*fields, vec=8, kernel="winograd")
     case = _conv_case(fields)
     tiles = candidate_tiles(base)
     assert len(tiles) >= 3 and len(set(tiles)) == len(tiles)
@@ -804,7 +837,7 @@ class WinogradNet(nn.Module):
 def test_rewrite_picks_winograd_by_the_rule():
     torch.manual_seed(0)
     model, x = WinogradNet().eval(), torch.randn(1, 3, 19, 17)
-    algo = {(s.c, s.oc, s.kh, s.stride): (s.winograd, s.in_blocked, s.out_blocked) for s in _kernel_specs(model, x)}
+    algo = {(s.c, s.oc, s.kh, s.stride): (s.kernel == "winograd", s.in_blocked, s.out_blocked) for s in _kernel_specs(model, x)}
     assert algo[(32, 32, 3, (1, 1))] == (True, True, True)
     assert algo[(3, 32, 3, (2, 2))][0] is False
     assert algo[(32, 8, 1, (1, 1))][0] is False

@@ -41,8 +41,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from . import winograd
 from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .kernels import ConvKernelType, kernel_of, register
 from .parallel import worth_parallel
 
 
@@ -53,7 +53,7 @@ def flat_view(spec: ConvSpec) -> ConvSpec:
     every row end, e.g. 7 of 8 columns used at 7x7; and tiles that divide H*W read a
     blocked input in place). Other specs are returned as they are."""
     if (spec.kh == spec.kw == 1 and spec.stride == (1, 1) and not any(spec.pad) and spec.h > 1
-            and not (spec.depthwise or spec.winograd or spec.shift)):
+            and spec.kernel == "direct" and not (spec.depthwise or spec.shift)):
         return replace(spec, h=1, w=spec.h * spec.w)
     return spec
 
@@ -118,9 +118,38 @@ def _dw_max_reg(spec) -> int:
 
 
 def default_tile(spec: ConvSpec) -> tuple[int, int]:
-    """(ocb_in, reg_n) of the default plan: 8-12 accumulators of the 16 ymm registers."""
-    if spec.winograd:
-        return winograd.default_tile(spec)
+    """(ocb_in, reg_n) of the layer's default plan (by its kernel, kernels.kernel_of)."""
+    return kernel_of(spec).default_tile(spec)
+
+
+def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
+    """Register tiles worth measuring for a layer, the default first (by its kernel)."""
+    return kernel_of(spec).candidate_tiles(spec)
+
+
+def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
+    """The layer's weights (OIHW; depthwise C,1,KH,KW) in the layout its kernel reads."""
+    return kernel_of(spec).pack_weight(spec, w)
+
+
+def build_primfunc(spec: ConvSpec):
+    """The scheduled PrimFunc. Arguments: X, packed W, bias (ConvSpec.bias_len), (residual), Y."""
+    return restore_shapes(spec, default_schedule(spec).mod["main"]).with_attr("tirx.is_scheduled", True)
+
+
+def default_schedule(spec: ConvSpec):
+    """The default schedule applied to `compute_primfunc(spec)`; its trace replays it."""
+    return kernel_of(spec).default_schedule(spec)
+
+
+def compute_primfunc(spec: ConvSpec):
+    """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc
+    (for a direct 1x1 conv in the shapes of `flat_view(spec)`: `restore_shapes` makes them the spec's)."""
+    return kernel_of(spec).compute_primfunc(spec)
+
+
+def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
+    """(ocb_in, reg_n) of the direct kernel's default plan: 8-12 accumulators of the 16 ymm registers."""
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
@@ -131,19 +160,17 @@ def default_tile(spec: ConvSpec) -> tuple[int, int]:
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
 
 
-def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
-    """Register tiles worth measuring for a layer (the default first): accumulators
-    ocb_in x reg_n that fit the target's register file (DENSE_TILES), widths chosen to waste
-    few padded columns."""
-    if spec.winograd:
-        return winograd.candidate_tiles(spec)
+def _direct_candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
+    """Register tiles of the direct kernel worth measuring for a layer (the default first):
+    accumulators ocb_in x reg_n that fit the target's register file (DENSE_TILES), widths chosen
+    to waste few padded columns."""
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         shapes = [(1, _dw_max_reg(spec)), (1, max(2, _dw_max_reg(spec) // 2))]
     else:
         shapes = DENSE_TILES[32 if spec.regs >= 32 else 16]
-    out = [default_tile(spec)]
+    out = [_direct_default_tile(spec)]
     for ocb_in, max_reg in shapes:
         if ocb_in > ocb or (ocb % ocb_in and ocb < 4 * ocb_in):  # no tile that is mostly empty blocks
             continue
@@ -156,7 +183,7 @@ def candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
 def reads_input_in_place(spec: ConvSpec) -> bool:
     """A blocked input that needs no copy: no padding, no shift, and every column the
     padded register tiles read exists (the tile width divides the output width)."""
-    if spec.winograd:
+    if spec.kernel != "direct":
         return False
     spec = flat_view(spec)
     p = plan(spec)
@@ -169,7 +196,7 @@ def plan(spec: ConvSpec) -> dict:
     spec = flat_view(spec)
     v = spec.vec
     ocb = math.ceil(spec.oc / v)
-    ocb_in, reg_n = spec.tile or default_tile(spec)
+    ocb_in, reg_n = spec.tile or _direct_default_tile(spec)
     if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
         raise ValueError(f"invalid conv tile {spec.tile}")
     cg = spec.c // spec.groups
@@ -185,10 +212,8 @@ def plan(spec: ConvSpec) -> dict:
             "icb_g": math.ceil(spec.c // spec.groups / vi), "ocb_g": spec.oc // spec.groups // v}
 
 
-def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
-    """OIHW (depthwise: C,1,KH,KW) -> the blocked layout the kernel reads."""
-    if spec.winograd:
-        return winograd.pack_weight(spec, w)
+def _direct_pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
+    """OIHW (depthwise: C,1,KH,KW) -> the blocked layout the direct kernel reads."""
     v = spec.vec
     p = plan(spec)
     if spec.depthwise:
@@ -203,28 +228,16 @@ def pack_weight(spec: ConvSpec, w: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(wp.transpose(0, 2, 4, 5, 3, 1))  # O, I, kh, kw, i, o
 
 
-def build_primfunc(spec: ConvSpec):
-    """The scheduled PrimFunc. Arguments: X, packed W, bias [OC], (residual), Y."""
-    return restore_shapes(spec, default_schedule(spec).mod["main"]).with_attr("tirx.is_scheduled", True)
-
-
-def default_schedule(spec: ConvSpec):
-    """The default schedule applied to `compute_primfunc(spec)`; its trace replays it."""
-    if spec.winograd:
-        return winograd.default_schedule(spec)
+def _direct_default_schedule(spec: ConvSpec):
     import tvm
 
     spec = flat_view(spec)
-    sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    sch = tvm.s_tir.Schedule(_direct_compute_primfunc(spec))
     _schedule(sch, spec, plan(spec))
     return sch
 
 
-def compute_primfunc(spec: ConvSpec):
-    """The unscheduled PrimFunc (the workload a tuner schedules). Arguments as build_primfunc,
-    in the shapes of `flat_view(spec)` (`restore_shapes` makes them the spec's)."""
-    if spec.winograd:
-        return winograd.compute_primfunc(spec)
+def _direct_compute_primfunc(spec: ConvSpec):
     from tvm import te, tirx
 
     spec = flat_view(spec)
@@ -384,3 +397,20 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     else:
         for lp in sch.get_loops(out)[-2:]:
             sch.unroll(lp)
+
+
+@register
+class Direct(ConvKernelType):
+    """The direct kernel (this module): dense, grouped (groups filling vector blocks, fusion
+    merges narrower ones) and depthwise convs of any kernel size, stride, dilation and padding,
+    with an input shift folded in; blocked values with padded last blocks in and out."""
+
+    name, priority, ragged = "direct", 0, True
+    default_tile = staticmethod(_direct_default_tile)
+    candidate_tiles = staticmethod(_direct_candidate_tiles)
+    pack_weight = staticmethod(_direct_pack_weight)
+    compute_primfunc = staticmethod(_direct_compute_primfunc)
+    default_schedule = staticmethod(_direct_default_schedule)
+
+    def supports(self, spec) -> bool:
+        return True

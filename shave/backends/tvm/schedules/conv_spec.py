@@ -1,6 +1,6 @@
 """What every conv kernel shares: the ConvSpec a kernel is built from, its arguments and its
-output stage (bias, residual, the fused activation). The direct kernels (conv.py) and the
-Winograd kernels (winograd.py) both build on it."""
+output stage (bias, residual, the fused activation). The kernels (kernels.py's registry: the
+direct kernel of conv.py, the Winograd kernel of winograd.py) all build on it."""
 from __future__ import annotations
 
 import math
@@ -48,7 +48,7 @@ class ConvSpec(OutSize):
     res_blocked: bool = False  # the residual is [N, ceil(OC/v), OH, OW, v]
     groups: int = 1  # grouped dense conv (not depthwise): each group's OC/groups a multiple of vec
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
-    winograd: bool = False  # computed by the Winograd F(2x2, 3x3) kernel (winograd.py) instead
+    kernel: str = "direct"  # the kernel that computes it (kernels.py registry: "direct", "winograd")
     regs: int = 16  # vector registers of the target (shave.isa): 16 ymm, 32 zmm or NEON
 
     def in_shape(self) -> tuple[int, ...]:

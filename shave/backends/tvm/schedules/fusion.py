@@ -31,7 +31,7 @@ import numpy as np
 
 from ....ir import Graph, Node, get_op
 from .conv import ConvSpec, build_primfunc, pack_weight
-from .winograd import use_winograd
+from .kernels import choose, kernel_of
 
 
 @dataclasses.dataclass
@@ -172,7 +172,7 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
     if spec.oh < 1 or spec.ow < 1 or (n, oc, spec.oh, spec.ow) != node.type.shape:
         return None
     w, spec = _trim_padding_taps(w, spec)
-    spec = dataclasses.replace(spec, winograd=use_winograd(spec))
+    spec = dataclasses.replace(spec, kernel=choose(spec))
     weight = w if depthwise else merge_groups(w, groups, kgroups)
     return ConvKernel(spec, (node.name,), node.inputs[0], None, weight,
                       np.zeros(oc, np.float32) if b is None else b.reshape(-1))
@@ -225,7 +225,8 @@ def _with_epilogue(graph: Graph, k: ConvKernel, taken: set) -> ConvKernel:
             and graph.use_count(src.name) == 1 and graph.type_of(src.inputs[0]).dtype == "float32"):
         k.x, k.shift_node = src.inputs[0], src.name
         k.shifts = tuple(np.asarray([s[i] for s in src.attrs["shifts"]], dtype="int32") for i in (0, 1))
-        spec = dataclasses.replace(spec, shift=True, winograd=False)
+        spec = dataclasses.replace(spec, shift=True)
+        spec = dataclasses.replace(spec, kernel=choose(spec))
     k.nodes, k.spec = tuple(nodes), spec
     return k
 
@@ -291,9 +292,9 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
 def ragged_blocks(k: ConvKernel) -> bool:
     """Whether kernel `k` reads and writes the blocked layout also where its channels do not fill
     whole blocks (conv_spec.blocked_shape's padding lanes): dense and depthwise direct convs do;
-    grouped convs (whose blocks must not straddle groups), Winograd kernels and linear layers
-    need whole blocks."""
-    return not k.linear and k.spec.groups == 1 and not k.spec.winograd
+    grouped convs (whose blocks must not straddle groups), kernels whose class says so (kernels.py:
+    Winograd's) and linear layers need whole blocks."""
+    return not k.linear and k.spec.groups == 1 and kernel_of(k.spec).ragged
 
 
 def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict, dict]:

@@ -27,6 +27,7 @@ import math
 import numpy as np
 
 from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .kernels import ConvKernelType, register
 from .parallel import worth_parallel
 
 # F(2, 3) (Lavin & Gray): Y = A^T [(G g G^T) . (B^T d B)] A
@@ -322,3 +323,17 @@ def _schedule_staged(sch, spec: ConvSpec, p: dict, par: bool) -> None:
     sch.reverse_compute_at(out, row)
     if spec.out_blocked:
         sch.vectorize(sch.get_loops(out)[-1])
+
+
+@register
+class Winograd(ConvKernelType):
+    """This module's kernel, chosen for the convs `use_winograd` accepts; whole channel blocks only."""
+
+    name, priority, ragged = "winograd", 10, False
+    supports = staticmethod(supports)
+    chosen = staticmethod(use_winograd)
+    default_tile = staticmethod(default_tile)
+    candidate_tiles = staticmethod(candidate_tiles)
+    pack_weight = staticmethod(pack_weight)
+    compute_primfunc = staticmethod(compute_primfunc)
+    default_schedule = staticmethod(default_schedule)
