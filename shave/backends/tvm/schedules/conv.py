@@ -33,6 +33,11 @@ padding lanes hold finite values that no kernel reads into a real channel (the
 packed weights are zero there), so dense and depthwise kernels read and write
 that layout as well (conv_spec.blocked_shape); grouped and Winograd kernels need
 whole blocks.
+
+This kernel is `Direct` in the registry of kernels.py; the module's functions
+default_tile / candidate_tiles / pack_weight / compute_primfunc / default_schedule /
+build_primfunc take any ConvSpec and dispatch on its `kernel` (the direct kernel's
+own are the `_direct_*` functions).
 """
 from __future__ import annotations
 
