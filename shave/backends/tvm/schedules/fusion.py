@@ -308,7 +308,7 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
     for k in kernels:
         for v in k.nodes + ((k.shift_node,) if k.shift_node else ()):
             reader_kernel[v] = k
-    narrow = {id(k) for k in kernels if k.spec.vec != vec}  # half-width vectors (grouped_lanes): NCHW in and out
+    narrow = {id(k) for k in kernels if k.spec.vec != vec}  # narrower vectors (grouped_lanes, narrow_lanes): NCHW
     ragged = {id(k) for k in kernels if ragged_blocks(k)}
     unreadable = {k.x for k in kernels
                   if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec and id(k) not in ragged}
