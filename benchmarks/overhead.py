@@ -74,8 +74,9 @@ def main(argv=None) -> None:
         cm = shave.compile(model, (x,))
         profiled = len(cm.profile(xn, repeats=1).calls) - 1  # less the VM builtins' row
         print(f"chain of {k}: shave runs {profiled} kernels", flush=True)
+        artifact = cm.export(tmp / f"chain{k}.shave")
         for t in counts:
-            rt = shave.runtime.load(cm.export(tmp / f"chain{k}.shave"), threads=t or None)
+            rt = shave.runtime.load(artifact, threads=t or None)
             state = rt._state(None)
             state.views[0][...] = xn
             engines[("shave", t, k)] = (lambda rt: lambda: rt(xn))(rt)

@@ -15,7 +15,7 @@ from tvm import relax
 from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
-from .lower_float import batch_norm_affine, pool_padding
+from .lower_float import add_opaque, batch_norm_affine, pool_padding
 from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape
 
 
@@ -197,12 +197,12 @@ def _on_blocked(bb, n, plan, env: dict) -> relax.Var:
 
 
 def _kernel(bb, name: str, make) -> tvm.ir.GlobalVar:
-    """The GlobalVar of shave's kernel `name` in the module being built, added (from `make()`,
-    a scheduled PrimFunc) on first use; opaque to FuseOps as the conv kernels are."""
-    mod = bb.get()
-    if name in [gv.name_hint for gv in mod.get_global_vars()]:
-        return mod.get_global_var(name)
-    return bb.add_func(make().with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    """The GlobalVar of shave's kernel `name` (a name that says everything the kernel is built
+    from) in the module being built; `make()` builds its scheduled PrimFunc on first use only."""
+    for gv in bb.get().get_global_vars():
+        if gv.name_hint == name:
+            return gv
+    return add_opaque(bb, make(), name)
 
 
 def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
@@ -225,14 +225,11 @@ def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
     oh, ow = n.type.shape[2:]
     pad = pool_padding(n, (nb, cb * v, h, w), a)
     dil = tuple(a.get("dilation", (1, 1)))
-    prim = blocked_pool_primfunc(kind[:3], (nb, cb, h, w, v), (oh, ow), tuple(a["kernel"]), tuple(a["stride"]),
-                                 tuple(pad), dil)
     dims = lambda *t: "x".join(str(int(d)) for d in t)  # noqa: E731  one kernel per configuration
     name = (f"shave_{kind}_{dims(nb, cb, h, w, v)}_k{dims(*a['kernel'])}_s{dims(*a['stride'])}"
             f"_p{dims(*pad)}_d{dims(*dil)}")
-    # opaque to FuseOps (as the conv kernels): fused into a concat before it, TVM 0.27's FuseTIR
-    # fails ("Inconsistent buffers T_concat and X mapped to the same relax var")
-    gv = bb.add_func(prim.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    gv = _kernel(bb, name, lambda: blocked_pool_primfunc(kind[:3], (nb, cb, h, w, v), (oh, ow), tuple(a["kernel"]),
+                                                         tuple(a["stride"]), tuple(pad), dil))
     return bb.emit(relax.call_tir(gv, [x], relax.TensorType((nb, cb, oh, ow, v), n.type.dtype)))
 
 
@@ -247,8 +244,7 @@ def _conv_call(bb, k, env: dict, kernels: dict) -> relax.Var:
     spec = k.spec
     gv = kernels.get(spec)
     if gv is None:
-        name = f"shave_conv{len(kernels)}"
-        gv = kernels[spec] = bb.add_func(k.prim.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+        gv = kernels[spec] = add_opaque(bb, k.prim, f"shave_conv{len(kernels)}")
     x = env[k.x]
     if k.lead:  # x[*lead, K] as x[N, K]
         x = bb.emit(R.reshape(x, [spec.w, spec.c]))

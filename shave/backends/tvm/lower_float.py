@@ -85,9 +85,17 @@ def _attention(bb, ins, a, node):  # softmax(q k^T * scale) v on [batch, heads, 
     return R.reshape(out, [nb, heads, lq, d])
 
 
+def add_opaque(bb, func, name: str):
+    """Add shave's scheduled PrimFunc `func` to the module as `name`, opaque to FuseOps (fused with
+    its neighbours, TVM 0.27's FuseTIR fails on some, e.g. "Inconsistent buffers T_concat and X
+    mapped to the same relax var"); the builder returns the GlobalVar of an identical function
+    already there."""
+    return bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+
+
 def _kernel(bb, func, name: str, args: list, shape):
     """call_tir of a scheduled PrimFunc, added to the module once per name."""
-    gv = bb.add_func(func.with_attr("op_pattern", 8).with_attr("global_symbol", name), name)
+    gv = add_opaque(bb, func, name)
     return bb.emit(relax.call_tir(gv, args, relax.TensorType(shape, "float32")))
 lowers("add")(lambda bb, ins, a, n: R.add(ins[0], ins[1]))
 lowers("sub")(lambda bb, ins, a, n: R.subtract(ins[0], ins[1]))

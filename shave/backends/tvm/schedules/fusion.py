@@ -312,13 +312,14 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
     ragged = {id(k) for k in kernels if ragged_blocks(k)}
     unreadable = {k.x for k in kernels
                   if not k.linear and (k.spec.c // k.spec.groups) % k.spec.vec and id(k) not in ragged}
+    # kernels whose output channels (and so residual's) can be blocked
+    blocks_out = {id(k) for k in kernels
+                  if not k.linear and id(k) not in narrow and (k.spec.oc % vec == 0 or id(k) in ragged)}
     gates = {n.name: gate_of(graph, n) for n in graph.nodes}
     gates = {name: dg for name, dg in gates.items() if dg is not None}
     through = {n.name: passthrough_kind(graph, n, vec) for n in graph.nodes if n.name not in reader_kernel}
     through = {name: kind for name, kind in through.items() if kind is not None}
-    blocked = ({k.tail for k in kernels
-                if not k.linear and id(k) not in narrow and (k.spec.oc % vec == 0 or id(k) in ragged)}
-               | set(gates) | set(through))
+    blocked = {k.tail for k in kernels if id(k) in blocks_out} | set(gates) | set(through)
     users = {v: graph.users(v) for v in blocked}
     changed = True
     while changed:
@@ -336,8 +337,7 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
                     elif r.name in reader_kernel:
                         k = reader_kernel[r.name]
                         ok &= (not k.linear and id(k) not in narrow
-                               and ((k.x == v and v not in unreadable)
-                                    or (k.residual == v and (k.spec.oc % vec == 0 or id(k) in ragged))))
+                               and ((k.x == v and v not in unreadable) or (k.residual == v and id(k) in blocks_out)))
                     elif global_pool(graph, r):
                         pass
                     elif r.name in gates and gates[r.name][0] == v:

@@ -7,9 +7,10 @@ few microseconds that costs more than the split saves: LeNet-5 (a 320 K and a 24
 multiply-add conv, the rest smaller) took 0.049 ms a call on two threads with every kernel
 parallel and 0.025 with none (Zen 4 VM), while the Fashion-MNIST ResNet went from 0.104 ms to
 0.123 with its 0.9-1.0 M multiply-add convs serial and to 0.158 with all serial. So shave's
-compute kernels (conv, Winograd, int8, matmul, softmax) ask `worth_parallel` before they parallelise a loop, with the kernel's work counted on
-its unscheduled function: the iterations of every block (a conv's block runs once per
-multiply-add; a pack or output stage once per element); below MIN_PARALLEL_WORK the kernel
+compute kernels (conv, Winograd, int8, matmul, softmax) ask `worth_parallel` before they
+parallelise a loop, with the kernel's work counted on its unscheduled function: the
+iterations of every block (a conv's block runs once per multiply-add; a pack or output stage
+once per element); below MIN_PARALLEL_WORK the kernel
 runs on the calling thread alone, whatever the runtime's thread count. The generic schedule
 (generic.py: elementwise ops, pools, reductions, whose iterations each move memory) parallelises
 a block of at least MIN_PARALLEL_ITERATIONS (LeNet-5's 4.7 K-iteration pools in parallel: 0.035
