@@ -458,6 +458,8 @@ _BLOCKED_CASES = [
     ((16, 24, 3, 2, 1, True, "uint8", 17, 80), {}),  # 3x3 stride 2: packed from the blocked input
     ((16, 16, 3, 1, 1, True, "uint8", None, None), {"depthwise": True}),
     ((16, 24, 1, 1, 0, True, "uint8", 3, None), {"wide": True}),
+    ((16, 16, 3, 2, 1, False, "uint8", 17, 80), {"depthwise": True}),  # stride 2, clamped
+    ((8, 8, 5, 1, 2, False, "uint8", None, None), {"depthwise": True}),  # 5x5
 ]
 
 
@@ -481,6 +483,42 @@ def test_int8_kernel_blocked_layouts_bit_exact(rng, case, kind, layouts):
     assert int8.reads_in_place(spec) == (in_b and case[2] == 1 and not kind.get("depthwise"))
     _, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.parametrize("dot", ["avx2", "avx512_vnni"])
+@pytest.mark.parametrize("c, oc, k, hw, depthwise, group", [
+    (16, 32, 1, 8, False, 4),  # 1x1, 4-column tiles (AVX2)
+    (16, 16, 3, 8, True, 4),  # depthwise, 8-column tiles
+    (16, 32, 1, 14, False, 2),  # 14 wide: 2-column tiles on AVX2, 7 (pixel by pixel) on AVX-512
+    (16, 24, 1, 8, False, None),  # 3 channel blocks in tiles of 2: the last tile is padded
+])
+def test_int8_blocked_output_is_stored_pixels_at_a_time(rng, dot, c, oc, k, hw, depthwise, group):
+    """A blocked uint8 output is converted to bytes 4 (or 2) pixels at a time (saturating packs,
+    vpermd) where the register tile has an even width and no padding; the values stay exact."""
+    from shave.backends.tvm.schedules import int8
+
+    target = {"avx2": AVX2, "avx512_vnni": AVX512_VNNI}[dot]
+    x = rng.integers(0, 256, (1, c, hw, hw), dtype=np.uint8)
+    w = rng.integers(-64, 65, (oc, 1 if depthwise else c, k, k), dtype=np.int8)
+    b = rng.integers(-5000, 5000, oc).astype(np.int32)
+    m = (rng.uniform(0.5, 2.0, oc) * 1e-3).astype(np.float32)
+    spec = int8.QConvSpec(1, c, hw, hw, oc, k, k, (1, 1), (k // 2,) * 4, (1, 1), 7, 17, "uint8", 20, 240,
+                          depthwise=depthwise, in_blocked=True, out_blocked=True, regs=32 if dot != "avx2" else 16,
+                          **int8.variant(w, depthwise, dot))
+    acc = np_conv_int(x.astype(np.int64) - 7, w, (1, 1), (k // 2, k // 2), c if depthwise else 1) + b.reshape(1, -1, 1, 1)
+    ref = _blocked(np_requant(acc, m, 17, "uint8", 20, 240))
+    args = [_blocked(x), int8.pack_weight(spec, w), int8.fold_bias(spec, w, b), m]
+    reg_n = int8.plan(spec)["reg_n"]
+    grouped = group is not None and reg_n % 2 == 0
+    assert int8._stores_groups(spec, dot) == grouped
+    func = int8.schedule(spec, dot)
+    script = func.script()
+    assert ("llvm.x86.avx2.packuswb" in script) == grouped
+    assert ("vectorlow" in script) == (grouped and reg_n % 4 != 0)  # the 2-pixel store keeps 16 of 32 bytes
+    if grouped:
+        assert "vpackuswb" in asm_of(_build_kernel(func, target))
+    if runs_here(target):
+        np.testing.assert_array_equal(_run_kernel(func, args, ref, target)[1], ref)
 
 
 def test_int8_residual_epilogue_has_no_fused_multiply_add(rng):

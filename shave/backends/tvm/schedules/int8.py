@@ -63,6 +63,8 @@ INTRIN_WIDE = "shave_dot_8x2_i16i16i32_avx2"
 INTRIN_WIDE_U8 = "shave_dot_8x2_u8i16i32_avx2"  # the same, the 2 input bytes widened in a register
 INTRIN_VNNI = "shave_dot_8x4_u8i8i32_vnni"
 INTRIN_SDOT = "shave_dot_8x4_i8i8i32_sdot"
+# 4 (2) pixels of 8 float32 integers in [0, 255] -> 32 (16) bytes
+STORES = {4: "shave_store_4x8_f32u8_avx2", 2: "shave_store_2x8_f32u8_avx2"}
 SHIFT = 128  # the `shifted` variant packs x - SHIFT as int8 (Arm sdot multiplies signed bytes only)
 
 
@@ -262,7 +264,7 @@ def compute_primfunc(spec: QConvSpec):
 
     f32 = lambda v: tirx.const(float(np.float32(v)), "float32")  # noqa: E731
 
-    def epilogue(b, o, y, x):
+    def epilogue(b, o, y, x, to_bytes=True):
         val = (Cc[b, o // VO, y, x, o % VO] + B[o]).astype("float32") * M[o]
         if Res is not None:
             r = Res[b, o // VO, y, x, o % VO] if spec.res_blocked else Res[b, o, y, x]
@@ -275,17 +277,24 @@ def compute_primfunc(spec: QConvSpec):
         if spec.out_dtype == "uint8":
             q = tirx.round(val) + f32(spec.out_zp)
             q = tirx.min(tirx.max(q, f32(0 if spec.lo is None else spec.lo)), f32(255 if spec.hi is None else spec.hi))
-            return q.astype("uint8")
+            return q.astype("uint8") if to_bytes else q
         if spec.lo is not None:
             val = tirx.max(val, f32(spec.lo))
         if spec.hi is not None:
             val = tirx.min(val, f32(spec.hi))
         return val
 
-    if spec.out_blocked:
+    if _quant_stage(spec):
+        # the requantized values as float32 first ("quant", integers in [lo, hi]), then the
+        # conversion to bytes as a stage of its own, which x86 targets tensorize over whole
+        # groups of 8-byte pixels (store_intrin)
+        Q = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(b, o * VO + j, y, x, to_bytes=False),
+                       name="quant")
+        Y = te.compute(spec.out_shape(), lambda *i: Q(*i).astype("uint8"), name="out")
+    elif spec.out_blocked:
         Y = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(b, o * VO + j, y, x), name="out")
     else:
-        Y = te.compute(spec.out_shape(), epilogue, name="out")
+        Y = te.compute(spec.out_shape(), lambda b, o, y, x: epilogue(b, o, y, x), name="out")
     return te.create_prim_func(args + [Y])
 
 
@@ -383,7 +392,47 @@ def _register_intrin():
                 T.llvm_lookup_intrinsic_id("llvm.aarch64.neon.sdot.v4i32.v16i8"), C.vload([4], dtype="int32x4"), a,
                 B.vload([4, 0], dtype="int8x16"), dtype="int32x4")
 
-    for name, d, i in ((INTRIN, description(4, "uint8", "int8"), impl),
+    def store_desc(cols):  # Y[c, j] = uint8(Q[c, j]) for `cols` pixels of 8 lanes
+        @T.prim_func(s_tir=True)
+        def desc(Q: T.Buffer((cols, 8), "float32", offset_factor=1), Y: T.Buffer((cols, 8), "uint8", offset_factor=1)):
+            with T.sblock("root"):
+                T.reads(Q[0:cols, 0:8])
+                T.writes(Y[0:cols, 0:8])
+                for c, j in T.grid(cols, 8):
+                    with T.sblock("update"):
+                        vc, vj = T.axis.remap("SS", [c, j])
+                        Y[vc, vj] = T.Cast("uint8", Q[vc, vj])
+        return desc
+
+    def to_i16(q, c):  # two columns of float32 integers -> 16 int16 (saturating, per 128-bit half)
+        return T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.packssdw"), T.Cast("int32x8", q.vload([c, 0], dtype="float32x8")),
+            T.Cast("int32x8", q.vload([c + 1, 0], dtype="float32x8")), dtype="int16x16")
+
+    def pixels(a, b):  # -> bytes (packuswb, per 128-bit half); vpermd puts each pixel's 8 bytes together
+        lanes = T.ramp(T.int32(0), 1, 8)
+        return T.reinterpret(T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.permd"),
+            T.reinterpret(T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.packuswb"), a, b,
+                                                  dtype="uint8x32"), dtype="int32x8"),
+            T.shift_right(lanes, 1) + T.shift_left(T.bitwise_and(lanes, 1), 2), dtype="int32x8"), dtype="uint8x32")
+
+    @T.prim_func(s_tir=True)
+    def store4(Q: T.Buffer((4, 8), "float32", offset_factor=1), Y: T.Buffer((4, 8), "uint8", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(Q[0:4, 0:8])
+            T.writes(Y[0:4, 0:8])
+            Y.vstore([0, 0], pixels(to_i16(Q, 0), to_i16(Q, 2)))
+
+    @T.prim_func(s_tir=True)
+    def store2(Q: T.Buffer((2, 8), "float32", offset_factor=1), Y: T.Buffer((2, 8), "uint8", offset_factor=1)):
+        with T.sblock("root"):
+            T.reads(Q[0:2, 0:8])
+            T.writes(Y[0:2, 0:8])
+            Y.vstore([0, 0], T.vectorlow("uint8x16", pixels(to_i16(Q, 0), to_i16(Q, 0))))
+
+    for name, d, i in ((STORES[4], store_desc(4), store4), (STORES[2], store_desc(2), store2),
+                       (INTRIN, description(4, "uint8", "int8"), impl),
                        (INTRIN_WIDE, description(2, "int16", "int16"), impl16("int16")),
                        (INTRIN_WIDE_U8, description(2, "uint8", "int16"), impl16("uint8")),
                        (INTRIN_VNNI, description(4, "uint8", "int8"), impl_vnni),
@@ -395,10 +444,13 @@ def _register_intrin():
     _registered = True
 
 
+X86_DOTS = ("avx512_vnni", "avx_vnni", "avx2")  # every VNNI CPU has AVX2 as well
+
+
 def step_intrin(spec: QConvSpec, dot: str) -> str | None:
     """The tensor intrinsic for the 8x4 (or 8x2) step of a dense `spec` on a target whose int8
     dot product is `dot` (shave.isa), or None for the plain schedule."""
-    x86 = dot in ("avx512_vnni", "avx_vnni", "avx2")  # every VNNI CPU has AVX2 as well
+    x86 = dot in X86_DOTS
     if spec.depthwise:
         return None
     if spec.shifted:
@@ -419,7 +471,10 @@ def schedule(spec: QConvSpec, dot: str):
     p = plan(spec)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     par = worth_parallel(sch.mod["main"])
-    conv, out = sch.get_sblock("conv"), sch.get_sblock("out")
+    grouped = _stores_groups(spec, dot)
+    if _quant_stage(spec) and not grouped:  # one epilogue stage, converting pixel by pixel
+        sch.compute_inline(sch.get_sblock("quant"))
+    conv, out = sch.get_sblock("conv"), sch.get_sblock("quant" if grouped else "out")
     if not reads_in_place(spec):
         b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
         if par:
@@ -440,7 +495,7 @@ def schedule(spec: QConvSpec, dot: str):
         init = sch.decompose_reduction(conv, rkh)
         sch.vectorize(sch.get_loops(init)[-1])
         sch.unroll(sch.get_loops(init)[-2])
-        _schedule_out(sch, out, spec)
+        _schedule_out(sch, out, spec, grouped)
         return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
     b, o, y, x, j, rcb, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
@@ -464,13 +519,42 @@ def schedule(spec: QConvSpec, dot: str):
         sch.tensorize(j, intrin)
     sch.unroll(oi)
     sch.unroll(xi)
-    _schedule_out(sch, out, spec)
+    _schedule_out(sch, out, spec, grouped)
     return sch.mod["main"].with_attr("tirx.is_scheduled", True).with_attr("op_pattern", 8)
 
 
-def _schedule_out(sch, out, spec: QConvSpec) -> None:
-    """The epilogue under the register tile: the 8 lanes of a blocked output as one vector."""
+def _quant_stage(spec: QConvSpec) -> bool:
+    """The epilogue of a blocked uint8 output is two stages: "quant" (float32) and "out" (bytes)."""
+    return spec.out_blocked and spec.out_dtype == "uint8"
+
+
+def _stores_groups(spec: QConvSpec, dot: str) -> bool:
+    """Whether the bytes of a blocked uint8 output are stored 4 (or 2) pixels at a time (STORES):
+    x86, whole tiles only (a partial one, padded blocks or columns, stores under a predicate),
+    and an even tile width (TVM's tensorize needs each group to start at a multiple of its
+    width, so 7-column tiles convert pixel by pixel)."""
+    p = plan(spec)
+    return (_quant_stage(spec) and dot in X86_DOTS and p["reg_n"] % 2 == 0 and p["owp"] == spec.ow
+            and p["ocb"] * VO == spec.oc)
+
+
+def _schedule_out(sch, out, spec: QConvSpec, grouped: bool) -> None:
+    """The epilogue under the register tile: the 8 lanes of a blocked output as one vector. With
+    `grouped` (_stores_groups) `out` is the "quant" stage (float32, a stack array of the tile),
+    and the bytes are stored 4 (or 2) pixels at a time: 32 bytes from 4 vectors in 8
+    instructions (STORES), where the conversion pixel by pixel took about 4 a pixel."""
     loops = sch.get_loops(out)
+    if grouped:  # under the tile loop, after "quant": ([blocks,] columns, lanes)
+        inner = 2 if spec.depthwise else 3
+        store = sch.get_sblock("out")
+        sch.reverse_compute_at(store, loops[-inner - 1])
+        _register_intrin()
+        sloops = sch.get_loops(store)
+        group = 4 if plan(spec)["reg_n"] % 4 == 0 else 2
+        xo, xi = sch.split(sloops[-2], [None, group])
+        for lp in sloops[-inner:-2] + [xo]:
+            sch.unroll(lp)
+        sch.tensorize(xi, STORES[group])
     if spec.out_blocked:
         sch.vectorize(loops[-1])
         loops = loops[:-1]
