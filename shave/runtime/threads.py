@@ -84,19 +84,34 @@ class ThreadGovernor:
     beside two CPU-bound processes on 2 cores, while one thread took 19.5 ms. So the governor
     times every call, keeping the last few times at the count in use, and now and then makes
     one call with the other count (a probe): after `first_probe_s`, then at doubling intervals
-    up to `max_probe_s` while the choice holds. A probe at least 10 % faster than the recent
-    median switches; two calls in a row at the full count that take `spike` times its recent
-    median probe one thread at once (against the slower of them). One such call alone does not:
+    up to `max_probe_s` while the choice holds. A probe is PROBE_CALLS calls, cut short at one
+    that takes twice the recent median (under contention a call at the full count can take 20x);
+    the median of a whole probe at least 10 % faster than the recent median switches. A probe of
+    the full count makes one call more first, not counted unless it takes `spike` times the
+    median: the workers have slept since the last call that used them (LeNet-5's first call at
+    2 threads after a second at one took 0.22 ms, the next ones 0.08). Two calls in a row at
+    the full count that take `spike` times its recent median probe one thread at once (against
+    the slower of them). One such call alone does not:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
     against one such call sent small models to one thread for good. Under contention that
     lasts, the full count is retried once per `max_probe_s` at most. When the median of the
     last WINDOW calls at the count in use moves by `drift` times or more from where it settled
     (other processes started or stopped: ResNet-18 took 3.6x at 2 threads beside two CPU-bound
     processes, below the spike factor, while the probe interval had grown to `max_probe_s` in the
-    quiet before), the other count is probed at once. It costs a few comparisons per call; the
-    clock is injectable for tests."""
+    quiet before), the other count is probed at once. The first WARMUP calls after a pause (a
+    gap of more than IDLE_S and twice the typical call) are slow at any count (sleeping workers,
+    an idle virtual CPU, cold caches: LeNet-5 at batch 8 took 0.4 ms, then 0.15-0.25, then 0.09
+    on the Zen 4 VM), so they are neither probes nor spikes nor in the window: a model timed in
+    bursts after pauses had each probe land on the first call of a burst and stayed at one
+    thread (0.11 ms) after a lone hiccup instead of going back to two (0.09). A model called only
+    now and then (more than MAX_COLD such calls in a row) is judged on those calls as on any.
+    It costs a few comparisons per call; the clock is injectable for tests."""
 
     WINDOW = 5
+    PROBE_CALLS = 3
+    IDLE_S = 1e-3
+    WARMUP = 2
+    MAX_COLD = 8
 
     def __init__(self, threads: int, clock=None, first_probe_s: float = 1.0, max_probe_s: float = 30.0,
                  spike: float = 4.0, drift: float = 1.5):
@@ -113,6 +128,12 @@ class ThreadGovernor:
         self.next_probe = None  # set at the first call
         self.switches = 0
         self.spikes = []  # the slow calls in a row at the full count (seconds)
+        self.last_end = None  # when the last call ended
+        self.warming = 0  # calls left in the warm-up after a pause
+        self.cold_run = 0  # warm-up calls in a row (no call in between outside a warm-up)
+        self.cold = False  # the call pick() was last asked for is a warm-up call, left out
+        self.probe = []  # the times of the probe under way (calls at the other count)
+        self.probing = 0  # calls of the probe under way so far
 
     def _median(self) -> float | None:
         xs = sorted(self.recent)
@@ -125,7 +146,11 @@ class ThreadGovernor:
         now = self.clock()
         if self.next_probe is None:
             self.next_probe = now + self.interval
-        if now >= self.next_probe and self.recent:
+        typical = self._median() or 0.0
+        if self.last_end is not None and now - self.last_end > max(self.IDLE_S, 2 * typical):
+            self.warming = self.WARMUP
+        self.cold = self.warming > 0 and self.cold_run < self.MAX_COLD
+        if (self.probing or (now >= self.next_probe and self.recent)) and not self.cold:
             return 1 if self.current == self.full else self.full
         return self.current
 
@@ -133,16 +158,31 @@ class ThreadGovernor:
         """The time a call took on `threads` threads (as pick() chose)."""
         if self.full == 1:
             return
+        self.last_end = self.clock()
+        if self.warming:
+            self.warming -= 1
+            self.cold_run += 1
+        else:
+            self.cold_run = 0
+        if self.cold:
+            return
         typical = self._median()
-        if threads != self.current:  # a probe
-            if typical is not None and seconds < typical / 1.1:
+        if threads != self.current:  # a probe: PROBE_CALLS calls, or one that is plainly slower
+            self.probing += 1
+            if self.probing == 1 and threads == self.full and typical is not None and seconds < self.spike * typical:
+                return  # the first call at the full count wakes the workers, idle since the last one: not counted
+            self.probe.append(seconds)
+            if typical is not None and seconds < 2 * typical and len(self.probe) < self.PROBE_CALLS:
+                return
+            won = typical is not None and sorted(self.probe)[len(self.probe) // 2] < typical / 1.1
+            if won:
                 self.current, self.interval, self.switches = threads, self.first_probe_s, self.switches + 1
                 self.recent.clear()
+                self.recent.extend(self.probe)
                 self.settled = None
             else:
                 self.interval = min(self.interval * 2, self.max_probe_s)
-            if threads == self.current:
-                self.recent.append(seconds)
+            self.probe, self.probing = [], 0
             self.next_probe = self.clock() + self.interval
             return
         self.recent.append(seconds)
