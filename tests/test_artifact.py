@@ -324,7 +324,7 @@ def test_thread_governor_ignores_the_slow_calls_after_a_pause():
     burst(slow=30.0)  # a hiccup: two calls in a row 30x
     assert gov.current == 1
     used = [n for _ in range(60) for n in burst()]  # 30 s
-    assert gov.current == 2 and used[-200:].count(1) <= 2
+    assert gov.current == 2 and used[-200:].count(1) <= 20  # probes (3 calls a second) only
 
     sporadic = ThreadGovernor(2, clock=lambda: now[0])
     busy = {2: 0.460, 1: 0.020}
@@ -334,6 +334,49 @@ def test_thread_governor_ignores_the_slow_calls_after_a_pause():
         sporadic.record(n, busy[n])
         now[0] += 1.0
     assert sporadic.current == 1
+
+
+def test_thread_governor_probes_a_slow_model_seldom():
+    """A model of 0.3 s a call (0.5 s at one thread), called in a loop: scheduled probes (three
+    calls at one thread each) come at least SPACING calls apart, not every second, so in its first
+    20 s (about 65 calls) at most one probe runs at one thread."""
+    from shave.runtime.threads import ThreadGovernor
+
+    now = [0.0]
+    gov = ThreadGovernor(2, clock=lambda: now[0])
+    used = []
+    while now[0] < 20.0:
+        n = gov.pick()
+        now[0] += {2: 0.3, 1: 0.5}[n]
+        gov.record(n, {2: 0.3, 1: 0.5}[n])
+        used.append(n)
+    assert gov.current == 2 and used.count(1) <= gov.PROBE_CALLS
+
+
+def test_thread_governor_probes_a_small_model_often():
+    """A 0.1 ms model on a VM whose second CPU is slow for a minute (2 threads 0.125 ms, one
+    0.105) and then fast again (0.075): probes cost microseconds, so the interval between them
+    stops growing at SPAN calls (1 s) instead of 30 s, and the governor is back at 2 threads
+    within a couple of seconds of the change."""
+    from shave.runtime.threads import ThreadGovernor
+
+    now = [0.0]
+    gov = ThreadGovernor(2, clock=lambda: now[0])
+
+    def run(cost, seconds):
+        used, end = [], now[0] + seconds
+        while now[0] < end:
+            n = gov.pick()
+            now[0] += cost[n]
+            gov.record(n, cost[n])
+            used.append((now[0], gov.current))
+        return used
+
+    run({2: 0.125e-3, 1: 0.105e-3}, 60.0)
+    assert gov.current == 1 and gov.interval < 2.0
+    start = now[0]
+    fast = run({2: 0.075e-3, 1: 0.105e-3}, 10.0)
+    assert gov.current == 2 and next(t for t, current in fast if current == 2) - start < 3.0
 
 
 def test_large_aligned_inputs_are_passed_without_a_copy():

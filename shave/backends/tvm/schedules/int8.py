@@ -287,7 +287,7 @@ def compute_primfunc(spec: QConvSpec):
     if _quant_stage(spec):
         # the requantized values as float32 first ("quant", integers in [lo, hi]), then the
         # conversion to bytes as a stage of its own, which x86 targets tensorize over whole
-        # groups of 8-byte pixels (store_intrin)
+        # groups of 8-byte pixels (STORES, _schedule_out)
         Q = te.compute(spec.out_shape(), lambda b, o, y, x, j: epilogue(b, o * VO + j, y, x, to_bytes=False),
                        name="quant")
         Y = te.compute(spec.out_shape(), lambda *i: Q(*i).astype("uint8"), name="out")
@@ -575,8 +575,8 @@ def schedule_qconvs(mod, target: dict):
             spec = QConvSpec.from_json(str(func.attrs["shave.qconv"]))
             try:
                 new = schedule(spec, dot)
-            except Exception:
-                if step_intrin(spec, dot) is None:
+            except Exception:  # a tensor intrinsic that did not apply: the plain schedule
+                if step_intrin(spec, dot) is None and not _stores_groups(spec, dot):
                     raise
                 new = schedule(spec, "none")
             new = new.with_attr("global_symbol", gv.name_hint)
