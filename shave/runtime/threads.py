@@ -83,15 +83,16 @@ class ThreadGovernor:
     stalls every kernel for a time slice: MobileNetV2 at 2 threads went from 8.6 ms to 460 ms
     beside two CPU-bound processes on 2 cores, while one thread took 19.5 ms. So the governor
     times every call, keeping the last few times at the count in use, and now and then makes
-    one call with the other count (a probe): after `first_probe_s`, then at doubling intervals
-    up to `max_probe_s` (or SPAN calls, where that is shorter) while the choice holds. A probe is PROBE_CALLS calls, cut short at one
-    that takes twice the recent median (under contention a call at the full count can take 20x);
-    the median of a whole probe at least 10 % faster than the recent median switches; scheduled
-    probes come SPACING calls apart at least (a 0.3 s call probed every second spent a third of
-    its calls at the other count: ResNet-50 at batch 8 read 525 ms instead of 315). A probe of
-    the full count makes one call more first, not counted unless it takes `spike` times the
-    median: the workers have slept since the last call that used them (LeNet-5's first call at
-    2 threads after a second at one took 0.22 ms, the next ones 0.08). Two calls in a row at
+    a few calls with the other count (a probe): after `first_probe_s`, then at doubling
+    intervals up to `max_probe_s` (or SPAN calls, where that is shorter) while the choice holds.
+    A probe is PROBE_CALLS calls, cut short at one that takes twice the recent median (under
+    contention a call at the full count can take 20x); the median of a whole probe at least
+    10 % faster than the recent median switches. Scheduled probes come SPACING calls apart at
+    least (a model of 0.3 s a call probed every second would spend a third of a short run's
+    calls at the other count). A probe of the full count makes one call more first, not
+    counted unless it takes `spike` times the median: the workers have slept since the last
+    call that used them (LeNet-5's first call at 2 threads after a second at one took 0.22 ms,
+    the next ones 0.08). Two calls in a row at
     the full count that take `spike` times its recent median probe one thread at once (against
     the slower of them). One such call alone does not:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
