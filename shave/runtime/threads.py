@@ -159,10 +159,10 @@ class ThreadGovernor:
         if self.full == 1:
             return 1
         now = self.clock()
-        typical = self._median() or 0.0
         if self.next_probe is None and len(self.recent) == self.WINDOW:  # the first, once a call's time is known
-            self.next_probe = now + self._spacing(typical)
-        if self.last_end is not None and now - self.last_end > max(self.IDLE_S, 2 * typical):
+            self.next_probe = now + self._spacing(self._median())
+        gap = now - self.last_end if self.last_end is not None else 0.0
+        if gap > self.IDLE_S and gap > 2 * (self._median() or 0.0):  # the median only after a gap: not per call
             self.warming = self.WARMUP
         self.cold = self.warming > 0 and self.cold_run < self.MAX_COLD
         due = self.next_probe is not None and now >= self.next_probe and self.recent
