@@ -23,6 +23,7 @@ from .reference import run_graph
 from .runtime.report import Report, exact_tolerance, relative_error
 from .runtime.artifact import DEVICE_SOURCE, LIB, write_artifact
 from .runtime.module import Runtime, load_library, target_mismatch
+from .runtime.launcher import MEMBER as LAUNCHER_MEMBER, build_launcher, host_launcher
 
 log = logging.getLogger("shave")
 
@@ -66,6 +67,8 @@ class CompiledModel:
         self.manifest = manifest
         self._library = library  # the exported shared library, exactly as the artifact will hold it
         self._not_here = target_mismatch(manifest["target"])
+        if not self._not_here:
+            host_launcher()  # the kernels' parallel loops on shave's launcher (runtime/launcher.py)
         self._runtime = None if self._not_here else Runtime(load_library(library), manifest)
         self.tuning = None  # a TuneResult when compiled with tune=
 
@@ -127,6 +130,10 @@ class CompiledModel:
         members = {LIB: bytes(self._library)}
         if include_ir:
             members[IR_MEMBER] = graph_bytes(self.graph)
+        arch = target_arch(self.manifest["target"]["dict"])
+        launcher = build_launcher(arch) if arch != "cuda" else None
+        if launcher is not None:
+            members[LAUNCHER_MEMBER] = launcher  # runs the parallel loops where the artifact is loaded
         if self.device_source is not None:
             members[DEVICE_SOURCE] = self.device_source.encode()  # for inspection; the library has the binary
         return write_artifact(path, self.manifest, members)

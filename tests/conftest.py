@@ -47,12 +47,14 @@ def run_cli(*args, cwd=None):
 
 
 def rewrite_artifact(src, dst, edit_manifest=None, edit_lib=None):
-    """A copy of artifact `src` at `dst` with its manifest and/or library edited (no checksums redone)."""
+    """A copy of artifact `src` at `dst` with its manifest and/or library edited (no checksums
+    redone); its other members copied as they are."""
     import json
     import zipfile
 
     with zipfile.ZipFile(src) as z:
         manifest, lib = json.loads(z.read("manifest.json")), z.read("lib.so")
+        others = {n: z.read(n) for n in z.namelist() if n not in ("manifest.json", "lib.so")}
     if edit_manifest:
         edit_manifest(manifest)
     if edit_lib:
@@ -60,6 +62,8 @@ def rewrite_artifact(src, dst, edit_manifest=None, edit_lib=None):
     with zipfile.ZipFile(dst, "w") as z:
         z.writestr("manifest.json", json.dumps(manifest))
         z.writestr("lib.so", lib)
+        for name, data in others.items():
+            z.writestr(name, data)
     return dst
 
 

@@ -34,7 +34,7 @@ def test_export_is_one_file_with_manifest(artifact, compiled):
         m = json.loads(z.read("manifest.json"))
     assert m["inputs"] == [{"name": "input", "shape": [1, 3, 8, 8], "dtype": "float32"}]
     assert m["target"]["arch"] == "x86_64" and m["versions"]["tvm"].startswith("0.27")
-    assert set(m["files"]) == {"lib.so"} and len(m["files"]["lib.so"]["sha256"]) == 64
+    assert set(m["files"]) == {"lib.so", "launcher.so"} and len(m["files"]["lib.so"]["sha256"]) == 64
     assert [r["stage"] for r in m["report"]["rows"]][:2] == ["capture", "fold_bn"]
 
 
@@ -81,7 +81,11 @@ def test_threads_default_to_every_cpu_and_can_be_lowered(artifact, env, want):
     `threads=` lowers it per runtime, in every calling thread."""
     code = f"""
 import os, threading, numpy as np, shave, tvm
-n_now = tvm.get_global_func("runtime.NumThreads")
+from shave.runtime import launcher
+tvm_now = tvm.get_global_func("runtime.NumThreads")
+def n_now():  # TVM's pool and shave's launcher agree
+    n = tvm_now()
+    return n if launcher.launcher().shave_threads() == n else ("tvm", n, "launcher", launcher.launcher().shave_threads())
 cpus = len(os.sched_getaffinity(0))
 rt = shave.load({str(artifact)!r}, adaptive=False)  # the thread count as set, not as measured best
 x = np.zeros(rt.inputs[0][1], np.float32)

@@ -14,6 +14,7 @@ from .tvm_import import import_tvm
 from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
+from .launcher import MEMBER, install, load_launcher
 from .threads import ThreadGovernor, check_threads, pool_size, use_threads
 
 
@@ -74,6 +75,12 @@ class Runtime:
             on_cpu = self._device.dlpack_device_type() == 1
             state = states[batch] = _Function(self._local.vm[fname], bufs, on_cpu)
         return state
+
+    @property
+    def launcher(self) -> bool:
+        """Whether the kernels' parallel loops run on shave's launcher (tasks claimed at run time,
+        runtime/launcher.py) rather than TVM's thread pool."""
+        return bool(getattr(self._module, "_shave_launcher", False))
 
     @property
     def dynamic_batch(self) -> bool:
@@ -316,8 +323,10 @@ def check_target(manifest: dict, path) -> None:
         raise ArtifactError(f"{path}: {reason}")
 
 
-def load_library(data: bytes, origin="compiled library"):
-    """Load a compiled library from its bytes (written to a temp file for dlopen)."""
+def load_library(data: bytes, origin="compiled library", launcher: bool = True):
+    """Load a compiled library from its bytes (written to a temp file for dlopen); its parallel
+    loops run on the process's launcher where one is loaded and `launcher` (runtime/launcher.py),
+    else on TVM's thread pool."""
     tvm = import_tvm()
 
     fd, lib_path = tempfile.mkstemp(suffix=".so", prefix="shave-")
@@ -326,10 +335,12 @@ def load_library(data: bytes, origin="compiled library"):
             f.write(data)
         try:
             with quiet_tvm():
-                return tvm.runtime.load_module(lib_path)
+                module = tvm.runtime.load_module(lib_path)
         except Exception as e:
             raise ArtifactError(f"{origin}: the compiled library does not load: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
+        module._shave_launcher = launcher and install(lib_path)
+        return module
     finally:
         os.unlink(lib_path)  # already mapped into the process
 
@@ -339,4 +350,5 @@ def load(path, threads: int | None = None, adaptive: bool = True) -> Runtime:
     threads = check_threads(threads)
     manifest, members = read_artifact(path)
     check_target(manifest, path)
+    load_launcher(members.get(MEMBER))
     return Runtime(load_library(members[LIB], path), manifest, threads, adaptive)

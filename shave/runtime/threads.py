@@ -52,17 +52,21 @@ def pool_size() -> int:
     return available_cpus()
 
 
-_configured = threading.local()  # the thread count this thread's pool was last set to
+_configured = threading.local()  # (thread count, launcher) this thread's pools were last set to
 
 
 def use_threads(n: int) -> None:
-    """Run this thread's TVM kernels on n threads (at most its pool's size); a no-op when already so."""
-    if getattr(_configured, "n", None) == n:
+    """Run this thread's kernels on n threads (TVM's pool: at most its size); a no-op when already so."""
+    from . import launcher
+
+    key = (n, launcher.launcher())
+    if getattr(_configured, "key", None) == key:
         return
     from .tvm_import import import_tvm
 
     import_tvm().get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's default affinity mode
-    _configured.n = n
+    launcher.set_threads(n)
+    _configured.key = key
 
 
 def check_threads(threads) -> int | None:

@@ -9,6 +9,7 @@ import numpy as np
 
 from ...errors import CompileError
 from ...ir import Graph
+from ...runtime.launcher import host_launcher
 from ...runtime.module import load_library, target_mismatch
 from ...target import required_features, target_arch
 from ...timing import LayerTimer, register_timer
@@ -35,6 +36,7 @@ class TVMTimer(LayerTimer):
         libs = [build(g, target)[0] for g in graphs]
         if self.rpc is None:
             dev = tvm.cpu()
+            host_launcher()  # as the compiled model will run them
             vms = [relax.VirtualMachine(load_library(lib), dev) for lib in libs]
         else:
             from tvm import rpc

@@ -1,0 +1,229 @@
+/* shave's parallel launcher: runs the compiled kernels' parallel loops with chunks claimed at run time.
+ *
+ * TVM's LLVM code calls a parallel loop's body through the module's `__TVMBackendParallelLaunch`
+ * pointer as flambda(task_id, env, cdata); the body runs the task_id-th of env->num_task equal
+ * static chunks of the loop. TVM's own pool runs task i on thread i and the caller waits for
+ * all of them: a worker that the OS has not yet scheduled stalls the kernel for a time slice.
+ * Here a launch makes the same tasks (one per thread: smaller ones left a thread idle on the
+ * last uneven chunk, 5-10 % slower on a quiet machine) but every thread, the caller included,
+ * claims the next task not yet started until none is left: the caller runs whatever no worker
+ * has picked up, and waits only on tasks under way.
+ *
+ * One pool per calling thread (as TVM's), made at its first parallel launch and grown to the
+ * thread count that thread asks for (shave_set_threads). Workers spin for SPIN_NS after a
+ * launch (kernels of one call follow each other within microseconds), then sleep on a futex.
+ * A launch from inside a chunk, or with one thread, runs serially in the caller.
+ * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE /* sched_getaffinity */
+#endif
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef struct { void* sync_handle; int32_t num_task; } ShaveEnv; /* TVMParallelGroupEnv */
+typedef int (*ShaveLambda)(int task_id, ShaveEnv* penv, void* cdata); /* FTVMParallelLambda */
+
+enum { TASKS_PER_THREAD = 1, MAX_WORKERS = 255 };
+static const int64_t SPIN_NS = 200000;
+
+typedef struct Pool {
+  /* the job: written by the caller before it publishes `state`, read by workers after */
+  ShaveLambda f;
+  void* cdata;
+  int32_t ntask;
+  int32_t helpers;    /* workers 0 .. helpers-1 take part in this job */
+  uint64_t state;     /* generation << 32 | index of the next unclaimed chunk */
+  int32_t remaining;  /* chunks not yet finished */
+  int32_t error;      /* the first nonzero return of a chunk */
+  uint32_t wake;      /* futex word: bumped to wake sleeping workers */
+  int32_t sleepers;   /* workers asleep (or about to be) on `wake` */
+  int32_t quit;
+  int nworkers;
+  pthread_t tid[MAX_WORKERS];
+} Pool;
+
+typedef struct { Pool* pool; int index; } Worker;
+
+static __thread Pool* tl_pool;
+static __thread int tl_threads;    /* this thread's thread count; 0: every CPU it may use */
+static __thread int tl_in_launch;  /* inside a launch (a chunk that launches runs it serially) */
+static pthread_key_t pool_key;
+static pthread_once_t key_once = PTHREAD_ONCE_INIT;
+
+static int64_t now_ns(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+static void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  __asm__ __volatile__("yield");
+#endif
+}
+
+/* Claim and run chunks of generation `gen` until none is left. */
+static void run_chunks(Pool* p, uint32_t gen) {
+  for (;;) {
+    uint64_t v = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
+    if ((uint32_t)(v >> 32) != gen) return;
+    ShaveLambda f = p->f;
+    void* cdata = p->cdata;
+    int32_t ntask = p->ntask;
+    uint32_t i = (uint32_t)v;
+    if ((int32_t)i >= ntask) return;
+    /* the job's fields are those of `gen` if this succeeds: the next job is written only after
+       every chunk of this one, the one claimed here included, has finished */
+    if (!__atomic_compare_exchange_n(&p->state, &v, v + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+    ShaveEnv env = {NULL, ntask};
+    int rc = f((int)i, &env, cdata);
+    if (rc != 0) {
+      int32_t zero = 0;
+      __atomic_compare_exchange_n(&p->error, &zero, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
+    }
+    __atomic_sub_fetch(&p->remaining, 1, __ATOMIC_ACQ_REL);
+  }
+}
+
+static void* worker_main(void* arg) {
+  Worker* w = (Worker*)arg;
+  Pool* p = w->pool;
+  int index = w->index;
+  free(w);
+  tl_in_launch = 1; /* a chunk that launches runs that launch serially */
+  uint32_t seen = (uint32_t)(__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) >> 32);
+  for (;;) {
+    int64_t until = now_ns() + SPIN_NS;
+    int spins = 0;
+    uint32_t gen;
+    for (;;) {
+      if (__atomic_load_n(&p->quit, __ATOMIC_ACQUIRE)) return NULL;
+      gen = (uint32_t)(__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) >> 32);
+      if (gen != seen) break;
+      cpu_relax();
+      if (++spins % 64) continue;
+      if (now_ns() < until) continue;
+      /* sleep until the caller bumps `wake`; recheck after announcing it (no lost wake-up) */
+      uint32_t w0 = __atomic_load_n(&p->wake, __ATOMIC_SEQ_CST);
+      __atomic_add_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+      gen = (uint32_t)(__atomic_load_n(&p->state, __ATOMIC_SEQ_CST) >> 32);
+      if (gen == seen && !__atomic_load_n(&p->quit, __ATOMIC_SEQ_CST))
+        syscall(SYS_futex, &p->wake, FUTEX_WAIT_PRIVATE, w0, NULL, NULL, 0);
+      __atomic_sub_fetch(&p->sleepers, 1, __ATOMIC_SEQ_CST);
+      until = now_ns() + SPIN_NS;
+    }
+    seen = gen;
+    if (index < __atomic_load_n(&p->helpers, __ATOMIC_ACQUIRE)) run_chunks(p, gen);
+  }
+}
+
+static void wake_all(Pool* p) {
+  if (__atomic_load_n(&p->sleepers, __ATOMIC_SEQ_CST) > 0) {
+    __atomic_add_fetch(&p->wake, 1, __ATOMIC_SEQ_CST);
+    syscall(SYS_futex, &p->wake, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+  }
+}
+
+static void pool_free(void* arg) { /* at the calling thread's exit */
+  Pool* p = (Pool*)arg;
+  __atomic_store_n(&p->quit, 1, __ATOMIC_SEQ_CST);
+  __atomic_add_fetch(&p->wake, 1, __ATOMIC_SEQ_CST);
+  syscall(SYS_futex, &p->wake, FUTEX_WAKE_PRIVATE, 0x7fffffff, NULL, NULL, 0);
+  for (int i = 0; i < p->nworkers; ++i) pthread_join(p->tid[i], NULL);
+  free(p);
+}
+
+static void make_key(void) { pthread_key_create(&pool_key, pool_free); }
+
+static int available_cpus(void) {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set) > 0 ? CPU_COUNT(&set) : 1;
+  long n = sysconf(_SC_NPROCESSORS_ONLN);
+  return n > 0 ? (int)n : 1;
+}
+
+/* This thread's pool with at least `workers` workers (fewer if threads cannot start). */
+static Pool* get_pool(int workers) {
+  Pool* p = tl_pool;
+  if (p == NULL) {
+    pthread_once(&key_once, make_key);
+    p = (Pool*)calloc(1, sizeof(Pool));
+    if (p == NULL) return NULL;
+    tl_pool = p;
+    pthread_setspecific(pool_key, p);
+  }
+  if (workers > MAX_WORKERS) workers = MAX_WORKERS;
+  while (p->nworkers < workers) {
+    Worker* w = (Worker*)malloc(sizeof(Worker));
+    if (w == NULL) break;
+    w->pool = p;
+    w->index = p->nworkers;
+    if (pthread_create(&p->tid[p->nworkers], NULL, worker_main, w) != 0) {
+      free(w);
+      break;
+    }
+    p->nworkers++;
+  }
+  return p;
+}
+
+/* The threads this calling thread's launches use (n >= 1; 0: every CPU the process may use). */
+int shave_set_threads(int n) {
+  tl_threads = n > 0 ? n : 0;
+  return 0;
+}
+
+/* The threads this calling thread's launches use. */
+int shave_threads(void) { return tl_threads > 0 ? tl_threads : available_cpus(); }
+
+int shave_parallel_launch(ShaveLambda f, void* cdata, int num_task) {
+  int threads = shave_threads();
+  Pool* p = (threads > 1 && !tl_in_launch) ? get_pool(threads - 1) : NULL;
+  if (p == NULL || p->nworkers == 0) {
+    ShaveEnv env = {NULL, 1};
+    return f(0, &env, cdata);
+  }
+  int helpers = threads - 1 < p->nworkers ? threads - 1 : p->nworkers;
+  int32_t ntask = num_task > 0 ? num_task : (helpers + 1) * TASKS_PER_THREAD;
+  p->f = f;
+  p->cdata = cdata;
+  p->ntask = ntask;
+  p->error = 0;
+  __atomic_store_n(&p->helpers, helpers, __ATOMIC_RELAXED);
+  __atomic_store_n(&p->remaining, ntask, __ATOMIC_RELAXED);
+  uint32_t gen = (uint32_t)(p->state >> 32) + 1;
+  __atomic_store_n(&p->state, (uint64_t)gen << 32, __ATOMIC_SEQ_CST); /* publish */
+  wake_all(p);
+  tl_in_launch = 1;
+  run_chunks(p, gen);
+  tl_in_launch = 0;
+  /* wait for chunks under way on workers */
+  for (int spins = 1; __atomic_load_n(&p->remaining, __ATOMIC_ACQUIRE) > 0; ++spins) {
+    if (spins % 256) cpu_relax(); else sched_yield();
+  }
+  return p->error;
+}
+
+/* TVM's barrier inside a parallel body: the kernels shave builds have none (runtime/launcher.py
+   checks a library does not call it before installing this launcher). */
+int shave_parallel_barrier(int task_id, ShaveEnv* penv) {
+  (void)task_id;
+  (void)penv;
+  return -1;
+}
+
+#ifdef __cplusplus
+}
+#endif

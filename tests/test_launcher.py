@@ -1,0 +1,166 @@
+"""shave's parallel launcher (runtime/launcher.c): every task of a launch runs once, any thread
+takes a task no other has started, and compiled models run on it where they are loaded."""
+import ctypes
+import os
+import subprocess
+import sys
+import threading
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+
+import shave
+from shave.runtime import launcher
+from shave.runtime.artifact import LIB, write_artifact
+from shave.zoo.fashion_mnist import FashionResNet
+
+
+class Env(ctypes.Structure):  # TVMParallelGroupEnv
+    _fields_ = [("sync_handle", ctypes.c_void_p), ("num_task", ctypes.c_int32)]
+
+
+LAMBDA = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(Env), ctypes.c_void_p)
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = launcher.host_launcher()
+    assert lib is not None, "the launcher does not build here (gcc)"
+    lib.shave_parallel_launch.argtypes = [LAMBDA, ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def _launch(lib, body, num_task: int, threads: int = 2) -> tuple[int, list]:
+    """Launch `body(task_id, num_task)` as a parallel loop on `threads` threads; -> (the launch's
+    return code, [(task id, num_task, thread ident)] in the order the tasks ran)."""
+    ran = []
+    lock = threading.Lock()
+
+    def task(i, env, _):
+        with lock:
+            ran.append((i, env.contents.num_task, threading.get_ident()))
+        return body(i, env.contents.num_task)
+
+    f = LAMBDA(task)
+    lib.shave_set_threads(threads)
+    try:
+        rc = lib.shave_parallel_launch(f, None, num_task)
+    finally:
+        lib.shave_set_threads(0)
+    return rc, ran
+
+
+def test_every_task_runs_once_and_sees_the_task_count(lib):
+    for num_task in (0, 1, 2, 7, 64):
+        rc, ran = _launch(lib, lambda i, n: 0, num_task)
+        want = num_task or 2  # 0: one task per thread
+        assert rc == 0
+        assert sorted(i for i, _, _ in ran) == list(range(want))
+        assert {n for _, n, _ in ran} == {want}
+
+
+def test_the_caller_takes_the_tasks_a_busy_worker_has_not_started(lib):
+    """A worker stuck in its task (as one descheduled by the OS) holds up only that task: the
+    caller runs every other one (TVM's pool would leave half of them to the worker)."""
+    caller = threading.get_ident()
+    released = threading.Event()
+    counts = {"caller": 0}
+
+    def body(i, n):
+        if threading.get_ident() != caller:
+            assert released.wait(30), "the caller never finished the other tasks"
+        else:
+            counts["caller"] += 1
+            if counts["caller"] == n - 1:
+                released.set()  # the caller has run all but the worker's task
+        return 0
+
+    rc, ran = _launch(lib, body, 8)
+    assert rc == 0 and sorted(i for i, _, _ in ran) == list(range(8))
+    assert sum(t == caller for _, _, t in ran) >= 7
+
+
+def test_one_thread_and_nested_launches_run_in_the_caller(lib):
+    caller = threading.get_ident()
+    rc, ran = _launch(lib, lambda i, n: 0, 0, threads=1)
+    assert rc == 0 and ran == [(0, 1, caller)]
+    inner = []
+
+    def outer(i, n):
+        inner.append(_launch(lib, lambda j, m: 0, 0, threads=2))  # a launch inside a task
+        return 0
+
+    rc, _ = _launch(lib, outer, 2)
+    assert rc == 0 and len(inner) == 2
+    for rc_in, ran_in in inner:
+        assert rc_in == 0 and len(ran_in) == 1 and ran_in[0][1] == 1  # serial: one task of one
+
+
+def test_a_failing_task_fails_the_launch(lib):
+    rc, ran = _launch(lib, lambda i, n: -7 if i == 3 else 0, 6)
+    assert rc == -7 and sorted(i for i, _, _ in ran) == list(range(6))  # the others still ran
+
+
+@pytest.fixture(scope="module")
+def fashion(tmp_path_factory):
+    torch.manual_seed(0)
+    model, x = FashionResNet().eval(), torch.randn(2, 1, 28, 28)
+    cm = shave.compile(model, (x,))
+    path = cm.export(tmp_path_factory.mktemp("launcher") / "fashion.shave")
+    return cm, x, path
+
+
+def test_compiled_and_loaded_models_run_on_the_launcher(fashion):
+    """The artifact carries the launcher; in a fresh process the loaded model's parallel kernels
+    run on it, with the outputs of the compiled model (and of TVM's pool), at 1 and 2 threads."""
+    cm, x, path = fashion
+    assert cm._runtime.launcher
+    with zipfile.ZipFile(path) as z:
+        assert launcher.MEMBER in z.namelist()
+    want = cm(x.numpy())
+    from shave.runtime.module import Runtime, load_library
+
+    _, members = shave.runtime.artifact.read_artifact(path)
+    on_tvm = Runtime(load_library(members[LIB], launcher=False), cm.manifest, adaptive=False)
+    assert not on_tvm.launcher
+    np.testing.assert_array_equal(on_tvm(x.numpy()), want)
+    np.save(path.with_suffix(".npy"), x.numpy())
+    code = f"""
+import numpy as np, shave
+from shave.runtime import launcher
+x = np.load({str(path.with_suffix('.npy'))!r})
+outs = []
+for threads in (2, 1, 2):
+    rt = shave.load({str(path)!r}, threads=threads, adaptive=False)
+    outs.append(rt(x))
+    assert launcher.launcher().shave_threads() == rt.threads
+print(rt.launcher)
+np.save({str(path.with_suffix('.out.npy'))!r}, np.stack(outs))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["True"]
+    for y in np.load(path.with_suffix(".out.npy")):
+        np.testing.assert_array_equal(y, want)
+
+
+def test_an_artifact_without_the_launcher_runs_on_tvms_pool(fashion, tmp_path):
+    """An artifact of an older shave (no launcher member) loads and runs, on TVM's pool."""
+    cm, x, path = fashion
+    _, members = shave.runtime.artifact.read_artifact(path)
+    del members[launcher.MEMBER]
+    old = write_artifact(tmp_path / "old.shave", cm.manifest, members)
+    np.save(tmp_path / "x.npy", x.numpy())
+    code = f"""
+import numpy as np, shave
+rt = shave.load({str(old)!r})
+np.save({str(tmp_path / 'y.npy')!r}, rt(np.load({str(tmp_path / 'x.npy')!r})))
+print(rt.launcher)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=os.environ)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False"]
+    np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), cm(x.numpy()))
