@@ -82,6 +82,30 @@ def test_the_caller_takes_the_tasks_a_busy_worker_has_not_started(lib):
     assert sum(t == caller for _, _, t in ran) >= 7
 
 
+def test_each_thread_takes_its_own_task_first(lib):
+    """Task k goes to thread k (the caller is thread 0, worker w thread w + 1) when no thread
+    has taken it, as in TVM's pool: a thread keeps to the rows it wrote in the kernel before."""
+    caller = threading.get_ident()
+    workers = threading.Barrier(2, timeout=30)
+    started = threading.Barrier(3, timeout=30)
+
+    names = {}  # thread ident -> the worker's name (launcher.c names them)
+
+    def body(i, n):
+        if threading.get_ident() != caller:
+            with open(f"/proc/self/task/{threading.get_native_id()}/comm") as f:
+                names[threading.get_ident()] = f.read().strip()
+            workers.wait()  # neither worker finishes before both have claimed their first task
+        started.wait()  # the caller holds task 0 until both workers have one
+        return 0
+
+    rc, ran = _launch(lib, body, 3, threads=3)
+    assert rc == 0 and sorted(i for i, _, _ in ran) == [0, 1, 2]
+    by_task = {i: t for i, _, t in ran}
+    assert by_task[0] == caller
+    assert [names[by_task[k]] for k in (1, 2)] == ["shave-w0", "shave-w1"]
+
+
 def test_one_thread_and_nested_launches_run_in_the_caller(lib):
     caller = threading.get_ident()
     rc, ran = _launch(lib, lambda i, n: 0, 0, threads=1)

@@ -15,12 +15,13 @@
  * A launch from inside a chunk, or with one thread, runs serially in the caller.
  * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
 #ifndef _GNU_SOURCE
-#define _GNU_SOURCE /* sched_getaffinity */
+#define _GNU_SOURCE /* sched_getaffinity, pthread_setname_np */
 #endif
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <time.h>
@@ -42,7 +43,7 @@ typedef struct Pool {
   void* cdata;
   int32_t ntask;
   int32_t helpers;    /* workers 0 .. helpers-1 take part in this job */
-  uint64_t state;     /* generation << 32 | index of the next unclaimed chunk */
+  uint64_t state;     /* generation << 32 | the tasks claimed (run_chunks) */
   int32_t remaining;  /* chunks not yet finished */
   int32_t error;      /* the first nonzero return of a chunk */
   uint32_t wake;      /* futex word: bumped to wake sleeping workers */
@@ -52,7 +53,7 @@ typedef struct Pool {
   pthread_t tid[MAX_WORKERS];
 } Pool;
 
-typedef struct { Pool* pool; int index; } Worker;
+typedef struct { Pool* pool; int index; uint32_t seen; } Worker; /* seen: the generation before its first job */
 
 static __thread Pool* tl_pool;
 static __thread int tl_threads;    /* this thread's thread count; 0: every CPU it may use */
@@ -74,19 +75,33 @@ static void cpu_relax(void) {
 #endif
 }
 
-/* Claim and run chunks of generation `gen` until none is left. */
-static void run_chunks(Pool* p, uint32_t gen) {
+/* Claim and run tasks of generation `gen` until none is left: first the thread's own task
+   (`prefer`: thread k's, as in TVM's pool, so a thread keeps working on the rows it wrote in the
+   kernel before), then any not started. With at most 32 tasks the low half of `state` marks the
+   tasks claimed; with more it counts them (claimed in order). */
+static void run_chunks(Pool* p, uint32_t gen, int prefer) {
   for (;;) {
     uint64_t v = __atomic_load_n(&p->state, __ATOMIC_ACQUIRE);
     if ((uint32_t)(v >> 32) != gen) return;
     ShaveLambda f = p->f;
     void* cdata = p->cdata;
     int32_t ntask = p->ntask;
-    uint32_t i = (uint32_t)v;
-    if ((int32_t)i >= ntask) return;
+    uint32_t low = (uint32_t)v, i;
+    uint64_t next;
+    if (ntask <= 32) {
+      uint32_t all = ntask == 32 ? 0xffffffffu : (1u << ntask) - 1;
+      uint32_t open = all & ~low;
+      if (open == 0) return;
+      i = (prefer < ntask && ((open >> prefer) & 1)) ? (uint32_t)prefer : (uint32_t)__builtin_ctz(open);
+      next = v | (1ull << i);
+    } else {
+      if ((int32_t)low >= ntask) return;
+      i = low;
+      next = v + 1;
+    }
     /* the job's fields are those of `gen` if this succeeds: the next job is written only after
-       every chunk of this one, the one claimed here included, has finished */
-    if (!__atomic_compare_exchange_n(&p->state, &v, v + 1, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
+       every task of this one, the one claimed here included, has finished */
+    if (!__atomic_compare_exchange_n(&p->state, &v, next, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) continue;
     ShaveEnv env = {NULL, ntask};
     int rc = f((int)i, &env, cdata);
     if (rc != 0) {
@@ -101,9 +116,12 @@ static void* worker_main(void* arg) {
   Worker* w = (Worker*)arg;
   Pool* p = w->pool;
   int index = w->index;
+  uint32_t seen = w->seen; /* made by a launch before it publishes its job: the worker takes part in it */
   free(w);
+  char name[16];
+  snprintf(name, sizeof(name), "shave-w%d", index); /* as top, perf and gdb show it */
+  pthread_setname_np(pthread_self(), name);
   tl_in_launch = 1; /* a chunk that launches runs that launch serially */
-  uint32_t seen = (uint32_t)(__atomic_load_n(&p->state, __ATOMIC_ACQUIRE) >> 32);
   for (;;) {
     int64_t until = now_ns() + SPIN_NS;
     int spins = 0;
@@ -125,7 +143,7 @@ static void* worker_main(void* arg) {
       until = now_ns() + SPIN_NS;
     }
     seen = gen;
-    if (index < __atomic_load_n(&p->helpers, __ATOMIC_ACQUIRE)) run_chunks(p, gen);
+    if (index < __atomic_load_n(&p->helpers, __ATOMIC_ACQUIRE)) run_chunks(p, gen, index + 1);
   }
 }
 
@@ -170,6 +188,7 @@ static Pool* get_pool(int workers) {
     if (w == NULL) break;
     w->pool = p;
     w->index = p->nworkers;
+    w->seen = (uint32_t)(p->state >> 32);
     if (pthread_create(&p->tid[p->nworkers], NULL, worker_main, w) != 0) {
       free(w);
       break;
@@ -207,7 +226,7 @@ int shave_parallel_launch(ShaveLambda f, void* cdata, int num_task) {
   __atomic_store_n(&p->state, (uint64_t)gen << 32, __ATOMIC_SEQ_CST); /* publish */
   wake_all(p);
   tl_in_launch = 1;
-  run_chunks(p, gen);
+  run_chunks(p, gen, 0);
   tl_in_launch = 0;
   /* wait for chunks under way on workers */
   for (int spins = 1; __atomic_load_n(&p->remaining, __ATOMIC_ACQUIRE) > 0; ++spins) {
