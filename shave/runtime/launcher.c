@@ -11,7 +11,8 @@
  *
  * One pool per calling thread (as TVM's), made at its first parallel launch and grown to the
  * thread count that thread asks for (shave_set_threads). Workers spin for SPIN_NS after a
- * launch (kernels of one call follow each other within microseconds), then sleep on a futex.
+ * launch (kernels of one call follow each other within microseconds), then sleep on a futex;
+ * a caller waiting on tasks under way spins WAIT_SPIN_NS, then sleeps until the last one ends.
  * A launch from inside a chunk, or with one thread, runs serially in the caller.
  * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
 #ifndef _GNU_SOURCE
@@ -36,6 +37,7 @@ typedef int (*ShaveLambda)(int task_id, ShaveEnv* penv, void* cdata); /* FTVMPar
 
 enum { TASKS_PER_THREAD = 1, MAX_WORKERS = 255 };
 static const int64_t SPIN_NS = 200000;
+static const int64_t WAIT_SPIN_NS = 50000; /* the caller, waiting on tasks under way, then sleeps */
 
 typedef struct Pool {
   /* the job: written by the caller before it publishes `state`, read by workers after */
@@ -44,7 +46,8 @@ typedef struct Pool {
   int32_t ntask;
   int32_t helpers;    /* workers 0 .. helpers-1 take part in this job */
   uint64_t state;     /* generation << 32 | the tasks claimed (run_chunks) */
-  int32_t remaining;  /* chunks not yet finished */
+  int32_t remaining;  /* chunks not yet finished (a futex word when the caller sleeps on it) */
+  int32_t waiting;    /* the caller sleeps (or is about to) on `remaining` */
   int32_t error;      /* the first nonzero return of a chunk */
   uint32_t wake;      /* futex word: bumped to wake sleeping workers */
   int32_t sleepers;   /* workers asleep (or about to be) on `wake` */
@@ -108,7 +111,8 @@ static void run_chunks(Pool* p, uint32_t gen, int prefer) {
       int32_t zero = 0;
       __atomic_compare_exchange_n(&p->error, &zero, rc, 0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED);
     }
-    __atomic_sub_fetch(&p->remaining, 1, __ATOMIC_ACQ_REL);
+    if (__atomic_sub_fetch(&p->remaining, 1, __ATOMIC_SEQ_CST) == 0 && __atomic_load_n(&p->waiting, __ATOMIC_SEQ_CST))
+      syscall(SYS_futex, &p->remaining, FUTEX_WAKE_PRIVATE, 1, NULL, NULL, 0);
   }
 }
 
@@ -228,9 +232,20 @@ int shave_parallel_launch(ShaveLambda f, void* cdata, int num_task) {
   tl_in_launch = 1;
   run_chunks(p, gen, 0);
   tl_in_launch = 0;
-  /* wait for chunks under way on workers */
-  for (int spins = 1; __atomic_load_n(&p->remaining, __ATOMIC_ACQUIRE) > 0; ++spins) {
-    if (spins % 256) cpu_relax(); else sched_yield();
+  /* wait for tasks under way on workers: spin, then sleep (on a busy machine a spinning caller
+     uses up its share of the CPU while the worker it waits for is not running) */
+  int64_t until = 0;
+  for (int spins = 1;; ++spins) {
+    int32_t left = __atomic_load_n(&p->remaining, __ATOMIC_ACQUIRE);
+    if (left == 0) break;
+    cpu_relax();
+    if (spins % 64) continue;
+    if (until == 0) until = now_ns() + WAIT_SPIN_NS;
+    if (now_ns() < until) continue;
+    __atomic_store_n(&p->waiting, 1, __ATOMIC_SEQ_CST);
+    left = __atomic_load_n(&p->remaining, __ATOMIC_SEQ_CST);
+    if (left > 0) syscall(SYS_futex, &p->remaining, FUTEX_WAIT_PRIVATE, left, NULL, NULL, 0);
+    __atomic_store_n(&p->waiting, 0, __ATOMIC_SEQ_CST);
   }
   return p->error;
 }
