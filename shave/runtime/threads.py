@@ -7,6 +7,8 @@ machine. Importing shave therefore sets TVM_NUM_THREADS to the CPUs this process
 (`os.sched_getaffinity`), unless one of the two variables is already set: the user's choice
 wins. A pool cannot grow after it is made; a Runtime asks for fewer threads with
 `threads=` (TVM's `runtime.config_threadpool`, applied in each calling thread before a call).
+Where the kernels run on shave's launcher (launcher.py), the same count goes to it, per calling
+thread.
 
 TVM also pins its pool's threads to cores, the calling thread included (pool thread 0 is
 the caller), unless TVM_BIND_THREADS=0. Pinned, the caller stays on core 0 after the call
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import os
 import threading
+
+from . import launcher
 
 ENV = "TVM_NUM_THREADS"
 
@@ -57,8 +61,6 @@ _configured = threading.local()  # (thread count, launcher) this thread's pools 
 
 def use_threads(n: int) -> None:
     """Run this thread's kernels on n threads (TVM's pool: at most its size); a no-op when already so."""
-    from . import launcher
-
     key = (n, launcher.launcher())
     if getattr(_configured, "key", None) == key:
         return
