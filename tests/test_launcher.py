@@ -178,13 +178,37 @@ def test_an_artifact_without_the_launcher_runs_on_tvms_pool(fashion, tmp_path):
     old = write_artifact(tmp_path / "old.shave", cm.manifest, members)
     np.save(tmp_path / "x.npy", x.numpy())
     code = f"""
-import numpy as np, shave
-rt = shave.load({str(old)!r})
+import numpy as np, shave, tvm
+rt = shave.load({str(old)!r}, threads=1)
 np.save({str(tmp_path / 'y.npy')!r}, rt(np.load({str(tmp_path / 'x.npy')!r})))
-print(rt.launcher)
+print(rt.launcher, tvm.get_global_func("runtime.NumThreads")())  # TVM's pool at the runtime's count
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=os.environ)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False"]
+    assert out.stdout.split() == ["False", "1"]
     np.testing.assert_array_equal(np.load(tmp_path / "y.npy"), cm(x.numpy()))
+
+
+def test_libraries_use_the_highest_launcher_version(tmp_path):
+    """Launchers of several versions in one process (artifacts of different shave versions): a
+    library loaded later runs on the highest version loaded so far, whatever the order; a
+    thread count goes to all of them."""
+    builds = {}
+    for version in (0, 1, 5):
+        out = tmp_path / f"v{version}.so"
+        subprocess.run(["gcc", "-O2", "-shared", "-fPIC", f"-DSHAVE_LAUNCHER_VERSION={version}", "-o", str(out),
+                        str(launcher.SOURCE), "-lpthread"], check=True)
+        builds[version] = str(out)
+    code = f"""
+from shave.runtime import launcher
+def load(v):
+    return launcher.load_launcher(open({builds!r}[v], "rb").read())
+print(load(1).shave_launcher_version(), load(0).shave_launcher_version(), load(5).shave_launcher_version(),
+      load(1).shave_launcher_version(), launcher.loaded())
+launcher.set_threads(3)
+print(sorted(lib.shave_threads() for lib in launcher._loaded.values()))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split("\n")[:2] == ["1 1 5 5 3", "[3, 3, 3]"]

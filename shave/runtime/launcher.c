@@ -208,6 +208,13 @@ int shave_set_threads(int n) {
   return 0;
 }
 
+/* The behaviour's version: a process that loads several launchers (artifacts of different shave
+   versions) points the libraries it loads after at the highest (runtime/launcher.py). */
+#ifndef SHAVE_LAUNCHER_VERSION
+#define SHAVE_LAUNCHER_VERSION 1
+#endif
+int shave_launcher_version(void) { return SHAVE_LAUNCHER_VERSION; }
+
 /* The threads this calling thread's launches use. */
 int shave_threads(void) { return tl_threads > 0 ? tl_threads : available_cpus(); }
 

@@ -14,8 +14,10 @@ what no worker has picked up and waits only on chunks under way (the same models
 The launcher is a small shared library built from launcher.c with the target's C compiler
 when a model is compiled (cached by source and architecture), and stored in the artifact
 beside the model's library (MEMBER), so a machine that loads the artifact needs no compiler.
-One launcher serves the whole process: the first one loaded stays loaded, and every library
-loaded after it is pointed at it. Without one (an artifact of an older shave, a CUDA build, a
+Launchers stay loaded for the life of the process (their pools' threads run their code), one
+per distinct build; every library is pointed at the one of the highest version
+(`shave_launcher_version`: an artifact from an older shave does not hold back the others), and
+a thread count is given to all of them. Without one (an artifact of an older shave, a CUDA build, a
 machine without a C compiler at compile time, a non-Linux host), TVM's own pool runs the kernels.
 """
 from __future__ import annotations
@@ -39,7 +41,8 @@ BARRIER_POINTER = "__TVMBackendParallelBarrier"  # present only in libraries who
 COMPILERS = {"x86_64": "gcc", "aarch64": "aarch64-linux-gnu-gcc"}  # by target architecture (cross for aarch64)
 
 _lock = threading.Lock()
-_launcher: ctypes.CDLL | None = None  # the process's launcher, once one is loaded
+_loaded: dict[str, ctypes.CDLL] = {}  # launchers loaded in this process, by SHA-256 of the library
+_best: ctypes.CDLL | None = None  # the one of the highest version: what libraries are pointed at
 _built: dict[str, bytes | None] = {}  # launcher library per architecture, built in this process
 
 
@@ -82,17 +85,27 @@ def build_launcher(arch: str) -> bytes | None:
 
 
 def launcher() -> ctypes.CDLL | None:
-    """The process's launcher, if one is loaded."""
-    return _launcher
+    """The launcher libraries loaded from now on are pointed at, if any is loaded."""
+    return _best
+
+
+def _version(lib: ctypes.CDLL) -> int:
+    try:
+        return int(lib.shave_launcher_version())
+    except AttributeError:  # the first launchers had no version
+        return 0
 
 
 def load_launcher(data: bytes | None) -> ctypes.CDLL | None:
-    """Make the launcher library `data` the process's launcher unless one is loaded already;
-    -> the process's launcher (None if there is none and `data` does not load here)."""
-    global _launcher
+    """Load the launcher library `data` unless a copy is loaded already, and make it the one new
+    libraries use if its version is the highest; -> that one (None if none loads here)."""
+    global _best
+    if not data:
+        return _best
+    digest = hashlib.sha256(data).hexdigest()
     with _lock:
-        if _launcher is not None or not data:
-            return _launcher
+        if digest in _loaded:
+            return _best
         fd, path = tempfile.mkstemp(suffix=".so", prefix="shave-launcher-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -100,47 +113,56 @@ def load_launcher(data: bytes | None) -> ctypes.CDLL | None:
             lib = ctypes.CDLL(path)  # kept for the life of the process: its pools' threads run its code
             lib.shave_set_threads.argtypes = [ctypes.c_int]
             lib.shave_set_threads.restype = ctypes.c_int
-            _launcher = lib
         except (OSError, AttributeError) as e:  # another architecture's launcher, a non-Linux host
             log.info("the parallel launcher does not load here (%s); kernels run on TVM's thread pool", e)
+            return _best
         finally:
             os.unlink(path)
-        return _launcher
+        _loaded[digest] = lib
+        if _best is None or _version(lib) > _version(_best):
+            _best = lib
+        return _best
 
 
 def host_launcher() -> ctypes.CDLL | None:
     """The process's launcher, built for this machine if none is loaded (compile time)."""
     from .host import host_arch
 
-    return _launcher or load_launcher(build_launcher(host_arch()))
+    return load_launcher(build_launcher(host_arch()))
 
 
-def install(lib_path: str) -> bool:
-    """Point the library loaded from `lib_path` at the process's launcher; False (TVM's pool
-    stays) when there is no launcher, the library has no parallel loops, or its kernels use a
-    barrier inside a parallel loop (which chunks claimed at run time cannot honour)."""
-    if _launcher is None:
-        return False
+def install(lib_path: str) -> str:
+    """Point the library loaded from `lib_path` at the launcher; -> what its parallel loops run
+    on: "launcher", "tvm" (TVM's pool: no launcher is loaded, or its kernels use a barrier inside
+    a parallel loop, which tasks claimed at run time cannot honour) or "serial" (it has none)."""
     lib = ctypes.CDLL(lib_path)  # the handle TVM opened (dlopen counts references)
     try:
         try:
-            ctypes.c_void_p.in_dll(lib, BARRIER_POINTER)
-            return False
-        except ValueError:
-            pass
-        try:
             pointer = ctypes.c_void_p.in_dll(lib, LAUNCH_POINTER)
         except ValueError:
-            return False  # no parallel loop in this library
-        pointer.value = ctypes.cast(_launcher.shave_parallel_launch, ctypes.c_void_p).value
-        return True
+            return "serial"  # no parallel loop in this library
+        best = _best
+        if best is None:
+            return "tvm"
+        try:
+            ctypes.c_void_p.in_dll(lib, BARRIER_POINTER)
+            return "tvm"
+        except ValueError:
+            pass
+        pointer.value = ctypes.cast(best.shave_parallel_launch, ctypes.c_void_p).value
+        return "launcher"
     finally:
         import _ctypes
 
         _ctypes.dlclose(lib._handle)  # drop this reference: the library lives as long as TVM's module
 
 
+def loaded() -> int:
+    """How many launchers this process has loaded (what a thread's count was last given to)."""
+    return len(_loaded)
+
+
 def set_threads(n: int) -> None:
-    """The thread count the calling thread's launches use (when a launcher is loaded)."""
-    if _launcher is not None:
-        _launcher.shave_set_threads(n)
+    """The thread count the calling thread's launches use, in every launcher loaded."""
+    for lib in list(_loaded.values()):
+        lib.shave_set_threads(n)

@@ -77,10 +77,15 @@ class Runtime:
         return state
 
     @property
+    def parallel(self) -> str:
+        """What the kernels' parallel loops run on: "launcher" (shave's, tasks claimed at run time:
+        runtime/launcher.py), "tvm" (TVM's thread pool) or "serial" (the model has none)."""
+        return getattr(self._module, "_shave_parallel", "tvm")
+
+    @property
     def launcher(self) -> bool:
-        """Whether the kernels' parallel loops run on shave's launcher (tasks claimed at run time,
-        runtime/launcher.py) rather than TVM's thread pool."""
-        return bool(getattr(self._module, "_shave_launcher", False))
+        """Whether the kernels' parallel loops run on shave's launcher."""
+        return self.parallel == "launcher"
 
     @property
     def dynamic_batch(self) -> bool:
@@ -145,7 +150,7 @@ class Runtime:
         arrays = self._check(args)
         batch = arrays[0].shape[0] if self.batch_functions and arrays else None
         threads = self.governor.pick() if self.adaptive else self._threads
-        use_threads(threads)
+        use_threads(threads, tvm_pool=self.parallel == "tvm")
         t0 = time.perf_counter()
         if batch is None:
             outs = self._run_one(None, arrays)
@@ -339,7 +344,7 @@ def load_library(data: bytes, origin="compiled library", launcher: bool = True):
         except Exception as e:
             raise ArtifactError(f"{origin}: the compiled library does not load: "
                                 f"{str(e).strip().splitlines()[-1]}") from None
-        module._shave_launcher = launcher and install(lib_path)
+        module._shave_parallel = install(lib_path) if launcher else "tvm"
         return module
     finally:
         os.unlink(lib_path)  # already mapped into the process

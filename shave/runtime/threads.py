@@ -56,17 +56,20 @@ def pool_size() -> int:
     return available_cpus()
 
 
-_configured = threading.local()  # (thread count, launcher) this thread's pools were last set to
+_configured = threading.local()  # (thread count, TVM's pool too, launchers) as this thread last set them
 
 
-def use_threads(n: int) -> None:
-    """Run this thread's kernels on n threads (TVM's pool: at most its size); a no-op when already so."""
-    key = (n, launcher.launcher())
+def use_threads(n: int, tvm_pool: bool = True) -> None:
+    """Run this thread's kernels on n threads: on shave's launchers, and on TVM's pool (at most its
+    size) unless `tvm_pool` is False (a model on a launcher: configuring TVM's pool makes one,
+    whose worker spins for a while, taking a CPU from the launcher's); a no-op when already so."""
+    key = (n, tvm_pool, launcher.loaded())
     if getattr(_configured, "key", None) == key:
         return
-    from .tvm_import import import_tvm
+    if tvm_pool:
+        from .tvm_import import import_tvm
 
-    import_tvm().get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's default affinity mode
+        import_tvm().get_global_func("runtime.config_threadpool")(1, n)  # 1: TVM's default affinity mode
     launcher.set_threads(n)
     _configured.key = key
 
