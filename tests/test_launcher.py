@@ -212,3 +212,18 @@ print(sorted(lib.shave_threads() for lib in launcher._loaded.values()))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split("\n")[:2] == ["1 1 5 5 3", "[3, 3, 3]"]
+
+
+def test_an_aarch64_artifact_carries_an_aarch64_launcher(tmp_path):
+    """Built with the cross compiler where it is installed; without it the artifact has none (its
+    kernels then run on TVM's pool where it is loaded)."""
+    import shutil
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU()).eval()
+    cm = shave.compile(m, (torch.randn(1, 3, 64, 64),), target="arm64")
+    with zipfile.ZipFile(cm.export(tmp_path / "arm.shave")) as z:
+        data = z.read(launcher.MEMBER) if launcher.MEMBER in z.namelist() else None
+    if shutil.which(launcher.CROSS_COMPILERS["aarch64"]) is None:
+        assert data is None
+    else:
+        assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 183  # EM_AARCH64

@@ -257,14 +257,6 @@ int shave_parallel_launch(ShaveLambda f, void* cdata, int num_task) {
   return p->error;
 }
 
-/* TVM's barrier inside a parallel body: the kernels shave builds have none (runtime/launcher.py
-   checks a library does not call it before installing this launcher). */
-int shave_parallel_barrier(int task_id, ShaveEnv* penv) {
-  (void)task_id;
-  (void)penv;
-  return -1;
-}
-
 #ifdef __cplusplus
 }
 #endif

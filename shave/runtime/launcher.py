@@ -6,7 +6,7 @@ library. That pool runs one static chunk per thread, and the caller waits for ev
 beside two CPU-bound processes on 2 cores, a worker the OS had not scheduled yet held up each
 kernel for a time slice (MobileNetV2 at 2 threads went from 3.7 ms to 117-356 ms, ResNet-18
 from 12 to 176-213 ms in a one-off script on the Zen 4 VM). launcher.c keeps TVM's chunks (one
-per thread: smaller ones left a thread idle on the last uneven chunk, 5-10 % slower when quiet)
+per thread: smaller ones left a thread idle on the last uneven chunk, 4-20 % slower when quiet)
 but lets every thread, the caller included, claim any chunk not yet started: the caller runs
 what no worker has picked up and waits only on chunks under way (the same models: 9-17 ms and
 32-42 ms beside the same load, the same speed as TVM's pool when quiet).
@@ -38,7 +38,7 @@ SOURCE = Path(__file__).with_name("launcher.c")
 MEMBER = "launcher.so"  # the artifact member
 LAUNCH_POINTER = "__TVMBackendParallelLaunch"
 BARRIER_POINTER = "__TVMBackendParallelBarrier"  # present only in libraries whose kernels use a barrier
-COMPILERS = {"x86_64": "gcc", "aarch64": "aarch64-linux-gnu-gcc"}  # by target architecture (cross for aarch64)
+CROSS_COMPILERS = {"aarch64": "aarch64-linux-gnu-gcc"}  # for a target architecture other than this host's
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL] = {}  # launchers loaded in this process, by SHA-256 of the library
@@ -56,7 +56,9 @@ def build_launcher(arch: str) -> bytes | None:
     if arch in _built:
         return _built[arch]
     data = None
-    cc = COMPILERS.get(arch)
+    from .host import host_arch
+
+    cc = "gcc" if arch == host_arch() else CROSS_COMPILERS.get(arch)
     source = SOURCE.read_bytes()
     cached = _cache_dir() / f"{arch}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if cached.is_file():
