@@ -1,7 +1,10 @@
-"""Facts about this machine that loading an artifact checks: its architecture and CPU flags."""
+"""Facts about this machine: its architecture and CPU flags (what loading an artifact checks),
+and where shave caches what it builds here."""
 from __future__ import annotations
 
+import os
 import platform
+from pathlib import Path
 
 
 def host_arch() -> str:
@@ -30,3 +33,8 @@ def cpu_mhz() -> float | None:
     except (OSError, ValueError):
         pass
     return None
+
+
+def cache_dir(name: str) -> Path:
+    """A folder under shave's cache on this machine: $SHAVE_CACHE, else ~/.cache/shave."""
+    return Path(os.environ.get("SHAVE_CACHE", Path.home() / ".cache" / "shave")) / name

@@ -32,6 +32,8 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .host import cache_dir, host_arch
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("launcher.c")
@@ -46,21 +48,15 @@ _best: ctypes.CDLL | None = None  # the one of the highest version: what librari
 _built: dict[str, bytes | None] = {}  # launcher library per architecture, built in this process
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("SHAVE_CACHE", Path.home() / ".cache" / "shave")) / "launcher"
-
-
 def build_launcher(arch: str) -> bytes | None:
     """The launcher library for `arch` (x86_64, aarch64) built from launcher.c, or None where
     there is no compiler for it (logged). Cached on disk by source and architecture."""
     if arch in _built:
         return _built[arch]
     data = None
-    from .host import host_arch
-
     cc = "gcc" if arch == host_arch() else CROSS_COMPILERS.get(arch)
     source = SOURCE.read_bytes()
-    cached = _cache_dir() / f"{arch}-{hashlib.sha256(source).hexdigest()[:16]}.so"
+    cached = cache_dir("launcher") / f"{arch}-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if cached.is_file():
         data = cached.read_bytes()
     elif cc is None or shutil.which(cc) is None:
@@ -128,8 +124,6 @@ def load_launcher(data: bytes | None) -> ctypes.CDLL | None:
 
 def host_launcher() -> ctypes.CDLL | None:
     """The process's launcher, built for this machine if none is loaded (compile time)."""
-    from .host import host_arch
-
     return load_launcher(build_launcher(host_arch()))
 
 

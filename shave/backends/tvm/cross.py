@@ -25,12 +25,13 @@ import tempfile
 from pathlib import Path
 
 from ...errors import CompileError
+from ...runtime.host import cache_dir
+from ...runtime.launcher import CROSS_COMPILERS  # the same compilers link the model and build its launcher
 from ...runtime.quiet import quiet_tvm
 from ...target import host_arch, target_arch
 
 CUDA_ERROR_STUB_LIBRARY = 34
-CROSS_GCC = {"aarch64": "aarch64-linux-gnu-gcc"}
-STUB_DIR = Path(os.environ.get("SHAVE_CACHE", Path.home() / ".cache" / "shave")) / "cuda-stub"
+STUB_DIR = cache_dir("cuda-stub")
 
 
 class DeviceLibrary(bytes):
@@ -45,10 +46,10 @@ def export_library(ex, target: dict) -> DeviceLibrary:
     arch = target_arch(target)
     fcompile = None
     if arch not in ("cuda", host_arch()):
-        gcc = CROSS_GCC.get(arch)
+        gcc = CROSS_COMPILERS.get(arch)
         if gcc is None:
             raise CompileError(f"cannot link a library for {arch} on this {host_arch()} machine "
-                               f"(cross-linking is set up for: {', '.join(CROSS_GCC)})")
+                               f"(cross-linking is set up for: {', '.join(CROSS_COMPILERS)})")
         if shutil.which(gcc) is None:
             raise CompileError(f"linking for {arch} needs the cross compiler {gcc}, which is not on PATH "
                                "(apt-get install gcc-aarch64-linux-gnu)")
