@@ -135,7 +135,8 @@ def test_pruning_through_a_shuffle_leaves_the_permutation(rng):
 
 
 # ----------------------------------------------------------------------------------------------- TVM
-def _scheduled_calls(g):
+def _scheduled_calls(g, kernels=None):
+    """The kernel calls of `g` built for the host; `kernels` (a dict) gets the conv kernels' specs."""
     import tvm
 
     from shave.backends.tvm.lower import to_relax
@@ -145,7 +146,7 @@ def _scheduled_calls(g):
 
     target = resolve_target("x86")
     with tvm.target.Target(target):
-        return _count_calls(schedule_module(to_relax(g, target), target))
+        return _count_calls(schedule_module(to_relax(g, target, kernels), target))
 
 
 @pytest.mark.parametrize("c", [12, 16])  # 16: the shift reads the previous conv's blocked output
@@ -156,6 +157,25 @@ def test_tvm_shift_folds_into_the_next_conv_and_matches_the_ir(rng, c):
     calls = _scheduled_calls(g)
     assert not any(k.startswith("shave_shift") for k in calls) and sum(k.startswith("shave_conv") for k in calls) == 2
     x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    cm = shave.compile(g, (torch.from_numpy(x),), passes=[])
+    assert rel_err(cm(x), run_graph(g, [x])[0]) < 1e-5
+
+
+def test_tvm_shift_folds_into_a_lane_groups_conv(rng):
+    """A shift feeding a grouped conv of 4-channel groups (the lane-groups kernel on every x86
+    host: 8 or 16 lanes) folds into that kernel's pack stage and matches the IR."""
+    c = 16
+    shifts = tuple((int(a), int(b)) for a, b in rng.integers(-1, 2, (c, 2)))
+    nodes = [("conv1", "conv2d", ["x", "w1", "b1"], _conv_attrs(padding=1)), ("r", "relu", ["conv1"], {}),
+             ("s", "shift", ["r"], {"shifts": shifts}),
+             ("conv2", "conv2d", ["s", "w2"], _conv_attrs(stride=2, padding=1, groups=4))]
+    g = _graph((1, 3, 9, 8), nodes, {"w1": rng.standard_normal((c, 3, 3, 3)), "b1": rng.standard_normal(c),
+                                     "w2": rng.standard_normal((c, 4, 3, 3))})
+    kernels = {}
+    calls = _scheduled_calls(g, kernels)
+    assert not any(k.startswith("shave_shift") for k in calls) and sum(k.startswith("shave_conv") for k in calls) == 2
+    assert [(s.kernel, s.shift) for s in kernels if s.groups > 1] == [("lane_groups", True)]
+    x = rng.standard_normal((1, 3, 9, 8)).astype(np.float32)
     cm = shave.compile(g, (torch.from_numpy(x),), passes=[])
     assert rel_err(cm(x), run_graph(g, [x])[0]) < 1e-5
 

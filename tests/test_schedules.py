@@ -645,9 +645,12 @@ GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
 TILE_SPECS.update(BLOCKED_SPECS)
 
 
-def _to_blocked(a, v=8):
+def _to_blocked(a, v=8, fill=0.0):
+    """[N, C, H, W] -> [N, ceil(C/v), H, W, v]; the last block's padding lanes hold `fill`."""
     n, c, h, w = a.shape
-    return np.ascontiguousarray(a.reshape(n, c // v, v, h, w).transpose(0, 1, 3, 4, 2))
+    cb = -(-c // v)
+    a = np.concatenate([a, np.full((n, cb * v - c, h, w), fill, a.dtype)], axis=1)
+    return np.ascontiguousarray(a.reshape(n, cb, v, h, w).transpose(0, 1, 3, 4, 2))
 
 
 def _conv_case(fields, groups=1, seed=0):
@@ -677,17 +680,19 @@ def _kernel_error(spec, case, target=AVX2):
     from shave.backends.tvm.schedules.conv import build_primfunc, pack_weight
 
     x, wt, b, r, ref = case
-    if spec.in_blocked:
-        x = _to_blocked(x, spec.vec)
+    if spec.in_blocked:  # padding lanes of a last block that is not full: finite values no output reads
+        x = _to_blocked(x, spec.vec, fill=7.0)
     if spec.res_blocked:
-        r = _to_blocked(r, spec.vec)
+        r = _to_blocked(r, spec.vec, fill=7.0)
     lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(target))
+    b = np.concatenate([b, np.zeros(spec.bias_len - b.size, np.float32)])
     args = [x, pack_weight(spec, wt), b] + ([r] if spec.residual else []) + [np.zeros(spec.out_shape(), np.float32)]
     bufs = [tvm.runtime.tensor(a, tvm.cpu()) for a in args]
     lib["main"](*bufs)
     out = bufs[-1].numpy()
     if spec.out_blocked:
-        out = out.transpose(0, 1, 4, 2, 3).reshape(ref.shape)
+        n, cb, oh, ow, v = out.shape
+        out = out.transpose(0, 1, 4, 2, 3).reshape(n, cb * v, oh, ow)[:, :ref.shape[1]]
     return np.abs(out - ref).max() / np.abs(ref).max()
 
 
@@ -891,21 +896,22 @@ class NarrowGroups(nn.Module):
 
 
 @pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
-def test_narrow_group_kernel_reads_and_writes_nchw(target):
-    """On AVX-512 the 8-lane grouped kernel reads and writes NCHW (its neighbours' blocks are 16
-    lanes), and the model still computes the block; on AVX2 the same conv is an 8-lane kernel in
-    the blocked chain."""
+def test_narrow_groups_run_group_by_group_in_the_blocked_chain(target):
+    """A grouped conv whose groups (as many input as output channels) are narrower than a vector
+    takes the lane-groups kernel at full width, groups as they are, and stays in the blocked
+    chain with its neighbours (40 channels: a last block with padding lanes on both targets);
+    the model computes the block."""
     import tvm
 
     torch.manual_seed(0)
-    model, x = NarrowGroups().eval(), torch.randn(1, 40, 10, 9)
+    width = 8 if isa(target).fp32_lanes == 16 else 4  # 8-channel groups on AVX-512 (RegNetY), 4 on AVX2
+    model, x = NarrowGroups(width=width).eval(), torch.randn(1, 40, 10, 9)
     kernels = {}
     with tvm.target.Target(target):
         schedule_module(to_relax(shave.capture(model, (x,)), target, kernels), target)
     grouped = [s for s in kernels if s.groups > 1]
-    assert [(s.vec, s.groups) for s in grouped] == [(8, 5)]
-    wide = isa(target).fp32_lanes == 16
-    assert (grouped[0].in_blocked, grouped[0].out_blocked) == ((False, False) if wide else (True, True))
+    assert [(s.kernel, s.vec, s.groups, s.in_blocked, s.out_blocked) for s in grouped] == \
+        [("lane_groups", isa(target).fp32_lanes, 40 // width, True, True)]
     if runs_here(target):
         with torch.no_grad():
             ref = model(x).numpy()
@@ -940,21 +946,75 @@ def test_dense_conv_with_few_output_channels_runs_on_narrower_vectors():
 
 
 def test_half_width_grouped_kernel_computes_the_conv():
-    """The half-width path built for AVX2, which every x86 host runs: 4-channel groups, 5 of them
-    (merged at 8 lanes: one dense conv, 5x the work) run on 4-lane vectors, NCHW in and out."""
+    """The half-width path built for AVX2, which every x86 host runs: 5 groups of 8 input and 4
+    output channels (not the lane-groups kernel's: it needs as many of each), merged at 8 lanes
+    one dense conv (5x the work), run on 4-lane vectors, NCHW in and out."""
     import tvm
 
     torch.manual_seed(0)
-    model, x = NarrowGroups(20, width=4).eval(), torch.randn(1, 20, 10, 9)
+    model = nn.Sequential(nn.Conv2d(16, 40, 1), nn.ReLU(), nn.Conv2d(40, 20, 3, 1, 1, groups=5), nn.ReLU(),
+                          nn.Conv2d(20, 16, 1)).eval()
+    x = torch.randn(1, 16, 10, 9)
     kernels = {}
     with tvm.target.Target(AVX2):
         schedule_module(to_relax(shave.capture(model, (x,)), AVX2, kernels), AVX2)
     grouped = [s for s in kernels if s.groups > 1]
-    assert [(s.vec, s.groups, s.in_blocked, s.out_blocked) for s in grouped] == [(4, 5, False, False)]
+    assert [(s.kernel, s.vec, s.groups, s.in_blocked, s.out_blocked) for s in grouped] == \
+        [("direct", 4, 5, False, False)]
     with torch.no_grad():
         ref = model(x).numpy()
     cm = shave.compile(model, (x,), target=AVX2, passes=[])
     assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+
+
+# grouped convs for the lane-groups kernel: ConvSpec fields (as TILE_SPECS), groups
+LANE_GROUP_SPECS = {
+    # ResNeXt-like 4-channel groups with a residual, batch 2; 72 channels: 9 blocks of 8 (tiles of 2
+    # blocks compute a tenth, which reads the last input block times zero weights), 5 of 16 (ragged)
+    "4ch_res_b2": ((2, 72, 9, 13, 72, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True), 18),
+    # 2-channel groups, stride 2, 24 channels (ragged at 16 lanes)
+    "2ch_s2": ((1, 24, 11, 10, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, None, False), 12),
+    # RegNet-like 8-channel groups (16 lanes only), dilated, 40 channels (ragged)
+    "8ch_dil2": ((1, 40, 7, 9, 40, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), False, "clip:0.0:6.0", False), 5),
+}
+
+
+@pytest.mark.parametrize("isa_name", sorted(FP32_ISAS))
+@pytest.mark.parametrize("name", sorted(LANE_GROUP_SPECS))
+def test_lane_groups_kernel_computes_the_conv(isa_name, name):
+    """The lane-groups kernel (lane_groups.py) for each ISA, whatever the host: it takes the groups
+    narrower than a vector that divide it; it is built with vector FMAs and in-register shuffles and no
+    element-by-element gathers (a lane-dependent read vectorised naively is vpextrd / vinsertps);
+    where the host runs the code, every candidate tile, NCHW and blocked, matches torch."""
+    import re
+
+    import tvm
+
+    from shave.backends.tvm.schedules import lane_groups
+    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles
+
+    target, lanes, fma = FP32_ISAS[isa_name]
+    fields, groups = LANE_GROUP_SPECS[name]
+    cg = fields[1] // groups
+    spec = ConvSpec(*fields, vec=lanes, groups=groups, regs=isa(target).vector_registers, kernel="lane_groups")
+    assert lane_groups.supports(spec) == (cg < lanes)
+    if cg >= lanes:
+        return
+    blocked = dataclasses.replace(spec, in_blocked=True, out_blocked=True, res_blocked=spec.residual)
+    asm = asm_of(tvm.compile(tvm.IRModule({"main": build_primfunc(blocked)}), target=tvm.target.Target(target)))
+    assert re.search(fma, asm), f"no {isa_name} vector FMA in the kernel"
+    if isa_name != "neon":
+        # shuffles: vpermilps / vshufps / vpermps, or vmovsldup / vmovshdup for 2-channel groups
+        assert re.search(r"vperm|vshuf|vmovs[lh]dup", asm) and not re.search(r"vpextrd|vinsertps|vgather", asm)
+    if not runs_here(target):
+        return
+    case = _conv_case(fields, groups)
+    tiles = candidate_tiles(spec)
+    assert len(tiles) >= 2
+    for tile in tiles:
+        for layout in (spec, blocked):
+            s = dataclasses.replace(layout, tile=tile)
+            assert _kernel_error(s, case, target) <= TOL, (tile, s.in_blocked)
 
 
 @pytest.mark.parametrize("fields", [

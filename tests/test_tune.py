@@ -16,10 +16,15 @@ def _model():
                                torch.nn.Conv2d(12, 12, 3, padding=1, groups=12), torch.nn.ReLU6()).eval()
 
 
-def test_default_trace_replays_the_default_kernel():
+@pytest.mark.parametrize("spec", [
+    ConvSpec(1, 5, 9, 11, 12, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", True, 8),
+    # the lane-groups kernel: its trace holds a tensorize of the intrinsic its workload registered
+    ConvSpec(1, 16, 9, 11, 16, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True, 8, groups=4,
+             in_blocked=True, out_blocked=True, kernel="lane_groups"),
+], ids=["direct", "lane_groups"])
+def test_default_trace_replays_the_default_kernel(spec):
     import tvm
 
-    spec = ConvSpec(1, 5, 9, 11, 12, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", True, 8)
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     default_schedule(spec).trace.apply_to_schedule(sch, remove_postproc=False)
     tvm.ir.assert_structural_equal(sch.mod["main"].with_attr("tirx.is_scheduled", True), build_primfunc(spec))

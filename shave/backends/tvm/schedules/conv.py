@@ -32,7 +32,7 @@ v (MobileNetV3's 72 and 88 on 16 lanes) round up to whole blocks: the last block
 padding lanes hold finite values that no kernel reads into a real channel (the
 packed weights are zero there), so dense and depthwise kernels read and write
 that layout as well (conv_spec.blocked_shape); grouped and Winograd kernels need
-whole blocks.
+whole blocks (lane_groups.py's kernel, for groups narrower than a vector, does not).
 
 This kernel is `Direct` in the registry of kernels.py; the module's functions
 default_tile / candidate_tiles / pack_weight / compute_primfunc / default_schedule /
@@ -196,24 +196,30 @@ def reads_input_in_place(spec: ConvSpec) -> bool:
             and p["owp"] == spec.ow and p["vi"] == spec.vec)
 
 
+def plan_tile(spec: ConvSpec, tile: tuple[int, int]) -> dict:
+    """The output tiling every kernel on this module's register tiles shares: output blocks
+    `ocb` rounded up to whole tiles of `ocb_in`, the width `owp` to whole tiles of `reg_n`."""
+    ocb_in, reg_n = tile
+    if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
+        raise ValueError(f"invalid conv tile {tile}")
+    ocb = math.ceil(spec.oc / spec.vec)
+    return {"ocb": math.ceil(ocb / ocb_in) * ocb_in, "ocb_in": ocb_in, "reg_n": reg_n,
+            "owp": math.ceil(spec.ow / reg_n) * reg_n}
+
+
 def plan(spec: ConvSpec) -> dict:
     """Tiling decisions for a layer (for a 1x1 conv: on its flat view)."""
     spec = flat_view(spec)
     v = spec.vec
-    ocb = math.ceil(spec.oc / v)
-    ocb_in, reg_n = spec.tile or _direct_default_tile(spec)
-    if ocb_in < 1 or reg_n < 1 or (spec.depthwise and ocb_in != 1):
-        raise ValueError(f"invalid conv tile {spec.tile}")
+    p = plan_tile(spec, spec.tile or _direct_default_tile(spec))
     cg = spec.c // spec.groups
     if spec.groups > 1 and (spec.depthwise or (spec.oc // spec.groups) % v or (cg % v and cg > v)
                             or (spec.in_blocked and cg % v)):
         raise ValueError(f"grouped conv {spec.c}->{spec.oc} in {spec.groups} groups does not fit vector blocks of {v}")
-    owp = math.ceil(spec.ow / reg_n) * reg_n
-    ocb = math.ceil(ocb / ocb_in) * ocb_in
     # input-channel block: v, or all channels when there are fewer (the 3-channel stem)
     # (a grouped conv: the channels of one group, so blocks never straddle two groups)
     vi = v if spec.depthwise else min(v, spec.c // spec.groups)
-    return {"ocb": ocb, "ocb_in": ocb_in, "reg_n": reg_n, "owp": owp, "icb": math.ceil(spec.c / vi), "vi": vi,
+    return {**p, "icb": math.ceil(spec.c / vi), "vi": vi,
             "icb_g": math.ceil(spec.c // spec.groups / vi), "ocb_g": spec.oc // spec.groups // v}
 
 
@@ -242,20 +248,46 @@ def _direct_default_schedule(spec: ConvSpec):
     return sch
 
 
+def pack_stage(spec: ConvSpec, X, vi: int, cb: int, owp: int, DY=None, DX=None):
+    """The `pack` stage: X zero-padded as [N, cb, Hp, Wp, vi] (channel i * vi + j; channels past C
+    zero), the rows and columns the conv's output rows and `owp` padded columns read; read
+    through the per-channel shifts DY, DX where given. A blocked X (vi == v) is copied block by
+    block; where the conv reads it in place the stage is a plain read (inlined by the schedule)."""
+    from tvm import te, tirx
+
+    c, h, w = spec.c, spec.h, spec.w
+    (sh, sw), (dh, dw) = spec.stride, spec.dilation
+    pt, pl = spec.pad[0], spec.pad[1]
+    hp = (spec.oh - 1) * sh + dh * (spec.kh - 1) + 1
+    wp = (owp - 1) * sw + dw * (spec.kw - 1) + 1
+    in_place = reads_input_in_place(spec)
+
+    def pack_fn(b, i, y, x, j):
+        ch = i * vi + j
+        iy, ix = y - pt, x - pl
+        inside = [iy >= 0, iy < h, ix >= 0, ix < w]
+        if DY is not None:  # a folded shift: read X[ch, iy - dy[ch], ix - dx[ch]]; zero outside X or in the padding
+            iy, ix = iy - DY[tirx.min(ch, c - 1)], ix - DX[tirx.min(ch, c - 1)]
+            inside += [iy >= 0, iy < h, ix >= 0, ix < w]
+        if spec.in_blocked:  # vi == v: channels past C are the last block's padding lanes
+            if in_place:  # always inside X: a plain read, so inlining it leaves no branch in the reduction
+                return X[b, i, iy, ix, j]
+            return tirx.if_then_else(tirx.all(*inside), X[b, i, iy, ix, j], tirx.const(0.0, "float32"))
+        ok = tirx.all(ch < c, *inside)
+        return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
+
+    return te.compute((spec.n, cb, hp, wp, vi), pack_fn, name="pack")
+
+
 def _direct_compute_primfunc(spec: ConvSpec):
     from tvm import te, tirx
 
     spec = flat_view(spec)
     v = spec.vec
     p = plan(spec)
-    ocb, ocb_in, reg_n, owp, icb, vi = p["ocb"], p["ocb_in"], p["reg_n"], p["owp"], p["icb"], p["vi"]
-    n, c, h, w = spec.n, spec.c, spec.h, spec.w
-    kh, kw = spec.kh, spec.kw
+    ocb, owp, icb, vi = p["ocb"], p["owp"], p["icb"], p["vi"]
+    n, c, oh, kh, kw = spec.n, spec.c, spec.oh, spec.kh, spec.kw
     (sh, sw), (dh, dw) = spec.stride, spec.dilation
-    pt, pl = spec.pad[0], spec.pad[1]
-    oh = spec.oh
-    hp = (oh - 1) * sh + dh * (kh - 1) + 1
-    wp = (owp - 1) * sw + dw * (kw - 1) + 1
     cb = ocb if spec.depthwise else icb
 
     w_shape = (ocb, kh, kw, v) if spec.depthwise else (ocb, p["icb_g"], kh, kw, vi, v)
@@ -266,23 +298,7 @@ def _direct_compute_primfunc(spec: ConvSpec):
         DY, DX = te.placeholder((c,), "int32", name="DY"), te.placeholder((c,), "int32", name="DX")
         args += [DY, DX]
 
-    in_place = reads_input_in_place(spec)
-
-    def pack_fn(b, i, y, x, j):
-        ch = i * vi + j
-        iy, ix = y - pt, x - pl
-        inside = [iy >= 0, iy < h, ix >= 0, ix < w]
-        if DY is not None:  # a folded shift: read X[ch, iy - dy[ch], ix - dx[ch]]; zero outside X or in the padding
-            iy, ix = iy - DY[tirx.min(ch, c - 1)], ix - DX[tirx.min(ch, c - 1)]
-            inside += [iy >= 0, iy < h, ix >= 0, ix < w]
-        if spec.in_blocked:  # vi == v and c % v == 0: every channel of the block exists
-            if in_place:  # always inside X: a plain read, so inlining it leaves no branch in the reduction
-                return X[b, i, iy, ix, j]
-            return tirx.if_then_else(tirx.all(*inside), X[b, i, iy, ix, j], tirx.const(0.0, "float32"))
-        ok = tirx.all(ch < c, *inside)
-        return tirx.if_then_else(ok, X[b, tirx.min(ch, c - 1), iy, ix], tirx.const(0.0, "float32"))
-
-    P = te.compute((n, cb, hp, wp, vi), pack_fn, name="pack")
+    P = pack_stage(spec, X, vi, cb, owp, DY, DX)
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
     if spec.depthwise:
@@ -331,7 +347,6 @@ def _pixels_major(spec: ConvSpec, p: dict) -> bool:
 
 
 def _schedule(sch, spec: ConvSpec, p: dict) -> None:
-    v = spec.vec
     reg_n, ocb_in = p["reg_n"], p["ocb_in"]
     par = worth_parallel(sch.mod["main"])
     pack = sch.get_sblock("pack")
@@ -389,15 +404,21 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     for lp in unrolled:
         sch.unroll(lp)
     sch.reverse_compute_at(out, xo)
-    init = sch.decompose_reduction(conv, first_r)
-    iloops = sch.get_loops(init)
-    sch.vectorize(iloops[-1])
-    for lp in iloops[-1 - len(unrolled):-1]:
+    schedule_tile_ends(sch, sch.decompose_reduction(conv, first_r), out, spec, len(unrolled))
+
+
+def schedule_tile_ends(sch, init, out, spec: ConvSpec, tile_loops: int) -> None:
+    """The accumulator's zeroing (`init`, from decompose_reduction) and the output stage `out`, both
+    under the register-tile loop: the lanes vectorised, the tile's `tile_loops` loops (channel
+    blocks, columns) unrolled; an NCHW output's scatter unrolled over its last two loops."""
+    loops = sch.get_loops(init)
+    sch.vectorize(loops[-1])
+    for lp in loops[-1 - tile_loops:-1]:
         sch.unroll(lp)
     if spec.out_blocked:  # under xo: (channel blocks of the tile,) columns, lanes
-        tile_loops = sch.get_loops(out)[-(len(unrolled) + 1):]
-        sch.vectorize(tile_loops[-1])
-        for lp in tile_loops[:-1]:
+        loops = sch.get_loops(out)[-(tile_loops + 1):]
+        sch.vectorize(loops[-1])
+        for lp in loops[:-1]:
             sch.unroll(lp)
     else:
         for lp in sch.get_loops(out)[-2:]:
@@ -406,11 +427,11 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
 
 @register
 class Direct(ConvKernelType):
-    """The direct kernel (this module): dense, grouped (groups filling vector blocks, fusion
-    merges narrower ones) and depthwise convs of any kernel size, stride, dilation and padding,
+    """The direct kernel (this module): dense, grouped (groups filling vector blocks; fusion
+    merges narrower ones the lane-groups kernel does not take) and depthwise convs of any kernel size, stride, dilation and padding,
     with an input shift folded in; blocked values with padded last blocks in and out."""
 
-    name, priority, ragged = "direct", 0, True
+    name, priority = "direct", 0
     default_tile = staticmethod(_direct_default_tile)
     candidate_tiles = staticmethod(_direct_candidate_tiles)
     pack_weight = staticmethod(_direct_pack_weight)
@@ -419,3 +440,6 @@ class Direct(ConvKernelType):
 
     def supports(self, spec) -> bool:
         return True
+
+    def ragged(self, spec) -> bool:
+        return spec.groups == 1

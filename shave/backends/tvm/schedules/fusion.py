@@ -4,7 +4,9 @@ the values between those kernels are kept: decided on shave's IR, before lowerin
 A kernel computes `layer -> [add of a residual] -> [activation]` (Graph.epilogue; an activation
 qualifies when its op has an `epilogue` trait in the registry, the expression conv_spec._act
 evaluates). The layer is a float32 conv2d with constant weights (dense; grouped where the groups
-fill vector blocks, narrower groups merged; depthwise), or a 2-d linear layer with constant
+fill vector blocks; groups narrower than a vector with as many input as output channels, e.g.
+ResNeXt's and RegNet's, group by group inside the vector: lane_groups.py; other narrow groups
+merged; depthwise), or a 2-d linear layer with constant
 weights, computed as a 1x1 conv with the batch along the width (the weights are then read once
 per call; TVM's legalized matmul reads them strided, once per output). A `shift` read only by
 the conv is folded into the kernel's input packing.
@@ -12,7 +14,7 @@ the conv is folded into the kernel's input packing.
 Layout: a kernel's output that only other kernels read (as their input or residual) stays
 blocked ([N, C/v, H, W, v]) and both transposes between the kernels go. Channel counts that
 are not a multiple of v are rounded up to whole blocks for the kernels that can (ragged_blocks:
-dense and depthwise direct convs), so MobileNetV3's 72 / 88 / 120 channels stay blocked on
+dense and depthwise direct convs, lane-groups convs), so MobileNetV3's 72 / 88 / 120 channels stay blocked on
 16-lane AVX-512 as they do on 8-lane AVX2.
 Global average pools and per-channel gate multiplies (the squeeze-and-excitation blocks of
 MobileNetV3, EfficientNet, RegNetY) also read the blocked layout, and a gate multiply whose
@@ -31,6 +33,7 @@ import numpy as np
 
 from ....ir import Graph, Node, get_op
 from .conv import ConvSpec, build_primfunc, pack_weight
+from . import lane_groups
 from .kernels import choose, kernel_of
 
 
@@ -86,12 +89,12 @@ def kernel_groups(c: int, oc: int, groups: int, vec: int) -> int:
 
 
 def grouped_lanes(c: int, oc: int, groups: int, vec: int) -> tuple[int, int]:
-    """(vector lanes, kernel groups) for a grouped conv on a CPU with `vec` fp32 lanes: the full
-    width, unless merging groups narrower than a vector would compute more than twice the conv's
-    multiply-adds where half-width vectors (ymm on AVX-512, xmm on AVX2) would merge fewer, at
-    half the lanes per instruction. RegNetY's 8-channel groups on AVX-512: merged into 16-lane
-    blocks there were none (104 channels in 13 groups ran as one dense conv, 13x the work);
-    at 8 lanes the groups run as they are."""
+    """(vector lanes, kernel groups) for a grouped conv the lane-groups kernel does not take, on a
+    CPU with `vec` fp32 lanes: the full width, unless merging groups narrower than a vector would
+    compute more than twice the conv's multiply-adds where half-width vectors (ymm on AVX-512,
+    xmm on AVX2) would merge fewer, at half the lanes per instruction (5 groups of 8 input and 4
+    output channels on 8 lanes: one dense conv, 5x the work; on 4 lanes the groups as they are).
+    Such half-width kernels read and write NCHW."""
     g = kernel_groups(c, oc, groups, vec)
     while vec >= 8:
         half = vec // 2
@@ -161,7 +164,13 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
         depthwise, kgroups = True, 1
     elif icg * groups == c and oc % groups == 0:
         depthwise = False
-        vec, kgroups = grouped_lanes(c, oc, groups, vec) if groups > 1 else (narrow_lanes(oc, vec), 1)
+        if groups > 1 and lane_groups.supports_groups(c, oc, groups, vec):
+            # group by group inside the vector, at full width (ResNeXt-50 at batch 8: 0.95x the
+            # time of its 4- and 8-channel groups merged into 16-lane blocks; RegNetY-400MF 0.92x
+            # that of its 8-lane NCHW kernels; docs/tvm-notes.md)
+            kgroups = groups
+        else:
+            vec, kgroups = grouped_lanes(c, oc, groups, vec) if groups > 1 else (narrow_lanes(oc, vec), 1)
     else:
         return None
     pad = tuple(int(p) for p in a["padding"])
@@ -294,7 +303,7 @@ def ragged_blocks(k: ConvKernel) -> bool:
     whole blocks (conv_spec.blocked_shape's padding lanes): dense and depthwise direct convs do;
     grouped convs (whose blocks must not straddle groups), kernels whose class says so (kernels.py:
     Winograd's) and linear layers need whole blocks."""
-    return not k.linear and k.spec.groups == 1 and kernel_of(k.spec).ragged
+    return not k.linear and kernel_of(k.spec).ragged(k.spec)
 
 
 def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, set, dict, dict]:

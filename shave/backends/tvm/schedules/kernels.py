@@ -11,8 +11,9 @@ computation (`compute_primfunc`: the workload a tuner schedules) and the default
 dispatch on the spec through `kernel_of`, so the planner, the lowering, the layer timer and
 the tuner never branch on the kernel.
 
-The direct kernel (conv.py: dense, grouped and depthwise, any size) and the Winograd F(2x2, 3x3)
-kernel (winograd.py) are registered here when their modules load. A new kernel is a subclass
+The direct kernel (conv.py: dense, grouped and depthwise, any size), the Winograd F(2x2, 3x3)
+kernel (winograd.py) and the lane-groups kernel (lane_groups.py: groups narrower than a
+vector, computed inside it with shuffles) are registered here when their modules load. A new kernel is a subclass
 with a unique `name`, registered with `@register`; `choose(spec)` gives it the convs its
 `chosen` accepts, before kernels of lower `priority` (the direct kernel, priority 0, takes
 every conv no other kernel is chosen for).
@@ -27,11 +28,15 @@ class ConvKernelType:
 
     name = ""
     priority = 0  # choose() asks kernels of higher priority first
-    ragged = False  # reads and writes blocked values with padding lanes (a last block not full)
 
     def supports(self, spec) -> bool:
         """Whether this kernel computes the conv `spec` describes (layouts aside)."""
         raise NotImplementedError
+
+    def ragged(self, spec) -> bool:
+        """Whether the kernel reads and writes blocked values with padding lanes (a last block
+        not full, conv_spec.blocked_shape) for the conv `spec`."""
+        return False
 
     def chosen(self, spec) -> bool:
         """Whether the planner gives this kernel the conv by default (measured rules)."""
@@ -65,7 +70,7 @@ def _load() -> None:
     """Import the modules whose kernels register themselves."""
     import importlib
 
-    for module in ("conv", "winograd"):
+    for module in ("conv", "winograd", "lane_groups"):
         importlib.import_module(f"{__package__}.{module}")
 
 

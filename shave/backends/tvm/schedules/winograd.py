@@ -329,7 +329,7 @@ def _schedule_staged(sch, spec: ConvSpec, p: dict, par: bool) -> None:
 class Winograd(ConvKernelType):
     """This module's kernel, chosen for the convs `use_winograd` accepts; whole channel blocks only."""
 
-    name, priority, ragged = "winograd", 10, False
+    name, priority = "winograd", 10
     supports = staticmethod(supports)
     chosen = staticmethod(use_winograd)
     default_tile = staticmethod(default_tile)
