@@ -210,6 +210,10 @@ def tune_module(make_mod, target: dict, opts: TuneOptions):
 def _open(d: Path):
     from tvm.s_tir import meta_schedule as ms
 
+    from .schedules import lane_groups
+
+    # the records' traces name the tensor intrinsics they tensorize: reading them needs those registered
+    lane_groups.register_intrinsics()
     try:
         d.mkdir(parents=True, exist_ok=True)
         db = ms.database.JSONDatabase(path_workload=str(d / "workloads.json"),

@@ -101,6 +101,15 @@ def _register_intrin(cg: int, v: int) -> str:
     return name
 
 
+def register_intrinsics() -> None:
+    """Register the step of every group width and vector width the kernel can be built with (a
+    tuning database's records name them in their traces, and reading the records needs them)."""
+    for v in (4, 8, 16):
+        for cg in (2, 4, 8):
+            if cg < v:
+                _register_intrin(cg, v)
+
+
 def plan(spec: ConvSpec) -> dict:
     """Tiling decisions (as conv.plan's: ocb rounded up to whole tiles, padded width owp)."""
     p = plan_tile(spec, spec.tile or _direct_default_tile(spec))
