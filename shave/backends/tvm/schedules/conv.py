@@ -428,8 +428,9 @@ def schedule_tile_ends(sch, init, out, spec: ConvSpec, tile_loops: int) -> None:
 @register
 class Direct(ConvKernelType):
     """The direct kernel (this module): dense, grouped (groups filling vector blocks; fusion
-    merges narrower ones the lane-groups kernel does not take) and depthwise convs of any kernel size, stride, dilation and padding,
-    with an input shift folded in; blocked values with padded last blocks in and out."""
+    merges narrower ones the lane-groups kernel does not take) and depthwise convs of any
+    kernel size, stride, dilation and padding, with an input shift folded in; blocked values
+    with padded last blocks in and out (not for grouped convs)."""
 
     name, priority = "direct", 0
     default_tile = staticmethod(_direct_default_tile)

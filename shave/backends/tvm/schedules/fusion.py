@@ -14,8 +14,8 @@ the conv is folded into the kernel's input packing.
 Layout: a kernel's output that only other kernels read (as their input or residual) stays
 blocked ([N, C/v, H, W, v]) and both transposes between the kernels go. Channel counts that
 are not a multiple of v are rounded up to whole blocks for the kernels that can (ragged_blocks:
-dense and depthwise direct convs, lane-groups convs), so MobileNetV3's 72 / 88 / 120 channels stay blocked on
-16-lane AVX-512 as they do on 8-lane AVX2.
+dense and depthwise direct convs, lane-groups convs), so MobileNetV3's 72 / 88 / 120 channels
+stay blocked on 16-lane AVX-512 as they do on 8-lane AVX2.
 Global average pools and per-channel gate multiplies (the squeeze-and-excitation blocks of
 MobileNetV3, EfficientNet, RegNetY) also read the blocked layout, and a gate multiply whose
 product only kernels read writes it blocked: the depthwise conv before an SE block and the
@@ -300,9 +300,10 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
 
 def ragged_blocks(k: ConvKernel) -> bool:
     """Whether kernel `k` reads and writes the blocked layout also where its channels do not fill
-    whole blocks (conv_spec.blocked_shape's padding lanes): dense and depthwise direct convs do;
-    grouped convs (whose blocks must not straddle groups), kernels whose class says so (kernels.py:
-    Winograd's) and linear layers need whole blocks."""
+    whole blocks (conv_spec.blocked_shape's padding lanes), as its kernel class says
+    (kernels.py, `ragged`): dense and depthwise direct convs and lane-groups convs do; the direct
+    kernel's grouped convs (whose blocks must not straddle groups), Winograd's and linear layers
+    need whole blocks."""
     return not k.linear and kernel_of(k.spec).ragged(k.spec)
 
 

@@ -13,8 +13,8 @@ the tuner never branch on the kernel.
 
 The direct kernel (conv.py: dense, grouped and depthwise, any size), the Winograd F(2x2, 3x3)
 kernel (winograd.py) and the lane-groups kernel (lane_groups.py: groups narrower than a
-vector, computed inside it with shuffles) are registered here when their modules load. A new kernel is a subclass
-with a unique `name`, registered with `@register`; `choose(spec)` gives it the convs its
+vector, computed inside it with shuffles) are registered here when their modules load. A new
+kernel is a subclass with a unique `name`, registered with `@register`; `choose(spec)` gives it the convs its
 `chosen` accepts, before kernels of lower `priority` (the direct kernel, priority 0, takes
 every conv no other kernel is chosen for).
 """

@@ -14,7 +14,7 @@ block. The reduction step, for one output column and one tap, is
 
     acc[j] += X[(j // cg) * cg + i] * W[i, j]    for i < cg, j < v
 
-which is a tensor intrinsic (`INTRIN`): one vector load of the input block, then per i a
+which is a tensor intrinsic (`intrin_name(cg, v)`): one vector load of the input block, then per i a
 shuffle of it (`T.Shuffle`: lane j takes lane (j // cg) * cg + i, within a 128-bit lane for
 cg <= 4: one vshufps / vpermilps; across lanes for cg = 8: one vpermps) and an FMA with the
 weights of the v output channels. That is cg FMAs per tap and column for v output channels, as
