@@ -974,6 +974,8 @@ LANE_GROUP_SPECS = {
     "4ch_res_b2": ((2, 72, 9, 13, 72, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True), 18),
     # 2-channel groups, stride 2, 24 channels (ragged at 16 lanes)
     "2ch_s2": ((1, 24, 11, 10, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, None, False), 12),
+    # a one-row output: the parallel tasks are chunks of tiles along the row (conv.parallel_tasks)
+    "4ch_row": ((2, 32, 1, 70, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False), 8),
     # RegNet-like 8-channel groups (16 lanes only), dilated, 40 channels (ragged)
     "8ch_dil2": ((1, 40, 7, 9, 40, 3, 3, (1, 1), (2, 2, 2, 2), (2, 2), False, "clip:0.0:6.0", False), 5),
 }

@@ -357,12 +357,7 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
         sch.compute_inline(pack)
     elif not pack_per_tile:
-        # pack: one pass, parallel over (n, cblock, row)
-        b, i, y, x, j = sch.get_loops(pack)
-        if par:
-            sch.parallel(sch.fuse(b, i, y))
-        if vector_pack:
-            sch.vectorize(j)
+        schedule_pack_pass(sch, pack, spec, par)
     # conv
     # the accumulator stays "global": compacted to the register tile (< STACK_BYTES) it is a
     # stack array that LLVM keeps in registers; "local" made it a workspace call per row or tile
@@ -386,16 +381,7 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         oo, oi = sch.split(o, [None, ocb_in])
         xo, xi = sch.split(x, [None, reg_n])
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
-        pixels_major = _pixels_major(spec, p)
-        if spec.oh == 1:  # a flat view (one long row): chunks of tiles along it are the parallel work
-            xc, xo = sch.split(xo, [None, _tiles_per_chunk(p)])
-            if pixels_major:
-                sch.reorder(b, y, xc, oo)
-            outer = sch.fuse(b, y, xc, oo) if pixels_major else sch.fuse(b, oo, y, xc)
-        else:
-            if pixels_major:
-                sch.reorder(b, y, oo)
-            outer = sch.fuse(b, y, oo) if pixels_major else sch.fuse(b, oo, y)
+        outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
         first_r = rcb
         unrolled = [oi, xi]
     if par:
@@ -405,6 +391,32 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         sch.unroll(lp)
     sch.reverse_compute_at(out, xo)
     schedule_tile_ends(sch, sch.decompose_reduction(conv, first_r), out, spec, len(unrolled))
+
+
+def schedule_pack_pass(sch, pack, spec: ConvSpec, par: bool) -> None:
+    """The pack stage as one pass over the input: parallel over (n, channel block, row) where the
+    kernel is, vectorised over a block's lanes where the input is blocked and not shifted (a
+    shift makes the read index depend on the lane)."""
+    b, i, y, x, j = sch.get_loops(pack)
+    if par:
+        sch.parallel(sch.fuse(b, i, y))
+    if spec.in_blocked and not spec.shift:
+        sch.vectorize(j)
+
+
+def parallel_tasks(sch, spec: ConvSpec, p: dict, b, oo, y, xo):
+    """(the fused loop of a dense kernel's parallel tasks, the register-tile loop): images, output
+    rows and output-channel groups `oo`, ordered pixels-major or channels-major (_pixels_major);
+    on a one-row output (a flat view) chunks of tiles along the row instead of rows."""
+    pixels_major = _pixels_major(spec, p)
+    if spec.oh == 1:  # a flat view (one long row): chunks of tiles along it are the parallel work
+        xc, xo = sch.split(xo, [None, _tiles_per_chunk(p)])
+        if pixels_major:
+            sch.reorder(b, y, xc, oo)
+        return (sch.fuse(b, y, xc, oo) if pixels_major else sch.fuse(b, oo, y, xc)), xo
+    if pixels_major:
+        sch.reorder(b, y, oo)
+    return (sch.fuse(b, y, oo) if pixels_major else sch.fuse(b, oo, y)), xo
 
 
 def schedule_tile_ends(sch, init, out, spec: ConvSpec, tile_loops: int) -> None:

@@ -31,8 +31,8 @@ import math
 
 import numpy as np
 
-from .conv import (_direct_candidate_tiles, _direct_default_tile, _pixels_major, pack_stage, plan_tile,
-                   schedule_tile_ends)
+from .conv import (_direct_candidate_tiles, _direct_default_tile, pack_stage, parallel_tasks, plan_tile,
+                   schedule_pack_pass, schedule_tile_ends)
 from .conv_spec import ConvSpec, kernel_args, output_stage
 from .kernels import ConvKernelType, register
 from .parallel import worth_parallel
@@ -162,20 +162,12 @@ def default_schedule(spec: ConvSpec):
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     par = worth_parallel(sch.mod["main"])
     pack, conv, out = sch.get_sblock("pack"), sch.get_sblock("conv"), sch.get_sblock("out")
-    b, i, y, x, j = sch.get_loops(pack)
-    if par:
-        sch.parallel(sch.fuse(b, i, y))
-    if spec.in_blocked and not spec.shift:  # a shift makes the read index depend on the lane
-        sch.vectorize(j)
+    schedule_pack_pass(sch, pack, spec, par)
     b, o, y, x, j, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     xo, xi = sch.split(x, [None, p["reg_n"]])
     sch.reorder(b, oo, y, xo, rkh, rkw, oi, xi, rci, j)
-    if _pixels_major(spec, p):
-        sch.reorder(b, y, oo)
-        outer = sch.fuse(b, y, oo)
-    else:
-        outer = sch.fuse(b, oo, y)
+    outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
     if par:
         sch.parallel(outer)
     sch.reverse_compute_at(out, xo)
