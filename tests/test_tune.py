@@ -117,6 +117,44 @@ def test_tile_search_keeps_the_default_unless_a_tile_wins_twice(tmp_path, monkey
     assert "chosen" in next(iter(tune._load_ledger(tmp_path).values()))
 
 
+def test_a_new_default_tile_rule_keeps_the_measured_tiles(tmp_path, monkeypatch):
+    """A layer's ledger key does not depend on its default tile: after the default rule
+    changes, a compile finds the layer's measured candidates (nothing measured again) and
+    chooses again against the new default."""
+    from tvm.s_tir import meta_schedule as ms
+
+    from shave.backends.tvm import tune
+    from shave.backends.tvm.schedules import conv
+
+    spec = ConvSpec(1, 32, 14, 14, 64, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False, 8)
+    tiles = conv.candidate_tiles(spec)
+    fast = tiles[2]  # the fastest candidate, but within TILE_MARGIN of the first default: not chosen
+    calls = []
+
+    def fake_measure(ms_, mods, tgt, runner, opts):
+        calls.append(len(mods))
+        return [0.99 if t == fast else 1.0 for t in tiles]
+
+    monkeypatch.setattr(tune, "_measure", fake_measure)
+    opts = shave.TuneOptions(trials=0, database=tmp_path, progress=False)
+    ledger = {}
+    first, _ = tune._choose_tiles(ms, [spec], {"kind": "llvm"}, None, opts, ledger, lambda: None, tune.TuneResult())
+    assert calls == [len(tiles)] and first[spec] == conv.default_tile(spec) != fast
+
+    def new_rule(s):  # another default rule: `fast` is now the default tile
+        return fast
+
+    monkeypatch.setattr(conv, "_direct_default_tile", new_rule)
+    monkeypatch.setattr(conv.Direct, "default_tile", staticmethod(new_rule))
+    assert conv.default_tile(spec) == fast and conv.candidate_tiles(spec)[0] == fast
+    calls.clear()
+    ledger = tune._load_ledger(tmp_path)
+    again, _ = tune._choose_tiles(ms, [spec], {"kind": "llvm"}, None, opts, ledger, lambda: None, tune.TuneResult())
+    assert calls == [] and again[spec] == fast
+    [entry] = [v for k, v in ledger.items() if k.startswith("tiles:")]
+    assert entry["default"] == entry["chosen"] == "{}x{}".format(*fast)
+
+
 def test_a_database_holding_lane_groups_records_opens_in_a_fresh_process(tmp_path):
     """The lane-groups kernel's default schedule, recorded in the database as the tuner records it,
     names its tensor intrinsic in the trace: a new process that has built no such kernel yet

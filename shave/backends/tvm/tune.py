@@ -42,6 +42,7 @@ from pathlib import Path
 from ...errors import CompileError
 
 LEDGER = "shave-tasks.json"
+KEY_TILE = (1, 1)  # the register tile a layer's ledger key is computed at (any valid tile names the layer)
 TILE_MARGIN = 0.97  # a non-default tile must take at most this fraction of the default's time, twice
 
 
@@ -223,6 +224,12 @@ def _open(d: Path):
     return db, _load_ledger(d)
 
 
+def _tile_key(spec, target: dict) -> str:
+    """Ledger key of a layer's tile search: its workload at KEY_TILE, not at its default tile, so
+    the tiles measured stay valid when the default rule changes."""
+    return "tiles:" + _key(_workload(dataclasses.replace(spec, tile=KEY_TILE)), target)
+
+
 def _workload(spec):
     import tvm
 
@@ -238,10 +245,15 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
 
     todo = []  # (spec, key, tile)
     errors: dict = {}  # spec -> why its default tile failed to run
-    keys = {spec: "tiles:" + _key(_workload(spec), target) for spec in specs}
+    keys = {spec: _tile_key(spec, target) for spec in specs}
     for spec, key in keys.items():
-        if key not in ledger:
-            todo += [(spec, key, t) for t in candidate_tiles(spec)]
+        entry = ledger.get(key, {})
+        todo += [(spec, key, t) for t in candidate_tiles(spec) if "{}x{}".format(*t) not in entry.get("candidates", {})]
+        default = "{}x{}".format(*default_tile(spec))
+        if entry.get("default", default) != default:  # chosen against another default rule's tile: choose again
+            entry.pop("chosen", None)
+            entry.pop("confirm", None)
+            entry["default"] = default
     if todo:
         secs = _measure(ms, [default_schedule(dataclasses.replace(sp, tile=t)).mod for sp, _, t in todo],
                         tgt, get_runner(), opts)
@@ -249,6 +261,8 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
         for (spec, key, tile), sec in zip(todo, secs):
             entry = ledger.setdefault(key, {"candidates": {}})
             entry["candidates"][f"{tile[0]}x{tile[1]}"] = sec if not isinstance(sec, str) else None
+            entry.pop("chosen", None)  # a new candidate: choose again
+            entry.pop("confirm", None)
             if isinstance(sec, str) and tile == default_tile(spec):
                 errors[spec] = sec
             entry["default"] = "{}x{}".format(*default_tile(spec))
