@@ -748,6 +748,21 @@ def test_task_order_follows_the_memory_traffic():
     assert not order(1, 2048, 1, 8, 2048)  # 16 MB of weights, 8 columns: reading them per chunk is the most
 
 
+def test_default_dense_tile_by_register_count():
+    """The direct kernel's default register tile: 2 channel blocks with 16 registers, one block
+    and up to 12 columns with 32 (where a row has 4 or more columns; a 1x1 map keeps 2 blocks)."""
+    from shave.backends.tvm.schedules.conv import ConvSpec, default_tile
+
+    pointwise = ConvSpec(1, 64, 56, 56, 128, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", False, 16)
+    se = dataclasses.replace(pointwise, h=1, w=1)
+    k3 = ConvSpec(1, 64, 7, 7, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False, 16)
+    for spec in (pointwise, se, k3):
+        assert default_tile(spec)[0] == 2
+    assert default_tile(dataclasses.replace(pointwise, regs=32)) == (1, 8)  # 3136 = 392 x 8: no padded column
+    assert default_tile(dataclasses.replace(k3, regs=32)) == (1, 7)
+    assert default_tile(dataclasses.replace(se, regs=32)) == default_tile(se)
+
+
 def test_flat_view_of_pointwise_convs():
     """1x1 stride-1 unpadded convs run on the 1 x H*W view, with the spec's own tensor shapes
     in the kernel's signature; other convs are left as they are."""

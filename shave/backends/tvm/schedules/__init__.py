@@ -35,7 +35,8 @@ leaves them alone):
 
    Register tile: `reg_n` output columns x `ocb_in` channel blocks
    (2 x 4..6 for dense, 3 x 4 when there are 3 blocks, 1 x 8 for depthwise:
-   8-12 of the 16 ymm registers as accumulators), fully unrolled, the output
+   8-12 of the 16 ymm registers as accumulators; with 32 registers, dense
+   1 x up to 12 where a row has 4 or more columns), fully unrolled, the output
    width padded to a multiple of reg_n inside the kernel so odd widths keep
    the same inner loop. The outer (batch, channel block, output row) loops are
    fused and run in parallel. A 1x1 stride-1 unpadded conv is computed on its

@@ -154,11 +154,16 @@ def compute_primfunc(spec: ConvSpec):
 
 
 def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
-    """(ocb_in, reg_n) of the direct kernel's default plan: 8-12 accumulators of the 16 ymm registers."""
+    """(ocb_in, reg_n) of the direct kernel's default plan. With 16 registers (AVX2): 8-12
+    accumulators, 2 channel blocks x up to 6 columns. With 32 (AVX-512, NEON): one channel block
+    x up to 12 columns, where a row has at least 4 (the tile search's choices over every family
+    on an AVX-512 host: docs/tvm-notes.md, "default register tile on 32 registers")."""
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         return 1, _pick_reg_n(spec.ow, _dw_max_reg(spec))
+    if spec.regs >= 32 and spec.ow >= 4:
+        return 1, _pick_reg_n(spec.ow, 12)
     if ocb == 3:  # 2 would compute a fourth, empty block
         return 3, _pick_reg_n(spec.ow, 4)
     ocb_in = 2 if ocb >= 2 else 1
