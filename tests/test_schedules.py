@@ -1,5 +1,6 @@
 """Scheduled conv kernels and the generic CPU rule against PyTorch, over awkward shapes."""
 import dataclasses
+import re
 import zlib
 
 import numpy as np
@@ -522,7 +523,6 @@ def _elementwise_on_avx2(fn, x: np.ndarray):
 def test_vector_sigmoid_is_accurate_and_has_no_libm_calls():
     """The SiLU / sigmoid epilogue: within 2e-7 relative of torch over [-100, 100], NaN kept, and no
     per-lane expf call left in the kernel (LLVM's llvm.exp scalarises to them)."""
-    import re
 
     import tvm
 
@@ -544,7 +544,6 @@ def test_vector_gelu_is_accurate_and_has_no_libm_calls():
     """GELU's erf as a rational function (legalize.vector_erf): within 1e-6 of the exact GELU
     over [-10, 10], NaN and infinities as PyTorch's AVX2 kernel, no erff call left in the legalized kernel."""
     import math
-    import re
 
     from shave.backends.tvm.schedules.legalize import vector_gelu
 
@@ -595,7 +594,6 @@ def test_fp32_conv_kernel_for_each_isa(isa_name, name):
     """Each ISA's kernel is built whatever the host and has its vector FMAs (ymm / zmm / NEON .4s);
     it is run against torch where the host can run it (AVX-512 code needs an AVX-512 host, NEON
     code runs under emulation in test_targets instead)."""
-    import re
 
     import tvm
 
@@ -761,6 +759,45 @@ def test_default_dense_tile_by_register_count():
     assert default_tile(dataclasses.replace(pointwise, regs=32)) == (1, 8)  # 3136 = 392 x 8: no padded column
     assert default_tile(dataclasses.replace(k3, regs=32)) == (1, 7)
     assert default_tile(dataclasses.replace(se, regs=32)) == default_tile(se)
+
+
+def _unrolled_loops_around_serial_loops(func) -> list[str]:
+    """Unrolled loops of a scheduled PrimFunc's script that hold a serial loop (only a register
+    tile, the innermost loops, should be unrolled)."""
+    lines = func.script().splitlines()
+    bad = []
+    for i, line in enumerate(lines):
+        if "in T.unroll(" not in line:
+            continue
+        indent = len(line) - len(line.lstrip())
+        for inner in lines[i + 1:]:
+            if inner.strip() and len(inner) - len(inner.lstrip()) <= indent:
+                break
+            if re.search(r" in (range|T\.grid|T\.serial)\(", inner):
+                bad.append(line.strip())
+                break
+    return bad
+
+
+@pytest.mark.parametrize("tile", [(1, 8), (2, 4)])
+@pytest.mark.parametrize("case", ["flat_1x1", "3x3", "3x3_nchw_out", "lane_groups"])
+def test_only_the_register_tile_is_unrolled(case, tile):
+    """A tile of one channel block has no channel-block loop in its output stage: the loops
+    unrolled there are counted from the tile loop, so the tile loop itself (which holds the
+    reduction) is never unrolled (it was: 8-14 copies of the kernel, 2-5x the build time)."""
+    from shave.backends.tvm.schedules.conv import ConvSpec, default_schedule
+
+    spec = {"flat_1x1": ConvSpec(1, 32, 28, 28, 32, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", False, 16,
+                                 in_blocked=True, out_blocked=True, regs=32),
+            "3x3": ConvSpec(1, 32, 28, 28, 32, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", False, 16,
+                            in_blocked=True, out_blocked=True, regs=32),
+            "3x3_nchw_out": ConvSpec(1, 32, 28, 28, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False,
+                                     16, in_blocked=True, regs=32),
+            "lane_groups": ConvSpec(1, 32, 28, 28, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False, 16,
+                                    groups=8, kernel="lane_groups", in_blocked=True, out_blocked=True, regs=32)}[case]
+    func = default_schedule(dataclasses.replace(spec, tile=tile)).mod["main"]
+    assert "T.unroll(" in func.script()
+    assert _unrolled_loops_around_serial_loops(func) == []
 
 
 def test_flat_view_of_pointwise_convs():
@@ -1003,7 +1040,6 @@ def test_lane_groups_kernel_computes_the_conv(isa_name, name):
     narrower than a vector that divide it; it is built with vector FMAs and in-register shuffles and no
     element-by-element gathers (a lane-dependent read vectorised naively is vpextrd / vinsertps);
     where the host runs the code, every candidate tile, NCHW and blocked, matches torch."""
-    import re
 
     import tvm
 
@@ -1089,7 +1125,6 @@ def test_reductions_vectorised_by_partial_sums(target):
 def test_batched_matmul_kernel_for_each_isa(isa_name, trans_b):
     """Attention's matmul kernel (schedules/matmul.py) on odd sizes (rows and columns that fill no
     whole tile): built for every ISA with its vector FMAs, run against numpy where the host can."""
-    import re
 
     import tvm
 

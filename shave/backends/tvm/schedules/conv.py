@@ -432,13 +432,17 @@ def schedule_tile_ends(sch, init, out, spec: ConvSpec, tile_loops: int) -> None:
     sch.vectorize(loops[-1])
     for lp in loops[-1 - tile_loops:-1]:
         sch.unroll(lp)
-    if spec.out_blocked:  # under xo: (channel blocks of the tile,) columns, lanes
-        loops = sch.get_loops(out)[-(tile_loops + 1):]
+    # the output stage's own loops, under the register-tile loop: (channel blocks of the tile,)
+    # columns, lanes; a tile of one channel block has no loop for it (reverse_compute_at makes
+    # none of extent 1), so they are counted from the tile loop's depth, not from the end
+    depth = len(loops) - tile_loops - 1
+    loops = sch.get_loops(out)[depth:]
+    if spec.out_blocked:
         sch.vectorize(loops[-1])
         for lp in loops[:-1]:
             sch.unroll(lp)
     else:
-        for lp in sch.get_loops(out)[-2:]:
+        for lp in loops[-2:]:
             sch.unroll(lp)
 
 
