@@ -523,7 +523,6 @@ def _elementwise_on_avx2(fn, x: np.ndarray):
 def test_vector_sigmoid_is_accurate_and_has_no_libm_calls():
     """The SiLU / sigmoid epilogue: within 2e-7 relative of torch over [-100, 100], NaN kept, and no
     per-lane expf call left in the kernel (LLVM's llvm.exp scalarises to them)."""
-
     import tvm
 
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc
@@ -594,7 +593,6 @@ def test_fp32_conv_kernel_for_each_isa(isa_name, name):
     """Each ISA's kernel is built whatever the host and has its vector FMAs (ymm / zmm / NEON .4s);
     it is run against torch where the host can run it (AVX-512 code needs an AVX-512 host, NEON
     code runs under emulation in test_targets instead)."""
-
     import tvm
 
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, candidate_tiles
@@ -1040,7 +1038,6 @@ def test_lane_groups_kernel_computes_the_conv(isa_name, name):
     narrower than a vector that divide it; it is built with vector FMAs and in-register shuffles and no
     element-by-element gathers (a lane-dependent read vectorised naively is vpextrd / vinsertps);
     where the host runs the code, every candidate tile, NCHW and blocked, matches torch."""
-
     import tvm
 
     from shave.backends.tvm.schedules import lane_groups
@@ -1125,7 +1122,6 @@ def test_reductions_vectorised_by_partial_sums(target):
 def test_batched_matmul_kernel_for_each_isa(isa_name, trans_b):
     """Attention's matmul kernel (schedules/matmul.py) on odd sizes (rows and columns that fill no
     whole tile): built for every ISA with its vector FMAs, run against numpy where the host can."""
-
     import tvm
 
     from shave.backends.tvm.schedules.matmul import build_primfunc, tile
