@@ -246,26 +246,24 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
     todo = []  # (spec, key, tile)
     errors: dict = {}  # spec -> why its default tile failed to run
     keys = {spec: _tile_key(spec, target) for spec in specs}
+    defaults = {spec: _tile_name(default_tile(spec)) for spec in specs}
     for spec, key in keys.items():
-        entry = ledger.get(key, {})
-        todo += [(spec, key, t) for t in candidate_tiles(spec) if "{}x{}".format(*t) not in entry.get("candidates", {})]
-        default = "{}x{}".format(*default_tile(spec))
-        if entry.get("default", default) != default:  # chosen against another default rule's tile: choose again
+        entry = ledger.setdefault(key, {"candidates": {}})
+        new = [t for t in candidate_tiles(spec) if _tile_name(t) not in entry["candidates"]]
+        todo += [(spec, key, t) for t in new]
+        # a new candidate, or a choice made against another default rule's tile: choose again
+        if new or entry.get("default") != defaults[spec]:
             entry.pop("chosen", None)
             entry.pop("confirm", None)
-            entry["default"] = default
+            entry["default"] = defaults[spec]
     if todo:
         secs = _measure(ms, [default_schedule(dataclasses.replace(sp, tile=t)).mod for sp, _, t in todo],
                         tgt, get_runner(), opts)
         result.tiles_measured = len(todo)
         for (spec, key, tile), sec in zip(todo, secs):
-            entry = ledger.setdefault(key, {"candidates": {}})
-            entry["candidates"][f"{tile[0]}x{tile[1]}"] = sec if not isinstance(sec, str) else None
-            entry.pop("chosen", None)  # a new candidate: choose again
-            entry.pop("confirm", None)
-            if isinstance(sec, str) and tile == default_tile(spec):
+            ledger[key]["candidates"][_tile_name(tile)] = sec if not isinstance(sec, str) else None
+            if isinstance(sec, str) and _tile_name(tile) == defaults[spec]:
                 errors[spec] = sec
-            entry["default"] = "{}x{}".format(*default_tile(spec))
         _save_ledger(opts.database, ledger)
     for spec in specs:
         entry = ledger[keys[spec]]
@@ -280,9 +278,19 @@ def _choose_tiles(ms, specs, target, tgt, opts, ledger, get_runner, result):
         best = entry.get("chosen", min(timed, key=timed.get))  # ledgers written before "chosen": the fastest
         default_s[spec] = timed[entry["default"]]
         chosen_s[spec] = timed[best]
-        tiles[spec] = tuple(int(x) for x in best.split("x"))
+        tiles[spec] = _tile_of(best)
         result.tiles_changed += best != entry["default"]
     return tiles, (default_s, chosen_s)
+
+
+def _tile_name(tile: tuple[int, int]) -> str:
+    """A register tile as the ledger names it: "2x4"."""
+    return "{}x{}".format(*tile)
+
+
+def _tile_of(name: str) -> tuple[int, int]:
+    ocb_in, reg_n = name.split("x")
+    return int(ocb_in), int(reg_n)
 
 
 def _timed(entry: dict) -> dict:
@@ -316,7 +324,7 @@ def _confirm_tiles(ms, specs, keys, ledger, tgt, opts, get_runner) -> None:
     mods = []
     for spec, entry, best in duel:
         for t in (entry["default"], best) * 2:
-            mods.append(default_schedule(dataclasses.replace(spec, tile=tuple(int(x) for x in t.split("x")))).mod)
+            mods.append(default_schedule(dataclasses.replace(spec, tile=_tile_of(t))).mod)
     secs = _measure(ms, mods, tgt, get_runner(), opts)
     for i, (spec, entry, best) in enumerate(duel):
         d0, b0, d1, b1 = secs[4 * i:4 * i + 4]
