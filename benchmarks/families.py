@@ -5,6 +5,7 @@ eager, torch.compile and ONNX Runtime, at batch 1 and 8.
     python benchmarks/families.py                                # every family, batch 1 and 8 (about an hour)
     python benchmarks/families.py --models resnet18,lenet5 --batches 1 --json out/families.json
     python benchmarks/families.py --tune-trials 0                # adds shave tuned (tile search; slow)
+    python benchmarks/families.py --target '{"kind": "llvm", "mcpu": "znver3"}'   # AVX2 code on an AVX-512 host
 
 Each model (torchvision's definition, random weights after torch.manual_seed(0); LeNet-5 on
 1x28x28) is timed by latency.py's method: every engine built with the defaults a user gets
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=200, help="timed runs per engine, at most, over all rounds")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pause", type=float, default=0.5)
+    p.add_argument("--target", default="x86",
+                   help="shave's target: a name, or a TVM target dict as JSON; another CPU than the host's "
+                        "runs this host's engines beside code built for that CPU")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -65,7 +69,8 @@ def _latency_args(args, batch: int, threads: int | None):
     return latency.parse_args(["--engines", engines, "--batch", str(batch), "--rounds", str(args.rounds),
                                "--budget", str(args.budget), "--repeats", str(args.repeats),
                                "--warmup", str(args.warmup), "--pause", str(args.pause),
-                               "--tune-db", args.tune_db, "--models", "resnet18"]
+                               "--tune-db", args.tune_db, "--models", "resnet18",
+                               "--target", args.target if isinstance(args.target, str) else json.dumps(args.target)]
                               + (["--tune-trials", str(args.tune_trials)] if args.tune_trials is not None else [])
                               + (["--threads", str(threads)] if threads else []))
 
@@ -139,6 +144,8 @@ def main(argv=None) -> int:
     common.ensure_shave_importable()
     print("# Families: PyTorch eager, torch.compile, ONNX Runtime and shave")
     print(common.host_line())
+    if args.target != "x86":
+        print(f"shave built for target {args.target} (the other engines use this host's instruction set)")
     print(f"batches {args.batches}, each engine's default threads ({args.rounds} rounds, ~{args.budget:.0f} s "
           f"per engine); {SMALL} also at {args.small_threads} threads", flush=True)
     runs = [(name, b, None) for name in args.models for b in args.batches]

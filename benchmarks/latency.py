@@ -25,6 +25,19 @@ import numpy as np
 QUIET_PCT = 5.0  # others' CPU share (%) above which a timing counts as disturbed
 
 
+def _target_arg(text: str):
+    """--target: a target name as is, or a JSON object -> a TVM target dict."""
+    if not text.lstrip().startswith("{"):
+        return text
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not a JSON target dict: {e}") from None
+    if not isinstance(spec, dict):
+        raise argparse.ArgumentTypeError("a JSON target must be an object")
+    return spec
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     from common import DEFAULT_ENGINES, DEFAULT_MODELS, ENGINES, MODELS  # no torch/tvm import happens here
 
@@ -56,7 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="before timing each engine, wait up to this long for other processes to leave the "
                         "CPUs (under 5%% busy over 2 s), and time an engine again (twice at most) if "
                         "they came back while it was timed; 0 disables")
-    p.add_argument("--target", default="x86", help="shave.compile target")
+    p.add_argument("--target", default="x86", type=_target_arg,
+                   help="shave.compile target: a name, or a TVM target dict as JSON (e.g. "
+                        "'{\"kind\": \"llvm\", \"mcpu\": \"znver3\"}' for AVX2 code on an AVX-512 host)")
     p.add_argument("--json", metavar="PATH", help="also write the full results (all samples) as JSON")
     p.add_argument("--show-report", action="store_true", help="print shave's per-stage compile report")
     args = p.parse_args(argv)
