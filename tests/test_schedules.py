@@ -745,8 +745,10 @@ def test_task_order_follows_the_memory_traffic():
 
 
 def test_default_dense_tile_by_register_count():
-    """The direct kernel's default register tile: 2 channel blocks with 16 registers, one block
-    and up to 12 columns with 32 (where a row has 4 or more columns; a 1x1 map keeps 2 blocks)."""
+    """The direct kernel's default register tile: 2 channel blocks with 16 registers; with 32, one
+    block and up to 12 columns where a zmm FMA issues once a cycle (Zen 4), two blocks and up to
+    12 columns where it issues twice (fewer loads per FMA); rows of under 4 columns (a 1x1 map)
+    and convs with one output block keep the rules for few columns / one block."""
     from shave.backends.tvm.schedules.conv import ConvSpec, default_tile
 
     pointwise = ConvSpec(1, 64, 56, 56, 128, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", False, 16)
@@ -754,9 +756,16 @@ def test_default_dense_tile_by_register_count():
     k3 = ConvSpec(1, 64, 7, 7, 128, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", False, 16)
     for spec in (pointwise, se, k3):
         assert default_tile(spec)[0] == 2
-    assert default_tile(dataclasses.replace(pointwise, regs=32)) == (1, 8)  # 3136 = 392 x 8: no padded column
-    assert default_tile(dataclasses.replace(k3, regs=32)) == (1, 7)
-    assert default_tile(dataclasses.replace(se, regs=32)) == default_tile(se)
+    half = {"regs": 32, "fma_pipes": 1}
+    assert default_tile(dataclasses.replace(pointwise, **half)) == (1, 8)  # 3136 = 392 x 8: no padded column
+    assert default_tile(dataclasses.replace(k3, **half)) == (1, 7)
+    assert default_tile(dataclasses.replace(se, **half)) == default_tile(se)
+    full = {"regs": 32, "fma_pipes": 2}
+    assert default_tile(dataclasses.replace(pointwise, **full)) == (2, 8)
+    assert default_tile(dataclasses.replace(k3, **full)) == (2, 7)
+    assert default_tile(dataclasses.replace(se, **full)) == default_tile(se)
+    assert default_tile(dataclasses.replace(k3, oc=16, **full)) == (1, 7)  # one output block
+    assert default_tile(dataclasses.replace(k3, oc=48, **full)) == (3, 7)  # 3 blocks: no empty fourth
 
 
 def _unrolled_loops_around_serial_loops(func) -> list[str]:

@@ -50,6 +50,7 @@ class ConvSpec(OutSize):
     shift: bool = False  # input read through a per-channel shift (int32 [c] arguments DY, DX after the residual)
     kernel: str = "direct"  # the kernel that computes it (kernels.py registry: "direct", "winograd")
     regs: int = 16  # vector registers of the target (shave.isa): 16 ymm, 32 zmm or NEON
+    fma_pipes: int = 2  # vector FMAs issued per cycle (shave.isa): 1 where a zmm FMA runs as two halves (Zen 4)
 
     def in_shape(self) -> tuple[int, ...]:
         """Shape of X. Blocked, channel c is lane c % v of block c // v; where C is not a multiple

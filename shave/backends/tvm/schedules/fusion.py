@@ -150,7 +150,7 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
             return None
         n, k, j = int(np.prod(xt.shape[:-1])), xt.shape[-1], w.shape[0]
         spec = ConvSpec(1, k, 1, n, j, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False, vec,
-                        regs=isa.vector_registers)
+                        regs=isa.vector_registers, fma_pipes=isa.fma_pipes)
         return ConvKernel(spec, (node.name,), node.inputs[0], None, w.reshape(j, k, 1, 1),
                           np.zeros(j, np.float32) if b is None else b.reshape(-1), linear=True,
                           lead=tuple(xt.shape[:-1]) if len(xt.shape) > 2 else ())
@@ -177,7 +177,7 @@ def _conv_kernel(graph: Graph, node: Node, isa) -> ConvKernel | None:
     pad = pad * 2 if len(pad) == 2 else pad
     stride, dilation = tuple(int(s) for s in a["stride"]), tuple(int(d) for d in a["dilation"])
     spec = ConvSpec(n, c, h, wd, oc, w.shape[2], w.shape[3], stride, pad, dilation, depthwise, None, False, vec,
-                    groups=kgroups, regs=isa.vector_registers)
+                    groups=kgroups, regs=isa.vector_registers, fma_pipes=isa.fma_pipes)
     if spec.oh < 1 or spec.ow < 1 or (n, oc, spec.oh, spec.ow) != node.type.shape:
         return None
     w, spec = _trim_padding_taps(w, spec)
