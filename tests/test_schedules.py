@@ -747,8 +747,8 @@ def test_task_order_follows_the_memory_traffic():
 def test_default_dense_tile_by_register_count():
     """The direct kernel's default register tile: 2 channel blocks with 16 registers; with 32, one
     block and up to 12 columns where a zmm FMA issues once a cycle (Zen 4), two blocks and up to
-    12 columns where it issues twice (fewer loads per FMA); rows of under 4 columns (a 1x1 map)
-    and convs with one output block keep the rules for few columns / one block."""
+    8 columns where it issues twice (fewer loads per FMA, at most 16 accumulators); rows of under
+    4 columns (a 1x1 map) and convs with one output block keep the rules for few columns / one block."""
     from shave.backends.tvm.schedules.conv import ConvSpec, default_tile
 
     pointwise = ConvSpec(1, 64, 56, 56, 128, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", False, 16)
@@ -765,7 +765,8 @@ def test_default_dense_tile_by_register_count():
     assert default_tile(dataclasses.replace(k3, **full)) == (2, 7)
     assert default_tile(dataclasses.replace(se, **full)) == default_tile(se)
     assert default_tile(dataclasses.replace(k3, oc=16, **full)) == (1, 7)  # one output block
-    assert default_tile(dataclasses.replace(k3, oc=48, **full)) == (3, 7)  # 3 blocks: no empty fourth
+    assert default_tile(dataclasses.replace(k3, oc=48, **full)) == (3, 4)  # 3 blocks: no empty fourth
+    assert default_tile(dataclasses.replace(pointwise, h=54, w=54, **full)) == (2, 6)  # 2916 = 486 x 6, not 2 x 12
 
 
 def _unrolled_loops_around_serial_loops(func) -> list[str]:

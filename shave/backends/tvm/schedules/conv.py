@@ -156,9 +156,10 @@ def compute_primfunc(spec: ConvSpec):
 def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     """(ocb_in, reg_n) of the direct kernel's default plan. With 16 registers (AVX2): 8-12
     accumulators, 2 channel blocks x up to 6 columns. With 32 (AVX-512, NEON), where a row has
-    at least 4 columns: up to 12 columns of one channel block where a zmm FMA issues once a
-    cycle (Zen 4), of two blocks (three where there are three) where it issues twice (Zen 5):
-    there one block's tile, a weight load and a broadcast per FMA, is load-bound. Both from the
+    at least 4 columns: one channel block x up to 12 columns where a zmm FMA issues once a cycle
+    (Zen 4); where it issues twice (Zen 5) two blocks x up to 8 columns (three x up to 5 where
+    there are three): one block's tile, a weight load and a broadcast per FMA, is load-bound
+    there, and tiles of more than 16 accumulators (2 x 9-12) ran up to 2x slower. Both from the
     tile search's choices over the families on such hosts (docs/tvm-notes.md, "default register
     tile on 32 registers"); where two blocks would leave one of 5 or 7 empty, one block."""
     spec = flat_view(spec)
@@ -167,9 +168,9 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
         return 1, _pick_reg_n(spec.ow, _dw_max_reg(spec))
     if spec.regs >= 32 and spec.ow >= 4:
         if spec.fma_pipes >= 2 and ocb == 3:
-            return 3, _pick_reg_n(spec.ow, 8)
+            return 3, _pick_reg_n(spec.ow, 5)
         if spec.fma_pipes >= 2 and ocb >= 2 and (ocb % 2 == 0 or ocb >= 8):
-            return 2, _pick_reg_n(spec.ow, 12)
+            return 2, _pick_reg_n(spec.ow, 8)
         return 1, _pick_reg_n(spec.ow, 12)
     if ocb == 3:  # 2 would compute a fourth, empty block
         return 3, _pick_reg_n(spec.ow, 4)
