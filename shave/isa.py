@@ -44,7 +44,7 @@ class ISA:
     features: frozenset  # LLVM feature names
     fp32_lanes: int  # fp32 lanes of the widest vector register the kernels use (1: no SIMD)
     vector_registers: int  # architectural vector registers (16 ymm, 32 zmm, 32 NEON)
-    fma_pipes: int  # vector FMA issue per cycle per core (a ceiling for the peak figure)
+    fma_pipes: int  # vector FMA issue per cycle per core (the peak figure; the default conv register tile)
     int8_dot: str  # one of INT8_DOTS
 
     @property
