@@ -51,8 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--pause", type=float, default=0.5)
     p.add_argument("--target", default="x86",
-                   help="shave's target: a name, or a TVM target dict as JSON; another CPU than the host's "
-                        "runs this host's engines beside code built for that CPU")
+                   help="shave's target: a name, or a TVM target dict as JSON (code for another CPU than the "
+                        "host's, timed beside the other engines on this host's instruction set)")
     p.add_argument("--json", metavar="PATH")
     args = p.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -70,7 +70,7 @@ def _latency_args(args, batch: int, threads: int | None):
                                "--budget", str(args.budget), "--repeats", str(args.repeats),
                                "--warmup", str(args.warmup), "--pause", str(args.pause),
                                "--tune-db", args.tune_db, "--models", "resnet18",
-                               "--target", args.target if isinstance(args.target, str) else json.dumps(args.target)]
+                               "--target", args.target]
                               + (["--tune-trials", str(args.tune_trials)] if args.tune_trials is not None else [])
                               + (["--threads", str(threads)] if threads else []))
 
