@@ -155,7 +155,7 @@ def main(argv=None) -> int:
         results.append(run_one(name, batch, threads, args, common))
         print(render([row(results[-1])]), flush=True)
     rows = [row(m) for m in results]
-    print(f"\n## Results (ms per call, medians; ratios: medians of per-round ratios, < 1 means shave is faster)\n")
+    print("\n## Results (ms per call, medians; ratios: medians of per-round ratios, < 1 means shave is faster)\n")
     print(render(rows))
     failures = [(r["model"], r["batch"], r["threads"], e, msg) for r in rows for e, msg in r["errors"].items()]
     for model, batch, threads, engine, msg in failures:
