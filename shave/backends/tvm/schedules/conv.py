@@ -161,7 +161,7 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     there are three): one block's tile, a weight load and a broadcast per FMA, is load-bound
     there, and tiles of more than 16 accumulators (2 x 9-12) ran up to 2x slower. Both from the
     tile search's choices over the families on such hosts (docs/tvm-notes.md, "default register
-    tile on 32 registers"); where two blocks would leave one of 5 or 7 empty, one block."""
+    tile on 32 registers"); one block where two would be mostly empty ones (_few_empty_blocks)."""
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
@@ -169,13 +169,21 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     if spec.regs >= 32 and spec.ow >= 4:
         if spec.fma_pipes >= 2 and ocb == 3:
             return 3, _pick_reg_n(spec.ow, 5)
-        if spec.fma_pipes >= 2 and ocb >= 2 and (ocb % 2 == 0 or ocb >= 8):
+        if spec.fma_pipes >= 2 and _few_empty_blocks(ocb, 2):
             return 2, _pick_reg_n(spec.ow, 8)
         return 1, _pick_reg_n(spec.ow, 12)
     if ocb == 3:  # 2 would compute a fourth, empty block
         return 3, _pick_reg_n(spec.ow, 4)
     ocb_in = 2 if ocb >= 2 else 1
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
+
+
+def _few_empty_blocks(ocb: int, ocb_in: int) -> bool:
+    """Whether tiles of `ocb_in` output blocks cover `ocb` blocks without much empty work: they
+    divide them, or there are at least 4 tiles' worth, so the last tile's empty blocks are a
+    small share (tiles of 2 on 5 or 7 blocks would compute a sixth or eighth block of zeros).
+    The tile search's candidates and the two-block default both ask it."""
+    return ocb_in <= ocb and (ocb % ocb_in == 0 or ocb >= 4 * ocb_in)
 
 
 def _direct_candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
@@ -190,7 +198,7 @@ def _direct_candidate_tiles(spec: ConvSpec) -> list[tuple[int, int]]:
         shapes = DENSE_TILES[32 if spec.regs >= 32 else 16]
     out = [_direct_default_tile(spec)]
     for ocb_in, max_reg in shapes:
-        if ocb_in > ocb or (ocb % ocb_in and ocb < 4 * ocb_in):  # no tile that is mostly empty blocks
+        if not _few_empty_blocks(ocb, ocb_in):
             continue
         t = (ocb_in, _pick_reg_n(spec.ow, max_reg))
         if t not in out:
