@@ -95,8 +95,12 @@ class ThreadGovernor:
     a few calls with the other count (a probe): after `first_probe_s`, then at doubling
     intervals up to `max_probe_s` (or SPAN calls, where that is shorter) while the choice holds.
     A probe is PROBE_CALLS calls, cut short at one that takes twice the recent median (under
-    contention a call at the full count can take 20x); the median of a whole probe at least
-    10 % faster than the recent median switches. Scheduled probes come SPACING calls apart at
+    contention a call at the full count can take 20x); the median of a whole probe switches when
+    it is faster than the recent median by a margin: 10 % for one thread (DROP), 3 % for the
+    full count (RETURN), the default, which one thread must clearly beat to take its place (LeNet-5
+    at batch 8 on a VM whose second CPU slowed for a spell went to one thread, 69 us a call, and
+    stayed there through a benchmark while two threads took 60 us: 13 % faster, but a 3-call
+    probe's median on a noisy VM did not clear 10 %). Scheduled probes come SPACING calls apart at
     least (a model of 0.3 s a call probed every second would spend a third of a short run's
     calls at the other count). A probe of the full count makes one call more first, not
     counted unless it takes `spike` times the median: the workers have slept since the last
@@ -126,6 +130,8 @@ class ThreadGovernor:
     IDLE_S = 1e-3
     WARMUP = 2
     MAX_COLD = 8
+    DROP = 1.10  # a probe of one thread switches when this much faster than the full count's recent median
+    RETURN = 1.03  # a probe of the full count, against one thread's
 
     def __init__(self, threads: int, clock=None, first_probe_s: float = 1.0, max_probe_s: float = 30.0,
                  spike: float = 4.0, drift: float = 1.5):
@@ -199,7 +205,8 @@ class ThreadGovernor:
             self.probe.append(seconds)
             if typical is not None and seconds < 2 * typical and len(self.probe) < self.PROBE_CALLS:
                 return
-            won = typical is not None and sorted(self.probe)[len(self.probe) // 2] < typical / 1.1
+            margin = self.RETURN if threads == self.full else self.DROP
+            won = typical is not None and sorted(self.probe)[len(self.probe) // 2] < typical / margin
             if won:
                 self.current, self.interval, self.switches = threads, self.first_probe_s, self.switches + 1
                 self.recent.clear()
