@@ -636,8 +636,12 @@ BLOCKED_SPECS = {
     "1x1_flat_c24_oc24_7x7_blocked": (2, 24, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
     # tiles along H*W = 48 that divide it: X read in place across row ends
     "1x1_flat_pad0_c16_oc40_8x6_blocked": (1, 16, 8, 6, 40, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
+    # grouped at stride 2: the input patch of each register tile packed inside the tile loop; groups of
+    # two blocks (48 channels in 3 groups) and of one (24 in 3: a tile of 2 blocks spans two groups)
+    "3x3_s2_grouped3_c48_oc48_blocked": (2, 48, 11, 13, 48, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", True),
+    "3x3_s2_grouped3_c24_oc24_blocked": (1, 24, 9, 10, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, None, False),
 }
-GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2}
+GROUPS = {"3x3_grouped2_c32_oc16_blocked": 2, "3x3_s2_grouped3_c48_oc48_blocked": 3, "3x3_s2_grouped3_c24_oc24_blocked": 3}
 TILE_SPECS.update(BLOCKED_SPECS)
 
 
@@ -1094,6 +1098,31 @@ def test_no_workspace_allocation_inside_the_parallel_loop(fields):
     spec = ConvSpec(*fields, vec=8, in_blocked=True, out_blocked=True, res_blocked=fields[-1])
     ex = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(AVX2))
     assert workspace_calls_in_parallel_loops(ex) == 0
+
+
+@pytest.mark.parametrize("lanes", [8, 16])
+def test_grouped_conv_packs_its_input_per_parallel_task(lanes):
+    """A grouped conv (blocked input) packs the input rows of each parallel task inside that task, not
+    the whole padded input in a pass of its own as a dense conv does: one workspace call per task
+    (the patch is over STACK_BYTES), none per register tile."""
+    import tvm
+
+    from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, default_schedule
+
+    target = AVX2 if lanes == 8 else AVX512
+    grouped = ConvSpec(1, 64, 28, 28, 64, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", False, lanes,
+                       in_blocked=True, out_blocked=True, groups=64 // 16, regs=isa(target).vector_registers)
+
+    def pack_in_task(spec):
+        sch = default_schedule(spec)
+        pack, conv = (sch.get_loops(sch.get_sblock(b)) for b in ("pack", "conv_update"))
+        assert sch.get(conv[0]).kind == tvm.tirx.ForKind.PARALLEL
+        return sch.get(pack[0]).same_as(sch.get(conv[0])) and not sch.get(pack[1]).same_as(sch.get(conv[1]))
+
+    assert pack_in_task(grouped)
+    assert not pack_in_task(dataclasses.replace(grouped, groups=1))  # dense: one pass over the input first
+    ex = tvm.compile(tvm.IRModule({"main": build_primfunc(grouped)}), target=tvm.target.Target(target))
+    assert workspace_calls_in_parallel_loops(ex) == 1
 
 
 class Reductions(nn.Module):

@@ -375,9 +375,15 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     out = sch.get_sblock("out")
     vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
     pack_per_tile = spec.depthwise and vector_pack  # a copy, cheap to redo per tile; a gather is not
+    # a grouped conv's parallel task (an output row of a group tile) packs the input rows it reads:
+    # its few channels give too little work per input byte to pay for a whole padded copy of the
+    # input going out to L3 and back (RegNetX-400MF: its stride-2 grouped convs ran at half the
+    # speed of its stride-1 ones). A tile's patch would be a workspace call per tile (16 lanes x
+    # 3 rows x 17 columns > STACK_BYTES); one per task is amortised over the row's tiles.
+    pack_per_task = spec.groups > 1 and not spec.depthwise and vector_pack and not reads_input_in_place(spec)
     if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
         sch.compute_inline(pack)
-    elif not pack_per_tile:
+    elif not (pack_per_tile or pack_per_task):
         schedule_pack_pass(sch, pack, spec, par)
     # conv
     # the accumulator stays "global": compacted to the register tile (< STACK_BYTES) it is a
@@ -403,6 +409,9 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         xo, xi = sch.split(x, [None, reg_n])
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
         outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
+        if pack_per_task:
+            sch.compute_at(pack, outer)
+            sch.vectorize(sch.get_loops(pack)[-1])
         first_r = rcb
         unrolled = [oi, xi]
     if par:
