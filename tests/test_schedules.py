@@ -1102,9 +1102,9 @@ def test_no_workspace_allocation_inside_the_parallel_loop(fields):
 
 @pytest.mark.parametrize("lanes", [8, 16])
 def test_grouped_conv_packs_its_input_per_parallel_task(lanes):
-    """A grouped conv (blocked input) packs the input rows of each parallel task inside that task, not
-    the whole padded input in a pass of its own as a dense conv does: one workspace call per task
-    (the patch is over STACK_BYTES), none per register tile."""
+    """A strided grouped conv (blocked input) packs the input rows of each parallel task inside that
+    task, not the whole padded input in a pass of its own as a dense or stride-1 conv does: one
+    workspace call per task (the patch is over STACK_BYTES), none per register tile."""
     import tvm
 
     from shave.backends.tvm.schedules.conv import ConvSpec, build_primfunc, default_schedule
@@ -1121,6 +1121,7 @@ def test_grouped_conv_packs_its_input_per_parallel_task(lanes):
 
     assert pack_in_task(grouped)
     assert not pack_in_task(dataclasses.replace(grouped, groups=1))  # dense: one pass over the input first
+    assert not pack_in_task(dataclasses.replace(grouped, stride=(1, 1)))  # stride 1: each row read by 3 tasks
     ex = tvm.compile(tvm.IRModule({"main": build_primfunc(grouped)}), target=tvm.target.Target(target))
     assert workspace_calls_in_parallel_loops(ex) == 1
 

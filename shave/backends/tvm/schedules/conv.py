@@ -375,12 +375,7 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     out = sch.get_sblock("out")
     vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
     pack_per_tile = spec.depthwise and vector_pack  # a copy, cheap to redo per tile; a gather is not
-    # a grouped conv's parallel task (an output row of a group tile) packs the input rows it reads:
-    # its few channels give too little work per input byte to pay for a whole padded copy of the
-    # input going out to L3 and back (RegNetX-400MF: its stride-2 grouped convs ran at half the
-    # speed of its stride-1 ones). A tile's patch would be a workspace call per tile (16 lanes x
-    # 3 rows x 17 columns > STACK_BYTES); one per task is amortised over the row's tiles.
-    pack_per_task = spec.groups > 1 and not spec.depthwise and vector_pack and not reads_input_in_place(spec)
+    pack_per_task = packs_per_task(spec)
     if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
         sch.compute_inline(pack)
     elif not (pack_per_tile or pack_per_task):
@@ -410,8 +405,7 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
         outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
         if pack_per_task:
-            sch.compute_at(pack, outer)
-            sch.vectorize(sch.get_loops(pack)[-1])
+            pack_in_task(sch, pack, outer)
         first_r = rcb
         unrolled = [oi, xi]
     if par:
@@ -421,6 +415,27 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
         sch.unroll(lp)
     sch.reverse_compute_at(out, xo)
     schedule_tile_ends(sch, sch.decompose_reduction(conv, first_r), out, spec, len(unrolled))
+
+
+def packs_per_task(spec: ConvSpec) -> bool:
+    """Does a strided grouped conv's parallel task (an output row of a group tile) pack the input
+    rows it reads, inside the task? Where the input is blocked and not shifted (a copy of whole
+    vectors, not a gather). At stride 2 the input has 4x the output's pixels, and a grouped conv's
+    few channels give too little work per input byte to pay for a whole padded copy of it going out
+    to L3 and back: RegNetX-400MF's and ResNeXt-50's stride-2 grouped convs ran at half the speed
+    of their stride-1 ones, and packed per task 1.6-1.9x faster. At stride 1 a task packs each input
+    row three times (once per output row that reads it), and ResNeXt-50's stride-1 grouped convs
+    took 7-13 % longer so. A register tile's patch, as depthwise convs pack, would be a workspace
+    call per tile (16 lanes x 3 rows x 17 columns > STACK_BYTES); one per task is amortised over
+    the row's tiles."""
+    return (spec.groups > 1 and not spec.depthwise and spec.in_blocked and not spec.shift
+            and max(spec.stride) > 1 and not reads_input_in_place(spec))
+
+
+def pack_in_task(sch, pack, outer) -> None:
+    """The pack stage inside the parallel task loop `outer` (packs_per_task), its lanes vectorised."""
+    sch.compute_at(pack, outer)
+    sch.vectorize(sch.get_loops(pack)[-1])
 
 
 def schedule_pack_pass(sch, pack, spec: ConvSpec, par: bool) -> None:

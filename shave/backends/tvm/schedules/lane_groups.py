@@ -31,8 +31,8 @@ import math
 
 import numpy as np
 
-from .conv import (_direct_candidate_tiles, _direct_default_tile, pack_stage, parallel_tasks, plan_tile,
-                   schedule_pack_pass, schedule_tile_ends)
+from .conv import (_direct_candidate_tiles, _direct_default_tile, pack_in_task, pack_stage, packs_per_task,
+                   parallel_tasks, plan_tile, schedule_pack_pass, schedule_tile_ends)
 from .conv_spec import ConvSpec, kernel_args, output_stage
 from .kernels import ConvKernelType, register
 from .parallel import worth_parallel
@@ -162,12 +162,15 @@ def default_schedule(spec: ConvSpec):
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     par = worth_parallel(sch.mod["main"])
     pack, conv, out = sch.get_sblock("pack"), sch.get_sblock("conv"), sch.get_sblock("out")
-    schedule_pack_pass(sch, pack, spec, par)
+    if not packs_per_task(spec):
+        schedule_pack_pass(sch, pack, spec, par)
     b, o, y, x, j, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     xo, xi = sch.split(x, [None, p["reg_n"]])
     sch.reorder(b, oo, y, xo, rkh, rkw, oi, xi, rci, j)
     outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
+    if packs_per_task(spec):
+        pack_in_task(sch, pack, outer)
     if par:
         sch.parallel(outer)
     sch.reverse_compute_at(out, xo)
