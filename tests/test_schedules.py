@@ -636,8 +636,8 @@ BLOCKED_SPECS = {
     "1x1_flat_c24_oc24_7x7_blocked": (2, 24, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
     # tiles along H*W = 48 that divide it: X read in place across row ends
     "1x1_flat_pad0_c16_oc40_8x6_blocked": (1, 16, 8, 6, 40, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
-    # grouped at stride 2: the input patch of each register tile packed inside the tile loop; groups of
-    # two blocks (48 channels in 3 groups) and of one (24 in 3: a tile of 2 blocks spans two groups)
+    # grouped at stride 2: the input rows of each parallel task packed inside the task; groups of two
+    # blocks (48 channels in 3 groups) and of one (24 in 3: a tile of 2 blocks spans two groups)
     "3x3_s2_grouped3_c48_oc48_blocked": (2, 48, 11, 13, 48, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", True),
     "3x3_s2_grouped3_c24_oc24_blocked": (1, 24, 9, 10, 24, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, None, False),
 }
@@ -1113,15 +1113,15 @@ def test_grouped_conv_packs_its_input_per_parallel_task(lanes):
     grouped = ConvSpec(1, 64, 28, 28, 64, 3, 3, (2, 2), (1, 1, 1, 1), (1, 1), False, "relu", False, lanes,
                        in_blocked=True, out_blocked=True, groups=64 // 16, regs=isa(target).vector_registers)
 
-    def pack_in_task(spec):
+    def packed_in_task(spec):
         sch = default_schedule(spec)
         pack, conv = (sch.get_loops(sch.get_sblock(b)) for b in ("pack", "conv_update"))
         assert sch.get(conv[0]).kind == tvm.tirx.ForKind.PARALLEL
         return sch.get(pack[0]).same_as(sch.get(conv[0])) and not sch.get(pack[1]).same_as(sch.get(conv[1]))
 
-    assert pack_in_task(grouped)
-    assert not pack_in_task(dataclasses.replace(grouped, groups=1))  # dense: one pass over the input first
-    assert not pack_in_task(dataclasses.replace(grouped, stride=(1, 1)))  # stride 1: each row read by 3 tasks
+    assert packed_in_task(grouped)
+    assert not packed_in_task(dataclasses.replace(grouped, groups=1))  # dense: one pass over the input first
+    assert not packed_in_task(dataclasses.replace(grouped, stride=(1, 1)))  # stride 1: each row read by 3 tasks
     ex = tvm.compile(tvm.IRModule({"main": build_primfunc(grouped)}), target=tvm.target.Target(target))
     assert workspace_calls_in_parallel_loops(ex) == 1
 

@@ -423,7 +423,7 @@ def packs_per_task(spec: ConvSpec) -> bool:
     vectors, not a gather). At stride 2 the input has 4x the output's pixels, and a grouped conv's
     few channels give too little work per input byte to pay for a whole padded copy of it going out
     to L3 and back: RegNetX-400MF's and ResNeXt-50's stride-2 grouped convs ran at half the speed
-    of their stride-1 ones, and packed per task 1.6-1.9x faster. At stride 1 a task packs each input
+    of their stride-1 ones, and packed per task 1.1-1.7x faster. At stride 1 a task packs each input
     row three times (once per output row that reads it), and ResNeXt-50's stride-1 grouped convs
     took 7-13 % longer so. A register tile's patch, as depthwise convs pack, would be a workspace
     call per tile (16 lanes x 3 rows x 17 columns > STACK_BYTES); one per task is amortised over
