@@ -221,6 +221,17 @@ def test_unknown_and_invalid_targets():
         shave.compile(model, (torch.randn(1, 3, 8, 8),), target={"kind": "no-such-kind"})
 
 
+def test_the_governor_leaves_a_serial_model_alone(artifact):
+    """A model with no parallel loop runs on the calling thread whatever the thread count: its calls
+    are not timed for the governor, nor probed at another count."""
+    rt = shave.load(artifact)
+    assert rt.parallel == "serial" and rt.adaptive
+    x = np.zeros(rt.inputs[0][1], np.float32)
+    for _ in range(2 * rt.governor.WINDOW):
+        rt(x)
+    assert not rt.governor.recent and rt.governor.next_probe is None and rt.governor.current == rt.threads
+
+
 def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     """The decisions on a simulated clock: quiet calls at 2 threads (10 ms; one thread 13 ms), then
     other processes take the CPUs (2 threads 460 ms, one thread 20 ms), then they leave."""

@@ -29,7 +29,8 @@ class Runtime:
     `threads`: how many threads one call runs on (default: every CPU the process may use,
     or TVM_NUM_THREADS / OMP_NUM_THREADS when set; runtime/threads.py); settable later.
     `adaptive` (default True): drop to one thread while that is measured faster, as it is when
-    other processes keep the CPUs busy (threads.ThreadGovernor); False always uses `threads`."""
+    other processes keep the CPUs busy (threads.ThreadGovernor; not for a library with no parallel
+    loop, which runs on the calling thread); False always uses `threads`."""
 
     def __init__(self, module, manifest: dict, threads: int | None = None, adaptive: bool = True):
         tvm = import_tvm()
@@ -44,6 +45,9 @@ class Runtime:
         self._module = module
         self._local = threading.local()
         self.adaptive = adaptive and manifest["target"]["arch"] != "cuda"
+        # no parallel loop in the library: a call runs on the calling thread whatever the thread
+        # count, so the governor does not time and choose it (about 1 us of LeNet-5's 17 per call)
+        self._serial = self.parallel == "serial"
         self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
 
@@ -149,7 +153,8 @@ class Runtime:
     def run(self, *args) -> list[np.ndarray]:
         arrays = self._check(args)
         batch = arrays[0].shape[0] if self.batch_functions and arrays else None
-        threads = self.governor.pick() if self.adaptive else self._threads
+        governed = self.adaptive and not self._serial
+        threads = self.governor.pick() if governed else self._threads
         use_threads(threads, tvm_pool=self.parallel == "tvm")
         t0 = time.perf_counter()
         if batch is None:
@@ -162,7 +167,7 @@ class Runtime:
                 parts.append(self._run_one(k, [a[at:at + k] for a in arrays]))
                 at += k
             outs = [np.concatenate(ys) for ys in zip(*parts)]
-        if self.adaptive:  # per sample, so calls of different batch sizes compare
+        if governed:  # per sample, so calls of different batch sizes compare
             self.governor.record(threads, (time.perf_counter() - t0) / (batch or 1))
         return outs
 
