@@ -162,14 +162,15 @@ def default_schedule(spec: ConvSpec):
     sch = tvm.s_tir.Schedule(compute_primfunc(spec))
     par = worth_parallel(sch.mod["main"])
     pack, conv, out = sch.get_sblock("pack"), sch.get_sblock("conv"), sch.get_sblock("out")
-    if not packs_per_task(spec):
+    per_task = packs_per_task(spec)
+    if not per_task:
         schedule_pack_pass(sch, pack, spec, par)
     b, o, y, x, j, rkh, rkw, rci = sch.get_loops(conv)
     oo, oi = sch.split(o, [None, p["ocb_in"]])
     xo, xi = sch.split(x, [None, p["reg_n"]])
     sch.reorder(b, oo, y, xo, rkh, rkw, oi, xi, rci, j)
     outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
-    if packs_per_task(spec):
+    if per_task:
         pack_in_task(sch, pack, outer)
     if par:
         sch.parallel(outer)
