@@ -1,5 +1,7 @@
 """Recovery: the training loop, batch norms during recovery, distillation without labels,
 augmentation, validation with the best weights kept, budgets, data errors, two processes."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -164,18 +166,15 @@ def _rank(rank, store, out):
 
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
     torch.set_num_threads(1)
-    try:
-        graph = shave.capture(_net(), (torch.randn(1, 3, 8, 8),))
-        shard = [(x[8 * rank:8 * rank + 8], y[8 * rank:8 * rank + 8]) for x, y in _task(6)]
-        trained = shave.finetune(graph, shard, steps=8, optimizer="sgd", progress=False)
-        if rank == 0:
-            np.savez(out, **trained.params)
-        # both ranks done before either tears its group down: a rank destroying the group while
-        # its peer still used the connection aborted once in gloo ("terminate called without an
-        # active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    graph = shave.capture(_net(), (torch.randn(1, 3, 8, 8),))
+    shard = [(x[8 * rank:8 * rank + 8], y[8 * rank:8 * rank + 8]) for x, y in _task(6)]
+    trained = shave.finetune(graph, shard, steps=8, optimizer="sgd", progress=False)
+    np.savez(f"{out}{rank}.npz", **trained.params)
+    dist.barrier()  # both ranks have trained and written their weights
+    # and end without gloo's teardown: destroy_process_group, or the interpreter's exit with the
+    # group alive, aborted a rank after its work was done in two of many CI runs ("terminate
+    # called without an active exception"), in torch's code and not in shave's
+    os._exit(0)
 
 
 def test_two_processes_on_gloo_train_what_one_process_trains(tmp_path):
@@ -187,8 +186,10 @@ def test_two_processes_on_gloo_train_what_one_process_trains(tmp_path):
     # SGD: Adam would turn the float noise in near-zero gradients (a conv bias before a batch
     # norm has none) into whole steps
     one = shave.finetune(graph, _task(6), steps=8, optimizer="sgd", progress=False)
-    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "two.npz")), nprocs=2, join=True)
-    two = np.load(tmp_path / "two.npz")
+    mp.spawn(_rank, args=(str(tmp_path / "store"), str(tmp_path / "rank")), nprocs=2, join=True)
+    two, peer = np.load(tmp_path / "rank0.npz"), np.load(tmp_path / "rank1.npz")
+    for k in two.files:  # the ranks stay in step
+        np.testing.assert_allclose(peer[k], two[k], rtol=1e-6, atol=1e-7, err_msg=k)
     assert set(two.files) == set(one.params)
     for k in one.params:
         np.testing.assert_allclose(two[k], one.params[k], rtol=1e-3, atol=1e-5, err_msg=k)
