@@ -127,6 +127,78 @@ def test_a_failing_task_fails_the_launch(lib):
     assert rc == -7 and sorted(i for i, _, _ in ran) == list(range(6))  # the others still ran
 
 
+def _in_thread(fn):
+    """Run fn() in a new thread (its own pool, made with the thread's CPUs) and return its result."""
+    out = {}
+
+    def run():
+        try:
+            out["value"] = fn()
+        except BaseException as e:  # re-raised in the test's thread
+            out["error"] = e
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
+def _workers() -> set[int]:
+    """The thread ids of every launcher worker in this process."""
+    tids = set()
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("shave-w"):
+                    tids.add(int(tid))
+        except OSError:  # a thread that just ended
+            pass
+    return tids
+
+
+def _new_worker(before: set[int]) -> int:
+    """The one launcher worker not in `before` (a worker names itself once it runs: waited for)."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while not (new := _workers() - before) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (worker,) = new
+    return worker
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two CPUs to keep the worker off one")
+def test_workers_keep_off_the_cpu_their_caller_runs_on(lib):
+    """A worker woken on its caller's CPU waits for the caller's time slice; the launcher lets its
+    workers run on every CPU of the pool but the caller's, and follows the caller when it moves.
+    A caller with one CPU shares it with its workers."""
+    a, b = sorted(os.sched_getaffinity(0))[:2]
+
+    def follows():
+        os.sched_setaffinity(0, {a, b})  # the pool's CPUs: what this thread may use when it is made
+        before = _workers()
+        assert _launch(lib, lambda i, n: 0, 2)[0] == 0
+        worker = _new_worker(before)
+        masks = []
+        for cpu in (a, b, a):
+            os.sched_setaffinity(0, {cpu})  # the caller moves to `cpu`
+            assert _launch(lib, lambda i, n: 0, 2)[0] == 0
+            masks.append(os.sched_getaffinity(worker))
+        return masks
+
+    assert _in_thread(follows) == [{b}, {a}, {b}]
+
+    def alone():
+        os.sched_setaffinity(0, {a})
+        before = _workers()
+        assert _launch(lib, lambda i, n: 0, 2)[0] == 0
+        return os.sched_getaffinity(_new_worker(before))
+
+    assert _in_thread(alone) == {a}
+
+
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     torch.manual_seed(0)

@@ -9,7 +9,10 @@ from 12 to 176-213 ms in a one-off script on the Zen 4 VM). launcher.c keeps TVM
 per thread: smaller ones left a thread idle on the last uneven chunk, 4-20 % slower when quiet)
 but lets every thread, the caller included, claim any chunk not yet started: the caller runs
 what no worker has picked up and waits only on chunks under way (the same models: 9-17 ms and
-32-42 ms beside the same load, the same speed as TVM's pool when quiet).
+32-42 ms beside the same load, the same speed as TVM's pool when quiet). Its workers keep off
+the CPU the caller runs on (following it when it moves): on a VM the kernel woke a sleeping
+worker on its caller's CPU whenever the other vCPU had halted, and there it waited out the
+caller's time slice.
 
 The launcher is a small shared library built from launcher.c with the target's C compiler
 when a model is compiled (cached by source and architecture), and stored in the artifact
