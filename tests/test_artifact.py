@@ -232,6 +232,28 @@ def test_the_governor_leaves_a_serial_model_alone(artifact):
     assert not rt.governor.recent and rt.governor.next_probe is None and rt.governor.current == rt.threads
 
 
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_function_returns_its_one_output_bare_or_in_a_tuple(wrapped):
+    """shave's libraries return a model's one output bare (no tuple to index per call); those of
+    an older shave return a tuple of one, and both run, call after call."""
+    import tvm
+
+    from shave.runtime.module import _Function
+
+    buf = tvm.runtime.empty((2, 3), "float32", tvm.cpu())
+    want = np.arange(6, dtype=np.float32).reshape(2, 3)
+
+    def main(x):  # as a VM function: a fresh output tensor per call
+        y = tvm.runtime.tensor(want + x.numpy())
+        return (y,) if wrapped else y
+
+    f = _Function(main, [buf], on_cpu=True)
+    for k in range(3):
+        (out,) = f.run([np.full((2, 3), k, np.float32)])
+        np.testing.assert_array_equal(out, want + k)
+    assert f.bare is not wrapped
+
+
 def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
     """The decisions on a simulated clock: quiet calls at 2 threads (10 ms; one thread 13 ms), then
     other processes take the CPUs (2 threads 460 ms, one thread 20 ms), then they leave."""

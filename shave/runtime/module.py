@@ -48,6 +48,7 @@ class Runtime:
         # no parallel loop in the library: a call runs on the calling thread whatever the thread
         # count, so the governor does not time and choose it (about 1 us of LeNet-5's 17 per call)
         self._serial = self.parallel == "serial"
+        self._tvm_pool = self.parallel == "tvm"  # read per call: the property is fixed per library
         self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
 
@@ -155,8 +156,8 @@ class Runtime:
         batch = arrays[0].shape[0] if self.batch_functions and arrays else None
         governed = self.adaptive and not self._serial
         threads = self.governor.pick() if governed else self._threads
-        use_threads(threads, tvm_pool=self.parallel == "tvm")
-        t0 = time.perf_counter()
+        use_threads(threads, self._tvm_pool)
+        t0 = time.perf_counter() if governed else 0.0
         if batch is None:
             outs = self._run_one(None, arrays)
         elif batch in self.batch_functions:
@@ -230,7 +231,7 @@ class _Function:
     an output is a view of an input (an identity or reshape of one), which the caller must get
     as a copy since the input's buffer is overwritten next call."""
 
-    __slots__ = ("main", "bufs", "views", "small", "aliased")
+    __slots__ = ("main", "bufs", "views", "small", "aliased", "bare")
 
     def __init__(self, main, bufs: list, on_cpu: bool):
         self.main, self.bufs = main, bufs
@@ -238,13 +239,15 @@ class _Function:
         # inputs this small are always copied (the shapes are the function's own)
         self.small = on_cpu and any(v.nbytes < IN_PLACE_BYTES for v in self.views)
         self.aliased = None  # per output: a view of an input? (known after the first call)
+        self.bare = None  # whether the function returns its one output bare, not in a tuple
 
     def run(self, arrays: list) -> list[np.ndarray]:
         views = self.views
         if views is None:  # GPU memory: copied in and out
             for b, a in zip(self.bufs, arrays):
                 b.copyfrom(np.ascontiguousarray(a))
-            return [o.numpy() for o in self.main(*self.bufs)]
+            r = self.main(*self.bufs)
+            return [r.numpy()] if isinstance(r, import_tvm().runtime.Tensor) else [o.numpy() for o in r]
         args = None if self.small else _in_place(arrays, self.bufs)
         if args is None:
             for v, a in zip(views, arrays):
@@ -253,7 +256,10 @@ class _Function:
         # each output is the VM's fresh tensor, kept alive by its numpy array: no copy (indexed:
         # iterating the VM's tuple cost 1.5 us of Python per call, indexing 0.7)
         r = self.main(*args)
-        outs = [np.from_dlpack(r[i]) for i in range(len(r))]
+        if self.bare is None:
+            self.bare = isinstance(r, import_tvm().runtime.Tensor)
+        # one output: the tensor itself (an artifact of an older shave: a tuple of one)
+        outs = [np.from_dlpack(r)] if self.bare else [np.from_dlpack(r[i]) for i in range(len(r))]
         aliased = self.aliased
         if aliased is None:
             aliased = self.aliased = [any(np.may_share_memory(y, v) for v in views + arrays) for y in outs]
