@@ -58,7 +58,7 @@ typedef struct Pool {
   int32_t sleepers;   /* workers asleep (or about to be) on `wake` */
   int32_t quit;
   int nworkers;
-  int kept_off;       /* the CPU the workers were last kept off (-1: none yet) */
+  int kept_off;       /* the CPU the workers were last kept off (-2: not yet set) */
   cpu_set_t allowed;  /* the workers' CPUs as made (their creator's) */
   pthread_t tid[MAX_WORKERS];
 } Pool;
