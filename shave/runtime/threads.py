@@ -110,7 +110,10 @@ class ThreadGovernor:
     the slower of them). One such call alone does not:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
     against one such call sent small models to one thread for good. Under contention that
-    lasts, the full count is retried once per `max_probe_s` at most. When the median of the
+    lasts, the full count is retried once per `max_probe_s` at most, or once per RECHECK_S where
+    its last probe lost by less than CHEAP times: on shave's launcher a busy machine slows two
+    threads about as much as one, and a governor left at one thread for 30 s after the other
+    processes stopped ran ResNet-18 at 11.3 ms a call where two threads took 7.3. When the median of the
     last WINDOW calls at the count in use moves by `drift` times or more from where it settled
     (other processes started or stopped: ResNet-18 took 3.6x at 2 threads beside two CPU-bound
     processes, below the spike factor, while the probe interval had grown to `max_probe_s` in the
@@ -132,6 +135,8 @@ class ThreadGovernor:
     MAX_COLD = 8
     DROP = 1.10  # a probe of one thread switches when this much faster than the full count's recent median
     RETURN = 1.03  # a probe of the full count, against one thread's
+    CHEAP = 1.5  # a probe of the full count that lost by less than this is retried within RECHECK_S
+    RECHECK_S = 2.0
 
     def __init__(self, threads: int, clock=None, first_probe_s: float = 1.0, max_probe_s: float = 30.0,
                  spike: float = 4.0, drift: float = 1.5):
@@ -206,14 +211,18 @@ class ThreadGovernor:
             if typical is not None and seconds < 2 * typical and len(self.probe) < self.PROBE_CALLS:
                 return
             margin = self.RETURN if threads == self.full else self.DROP
-            won = typical is not None and sorted(self.probe)[len(self.probe) // 2] < typical / margin
+            median = sorted(self.probe)[len(self.probe) // 2]
+            won = typical is not None and median < typical / margin
             if won:
                 self.current, self.interval, self.switches = threads, self.first_probe_s, self.switches + 1
                 self.recent.clear()
                 self.recent.extend(self.probe)
                 self.settled = None
             else:
-                self.interval = min(self.interval * 2, self._longest(typical))
+                longest = self._longest(typical)
+                if threads == self.full and typical is not None and median < self.CHEAP * typical:
+                    longest = min(longest, max(self.first_probe_s, self.RECHECK_S))  # a cheap loss
+                self.interval = min(self.interval * 2, longest)
             self.probe, self.probing = [], 0
             self.next_probe = self.clock() + self._spacing(self._median() or 0.0)
             return
