@@ -140,6 +140,7 @@ def _in_thread(fn):
     t = threading.Thread(target=run)
     t.start()
     t.join(60)
+    assert not t.is_alive(), "the thread did not finish in 60 s"
     if "error" in out:
         raise out["error"]
     return out["value"]

@@ -173,7 +173,7 @@ def _rank(rank, store, out):
     dist.barrier()  # both ranks have trained and written their weights
     # and end without gloo's teardown: destroy_process_group, or the interpreter's exit with the
     # group alive, aborted a rank after its work was done in two of many CI runs ("terminate
-    # called without an active exception"), in torch's code and not in shave's
+    # called without an active exception": C++ code, and shave runs none in these processes)
     os._exit(0)
 
 

@@ -14,10 +14,9 @@
  * launch (kernels of one call follow each other within microseconds), then sleep on a futex;
  * a caller waiting on tasks under way spins WAIT_SPIN_NS, then sleeps until the last one ends.
  * Workers keep off the CPU their caller runs on (keep_off): a worker woken there waits for the
- * caller's time slice to end. On a VM the kernel wakes a worker there whenever the other vCPU
- * has halted, as it does in any pause of a few milliseconds, and LeNet-5 at batch 8 ran the
- * first 2-3 ms after each pause at its one-thread speed (68-72 against 44 us a call, 2-vCPU
- * Zen 5 VM).
+ * caller's time slice to end. On the 2-vCPU Zen 5 VM the kernel woke the sleeping worker there
+ * after pauses (the other vCPU had halted), and LeNet-5 at batch 8 ran the first 2-3 ms after
+ * each 0.5 s pause at its one-thread speed (68-72 against 44 us a call).
  * A launch from inside a chunk, or with one thread, runs serially in the caller.
  * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
 #ifndef _GNU_SOURCE
