@@ -14,6 +14,7 @@ import torch
 import shave
 from shave.runtime import launcher
 from shave.runtime.artifact import LIB, write_artifact
+from shave.runtime.threads import ThreadGovernor
 from shave.zoo.fashion_mnist import FashionResNet
 
 
@@ -241,6 +242,24 @@ np.save({str(path.with_suffix('.out.npy'))!r}, np.stack(outs))
     assert out.stdout.split() == ["True"]
     for y in np.load(path.with_suffix(".out.npy")):
         np.testing.assert_array_equal(y, want)
+
+
+def test_the_governor_times_models_on_tvms_pool_only(fashion):
+    """On TVM's pool a static chunk waits for a descheduled worker, so the governor times the calls
+    and may drop to one thread; on the launcher any thread takes a chunk not yet started, and the
+    calls run on the thread count as set, neither timed nor probed at another count."""
+    cm, x, path = fashion
+    from shave.runtime.module import Runtime, load_library
+
+    _, members = shave.runtime.artifact.read_artifact(path)
+    on_tvm = Runtime(load_library(members[LIB], launcher=False), cm.manifest)
+    on_launcher = shave.load(path)
+    assert on_launcher.launcher and not on_tvm.launcher and on_launcher.adaptive and on_tvm.adaptive
+    for _ in range(2 * ThreadGovernor.WINDOW):
+        on_tvm(x.numpy())
+        on_launcher(x.numpy())
+    assert len(on_tvm.governor.recent) > 0
+    assert not on_launcher.governor.recent and on_launcher.governor.next_probe is None
 
 
 def test_an_artifact_without_the_launcher_runs_on_tvms_pool(fashion, tmp_path):

@@ -28,9 +28,13 @@ class Runtime:
 
     `threads`: how many threads one call runs on (default: every CPU the process may use,
     or TVM_NUM_THREADS / OMP_NUM_THREADS when set; runtime/threads.py); settable later.
-    `adaptive` (default True): drop to one thread while that is measured faster, as it is when
-    other processes keep the CPUs busy (threads.ThreadGovernor; not for a library with no parallel
-    loop, which runs on the calling thread); False always uses `threads`."""
+    `adaptive` (default True): for a library on TVM's thread pool (an artifact of an older shave,
+    or one built without a C compiler), drop to one thread while that is measured faster, as it
+    is when other processes keep the CPUs busy and a static chunk waits for a descheduled worker
+    (threads.ThreadGovernor); False always uses `threads`. A library on shave's launcher, whose
+    chunks any thread takes, always runs on `threads`: there two threads were as fast as the
+    governor or faster beside 2-16 CPU-bound processes, after them and between PyTorch calls
+    (docs/tvm-notes.md, Thread pool); a library with no parallel loop runs on the calling thread."""
 
     def __init__(self, module, manifest: dict, threads: int | None = None, adaptive: bool = True):
         tvm = import_tvm()
@@ -45,10 +49,10 @@ class Runtime:
         self._module = module
         self._local = threading.local()
         self.adaptive = adaptive and manifest["target"]["arch"] != "cuda"
-        # no parallel loop in the library: a call runs on the calling thread whatever the thread
-        # count, so the governor does not time and choose it (about 1 us of LeNet-5's 17 per call)
-        self._serial = self.parallel == "serial"
-        self._tvm_pool = self.parallel == "tvm"  # read per call: the property is fixed per library
+        # only TVM's pool needs the governor: a library with no parallel loop runs on the calling
+        # thread whatever the count, and on the launcher a descheduled worker holds up only the
+        # chunk it has started (read per call: the property is fixed per library)
+        self._tvm_pool = self.parallel == "tvm"
         self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
 
@@ -154,7 +158,7 @@ class Runtime:
     def run(self, *args) -> list[np.ndarray]:
         arrays = self._check(args)
         batch = arrays[0].shape[0] if self.batch_functions and arrays else None
-        governed = self.adaptive and not self._serial
+        governed = self.adaptive and self._tvm_pool
         threads = self.governor.pick() if governed else self._threads
         use_threads(threads, self._tvm_pool)
         t0 = time.perf_counter() if governed else 0.0
