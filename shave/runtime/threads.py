@@ -85,7 +85,9 @@ def check_threads(threads) -> int | None:
 
 
 class ThreadGovernor:
-    """Chooses, call by call, between a runtime's full thread count and one thread.
+    """Chooses, call by call, between a runtime's full thread count and one thread (for a library
+    on TVM's pool: on shave's launcher, where any thread takes a chunk not yet started, the
+    runtime keeps its thread count; runtime/module.Runtime).
 
     TVM splits each parallel loop into equal static chunks, one per thread, and a kernel waits
     for its slowest chunk. When other processes keep the CPUs busy, a descheduled worker
