@@ -289,7 +289,8 @@ def test_thread_governor_drops_to_one_thread_under_contention_and_comes_back():
 
 
 def test_thread_governor_comes_back_soon_after_contention_that_slowed_both_counts():
-    """ResNet-18 on the launcher: quiet, 2 threads 7.3 ms and one 11.3; beside two CPU-bound
+    """Times as ResNet-18's on shave's launcher (measured there before the runtime stopped
+    governing launcher models): quiet, 2 threads 7.3 ms and one 11.3; beside two CPU-bound
     processes both slow down (2 threads 16.5 ms, one 14). The governor moves to one thread; its
     probes of 2 threads lose by little, so it keeps asking every RECHECK_S (not at intervals
     doubling to 30 s) and is back at 2 threads within a few seconds of the CPUs coming free.

@@ -11,8 +11,7 @@ but lets every thread, the caller included, claim any chunk not yet started: the
 what no worker has picked up and waits only on chunks under way (the same models: 9-17 ms and
 32-42 ms beside the same load, the same speed as TVM's pool when quiet). Its workers keep off
 the CPU the caller runs on (following it when it moves): on a VM the kernel woke a sleeping
-worker on its caller's CPU whenever the other vCPU had halted, and there it waited out the
-caller's time slice.
+worker on its caller's CPU after pauses, and there it waited out the caller's time slice.
 
 The launcher is a small shared library built from launcher.c with the target's C compiler
 when a model is compiled (cached by source and architecture), and stored in the artifact

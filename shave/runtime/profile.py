@@ -97,7 +97,7 @@ def profile(runtime, inputs, repeats: int = 10) -> Profile:
         walls.append(time.perf_counter() - t0)
     from .threads import use_threads
 
-    use_threads(runtime.threads, tvm_pool=runtime.parallel == "tvm")  # the full count, whatever the governor chose last
+    use_threads(runtime.threads, tvm_pool=runtime._tvm_pool)  # the full count, whatever the governor chose last
     vm = relax.VirtualMachine(runtime._module, runtime._device)
     arrays = [np.ascontiguousarray(a) for a in runtime._check(inputs)]
     import tvm

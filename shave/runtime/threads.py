@@ -113,10 +113,10 @@ class ThreadGovernor:
     on a VM a tick or a host preemption makes a 0.1 ms call take 4x now and then, and a probe
     against one such call sent small models to one thread for good. Under contention that
     lasts, the full count is retried once per `max_probe_s` at most, or once per RECHECK_S where
-    its last probe lost by less than CHEAP times: on shave's launcher a busy machine slows two
-    threads about as much as one, so one thread's calls do not show the other processes
-    stopping, and a governor at one thread then could wait up to 30 s for the probe that takes
-    it back (ResNet-18: 11.3 ms a call at one thread, 7.3 at two). When the median of the
+    its last probe lost by less than CHEAP times: where a busy machine slows two threads about as
+    much as one, one thread's calls do not show the other processes stopping, and a governor at
+    one thread could wait up to 30 s for the probe that takes it back (ResNet-18 when shave's
+    launcher was still governed: 11.3 ms a call at one thread, 7.3 at two). When the median of the
     last WINDOW calls at the count in use moves by `drift` times or more from where it settled
     (other processes started or stopped: ResNet-18 took 3.6x at 2 threads beside two CPU-bound
     processes, below the spike factor, while the probe interval had grown to `max_probe_s` in the
