@@ -201,6 +201,77 @@ def test_workers_keep_off_the_cpu_their_caller_runs_on(lib):
     assert _in_thread(alone) == {a}
 
 
+def _slice(tid: int = 0) -> tuple[int, int]:
+    """(policy, scheduler slice in ns) of thread `tid` (0: this one), from sched_getattr."""
+    import struct
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(48)
+    nr = {"x86_64": 315, "aarch64": 275}[os.uname().machine]
+    assert libc.syscall(nr, tid, buf, 48, 0) == 0, os.strerror(ctypes.get_errno())
+    size, policy, flags, nice, prio, runtime, deadline, period = struct.unpack("IIQiIQQQ", buf.raw)
+    return policy, runtime
+
+
+def _custom_slices(lib) -> bool:
+    """Whether this kernel keeps a thread's own slice (Linux 6.12 and later), tried in a thread."""
+    def probe():
+        had = lib.shave_set_slice(3_000_000)
+        return had >= 0 and _slice()[1] == 3_000_000
+
+    return _in_thread(probe)
+
+
+def test_the_caller_sets_its_slice_and_gets_back_the_one_it_had(lib):
+    """shave_set_slice sets the calling thread's slice and returns the one it had (so Runtime can
+    give it back after a call), keeps the thread's policy, and leaves a thread of another policy
+    than SCHED_OTHER or SCHED_BATCH alone (-1)."""
+    if not _custom_slices(lib):
+        pytest.skip("this kernel has no per-thread scheduler slice (Linux < 6.12)")
+    call = lib.shave_call_slice()
+    assert call == 100_000_000  # the kernel's longest
+
+    def other():
+        policy, own = _slice()
+        assert lib.shave_set_slice(call) == own
+        assert _slice() == (policy, call)
+        assert lib.shave_set_slice(own) == call
+        assert _slice() == (policy, own)
+
+    _in_thread(other)
+
+    def batch():
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))  # this thread only
+        _, own = _slice()
+        assert lib.shave_set_slice(call) == own and _slice() == (os.SCHED_BATCH, call)
+
+    _in_thread(batch)
+
+    def idle():
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        before = _slice()
+        assert lib.shave_set_slice(call) == -1 and _slice() == before
+
+    _in_thread(idle)
+
+
+def test_workers_run_with_the_call_slice(lib):
+    """The launcher's workers run only inside calls, with the call slice throughout."""
+    if not _custom_slices(lib):
+        pytest.skip("this kernel has no per-thread scheduler slice (Linux < 6.12)")
+
+    def start():
+        before = _workers()
+        assert _launch(lib, lambda i, n: 0, 2)[0] == 0
+        worker = _new_worker(before)
+        deadline = __import__("time").monotonic() + 30  # the worker sets its slice as it starts
+        while _slice(worker)[1] != lib.shave_call_slice() and __import__("time").monotonic() < deadline:
+            __import__("time").sleep(0.01)
+        return _slice(worker)[1]
+
+    assert _in_thread(start) == lib.shave_call_slice()
+
+
 @pytest.fixture(scope="module")
 def fashion(tmp_path_factory):
     torch.manual_seed(0)
@@ -319,3 +390,60 @@ def test_an_aarch64_artifact_carries_an_aarch64_launcher(tmp_path):
         assert data is None
     else:
         assert data[:4] == b"\x7fELF" and int.from_bytes(data[18:20], "little") == 183  # EM_AARCH64
+
+
+def test_a_long_call_runs_with_the_call_slice_and_gives_back_the_callers(fashion, monkeypatch):
+    """After a call of LONG_CALL_S or more, the next call sets the calling thread's slice to the
+    launcher's call slice and gives back the one the thread had, also when the call fails; after
+    a shorter call, the slice is not touched (1 us a call, against a 15 us LeNet-5)."""
+    from shave.errors import InputError
+    from shave.runtime import module
+
+    cm, x, path = fashion
+    rt = shave.load(path)
+    assert rt._slice is not None and rt._slice[1] == launcher.launcher().shave_call_slice()
+    calls = []
+
+    def fake(ns):
+        calls.append(ns)
+        return 1_234_567 if len(calls) % 2 else 0  # the thread's own slice, then the call slice
+
+    rt._slice = (fake, 100_000_000)
+    monkeypatch.setattr(module, "LONG_CALL_S", 0.0)
+    rt(x.numpy())  # the first call: no call before it was long
+    assert calls == []
+    rt(x.numpy())
+    assert calls == [100_000_000, 1_234_567]
+    rt._run = lambda batch, arrays: (_ for _ in ()).throw(RuntimeError("a kernel failed"))
+    with pytest.raises(RuntimeError):
+        rt(x.numpy())
+    assert calls == [100_000_000, 1_234_567] * 2
+    del rt._run
+    monkeypatch.setattr(module, "LONG_CALL_S", 1e9)
+    rt(x.numpy())  # long before: set; now short
+    rt(x.numpy())
+    assert calls == [100_000_000, 1_234_567] * 3
+    with pytest.raises(InputError):  # a bad input fails before the slice is touched
+        rt(x.numpy()[:, :, :5])
+    assert len(calls) == 6
+
+
+def test_a_call_leaves_the_threads_slice_as_it_was(fashion, monkeypatch):
+    """With the real setter: the calling thread's slice after calls is the one it had before."""
+    from shave.runtime import module
+
+    lib = launcher.launcher()
+    if not _custom_slices(lib):
+        pytest.skip("this kernel has no per-thread scheduler slice (Linux < 6.12)")
+    cm, x, path = fashion
+    monkeypatch.setattr(module, "LONG_CALL_S", 0.0)
+    rt = shave.load(path)
+
+    def calls():
+        before = _slice()
+        for _ in range(3):
+            rt(x.numpy())
+        return before, _slice()
+
+    before, after = _in_thread(calls)
+    assert after == before

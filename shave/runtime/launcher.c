@@ -17,6 +17,12 @@
  * caller's time slice to end. On the 2-vCPU Zen 5 VM the kernel woke the sleeping worker there
  * after pauses (the other vCPU had halted), and LeNet-5 at batch 8 ran the first 2-3 ms after
  * each 0.5 s pause at its one-thread speed (68-72 against 44 us a call).
+ * Workers run with a scheduler slice of CALL_SLICE_NS, and Runtime gives its caller the same for
+ * the length of a call (shave_set_slice): Linux's EEVDF scheduler (6.6 and later; a task's own
+ * slice, sched_attr.sched_runtime, since 6.12) cuts a task off after its slice (1.4 ms on the
+ * 2-vCPU VM) and lets a sleeping task bank about a slice of lag, so a CPU-bound neighbour ran
+ * once or more inside each 2-8 ms call. A longer slice changes how often a task is cut off, not
+ * its share of the CPU (docs/tvm-notes.md, Thread pool).
  * A launch from inside a chunk, or with one thread, runs serially in the caller.
  * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
 #ifndef _GNU_SOURCE
@@ -42,6 +48,7 @@ typedef int (*ShaveLambda)(int task_id, ShaveEnv* penv, void* cdata); /* FTVMPar
 enum { TASKS_PER_THREAD = 1, MAX_WORKERS = 255 };
 static const int64_t SPIN_NS = 200000;
 static const int64_t WAIT_SPIN_NS = 50000; /* the caller, waiting on tasks under way, then sleeps */
+static const uint64_t CALL_SLICE_NS = 100000000; /* the longest the kernel allows */
 
 typedef struct Pool {
   /* the job: written by the caller before it publishes `state`, read by workers after */
@@ -74,6 +81,36 @@ static int64_t now_ns(void) {
   struct timespec t;
   clock_gettime(CLOCK_MONOTONIC, &t);
   return (int64_t)t.tv_sec * 1000000000 + t.tv_nsec;
+}
+
+typedef struct { /* struct sched_attr as first published (SCHED_ATTR_SIZE_VER0) */
+  uint32_t size, policy;
+  uint64_t flags;
+  int32_t nice;
+  uint32_t priority;
+  uint64_t runtime, deadline, period;
+} SchedAttr;
+
+/* Set the calling thread's scheduler slice to `ns` (0: the kernel's default), keeping its policy
+   and nice value; -> the slice it had, or -1 where none is set (a policy other than SCHED_OTHER or
+   SCHED_BATCH, a kernel or sandbox without sched_setattr). Kernels older than 6.12 keep their own
+   slice for these policies whatever sched_runtime says. */
+long long shave_set_slice(long long ns) {
+#if defined(SYS_sched_getattr) && defined(SYS_sched_setattr)
+  SchedAttr a = {0};
+  if (ns < 0 || syscall(SYS_sched_getattr, 0, &a, sizeof(a), 0) != 0) return -1;
+  if (a.policy != SCHED_OTHER && a.policy != SCHED_BATCH) return -1;
+  long long had = (long long)a.runtime;
+  if (had == ns) return had;
+  a.size = sizeof(a);
+  a.flags &= 0x01; /* SCHED_FLAG_RESET_ON_FORK: the only flag of these policies */
+  a.runtime = (uint64_t)ns;
+  a.deadline = a.period = 0;
+  return syscall(SYS_sched_setattr, 0, &a, 0) == 0 ? had : -1;
+#else
+  (void)ns;
+  return -1;
+#endif
 }
 
 static void cpu_relax(void) {
@@ -132,6 +169,7 @@ static void* worker_main(void* arg) {
   snprintf(name, sizeof(name), "shave-w%d", index); /* as top, perf and gdb show it */
   pthread_setname_np(pthread_self(), name);
   tl_in_launch = 1; /* a chunk that launches runs that launch serially */
+  shave_set_slice((long long)CALL_SLICE_NS); /* it runs only inside calls */
   for (;;) {
     int64_t until = now_ns() + SPIN_NS;
     int spins = 0;
@@ -232,9 +270,12 @@ int shave_set_threads(int n) {
 /* The behaviour's version: a process that loads several launchers (artifacts of different shave
    versions) points the libraries it loads after at the highest (runtime/launcher.py). */
 #ifndef SHAVE_LAUNCHER_VERSION
-#define SHAVE_LAUNCHER_VERSION 2
+#define SHAVE_LAUNCHER_VERSION 3
 #endif
 int shave_launcher_version(void) { return SHAVE_LAUNCHER_VERSION; }
+
+/* The slice Runtime gives its calling thread for the length of a call (shave_set_slice). */
+long long shave_call_slice(void) { return (long long)CALL_SLICE_NS; }
 
 /* The threads this calling thread's launches use. */
 int shave_threads(void) { return tl_threads > 0 ? tl_threads : available_cpus(); }

@@ -14,8 +14,12 @@ from .tvm_import import import_tvm
 from .host import host_arch, host_cpu_flags
 from ..errors import ArtifactError, InputError
 from .artifact import LIB, read_artifact
-from .launcher import MEMBER, install, load_launcher
+from .launcher import MEMBER, call_slice, install, load_launcher
 from .threads import ThreadGovernor, check_threads, pool_size, use_threads
+
+# calls this long or longer run with the launcher's scheduler slice (launcher.c); a shorter call
+# fits in the kernel's own slice, and setting and giving back the slice costs about 1 us
+LONG_CALL_S = 200e-6
 
 
 class Runtime:
@@ -53,6 +57,10 @@ class Runtime:
         # thread whatever the count, and on the launcher a descheduled worker holds up only the
         # chunk it has started (read per call: the property is fixed per library)
         self._tvm_pool = self.parallel == "tvm"
+        # a call that took LONG_CALL_S or more makes the next one run with the launcher's longer
+        # scheduler slice (set on the calling thread, given back after; runtime/launcher.c)
+        self._slice = call_slice() if manifest["target"]["arch"] != "cuda" else None
+        self._long = False
         self.threads = threads
         self._state()  # this thread's VM now: a library that cannot start fails here, not at the first call
 
@@ -161,7 +169,20 @@ class Runtime:
         governed = self.adaptive and self._tvm_pool
         threads = self.governor.pick() if governed else self._threads
         use_threads(threads, self._tvm_pool)
-        t0 = time.perf_counter() if governed else 0.0
+        had = self._slice[0](self._slice[1]) if self._long and self._slice is not None else -1
+        t0 = time.perf_counter()
+        try:
+            outs = self._run(batch, arrays)
+        finally:
+            seconds = time.perf_counter() - t0
+            if had >= 0:
+                self._slice[0](had)
+        self._long = seconds >= LONG_CALL_S
+        if governed:  # per sample, so calls of different batch sizes compare
+            self.governor.record(threads, seconds / (batch or 1))
+        return outs
+
+    def _run(self, batch: int | None, arrays: list) -> list[np.ndarray]:
         if batch is None:
             outs = self._run_one(None, arrays)
         elif batch in self.batch_functions:
@@ -172,8 +193,6 @@ class Runtime:
                 parts.append(self._run_one(k, [a[at:at + k] for a in arrays]))
                 at += k
             outs = [np.concatenate(ys) for ys in zip(*parts)]
-        if governed:  # per sample, so calls of different batch sizes compare
-            self.governor.record(threads, (time.perf_counter() - t0) / (batch or 1))
         return outs
 
     def _run_one(self, batch: int | None, arrays: list) -> list[np.ndarray]:
