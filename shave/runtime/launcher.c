@@ -20,9 +20,9 @@
  * Workers run with a scheduler slice of CALL_SLICE_NS, and Runtime gives its caller the same for
  * the length of a call (shave_set_slice): Linux's EEVDF scheduler (6.6 and later; a task's own
  * slice, sched_attr.sched_runtime, since 6.12) cuts a task off after its slice (1.4 ms on the
- * 2-vCPU VM) and lets a sleeping task bank about a slice of lag, so a CPU-bound neighbour ran
- * once or more inside each 2-8 ms call. A longer slice changes how often a task is cut off, not
- * its share of the CPU (docs/tvm-notes.md, Thread pool).
+ * 2-vCPU VM) and lets a sleeping task bank about two slices of lag, so a CPU-bound neighbour
+ * could run once or more inside each 2-8 ms call. A longer slice changes how often a task is cut
+ * off, not its share of the CPU (docs/tvm-notes.md, "A call's scheduler slice").
  * A launch from inside a chunk, or with one thread, runs serially in the caller.
  * Linux only (futex); shave installs it where this file builds and loads (runtime/launcher.py). */
 #ifndef _GNU_SOURCE

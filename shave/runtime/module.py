@@ -38,7 +38,10 @@ class Runtime:
     (threads.ThreadGovernor); False always uses `threads`. A library on shave's launcher, whose
     chunks any thread takes, always runs on `threads`: there two threads were as fast as the
     governor or faster beside 2-16 CPU-bound processes, after them and between PyTorch calls
-    (docs/tvm-notes.md, Thread pool); a library with no parallel loop runs on the calling thread."""
+    (docs/tvm-notes.md, Thread pool); a library with no parallel loop runs on the calling thread.
+    Once a call has taken LONG_CALL_S or more, the next ones set the calling thread's scheduler
+    slice to the launcher's call slice for their length and give back the thread's own after
+    (runtime/launcher.c; Linux 6.12 and later)."""
 
     def __init__(self, module, manifest: dict, threads: int | None = None, adaptive: bool = True):
         tvm = import_tvm()
