@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -162,8 +163,6 @@ def _workers() -> set[int]:
 
 def _new_worker(before: set[int]) -> int:
     """The one launcher worker not in `before` (a worker names itself once it runs: waited for)."""
-    import time
-
     deadline = time.monotonic() + 30
     while not (new := _workers() - before) and time.monotonic() < deadline:
         time.sleep(0.01)
@@ -264,9 +263,9 @@ def test_workers_run_with_the_call_slice(lib):
         before = _workers()
         assert _launch(lib, lambda i, n: 0, 2)[0] == 0
         worker = _new_worker(before)
-        deadline = __import__("time").monotonic() + 30  # the worker sets its slice as it starts
-        while _slice(worker)[1] != lib.shave_call_slice() and __import__("time").monotonic() < deadline:
-            __import__("time").sleep(0.01)
+        deadline = time.monotonic() + 30  # the worker sets its slice as it starts
+        while _slice(worker)[1] != lib.shave_call_slice() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return _slice(worker)[1]
 
     assert _in_thread(start) == lib.shave_call_slice()
@@ -414,7 +413,10 @@ def test_a_long_call_runs_with_the_call_slice_and_gives_back_the_callers(fashion
     assert calls == []
     rt(x.numpy())
     assert calls == [100_000_000, 1_234_567]
-    rt._run = lambda batch, arrays: (_ for _ in ()).throw(RuntimeError("a kernel failed"))
+    def failing(batch, arrays):
+        raise RuntimeError("a kernel failed")
+
+    rt._run = failing
     with pytest.raises(RuntimeError):
         rt(x.numpy())
     assert calls == [100_000_000, 1_234_567] * 2
