@@ -673,15 +673,16 @@ def _conv_case(fields, groups=1, seed=0):
     return x, wt, b, r, ref.numpy()
 
 
-def _kernel_error(spec, case, target=AVX2):
-    """Relative max error of the kernel built for `spec` on `case` (inputs given NCHW)."""
+def _kernel_error(spec, case, target=AVX2, fill=7.0):
+    """Relative max error of the kernel built for `spec` on `case` (inputs given NCHW; a blocked
+    input's padding lanes hold `fill`)."""
     import tvm
 
     from shave.backends.tvm.schedules.conv import build_primfunc, pack_weight
 
     x, wt, b, r, ref = case
     if spec.in_blocked:  # padding lanes of a last block that is not full: finite values no output reads
-        x = _to_blocked(x, spec.vec, fill=7.0)
+        x = _to_blocked(x, spec.vec, fill=fill)
     if spec.res_blocked:
         r = _to_blocked(r, spec.vec, fill=7.0)
     lib = tvm.compile(tvm.IRModule({"main": build_primfunc(spec)}), target=tvm.target.Target(target))
@@ -694,6 +695,31 @@ def _kernel_error(spec, case, target=AVX2):
         n, cb, oh, ow, v = out.shape
         out = out.transpose(0, 1, 4, 2, 3).reshape(n, cb * v, oh, ow)[:, :ref.shape[1]]
     return np.abs(out - ref).max() / np.abs(ref).max()
+
+
+@pytest.mark.parametrize("target,c,k", [(AVX2, 13, 1), (AVX2, 58, 3), (AVX512, 24, 1), (AVX512, 40, 3)],
+                         ids=["avx2-1x1-c13", "avx2-3x3-c58", "avx512-1x1-c24", "avx512-3x3-c40"])
+def test_ragged_channel_reduction_reads_only_the_real_channels(target, c, k):
+    """A dense conv whose input channels are not a multiple of the lanes reduces over the channels
+    themselves, not whole blocks (ragged_reduction): the reduction's channel loop has extent C, and
+    NaN in the blocked input's padding lanes (which whole blocks multiplied by zero weights, giving
+    NaN) leaves the output exact. Built for both vector widths; run where the host can."""
+    import tvm
+
+    from shave.backends.tvm.schedules.conv import ConvSpec, compute_primfunc, ragged_reduction
+
+    lanes = isa(target).fp32_lanes
+    fields = (2, c, 9, 11, 24, k, k, (1, 1), (k // 2,) * 4, (1, 1), False, "relu", False)
+    spec = ConvSpec(*fields, vec=lanes, regs=isa(target).vector_registers, in_blocked=True, out_blocked=True)
+    assert c % lanes and ragged_reduction(spec)
+    sch = tvm.s_tir.Schedule(compute_primfunc(spec))
+    extents = [int(sch.get(lp).extent) for lp in sch.get_loops(sch.get_sblock("conv"))]
+    assert extents[5] == c, extents  # b, o, y, x, j, then the channel axis (not ceil(c / lanes) * lanes)
+    # channels that fill whole blocks keep the two block axes
+    whole = dataclasses.replace(spec, c=2 * lanes)
+    assert not ragged_reduction(whole)
+    if runs_here(target):
+        assert _kernel_error(spec, _conv_case(fields), target, fill=np.nan) <= TOL
 
 
 @pytest.mark.parametrize("name", sorted(TILE_SPECS))

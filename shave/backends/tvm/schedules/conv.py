@@ -29,8 +29,9 @@ register tile. That removes the two transposes (NCHW -> NCHWc gather in `pack`,
 NCHWc -> NCHW scatter in `out`) per layer, which cost as much as the reduction
 itself in depthwise and short 1x1 convs. Channel counts that are not a multiple of
 v (MobileNetV3's 72 and 88 on 16 lanes) round up to whole blocks: the last block's
-padding lanes hold finite values that no kernel reads into a real channel (the
-packed weights are zero there), so dense and depthwise kernels read and write
+padding lanes hold finite values that no kernel reads into a real channel (a dense
+conv's reduction stops at the last real channel, `ragged_reduction`, and its packed
+weights are zero there), so dense and depthwise kernels read and write
 that layout as well (conv_spec.blocked_shape); grouped and Winograd kernels need
 whole blocks (lane_groups.py's kernel, for groups narrower than a vector, does not).
 
@@ -328,8 +329,13 @@ def _direct_compute_primfunc(spec: ConvSpec):
             lambda b, o, y, x, j: te.sum(P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j] * Wt[o, rkh, rkw, j],
                                          axis=[rkh, rkw]), name="conv")
     else:
-        rcb = te.reduce_axis((0, p["icb_g"]), name="rcb")
-        rci = te.reduce_axis((0, vi), name="rci")
+        if ragged_reduction(spec):  # one loop over the group's channels, not whole blocks of lanes
+            rc = te.reduce_axis((0, spec.c // spec.groups), name="rc")
+            rcb, rci, axes = rc // vi, rc % vi, [rc, rkh, rkw]
+        else:
+            rcb = te.reduce_axis((0, p["icb_g"]), name="rcb")
+            rci = te.reduce_axis((0, vi), name="rci")
+            axes = [rcb, rkh, rkw, rci]
 
         def in_block(o):  # first input block of output block o's group (padding blocks: the last group)
             if spec.groups == 1:
@@ -340,9 +346,21 @@ def _direct_compute_primfunc(spec: ConvSpec):
             (n, ocb, oh, owp, v),
             lambda b, o, y, x, j: te.sum(
                 P[b, in_block(o) + rcb, y * sh + rkh * dh, x * sw + rkw * dw, rci] * Wt[o, rcb, rkh, rkw, rci, j],
-                axis=[rcb, rkh, rkw, rci]), name="conv")
+                axis=axes), name="conv")
 
     return te.create_prim_func(args + [output_stage(spec, Cc, B, Res)])
+
+
+def ragged_reduction(spec: ConvSpec) -> bool:
+    """Does a dense conv reduce over exactly its input channels rather than whole blocks of vi? Where
+    a group's channels are not a multiple of vi (ShuffleNetV2's 58 and 116, the 24 and 40 of
+    MobileNetV2, MNASNet and EfficientNet on 16 lanes), whole blocks would multiply the last block's
+    padding lanes by zero weights: 6 of 64 products for 58 channels, 8 of 32 for 24. Instead the
+    reduction is one loop over the channels, reading channel c at block c // vi, lane c % vi (a shift
+    and a mask per channel, beside the register tile's FMAs). Split into blocks and lanes again, the
+    last block's lanes need a predicate or a partitioned loop, and LLVM then spilled the register tile
+    (docs/tvm-notes.md, "Ragged channel reductions")."""
+    return not spec.depthwise and (spec.c // spec.groups) % plan(spec)["vi"] != 0
 
 
 def _tiles_per_chunk(p: dict) -> int:
@@ -399,14 +417,14 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
             sch.compute_at(pack, xo if _dw_patch_rows(spec) == spec.kh else rkh)
             sch.vectorize(sch.get_loops(pack)[-1])
     else:
-        b, o, y, x, j, rcb, rkh, rkw, rci = loops
+        b, o, y, x, j, *reduction = loops  # rcb, rkh, rkw, rci; or rc, rkh, rkw (ragged_reduction)
         oo, oi = sch.split(o, [None, ocb_in])
         xo, xi = sch.split(x, [None, reg_n])
-        sch.reorder(b, oo, y, xo, rcb, rkh, rkw, rci, oi, xi, j)
+        sch.reorder(b, oo, y, xo, *reduction, oi, xi, j)
         outer, xo = parallel_tasks(sch, spec, p, b, oo, y, xo)
         if pack_per_task:
             pack_in_task(sch, pack, outer)
-        first_r = rcb
+        first_r = reduction[0]
         unrolled = [oi, xi]
     if par:
         sch.parallel(outer)
