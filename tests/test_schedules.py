@@ -383,6 +383,54 @@ def test_concat_pools_and_norms_between_conv_kernels_stay_blocked():
     _check(model, x)
 
 
+class RaggedStem(nn.Module):
+    """ShuffleNetV2's stem: a conv to a channel count that fills no whole block (20 on 8 or 16
+    lanes) -> max pool -> convs, one through an average pool and a sigmoid; and a 20-channel batch
+    norm, which needs whole blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.dw, self.pw = nn.Conv2d(3, 20, 3, 2, 1), nn.Conv2d(20, 20, 3, 2, 1, groups=20), nn.Conv2d(20, 24, 1)
+        self.c, self.bn, self.out = nn.Conv2d(20, 20, 1), nn.BatchNorm2d(20), nn.Conv2d(20, 16, 1)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-1, 1)
+            self.bn.running_var.uniform_(0.5, 2)
+
+    def forward(self, x):
+        y = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1)
+        z = torch.sigmoid(nn.functional.avg_pool2d(self.dw(y), 2))
+        return torch.cat([self.pw(y).mean((2, 3)), self.out(z).mean((2, 3)), self.bn(self.c(y)).mean((2, 3))], 1)
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+def test_pools_and_activations_pass_ragged_blocks_through(target):
+    """A max pool, an average pool and a sigmoid on 20 channels (a padded last block) keep the
+    blocked layout between conv kernels; the 20-channel batch norm does not (NCHW). Computes what
+    torch does where the host runs the target."""
+    import tvm
+
+    from shave.backends.tvm.schedules.fusion import plan_convs
+
+    torch.manual_seed(0)
+    model, x = RaggedStem().eval(), torch.randn(2, 3, 33, 31)
+    graph = shave.capture(model, (x,))
+    plan = plan_convs(graph, isa(target))
+    assert sorted(plan.passthrough.values()) == ["activation", "avg_pool", "max_pool"], plan.passthrough
+    kernels = {}
+    with tvm.target.Target(target):
+        schedule_module(to_relax(graph, target, kernels), target)
+    layout = {(s.c, s.oc, s.depthwise): (s.in_blocked, s.out_blocked) for s in kernels}
+    assert layout[(3, 20, False)] == (False, True)  # read by the max pool
+    assert layout[(20, 20, True)] == (True, True)  # reads the max pool, read by the average pool
+    assert layout[(20, 24, False)][0] and layout[(20, 16, False)][0]  # read the max pool, the sigmoid
+    assert layout[(20, 20, False)] == (True, False)  # read by the batch norm
+    if runs_here(target):
+        with torch.no_grad():
+            ref = model(x).numpy()
+        cm = shave.compile(model, (x,), target=target, passes=[])
+        assert np.abs(cm(x.numpy()) - ref).max() / np.abs(ref).max() <= TOL
+
+
 def test_blocked_pools_on_vectors():
     """The blocked pools' lane loop is vectorised (AVX2: a vmaxps / vaddps on ymm), whatever the host."""
     import tvm

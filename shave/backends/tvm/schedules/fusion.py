@@ -270,10 +270,15 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
     element: the ops a conv epilogue can apply) or "batch_norm" (constant statistics: a
     per-channel scale and shift); None when it needs NCHW. Between conv kernels these keep the
     blocked layout through SqueezeNet's and Inception's concats and pools and DenseNet's
-    concat -> batch norm -> relu, instead of a transpose on each side and a scalar loop."""
+    concat -> batch norm -> relu, instead of a transpose on each side and a scalar loop. Pools
+    and activations also take channels that do not fill the last block (ShuffleNetV2's 24-channel
+    stem -> max pool): they compute the padding lanes from finite values into finite values, which
+    no reader takes into a real channel (conv_spec.blocked_shape); a concat or a batch norm needs
+    whole blocks."""
     t = n.type
-    if len(t.shape) != 4 or t.dtype != "float32" or t.shape[1] % vec:
+    if len(t.shape) != 4 or t.dtype != "float32":
         return None
+    whole = t.shape[1] % vec == 0
     ins = [graph.type_of(v) for v in n.inputs]
     if n.op == "concat":
         ok = (n.attrs["axis"] % 4 == 1 and len(set(n.inputs)) == len(n.inputs)
@@ -291,7 +296,7 @@ def passthrough_kind(graph: Graph, n: Node, vec: int) -> str | None:
         pad = pool_padding(n, ins[0].shape, a)
         exact = pad[2:] == list(a["padding"])  # no padding added for ceil_mode
         return "avg_pool" if exact and (a["count_include_pad"] or not any(a["padding"])) else None
-    if n.op == "batch_norm" and all(graph.is_param(v) for v in n.inputs[1:]):
+    if n.op == "batch_norm" and whole and all(graph.is_param(v) for v in n.inputs[1:]):
         return "batch_norm"
     if len(n.inputs) == 1 and get_op(n.op).epilogue is not None and ins[0].shape == t.shape:
         return "activation"
