@@ -847,6 +847,26 @@ def test_default_dense_tile_by_register_count():
     assert default_tile(dataclasses.replace(pointwise, h=54, w=54, **full)) == (2, 6)  # 2916 = 486 x 6, not 2 x 12
 
 
+def test_default_tile_reads_an_unpadded_blocked_input_in_place():
+    """Where the input is blocked and unpadded and the register-file rules pick a width that does
+    not divide the row (Inception-v3's 35 -> 17 stride-2 convs: 2 x 6 on 18 columns), the default
+    is one block x the whole row, which reads the input in place (no pack pass); a padded input,
+    a width that divides the row, or a row longer than 3/4 of the registers keeps the rules."""
+    from shave.backends.tvm.schedules.conv import ConvSpec, default_tile, reads_input_in_place
+
+    # (registers, FMA pipes, lanes): default tiles on rows of 17, 23, 26 and 8 columns (inputs of
+    # 35, 47, 53 and 17); 26 columns are more than 3/4 of 32 registers, 17 and 23 of 16
+    expected = {(32, 2, 16): [(1, 17), (1, 23), (2, 7), (2, 8)], (32, 1, 16): [(1, 17), (1, 23), (1, 9), (1, 8)],
+                (16, 2, 8): [(2, 6), (2, 6), (2, 3), (2, 4)]}
+    for (regs, pipes, lanes), tiles in expected.items():
+        spec = ConvSpec(1, 96, 35, 35, 96, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), False, "relu", False, lanes,
+                        regs=regs, fma_pipes=pipes, in_blocked=True, out_blocked=True)
+        assert [default_tile(dataclasses.replace(spec, h=h, w=h)) for h in (35, 47, 53, 17)] == tiles, (regs, pipes)
+        assert reads_input_in_place(spec) == (regs == 32)
+        padded = dataclasses.replace(spec, pad=(1, 1, 1, 1))  # 18 columns, a pack pass whatever the tile
+        assert default_tile(padded)[1] < padded.ow and not reads_input_in_place(padded)
+
+
 def _unrolled_loops_around_serial_loops(func) -> list[str]:
     """Unrolled loops of a scheduled PrimFunc's script that hold a serial loop (only a register
     tile, the innermost loops, should be unrolled)."""

@@ -162,11 +162,21 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     there are three): one block's tile, a weight load and a broadcast per FMA, is load-bound
     there, and tiles of more than 16 accumulators (2 x 9-12) ran up to 2x slower. Both from the
     tile search's choices over the families on such hosts (docs/tvm-notes.md, "default register
-    tile on 32 registers"); one block where two would be mostly empty ones (_few_empty_blocks)."""
+    tile on 32 registers"); one block where two would be mostly empty ones (_few_empty_blocks);
+    one block x the whole row where that reads an unpadded blocked input in place and the rules'
+    width would not (_whole_row_in_place)."""
     spec = flat_view(spec)
     ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         return 1, _pick_reg_n(spec.ow, _dw_max_reg(spec))
+    tile = _width_rules_tile(spec, ocb)
+    if spec.ow % tile[1] and _whole_row_in_place(spec):
+        return 1, spec.ow
+    return tile
+
+
+def _width_rules_tile(spec: ConvSpec, ocb: int) -> tuple[int, int]:
+    """The dense default tile by the register-file rules of _direct_default_tile."""
     if spec.regs >= 32 and spec.ow >= 4:
         if spec.fma_pipes >= 2 and ocb == 3:
             return 3, _pick_reg_n(spec.ow, 5)
@@ -177,6 +187,19 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
         return 3, _pick_reg_n(spec.ow, 4)
     ocb_in = 2 if ocb >= 2 else 1
     return ocb_in, _pick_reg_n(spec.ow, 6 if ocb_in == 2 else 12)
+
+
+def _whole_row_in_place(spec: ConvSpec) -> bool:
+    """Take a tile of one block x a whole output row by default? Where the input is blocked and
+    unpadded (Inception-v3's stride-2 reduction convs) a tile width that divides the row lets the
+    kernel read the input in place, with no pack pass; the width rules above pick one that does
+    not for rows such as 17 (2 blocks x 6 columns: 18). Mixed_6a's 288 -> 384 3x3 stride-2 conv
+    (35 -> 17) took 1.18 ms with (1, 17) against 1.51 with (2, 6) on two Zen 5 threads
+    (docs/tvm-notes.md, "Unpadded stride-2 convs and the tile width"). Rows of up to 3/4 of the
+    vector registers (24 accumulators of 32, 12 of 16); longer rows keep the rules' tile."""
+    if spec.oh == 1 or spec.groups > 1 or spec.ow > spec.regs * 3 // 4:
+        return False
+    return reads_input_in_place(replace(spec, tile=(1, spec.ow)))
 
 
 def _few_empty_blocks(ocb: int, ocb_in: int) -> bool:
