@@ -166,17 +166,17 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     one block x the whole row where that reads an unpadded blocked input in place and the rules'
     width would not (_whole_row_in_place)."""
     spec = flat_view(spec)
-    ocb = math.ceil(spec.oc / spec.vec)
     if spec.depthwise:
         return 1, _pick_reg_n(spec.ow, _dw_max_reg(spec))
-    tile = _width_rules_tile(spec, ocb)
+    tile = _width_rules_tile(spec)
     if spec.ow % tile[1] and _whole_row_in_place(spec):
         return 1, spec.ow
     return tile
 
 
-def _width_rules_tile(spec: ConvSpec, ocb: int) -> tuple[int, int]:
+def _width_rules_tile(spec: ConvSpec) -> tuple[int, int]:
     """The dense default tile by the register-file rules of _direct_default_tile."""
+    ocb = math.ceil(spec.oc / spec.vec)
     if spec.regs >= 32 and spec.ow >= 4:
         if spec.fma_pipes >= 2 and ocb == 3:
             return 3, _pick_reg_n(spec.ow, 5)
