@@ -22,11 +22,39 @@ def host_cpu() -> str:
     return str(tvm.get_global_func("tvm.codegen.llvm.GetHostCPUName")())
 
 
+def host_cpu_features() -> set[str]:
+    """The features LLVM finds on this host through CPUID (its names: avx2, avx512f, avxvnni, ...)."""
+    import tvm
+
+    return {str(k) for k, v in tvm.get_global_func("tvm.codegen.llvm.GetHostCPUFeatures")().items() if v}
+
+
+# Vector instruction-set extensions (LLVM names, by prefix) that the kernels' code generation uses.
+_VECTOR_FEATURES = ("avx", "amx", "fma", "f16c", "gfni", "vaes", "vpclmulqdq", "sse", "ssse", "xop")
+
+
+def host_missing_features(mcpu: str, host: set[str] | None = None) -> list[str]:
+    """Vector features LLVM's CPU `mcpu` implies that this host's CPUID does not report: a VM
+    that hides AVX-512 from a guest on an AVX-512 CPU, an OS without AVX-512 state enabled."""
+    import tvm
+
+    host = host_cpu_features() if host is None else host
+    implied = {str(f) for f in tvm.target.codegen.llvm_get_cpu_features(tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))}
+    return sorted(f for f in implied - host if f.startswith(_VECTOR_FEATURES))
+
+
 def _x86_host() -> dict:
+    """This host's CPU as LLVM names it, less the vector features its CPUID does not report
+    (LLVM names the CPU by family and model: a guest shown no AVX-512 on a Zen 5 is still znver5)."""
     if host_arch() != "x86_64":
         raise TargetError(f"target 'x86' means this x86_64 host, but this machine is {host_arch()}; "
                           "pass a TVM target dict to cross-compile")
-    return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": host_cpu(), "num-cores": os.cpu_count() or 1}
+    mcpu = host_cpu()
+    spec = {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": os.cpu_count() or 1}
+    missing = host_missing_features(mcpu)
+    if missing:
+        spec["mattr"] = [f"-{f}" for f in missing]
+    return spec
 
 
 def _arm(mcpu: str, mattr: list[str], cores: int) -> dict:

@@ -63,6 +63,29 @@ def test_cuda_without_gpu_asks_for_an_arch():
         resolve_target("cuda")
 
 
+@pytest.mark.skipif(not ON_X86, reason="target 'x86' is this x86_64 host")
+@pytest.mark.parametrize("mcpu", ["znver5", "sapphirerapids"])
+def test_x86_host_drops_vector_features_cpuid_does_not_report(monkeypatch, mcpu):
+    """LLVM names the host CPU by family and model: a guest whose CPUID shows no AVX-512 on an
+    AVX-512 CPU is still `znver5`. The 'x86' target turns off what the host does not report, so
+    the code runs there (AVX2, 8 lanes), and adds nothing where the host has every feature."""
+    import shave.target as st
+    from shave.isa import isa
+
+    monkeypatch.setattr(st, "host_cpu", lambda: mcpu)
+    monkeypatch.setattr(st, "host_cpu_features", lambda: {"sse", "sse2", "sse3", "ssse3", "sse4.1", "sse4.2", "avx", "avx2", "fma", "f16c"})
+    spec = resolve_target("x86")
+    assert spec["mcpu"] == mcpu and "-avx512f" in spec["mattr"] and "-avx512vnni" in spec["mattr"]
+    assert not any(f.startswith("+") for f in spec["mattr"])
+    assert isa(spec).fp32_lanes == 8 and isa(spec).vector_registers == 16 and isa(spec).int8_dot == "avx2"
+    assert "avx512f" not in st.required_features(spec) and "avx2" in st.required_features(spec)
+
+    implied = st.host_missing_features(mcpu, host=set())  # everything it implies, as names
+    monkeypatch.setattr(st, "host_cpu_features", lambda: set(implied))
+    spec = resolve_target("x86")
+    assert "mattr" not in spec and isa(spec).fp32_lanes == 16
+
+
 def test_unknown_target_lists_the_names():
     with pytest.raises(TargetError, match=r"unknown target 'sm_x'; known names: .*rpi4.*graviton2.*h100.*sm_XX"):
         resolve_target("sm_x")
