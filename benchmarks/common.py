@@ -397,13 +397,16 @@ def machine_info(threads: int) -> dict:
     peak = used * flop * mhz / 1e3 if mhz else None
     return {"cpu": _cpuinfo_field("model name") or platform.processor() or platform.machine(),
             "isa": host.describe(), "cores": cores, "cpu_mhz": mhz, "cores_used": used, "flop_per_cycle": flop,
-            "peak_gflops": peak, "python": platform.python_version()}
+            "peak_gflops": peak, "python": platform.python_version(),
+            "cpuid_mask": os.environ.get("SHAVE_BENCH_CPUID_MASK")}  # set by avx2_host.py
 
 
 def host_line(threads: int = 2) -> str:
     """One line naming the host a benchmark ran on: CPU model, cores, ISA as shave targets it."""
     info = machine_info(threads)
-    return f"host: {info['cpu']}, {info['cores']} cores; {info['isa']}"
+    masked = (f"; CPUID masked to {info['cpuid_mask']} for every engine (benchmarks/avx2_host.py)"
+              if info["cpuid_mask"] else "")
+    return f"host: {info['cpu']}, {info['cores']} cores; {info['isa']}{masked}"
 
 
 def loadavg() -> tuple[float, float, float] | None:
