@@ -298,3 +298,31 @@ def test_cuda_runs_on_gpu(cuda_fashion):
     with torch.no_grad():
         ref = model(x).numpy()
     assert rel_err(y, ref) <= 1e-4
+
+
+def _cpuid_faulting() -> bool:
+    try:
+        return "cpuid_fault" in open("/proc/cpuinfo").read().split()
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not ON_X86 or not _cpuid_faulting() or shutil.which("gcc") is None,
+                    reason="masking CPUID needs an x86 host with CPUID faulting and gcc")
+def test_avx2_host_masks_cpuid_for_every_engine():
+    """benchmarks/avx2_host.py: under it PyTorch and shave's 'x86' target see an AVX2 CPU (on an
+    AVX2 host as on an AVX-512 one), and a real fault still ends the process as a fault."""
+    import signal
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[1] / "benchmarks" / "avx2_host.py"
+    code = ("import torch; from shave.isa import isa; from shave.target import resolve_target; "
+            "i = isa(resolve_target('x86')); print(torch.backends.cpu.get_cpu_capability(), i.fp32_lanes, i.int8_dot)")
+    r = subprocess.run([sys.executable, str(tool), "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split()[-3:] == ["AVX2", "8", "avx2"]
+    r = subprocess.run([sys.executable, str(tool), "-c", "import ctypes; ctypes.string_at(0)"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGSEGV
