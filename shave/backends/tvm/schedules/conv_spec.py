@@ -81,12 +81,13 @@ def blocked_shape(n: int, c: int, h: int, w: int, v: int) -> tuple[int, int, int
     return (n, -(-c // v), h, w, v)
 
 
-def _pick_reg_n(ow: int, max_reg: int) -> int:
-    """Tile width in [max_reg/2, max_reg] that wastes the fewest padded columns (then the widest)."""
+def _pick_reg_n(ow: int, max_reg: int, min_reg: int | None = None) -> int:
+    """Tile width in [min_reg (default max_reg/2), max_reg] that wastes the fewest padded columns
+    (then the widest)."""
     if ow <= max_reg:
         return ow
     best = None
-    for r in range(max_reg, max(1, max_reg // 2) - 1, -1):
+    for r in range(max_reg, max(1, min_reg or max_reg // 2) - 1, -1):
         waste = math.ceil(ow / r) * r - ow
         if best is None or waste < best[0]:
             best = (waste, r)
