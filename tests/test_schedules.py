@@ -814,7 +814,7 @@ def test_task_order_follows_the_memory_traffic():
 
     def order(n, c, h, w, oc):
         spec = conv.flat_view(conv.ConvSpec(n, c, h, w, oc, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None,
-                                            False, 8))
+                                            False, 8, tile=(2, 4)))
         return conv._pixels_major(spec, conv.plan(spec))
 
     assert order(1, 256, 56, 56, 64)  # 64 KB of weights
@@ -845,16 +845,21 @@ def test_default_dense_tile_by_register_count():
     assert default_tile(dataclasses.replace(k3, oc=16, **full)) == (1, 7)  # one output block
     assert default_tile(dataclasses.replace(k3, oc=48, **full)) == (3, 4)  # 3 blocks: no empty fourth
     assert default_tile(dataclasses.replace(pointwise, h=54, w=54, **full)) == (2, 6)  # 2916 = 486 x 6, not 2 x 12
-    # 16 registers: at least 8 accumulators where the row allows (alexnet's 27 columns: 3 x 3, not
-    # 2 x 3); 3 blocks only where their width pads fewer columns than 2 blocks' (28 = 7 x 4)
+    # 16 registers: 4 blocks x 3 columns where there are 12 blocks or more and 4 input blocks;
+    # otherwise at least 8 accumulators where the row allows (27 columns: 3 x 3, not 2 x 3), 3
+    # blocks only where their width pads fewer columns than 2 blocks' (28 = 7 x 4)
     avx2 = ConvSpec(8, 64, 27, 27, 192, 5, 5, (1, 1), (2, 2, 2, 2), (1, 1), False, "relu", False, 8)
-    assert default_tile(avx2) == (3, 3)
-    assert default_tile(dataclasses.replace(avx2, h=28, w=28)) == (2, 4)
-    assert default_tile(dataclasses.replace(avx2, kh=1, kw=1, pad=(0,) * 4)) == (3, 3)  # squeezenet: 729 = 243 x 3
+    assert default_tile(avx2) == (4, 3)
+    assert default_tile(dataclasses.replace(avx2, h=28, w=28)) == (4, 3)
+    assert default_tile(dataclasses.replace(avx2, c=24)) == (3, 3)  # 3 input blocks: too short a reduction
+    assert default_tile(dataclasses.replace(avx2, oc=48)) == (3, 3)  # 6 blocks
+    assert default_tile(dataclasses.replace(avx2, oc=48, h=28, w=28)) == (2, 4)
     assert default_tile(dataclasses.replace(avx2, oc=32)) == (2, 4)  # 4 blocks: a third would leave 2 empty
+    assert default_tile(dataclasses.replace(avx2, oc=32, regs=32)) != (2, 4)  # the 32-register rules
     for ow in range(8, 64):
-        ocb_in, reg_n = default_tile(dataclasses.replace(avx2, h=ow, w=ow))
-        assert 8 <= ocb_in * reg_n <= 12, ow
+        for oc in (48, 64, 192):
+            ocb_in, reg_n = default_tile(dataclasses.replace(avx2, h=ow, w=ow, oc=oc))
+            assert 8 <= ocb_in * reg_n <= 12, (ow, oc)
 
 
 def test_default_tile_reads_an_unpadded_blocked_input_in_place():
@@ -867,7 +872,7 @@ def test_default_tile_reads_an_unpadded_blocked_input_in_place():
     # (registers, FMA pipes, lanes): default tiles on rows of 17, 23, 26 and 8 columns (inputs of
     # 35, 47, 53 and 17); 26 columns are more than 3/4 of 32 registers, 17 and 23 of 16
     expected = {(32, 2, 16): [(1, 17), (1, 23), (2, 7), (2, 8)], (32, 1, 16): [(1, 17), (1, 23), (1, 9), (1, 8)],
-                (16, 2, 8): [(2, 6), (2, 6), (3, 3), (2, 4)]}
+                (16, 2, 8): [(4, 3), (4, 3), (4, 3), (1, 8)]}
     for (regs, pipes, lanes), tiles in expected.items():
         spec = ConvSpec(1, 96, 35, 35, 96, 3, 3, (2, 2), (0, 0, 0, 0), (1, 1), False, "relu", False, lanes,
                         regs=regs, fma_pipes=pipes, in_blocked=True, out_blocked=True)

@@ -155,9 +155,11 @@ def compute_primfunc(spec: ConvSpec):
 
 
 def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
-    """(ocb_in, reg_n) of the direct kernel's default plan. With 16 registers (AVX2): 8-12
-    accumulators, 2 channel blocks x 4-6 columns, or 3 x 3-4 where that pads fewer columns and
-    leaves no empty blocks to speak of. With 32 (AVX-512, NEON), where a row has
+    """(ocb_in, reg_n) of the direct kernel's default plan. With 16 registers (AVX2): 4 channel
+    blocks x 3 columns for dense convs of 12 output blocks or more and 4 input blocks or more
+    (ONNX Runtime's AVX2 conv tile; one-off A/B over 18 families, CPUID masked to AVX2 on a Zen
+    5: 0.85-1.01x), else 8-12 accumulators, 2 blocks x 4-6 columns, or 3 x 3-4 where that pads
+    fewer columns and leaves no empty blocks to speak of. With 32 (AVX-512, NEON), where a row has
     at least 4 columns: one channel block x up to 12 columns where a zmm FMA issues once a cycle
     (Zen 4); where it issues twice (Zen 5) two blocks x up to 8 columns (three x up to 5 where
     there are three): one block's tile, a weight load and a broadcast per FMA, is load-bound
@@ -190,6 +192,8 @@ def _width_rules_tile(spec: ConvSpec) -> tuple[int, int]:
         return 3, _pick_reg_n(spec.ow, 4, 3)
     if ocb == 1:
         return 1, _pick_reg_n(spec.ow, 12)
+    if ocb >= 12 and spec.groups == 1 and spec.c >= 4 * spec.vec and _few_empty_blocks(ocb, 4):
+        return 4, min(spec.ow, 3)  # 4 blocks x 3 columns, as ONNX Runtime's AVX2 conv kernels
     two = (2, _pick_reg_n(spec.ow, 6, 4))
     if spec.ow % two[1] and _few_empty_blocks(ocb, 3):  # 3 blocks where their width wastes fewer columns
         three = (3, _pick_reg_n(spec.ow, 4, 3))
