@@ -45,7 +45,7 @@ def build() -> Path:
 
 
 CHECK = """
-import torch, onnxruntime, tvm, shave
+import torch, shave
 from shave.target import resolve_target
 from shave.isa import isa
 print("PyTorch CPU capability:", torch.backends.cpu.get_cpu_capability())
@@ -58,9 +58,12 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0 if argv else 2
-    if "cpuid_fault" not in Path("/proc/cpuinfo").read_text():
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError as e:
+        raise SystemExit(f"cannot read /proc/cpuinfo ({e}): masking CPUID needs Linux on x86") from None
+    if "cpuid_fault" not in flags:
         raise SystemExit("this host has no CPUID faulting (no cpuid_fault flag in /proc/cpuinfo): CPUID cannot be masked")
-    flags = set(Path("/proc/cpuinfo").read_text().split())
     if "avx2" not in flags:
         raise SystemExit("this host has no AVX2")
     env = dict(os.environ)

@@ -41,7 +41,6 @@ static void mask(unsigned leaf, unsigned sub, unsigned* a, unsigned* b, unsigned
   } else if (leaf == 7 && sub == 1) {
     *a &= ~((1u << 4) | (1u << 5) | (1u << 21) | (1u << 23)); /* AVX-VNNI, AVX512_BF16, AMX-FP16, AVX-IFMA */
   }
-  (void)d;
 }
 
 static void handler(int sig, siginfo_t* si, void* ctx) {
