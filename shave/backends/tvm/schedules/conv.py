@@ -159,7 +159,9 @@ def _direct_default_tile(spec: ConvSpec) -> tuple[int, int]:
     blocks x 3 columns for dense convs of 12 output blocks or more and 4 input blocks or more
     (ONNX Runtime's AVX2 conv tile; one-off A/B over 18 families, CPUID masked to AVX2 on a Zen
     5: 0.85-1.01x), else 8-12 accumulators, 2 blocks x 4-6 columns, or 3 x 3-4 where that pads
-    fewer columns and leaves no empty blocks to speak of. With 32 (AVX-512, NEON), where a row has
+    fewer columns and leaves no empty blocks to speak of; one block x up to 12 columns where
+    there are fewer than 12 output blocks and an odd number (MobileNetV3-Small 0.91 / 0.90 at
+    batch 1 / 8, the same A/B). With 32 (AVX-512, NEON), where a row has
     at least 4 columns: one channel block x up to 12 columns where a zmm FMA issues once a cycle
     (Zen 4); where it issues twice (Zen 5) two blocks x up to 8 columns (three x up to 5 where
     there are three): one block's tile, a weight load and a broadcast per FMA, is load-bound
@@ -190,7 +192,7 @@ def _width_rules_tile(spec: ConvSpec) -> tuple[int, int]:
     # allows; 2 x 3 tiles (rows of 27 and 729 columns) ran 1.2-1.3x the time of 3 x 3
     if ocb == 3:  # 2 would compute a fourth, empty block
         return 3, _pick_reg_n(spec.ow, 4, 3)
-    if ocb == 1:
+    if ocb == 1 or (ocb % 2 and ocb < 12):  # 2 blocks would compute an empty one, a large share here
         return 1, _pick_reg_n(spec.ow, 12)
     if ocb >= 12 and spec.groups == 1 and spec.c >= 4 * spec.vec and _few_empty_blocks(ocb, 4):
         return 4, min(spec.ow, 3)  # 4 blocks x 3 columns, as ONNX Runtime's AVX2 conv kernels
