@@ -47,7 +47,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from .conv_spec import DENSE_TILES, ConvSpec, _pick_reg_n, kernel_args, output_stage
+from .conv_spec import DENSE_TILES, ConvSpec, _padded_columns, _pick_reg_n, kernel_args, output_stage
 from .kernels import ConvKernelType, kernel_of, register
 from .parallel import worth_parallel
 
@@ -202,10 +202,6 @@ def _width_rules_tile(spec: ConvSpec) -> tuple[int, int]:
         if _padded_columns(spec.ow, three[1]) < _padded_columns(spec.ow, two[1]):
             return three
     return two
-
-
-def _padded_columns(ow: int, reg_n: int) -> int:
-    return math.ceil(ow / reg_n) * reg_n - ow
 
 
 def _whole_row_in_place(spec: ConvSpec) -> bool:

@@ -81,6 +81,11 @@ def blocked_shape(n: int, c: int, h: int, w: int, v: int) -> tuple[int, int, int
     return (n, -(-c // v), h, w, v)
 
 
+def _padded_columns(ow: int, reg_n: int) -> int:
+    """Columns a row of `ow` computes beyond its end in tiles `reg_n` wide."""
+    return math.ceil(ow / reg_n) * reg_n - ow
+
+
 def _pick_reg_n(ow: int, max_reg: int, min_reg: int | None = None) -> int:
     """Tile width in [min_reg (default max_reg/2), max_reg] that wastes the fewest padded columns
     (then the widest)."""
@@ -88,7 +93,7 @@ def _pick_reg_n(ow: int, max_reg: int, min_reg: int | None = None) -> int:
         return ow
     best = None
     for r in range(max_reg, max(1, min_reg or max_reg // 2) - 1, -1):
-        waste = math.ceil(ow / r) * r - ow
+        waste = _padded_columns(ow, r)
         if best is None or waste < best[0]:
             best = (waste, r)
     return best[1]
