@@ -14,6 +14,7 @@ from conftest import rel_err
 from shave.backends.tvm.cross import cuda_kernels
 from shave.backends.tvm.lower import to_relax
 from shave.backends.tvm.schedules.gpu import schedule_gpu
+from shave.runtime.host import host_cpu_flags
 from shave.target import host_arch, resolve_target, target_arch
 from shave.errors import ArtifactError, TargetError
 from shave.zoo import FashionResNet, imagenet_samples, load_fashion_mnist, pretrained_mobilenet_v2
@@ -300,14 +301,7 @@ def test_cuda_runs_on_gpu(cuda_fashion):
     assert rel_err(y, ref) <= 1e-4
 
 
-def _cpuid_faulting() -> bool:
-    try:
-        return "cpuid_fault" in open("/proc/cpuinfo").read().split()
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not ON_X86 or not _cpuid_faulting() or shutil.which("gcc") is None,
+@pytest.mark.skipif(not ON_X86 or "cpuid_fault" not in host_cpu_flags() or shutil.which("gcc") is None,
                     reason="masking CPUID needs an x86 host with CPUID faulting and gcc")
 def test_avx2_host_masks_cpuid_for_every_engine():
     """benchmarks/avx2_host.py: under it PyTorch and shave's 'x86' target see an AVX2 CPU (on an
