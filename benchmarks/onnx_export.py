@@ -8,7 +8,7 @@ MobileNetV2 with its ImageNet weights, batch 1, 224x224. Variants (every one exp
 `shave.export_onnx` from the IR after its passes, except the first, torch.onnx's export):
   original       the model as torch.onnx exports it (fp32)
   fold_bn        shave's IR after batch-norm folding (fp32)
-  int8           + Quantize (its defaults for this host: per-channel int8 weights, 7-bit on AVX2;
+  int8           + Quantize (its defaults for this host: per-channel int8 weights, 7-bit dense ones on AVX2;
                  uint8 activations; QDQ form in ONNX)
   pruned+lr+int8 + Prune(ratio=0.3) + Decompose("tucker2", rank=0.5) + Quantize, no recovery
 Quantize calibrates on 64 crops of scikit-image's photographs (none of the evaluation images).

@@ -194,8 +194,8 @@ def test_int8_weight_ranges_per_target_and_the_choice_between_them():
     from shave.compression import Candidate, _pick, _Search
 
     ranges = lambda t: _Search(None, None, None, t, None, None, None, None).weight_ranges()  # noqa: E731
-    assert ranges(AVX2) == [True]  # vpmaddubsw pairs saturate: 7 bits throughout, nothing else to try
-    assert ranges(AVX512) == [True]
+    assert ranges(AVX2) == ["dense"]  # vpmaddubsw pairs saturate: 7-bit dense weights, 8-bit depthwise
+    assert ranges(AVX512) == ["dense"]
     assert ranges(AVX512_VNNI) == [False, "dense"] and ranges(NEON_DOT) == [False, "dense"]
     assert _Search(None, None, None, AVX512_VNNI, None, None, None, None, {"reduce_range": True}).weight_ranges() == [True]
     c = lambda score, ms: Candidate(["int8"], score, ms, 0, 1)  # noqa: E731

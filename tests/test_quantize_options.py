@@ -29,23 +29,27 @@ def test_reduce_range_dense_gives_depthwise_eight_bits(tiny):  # noqa: F811
     assert all(np.abs(v).max() > 63 for v in _qweights(Quantize(cal, reduce_range=False)(g)).values())
 
 
-@pytest.mark.parametrize("target, seven_bits", [(AVX2, True), (AVX512_VNNI, False), (NEON_DOT, False)])
-def test_reduce_range_auto_follows_the_targets_dot_product(tiny, target, seven_bits):  # noqa: F811
-    """The default, "auto": 7-bit weights only where the int8 dot product saturates on 8-bit ones
-    (AVX2's vpmaddubsw pairs); VNNI and Arm sdot get 8 bits. The target is the compile's."""
+@pytest.mark.parametrize("target, expected", [(AVX2, "dense"), (AVX512_VNNI, False), (NEON_DOT, False)])
+def test_reduce_range_auto_follows_the_targets_dot_product(tiny, target, expected):  # noqa: F811
+    """The default, "auto": 7-bit weights only in the layers whose int8 dot product saturates on
+    8-bit ones (AVX2's vpmaddubsw pairs: dense and linear; depthwise multiplies in int32 lanes and
+    keeps 8 bits); VNNI and Arm sdot get 8 bits throughout. The target is the compile's."""
     from shave.isa import compiling_for
 
     g, cal = tiny
     q = Quantize(cal)
     assert q.reduce_range == "auto"
     with compiling_for(target):
-        assert q.weight_range() is seven_bits
+        assert q.weight_range() == expected and type(q.weight_range()) is type(expected)
         w = _qweights(q(g))
-    assert all(np.abs(v).max() <= 63 for v in w.values()) == seven_bits
+    seven = {k: np.abs(v).max() <= 63 for k, v in w.items()}
+    assert any(k[1] > 1 for k in w)  # the tiny model has a depthwise conv
+    assert all(s == (expected == "dense" and k[1] == 1) for k, s in seven.items()), seven
     x = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(1))
     cm = shave.compile(g, (x,), target=target, passes=[Quantize(cal)])
     got = [n for n in cm.graph.nodes if n.op == "qconv2d"]
-    assert got and all(np.abs(cm.graph.params[n.inputs[1]]).max() <= 63 for n in got) == seven_bits
+    assert got and all((np.abs(cm.graph.params[n.inputs[1]]).max() <= 63)
+                       == (expected == "dense" and n.attrs.get("groups", 1) == 1) for n in got)
 
 
 def test_mse_weight_clipping(rng):
