@@ -18,11 +18,12 @@ PyTorch eager on the original model, in one run.
    (bench-quantize's set).
 Latency: batch 1, medians of interleaved rounds, every engine with its default threads (shave:
 the cores this process may use; ONNX Runtime: its default session). Writes each run's report
-(markdown + Pareto plot) to out/compress/<model>/.
+(markdown + Pareto plot) to out/compress/<model>/; the search's decisions are logged to stderr.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -109,6 +110,9 @@ def main(argv=None) -> None:
     ap.add_argument("--max-drop-mobilenet", type=float, default=5.0, help="MobileNetV2: agreement points")
     ap.add_argument("--time-budget", type=float, default=720.0, help="seconds of search per model (the final recovery comes after)")
     args = ap.parse_args(argv)
+    # the search's decisions (each option, step and int8 check) go to stderr with their time
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("shave").setLevel(logging.INFO)
     torch.manual_seed(0)
     print(host_line(len(os.sched_getaffinity(0))))
     t0 = time.perf_counter()

@@ -45,10 +45,13 @@ LAYER_OPS = ("conv2d", "linear", "qconv2d", "qlinear")
 
 
 def _profile(cm):
-    """cm's kernel profile, or None (a profile is an extra: a runtime that cannot give one leaves it out)."""
+    """cm's kernel profile on its example inputs (random, the shapes it was compiled for, as the
+    search timed it), or None where it cannot run here: the report then leaves the times out."""
+    if cm._runtime is None:
+        return None
     try:
-        return cm.profile()
-    except Exception:
+        return cm.profile(*cm._runtime.example_inputs())
+    except NotImplementedError:  # a GPU model: the profile times CPU models only
         return None
 
 

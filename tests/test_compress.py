@@ -61,7 +61,7 @@ def test_compress_keeps_the_budget_and_its_recipe_replays(setup, tmp_path):
                                                                                shave.compression.QUANTIZE_DENSE)}
     assert {o.step for o in r.options if o.step} == steps_kept
     md = r.save_report(tmp_path / "report")
-    assert "## Per-layer options" in md.read_text()
+    assert "## Per-layer options" in md.read_text() and "## Layers" in md.read_text()
     assert md.read_text().startswith("# shave.compress report") and (tmp_path / "report" / "pareto.png").stat().st_size
     assert "chosen" in str(r)
 
