@@ -61,11 +61,11 @@ SPREAD_DRAWS = 3
 MAX_ROUNDING_TOLERANCE = 0.5  # a disagreement beyond this is a bug whatever the graph's spread
 
 
-def rounding_spread(graph: Graph, probes, draws: int = SPREAD_DRAWS) -> float:
-    """How far `graph`'s own outputs on `probes` move (relative_error, the largest of `draws` seeded
-    draws) when every float32 parameter and float32 input changes by a relative SPREAD_JITTER: the
-    disagreement last-bit differences alone can cause."""
-    base = run_probes(graph, probes)
+def rounding_spread(graph: Graph, probes, draws: int = SPREAD_DRAWS, outputs=None) -> float:
+    """How far `graph`'s own outputs on `probes` (`outputs`, where already computed) move
+    (relative_error, the largest of `draws` seeded draws) when every float32 parameter and float32
+    input changes by a relative SPREAD_JITTER: the disagreement last-bit differences alone can cause."""
+    base = run_probes(graph, probes) if outputs is None else outputs
     worst = 0.0
     for seed in range(draws):
         rng = np.random.default_rng(seed)
@@ -83,15 +83,17 @@ def rounding_spread(graph: Graph, probes, draws: int = SPREAD_DRAWS) -> float:
     return worst
 
 
-def exact_check_tolerance(graph: Graph, probes, tolerance: float, error: float) -> tuple[float, float | None]:
+def exact_check_tolerance(graph: Graph, probes, tolerance: float, error: float,
+                          outputs=None) -> tuple[float, float | None]:
     """(the bound an exact step with its own `tolerance` is held to on `graph`, given the `error` it
     made on `probes`; the graph's rounding spread, where it was measured). Where the graph rounds
     floats to int8 the bound is INT8_BOUNDARY_TOLERANCE, and where the error is beyond that, twice
-    the graph's own spread (rounding_spread) up to MAX_ROUNDING_TOLERANCE: measured only then."""
+    the graph's own spread (rounding_spread, from its `outputs` on the probes where the caller has
+    them) up to MAX_ROUNDING_TOLERANCE: measured only then."""
     bound = exact_tolerance(graph, tolerance)
     if error <= bound or not rounds_floats_to_int8(graph):
         return bound, None
-    spread = rounding_spread(graph, probes)
+    spread = rounding_spread(graph, probes, outputs=outputs)
     return max(bound, min(2 * spread, MAX_ROUNDING_TOLERANCE)), spread
 
 
@@ -125,7 +127,8 @@ class NumericCheck(PassInstrument):
         if p.contract != "exact":
             return
         # a graph that rounds floats to int8 may land codes away (exact_check_tolerance)
-        checks = [exact_check_tolerance(g, self._probes, p.tolerance, changed) for g in (before, result.graph)]
+        checks = [exact_check_tolerance(g, self._probes, p.tolerance, changed, outputs=o)
+                  for g, o in ((before, self._before), (result.graph, outs))]
         tolerance, spread = max(checks, key=lambda c: c[0])
         if not changed <= tolerance:
             own = "" if spread is None else f"; the graph moves by {spread:.3g} under last-digit changes"
