@@ -28,7 +28,11 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
    model is faster so), with the target's weight range and,
    where that is the full 8 bits (VNNI, Arm's sdot), with 7-bit dense weights too (as fast
    there; sometimes more accurate). Kept on the same terms; of two good ones the faster,
-   the better scored where they time within 2 %.
+   the better scored where they time within 2 %. Where int8 is fast enough but costs too
+   much score, the layers most sensitive to it go back to float32 (as NNCF's accuracy
+   control does), 1, 2, 4, ... of them in the order of Quantize's sensitivity (the output
+   error with each layer alone int8, on the calibration data), with the better scored
+   weight range, until a try is kept or is no longer faster.
 
 A final, longer recovery follows and must end within `max_drop`; where it does not,
 the search backs off a step. Where int8 was kept, the final recovery runs on the float
@@ -59,6 +63,7 @@ TECHNIQUES = ("prune", "decompose", "rewrites", "quantize")
 STEP_SAVING = 0.2  # a step's options together save this fraction of the current latency (measured per layer)
 QUANTIZE = "int8 (layers measured)"
 QUANTIZE_DENSE = "int8 (layers measured, 7-bit dense weights)"
+QUANTIZE_PARTLY = "int8 (layers measured{dense}), the {k} most sensitive float32"
 TABLE_SHARE = 0.5  # the most of time_budget that building and scoring the per-layer table may take
 FASTER = 0.98  # a try must take at most this fraction of the current latency
 
@@ -193,14 +198,28 @@ class _Search:
         own = Quantize(target=self.target).weight_range()
         return [own] + (["dense"] if own is False else [])
 
-    def quantize(self, graph, reduce_range):
+    def sensitive_layers(self, graph, reduce_range) -> list[str]:
+        """The layers int8 quantizes, most sensitive first: Quantize's sensitivity, the relative
+        error of the outputs with each layer alone int8 on the calibration data."""
+        from .passes import FoldBN, Quantize
+
+        kw = self.int8 | {"reduce_range": reduce_range, "max_layer_error": math.inf, "simulate": True}
+        plan = Quantize(self.calibration, **kw).apply(FoldBN()(graph)).plan
+        return [lq.name for lq in sorted((lq for lq in plan if lq.sensitivity is not None),
+                                         key=lambda lq: -lq.sensitivity)]
+
+    def quantize(self, graph, reduce_range, floats=()):
+        """(the int8 graph, the passes that replay it); `floats`: layers kept float32 as well."""
         from .passes import FoldBN, Quantize
 
         kw = self.int8 | {"reduce_range": reduce_range}
+        if floats:
+            kw["exclude"] = list(kw.get("exclude", ())) + list(floats)
         folded = FoldBN()(graph)
         r = Quantize(self.calibration, target=self.target, timer=self.timer, **kw).apply(folded)
         floats = [lq.name for lq in r.plan if not lq.quantized]
-        return r.graph, [FoldBN(), Quantize(self.calibration, **kw | {"exclude": list(kw.get("exclude", ())) + floats})]
+        exclude = list(dict.fromkeys(list(kw.get("exclude", ())) + floats))
+        return r.graph, [FoldBN(), Quantize(self.calibration, **kw | {"exclude": exclude})]
 
 
 def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float = 0.01, train=None,
@@ -351,16 +370,33 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             current = _State(g, current.recipe + passes, current.steps + [label], cand.score, cand.latency_ms, cm,
                              final=search.recover is None)
             kept.append(current)
-        # int8 last, after the budget's steps (at most two candidates, nothing to recover): each
-        # weight range the target allows; the fastest good one, the best scored where they time alike
+        # int8 last, after the budget's steps (nothing to recover): each weight range the target
+        # allows; the fastest good one, the best scored where they time alike; where none is good
+        # but one is fast enough, the most sensitive layers float32, doubling, until one is good
         if "quantize" in techniques and calibration is not None and not reached():
             step += 1
-            tries = []
+            tries, fast = [], []
             for i, rr in enumerate(search.weight_ranges()):
                 label = QUANTIZE if i == 0 else QUANTIZE_DENSE
                 got = attempt(step, label, lambda g, rr=rr: search.quantize(g, rr), recover=False)
                 if got is not None and good(got[0]):
                     tries.append((label, got))
+                elif got is not None and got[0].latency_ms <= FASTER * current.ms:
+                    fast.append((got[0].score, i, rr))
+            if not tries and fast and not out_of_time():
+                # fast enough but beyond the score budget: the most sensitive layers back to float32
+                _, i, rr = max(fast, key=lambda t: (t[0], -t[1]))  # the better scored; the first of equals
+                order = search.sensitive_layers(current.graph, rr)
+                k = 1
+                while k < len(order) and not out_of_time():
+                    label = QUANTIZE_PARTLY.format(k=k, dense=", 7-bit dense weights" if i else "")
+                    got = attempt(step, label, lambda g, f=order[:k]: search.quantize(g, rr, f), recover=False)
+                    if got is None or got[0].latency_ms > FASTER * current.ms:
+                        break  # more float32 layers only get slower
+                    if good(got[0]):
+                        tries.append((label, got))
+                        break
+                    k *= 2
             if tries:
                 label, (cand, g, passes, cm) = tries[_pick([got[0] for _, got in tries])]
                 cand.kept = True

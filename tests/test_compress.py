@@ -203,3 +203,51 @@ def test_int8_weight_ranges_per_target_and_the_choice_between_them():
     assert _pick([c(95.0, 1.00), c(96.0, 1.10)]) == 0  # 10 % slower: the faster
     assert _pick([c(96.0, 1.20), c(95.0, 1.00)]) == 1
     assert _pick([c(95.0, 1.00), c(95.0, 1.00)]) == 0
+
+
+def _outlier_model():
+    """The second conv's input has one channel a thousand times the others (the first conv scales
+    it up, the second conv's weights scale it back down): the float model computes what it did,
+    but a per-tensor uint8 range for that input rounds every other channel to zero."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
+                      nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                      nn.Linear(16, 10)).eval()
+    with torch.no_grad():
+        m[0].weight[0] *= 1000
+        m[0].bias[0] *= 1000
+        m[2].weight[:, 0] /= 1000
+    return m
+
+
+def test_int8_beyond_the_budget_keeps_the_most_sensitive_layers_float(monkeypatch):
+    """Where int8 throughout is fast enough but costs more score than max_drop, the layers most
+    sensitive to it go back to float32, fewest first, and the kept try replays from its recipe."""
+    import shave.compression as comp
+
+    model = _outlier_model()
+    g = torch.Generator().manual_seed(1)
+    images = [torch.randn(16, 3, 24, 24, generator=g) for _ in range(4)]
+    with torch.no_grad():
+        ref = [model(x) for x in images]
+
+    def fidelity(m):  # score: 100 less the outputs' relative error in %
+        with torch.no_grad():
+            return 100.0 * (1.0 - max(float((m(x) - r).norm() / r.norm()) for x, r in zip(images, ref)))
+    x = images[0][:1]
+    monkeypatch.setattr(comp, "_latency_ms", lambda cm: cm.graph.stats()["flops"] / 1e6 * (
+        0.5 if any(n.op.startswith("q") for n in cm.graph.nodes) else 1.0))
+    int8_halves = shave.timing.FunctionTimer(lambda graphs, target: [
+        g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0) for g in graphs])
+    r = shave.compress(model, (x,), fidelity, max_drop=5.0, calibration=images[:2], techniques=("quantize",),
+                       reference=False, timer=int8_halves)
+    whole = [c for c in r.pareto if c.steps and c.steps[-1] in (comp.QUANTIZE, comp.QUANTIZE_DENSE)]
+    assert whole and all(c.score < r.baseline_score - 5.0 for c in whole)  # int8 throughout: beyond the budget
+    assert len(r.steps) == 1 and r.steps[0].endswith("the 1 most sensitive float32")
+    assert r.score >= r.baseline_score - 5.0 and r.latency_ms < r.baseline_latency_ms
+    second_conv = [n.name for n in shave.capture(model, (x,)).nodes if n.op == "conv2d"][1]
+    quantize = next(p for p in r.recipe if type(p).__name__ == "Quantize")
+    assert list(quantize.exclude) == [second_conv]
+    again = shave.compile(model, (x,), passes=r.recipe)
+    np.testing.assert_allclose(run_graph(again.graph, [images[1]])[0], run_graph(r.graph, [images[1]])[0],
+                               rtol=1e-4, atol=1e-4)
