@@ -32,7 +32,8 @@ A NetAdapt-style search (Yang et al. 2018) over shave's techniques, layer by lay
    much score, the layers most sensitive to it go back to float32 (as NNCF's accuracy
    control does), 1, 2, 4, ... of them in the order of Quantize's sensitivity (the output
    error with each layer alone int8, on the calibration data), with the better scored
-   weight range, until a try is kept or is no longer faster.
+   weight range, until a try is kept, is no longer faster (timed twice before that ends
+   it) or the time budget runs out.
 
 A final, longer recovery follows and must end within `max_drop`; where it does not,
 the search backs off a step. Where int8 was kept, the final recovery runs on the float
