@@ -317,8 +317,11 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     def reached() -> bool:
         return speedup is not None and base_ms / current.ms >= speedup
 
+    def faster(cand: Candidate) -> bool:
+        return cand.latency_ms <= FASTER * current.ms
+
     def good(cand: Candidate) -> bool:
-        return cand.latency_ms <= FASTER * current.ms and cand.score >= base_score - short_drop
+        return faster(cand) and cand.score >= base_score - short_drop
 
     try:
         # the per-layer table: each option's measured saving and its score cost alone
@@ -382,7 +385,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                 got = attempt(step, label, lambda g, rr=rr: search.quantize(g, rr), recover=False)
                 if got is not None and good(got[0]):
                     tries.append((label, got))
-                elif got is not None and got[0].latency_ms <= FASTER * current.ms:
+                elif got is not None and faster(got[0]):
                     fast.append((got[0].score, i, rr))
             if not tries and fast and not out_of_time():
                 # fast enough but beyond the score budget: the most sensitive layers back to float32
@@ -392,10 +395,10 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                 while k < len(order) and not out_of_time():
                     label = QUANTIZE_PARTLY.format(k=k, dense=", 7-bit dense weights" if i else "")
                     got = attempt(step, label, lambda g, f=order[:k]: search.quantize(g, rr, f), recover=False)
-                    if got is not None and got[0].latency_ms > FASTER * current.ms:
+                    if got is not None and not faster(got[0]):
                         # a slow spell of the machine only ever adds time: once more before stopping
                         got[0].latency_ms = min(got[0].latency_ms, _latency_ms(got[3]))
-                    if got is None or got[0].latency_ms > FASTER * current.ms:
+                    if got is None or not faster(got[0]):
                         break  # more float32 layers only get slower
                     if good(got[0]):
                         tries.append((label, got))

@@ -33,6 +33,17 @@ def setup():
     return model, images, agreement
 
 
+def _int8_halves(monkeypatch):
+    """A stand-in latency, the same on any host: FLOPs, halved by int8, for whole models (compress's
+    `_latency_ms`, patched) and for Quantize's per-layer choice (the LayerTimer returned)."""
+    import shave.compression as comp
+
+    def seconds(g):
+        return g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0)
+    monkeypatch.setattr(comp, "_latency_ms", lambda cm: seconds(cm.graph) * 1e3)
+    return shave.timing.FunctionTimer(lambda graphs, target: [seconds(g) for g in graphs])
+
+
 def test_compress_keeps_the_budget_and_its_recipe_replays(setup, tmp_path):
     model, images, agreement = setup
     x = images[0][:1]
@@ -168,11 +179,7 @@ def test_int8_kept_on_a_briefly_recovered_model_is_redone_after_the_final_recove
     group = next(g for g in shave.passes.prune.analyse(graph).groups if g.size > 1)
     prune = Option("prune", group.name, f"prune {group.name}", frozenset(), 1.0, group.size // 2)
     monkeypatch.setattr(comp, "layer_options", lambda *a, **k: [prune])
-    # a stand-in latency: FLOPs, halved by int8
-    monkeypatch.setattr(comp, "_latency_ms", lambda cm: cm.graph.stats()["flops"] / 1e6 * (
-        0.5 if any(n.op.startswith("q") for n in cm.graph.nodes) else 1.0))
-    int8_halves = shave.timing.FunctionTimer(lambda graphs, target: [  # int8's per-layer choice, any host
-        g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0) for g in graphs])
+    int8_halves = _int8_halves(monkeypatch)
     r = shave.compress(model, (x,), agreement, max_drop=100.0, train=images, calibration=images[:2],
                        techniques=("prune", "quantize"), recovery={"steps": 5}, reference=False, timer=int8_halves)
     # int8 with the host's weight range (and 7-bit dense weights where that is 8 bits): both time alike here
@@ -235,10 +242,7 @@ def test_int8_beyond_the_budget_keeps_the_most_sensitive_layers_float(monkeypatc
         with torch.no_grad():
             return 100.0 * (1.0 - max(float((m(x) - r).norm() / r.norm()) for x, r in zip(images, ref)))
     x = images[0][:1]
-    monkeypatch.setattr(comp, "_latency_ms", lambda cm: cm.graph.stats()["flops"] / 1e6 * (
-        0.5 if any(n.op.startswith("q") for n in cm.graph.nodes) else 1.0))
-    int8_halves = shave.timing.FunctionTimer(lambda graphs, target: [
-        g.stats()["flops"] * 1e-9 * (0.5 if any(n.op.startswith("q") for n in g.nodes) else 1.0) for g in graphs])
+    int8_halves = _int8_halves(monkeypatch)
     r = shave.compress(model, (x,), fidelity, max_drop=5.0, calibration=images[:2], techniques=("quantize",),
                        reference=False, timer=int8_halves)
     whole = [c for c in r.pareto if c.steps and c.steps[-1] in (comp.QUANTIZE, comp.QUANTIZE_DENSE)]

@@ -790,8 +790,7 @@ def test_int8_graph_held_to_its_own_rounding_spread():
     change by 1e-7. The build now holds such a graph to twice its own spread under last-digit changes
     (exact_check_tolerance) and says so in the report."""
     from shave.api import _probes
-    from shave.passes.instruments import exact_check_tolerance, run_probes, rounding_spread
-    from shave.passes.instruments import random_probes as random_probes_of
+    from shave.passes.instruments import exact_check_tolerance, random_probes, rounding_spread, run_probes
     from shave.runtime.report import INT8_BOUNDARY_TOLERANCE, relative_error
 
     gi, x = _mobilenet_v2_first_dw_float()
@@ -808,7 +807,7 @@ def test_int8_graph_held_to_its_own_rounding_spread():
     assert exact_check_tolerance(gi, probes, 1e-4, INT8_BOUNDARY_TOLERANCE / 2) == (INT8_BOUNDARY_TOLERANCE, None)
     conv = nn.Conv2d(3, 4, 3).eval()
     g = shave.capture(conv, (torch.randn(1, 3, 8, 8),))
-    assert exact_check_tolerance(g, random_probes_of(g), 1e-4, 0.1) == (1e-4, None)
+    assert exact_check_tolerance(g, random_probes(g), 1e-4, 0.1) == (1e-4, None)
 
 
 def test_int8_build_still_catches_a_backend_bug(monkeypatch):
