@@ -150,3 +150,37 @@ def test_shuffles_and_their_splits_lower_to_fusible_slices():
     cm = shave.compile(model, (x,), passes=[])
     with torch.no_grad():
         assert rel_err(cm(x), model(x)) < 1e-5
+
+
+def test_unfused_batch_norms_lower_with_their_affine_folded():
+    """A batch norm no conv absorbs (DenseNet's pre-activation ones, or with passes=[]) lowers to
+    x * scale + shift with scale and shift computed from the parameters at lowering: no Relax op
+    on constants alone is left for FoldConstant to compile and run at build time; on a blocked
+    input between two conv kernels and on the NCHW input alike, the model still computes the same."""
+    import tvm
+    from tvm import relax
+
+    from shave.backends.tvm.lower import to_relax
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+                          nn.Conv2d(32, 16, 1), nn.BatchNorm2d(16)).eval()
+    for bn in (model[0], model[2], model[5]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 9, 9)
+    graph = shave.capture(model, (x,))
+    assert sum(n.op == "batch_norm" for n in graph.nodes) == 3
+    mod = to_relax(graph)
+    on_constants = []
+
+    def visit(e):
+        if isinstance(e, relax.Call) and e.args and all(isinstance(a, tvm.ir.expr.Constant) for a in e.args):
+            on_constants.append(str(e.op))
+
+    relax.analysis.post_order_visit(mod["main"].body, visit)
+    assert on_constants == []
+    cm = shave.compile(model, (x,), passes=[])
+    with torch.no_grad():
+        assert rel_err(cm(x), model(x)) < 1e-5

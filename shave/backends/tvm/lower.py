@@ -16,7 +16,7 @@ from ...errors import CompileError
 from ...ir import Graph
 from . import lower_float, lower_quant  # noqa: F401  (fill the lowering table)
 from .lower_float import add_opaque, batch_norm_affine, pool_padding
-from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, R, _shape, reshape
 
 
 def to_relax(graph: Graph, target: dict | None = None, kernels: dict | None = None,
@@ -218,7 +218,7 @@ def _passthrough(bb, n, kind: str, env: dict) -> relax.Var:
         return bb.emit(LOWERINGS[n.op](bb, [x], n.attrs, n))
     if kind == "batch_norm":
         scale, shift = batch_norm_affine(bb, *ins[1:], n.attrs["eps"])
-        blk = lambda t: R.reshape(t, (1, cb, 1, 1, v))  # noqa: E731  channel c = block * v + lane
+        blk = lambda t: reshape(t, (1, cb, 1, 1, v))  # noqa: E731  channel c = block * v + lane
         return bb.emit(R.add(R.multiply(x, blk(scale)), blk(shift)))
     assert kind in ("max_pool", "avg_pool"), kind
     from .schedules.pool import blocked_pool_primfunc

@@ -7,7 +7,7 @@ import numpy as np
 from tvm import relax
 
 from ...errors import CompileError
-from .lowering import LOWERING_CPU, R, _channel, _f32, _shape, lowers
+from .lowering import LOWERING_CPU, R, _channel, _f32, _shape, constant_value, lowers
 
 
 @lowers("conv2d")
@@ -30,7 +30,14 @@ def _linear(bb, ins, a, node):
 
 
 def batch_norm_affine(bb, mean, var, w, b, eps: float) -> tuple:
-    """(scale, shift) per channel of an inference batch norm: x * scale + shift."""
+    """(scale, shift) per channel of an inference batch norm: x * scale + shift. Where the
+    statistics and affine are constants (a model's parameters) both are computed here, in numpy
+    with the same float32 steps, not left to FoldConstant (lowering.reshape)."""
+    consts = [constant_value(e) for e in (mean, var, w, b)]
+    if all(c is not None for c in consts):
+        m, v, g, beta = (np.asarray(c, np.float32) for c in consts)
+        scale = g * (np.float32(1) / np.sqrt(v + np.float32(eps)))
+        return relax.const(scale), relax.const(beta - m * scale)
     scale = bb.emit(R.multiply(w, R.rsqrt(R.add(var, _f32(eps)))))
     return scale, bb.emit(R.subtract(b, R.multiply(mean, scale)))
 
