@@ -59,6 +59,13 @@ class ISA:
         return self.int8_dot == "avx2"
 
     @property
+    def slow_int32_multiply(self) -> bool:
+        """Whether a vector int32 multiply (vpmulld) is slow next to an FMA: two uops and 10 cycles'
+        latency on Intel's cores (one uop, 3 cycles on AMD's Zen). Depthwise int8 kernels then run
+        their taps as float32 FMAs on a float32 copy of the input (schedules/int8.py, fp32_taps)."""
+        return self.arch == "x86_64" and not self.cpu.startswith(("znver", "bdver", "btver"))
+
+    @property
     def channel_multiple(self) -> int:
         """Channel counts that fill whole vectors (what `round_to="auto"` rounds to); 8 on GPUs."""
         return 8 if self.arch == "cuda" else self.fp32_lanes

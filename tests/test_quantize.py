@@ -418,21 +418,36 @@ def test_int8_register_tiles_for_the_register_file(tiny):
 @pytest.mark.parametrize("case", [(20, 20, 3, 1, 1, True, "uint8", None, None),
                                   (13, 13, 3, 2, 1, False, "uint8", 17, 80),
                                   (8, 8, 5, 1, 2, False, "float32", -0.5, None)])
-def test_int8_depthwise_kernel_bit_exact(rng, case):
-    """The depthwise int8 kernel (int32 lanes, 8-bit weights) equals the integer reference."""
+@pytest.mark.parametrize("fp32_taps", [False, True])
+def test_int8_depthwise_kernel_bit_exact(rng, case, fp32_taps):
+    """The depthwise int8 kernel, 8-bit weights, with int32 lanes or with its taps as float32 FMAs
+    on a float32 copy of the input, equals the integer reference."""
+    import dataclasses
+
     from shave.backends.tvm.schedules import int8
 
     spec, args, ref = _int8_kernel_case(rng, *case, depthwise=True)
+    spec = dataclasses.replace(spec, fp32_taps=fp32_taps)
+    args[1] = args[1].astype(np.float32 if fp32_taps else np.int32)  # the same packing, the taps' type
     np.testing.assert_array_equal(_run_kernel(int8.schedule(spec, "avx2"), args, ref)[1], ref)
+    assert int8.fp32_taps_exact(7, 7) and not int8.fp32_taps_exact(23, 23)  # partial sums below 2^24
 
 
-@pytest.mark.parametrize("depthwise, wide", [(False, False), (False, True), (True, False)])
-def test_int8_kernel_has_no_workspace_allocation_in_its_parallel_loop(rng, depthwise, wide):
-    """The accumulator is a stack array: a "local" one was a TVMBackendAllocWorkspace call per tile."""
+@pytest.mark.parametrize("depthwise, wide, fp32_taps, stride", [(False, False, False, 1), (False, True, False, 1),
+                                                                (True, False, False, 1), (True, False, True, 1),
+                                                                (True, False, True, 2)])
+def test_int8_kernel_has_no_workspace_allocation_in_its_parallel_loop(rng, depthwise, wide, fp32_taps, stride):
+    """The accumulator is a stack array: a "local" one was a TVMBackendAllocWorkspace call per tile;
+    so is a depthwise fp32_taps tile's float32 input patch (one kernel row at a time at stride 2)."""
+    import dataclasses
+
     from shave.backends.tvm.schedules import int8
 
-    spec, args, ref = _int8_kernel_case(rng, 16, 16, 3, 1, 1, False, "uint8", None, None, depthwise=depthwise,
+    spec, args, ref = _int8_kernel_case(rng, 16, 16, 3, stride, 1, False, "uint8", None, None, depthwise=depthwise,
                                         wide=wide)
+    if fp32_taps:
+        spec = dataclasses.replace(spec, fp32_taps=True)
+        args[1] = args[1].astype(np.float32)
     lib, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)
     assert workspace_calls_in_parallel_loops(lib) == 0
@@ -862,3 +877,35 @@ def test_exact_pass_on_a_graph_that_rounds_floats_to_int8():
 
     with pytest.raises(PassError, match="declared exact but changed the outputs"):
         FunctionPass(nudge, "nudge", "exact", 1e-4)(g)
+
+
+def test_depthwise_int8_taps_follow_the_cpus_int32_multiply(monkeypatch):
+    """Depthwise int8 layers take float32 taps (fp32_taps) for CPUs whose vector int32 multiply is
+    slow (Intel's), int32 lanes for AMD's Zen and Arm, chosen from the target, whatever the host;
+    both give the same bytes."""
+    import tvm
+
+    from shave.backends.tvm.lower import to_relax
+    from shave.backends.tvm.schedules import int8
+    from shave.isa import ISA
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                      nn.ReLU(), nn.Conv2d(16, 8, 1)).eval()
+    x = torch.randn(1, 3, 10, 10)
+    cal = [torch.randn(4, 3, 10, 10, generator=torch.Generator().manual_seed(1)) for _ in range(2)]
+    gi = Quantize(cal)(shave.capture(m, (x,)))
+
+    def taps(target):
+        specs = [int8.QConvSpec.from_json(str(f.attrs["shave.qconv"])) for f in to_relax(gi, target).functions.values()
+                 if isinstance(f, tvm.tirx.PrimFunc) and f.attrs is not None and "shave.qconv" in f.attrs]
+        return {s.fp32_taps for s in specs if s.depthwise}
+
+    znver4 = dict(AVX512_VNNI, mcpu="znver4")
+    assert taps(AVX512_VNNI) == {True} and taps(AVX512) == {True}  # Intel: icelake-server, skylake-avx512
+    assert taps(znver4) == {False} and taps(NEON_DOT) == {False}
+    outs = []
+    for slow in (False, True):
+        monkeypatch.setattr(ISA, "slow_int32_multiply", property(lambda self, s=slow: s))
+        outs.append(shave.compile(gi, (x,), passes=[])(x))
+    np.testing.assert_array_equal(outs[0], outs[1])

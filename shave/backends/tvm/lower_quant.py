@@ -66,6 +66,12 @@ def _x86_registers() -> int:
     return cpu.vector_registers if cpu is not None and cpu.arch == "x86_64" else 16
 
 
+def _slow_int32_multiply() -> bool:
+    """Is the CPU being lowered for slow at vector int32 multiplies (shave.isa)?"""
+    cpu = LOWERING_CPU.get()
+    return cpu is not None and cpu.slow_int32_multiply
+
+
 def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=None, depthwise=False):
     """call_tir to the int8 conv kernel on NCHW uint8 `x` of shape xs, or None where it does not apply."""
     spec = int8.QConvSpec(
@@ -74,7 +80,7 @@ def _kernel_call(bb, x, xs, w, bias, mult, a, stride, pad, dilation, residual=No
         None if a["hi"] is None else float(a["hi"]), residual is not None,
         int(a.get("r_zp", 0)) if residual is not None else 0, float(a.get("r_mult", 0.0)) if residual is not None else 0.0,
         depthwise=depthwise, act=a.get("act"), out_inv=float(a.get("out_inv", 1.0)), regs=_x86_registers(),
-        **int8.variant(w, depthwise, LOWERING_DOT.get()))
+        **int8.variant(w, depthwise, LOWERING_DOT.get(), _slow_int32_multiply()))
     if spec.oh < 1 or spec.ow < 1:
         return None
     try:

@@ -35,6 +35,13 @@ reference op of ir/opset_quant.py bit for bit:
 Depthwise (groups = C = OC): the input packed [N, C/8, Hp, Wp, 8] uint8, weights
 [C/8, KH, KW, 8] widened to int32 at compile time (any 8-bit weight), each tap a zero-extend,
 an int32 multiply and add over 8 channel lanes; tile of reg_n columns as conv.py's depthwise.
+With `fp32_taps` (CPUs whose vpmulld is two uops and 10 cycles' latency: Intel's; shave.isa
+`slow_int32_multiply`) the weights are float32 and each tile packs its input patch as float32
+on the stack (all kh rows, or one row at a time where that would pass conv.STACK_BYTES), so
+a tap is one FMA; the float32 sums of integer products stay exact below 2^24 (kh x kw x 255 x
+128; fp32_taps_exact), and the sum converts to the same int32. Intel Xeon (emeraldrapids),
+whole models int8 against int32 taps: MobileNetV2 0.83x / 0.80x (batch 1 / 8), MNASNet 0.85x,
+bytes identical (docs/tvm-notes.md, int8).
 
 Lowering (lower_quant.py) emits the unscheduled compute as a call_tir marked with
 the `shave.qconv` attribute (the spec); int8_blocked.block_qconvs then switches the
@@ -98,6 +105,7 @@ class QConvSpec(OutSize):
     res_blocked: bool = False  # R is [N, OC/8, OH, OW, 8] uint8
     act: str | None = None  # an activation on real values (opset_quant.float_acts), then * out_inv
     out_inv: float = 1.0
+    fp32_taps: bool = False  # depthwise: input packed as float32, taps as float32 FMAs (exact: fp32_taps_exact)
     regs: int = 16  # vector registers of the target (shave.isa): 32 on AVX-512 sizes larger register tiles
 
     @property
@@ -146,10 +154,11 @@ def reads_in_place(spec: QConvSpec) -> bool:
 
 
 def pack_weight(spec: QConvSpec, w: np.ndarray) -> np.ndarray:
-    """OIHW int8 -> [OC/8, C/4, KH, KW, 8, 4] int8 (depthwise: [C/8, KH, KW, 8] int32), zero padded."""
+    """OIHW int8 -> [OC/8, C/4, KH, KW, 8, 4] int8 (depthwise: [C/8, KH, KW, 8] int32, or float32
+    with fp32_taps), zero padded."""
     p = plan(spec)
     if spec.depthwise:
-        wp = np.zeros((p["ocb"] * VO, spec.kh, spec.kw), np.int32)
+        wp = np.zeros((p["ocb"] * VO, spec.kh, spec.kw), np.float32 if spec.fp32_taps else np.int32)
         wp[:spec.oc] = w[:, 0]
         return np.ascontiguousarray(wp.reshape(p["ocb"], VO, spec.kh, spec.kw).transpose(0, 2, 3, 1))
     wp = np.zeros((p["ocb"] * VO, p["icb"] * spec.vi, spec.kh, spec.kw), np.int16 if spec.wide else np.int8)
@@ -175,13 +184,30 @@ def supports(w: np.ndarray, groups: int) -> bool:
     return groups == 1 or (groups == w.shape[0] and w.shape[1] == 1)
 
 
-def variant(w: np.ndarray, depthwise: bool, dot: str) -> dict:
-    """The QConvSpec fields (wide, pairs, shifted) of a conv with int8 weights `w`, packed for a
-    target whose int8 dot product is `dot`: int16 pairs only where AVX2's pair sums would
-    saturate, x - 128 input only for Arm's sdot."""
+def _fp32_patch_rows(spec: QConvSpec, reg_n: int) -> int:
+    """Kernel rows of a depthwise fp32_taps tile's float32 input patch packed at once: all kh where
+    that patch is a stack array (under conv.STACK_BYTES), else one row at a time (stride 2)."""
+    from .conv import STACK_BYTES
+
+    cols = (reg_n - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
+    return spec.kh if spec.kh * cols * VO * 4 <= STACK_BYTES else 1
+
+
+def fp32_taps_exact(kh: int, kw: int) -> bool:
+    """Does a float32 sum of kh x kw products of uint8 inputs and int8 weights hold every partial
+    sum exactly (all below 2^24)?"""
+    return kh * kw * 255 * 128 < 2 ** 24
+
+
+def variant(w: np.ndarray, depthwise: bool, dot: str, fp32_taps: bool = False) -> dict:
+    """The QConvSpec fields (wide, pairs, shifted, fp32_taps) of a conv with int8 weights `w`, packed
+    for a target whose int8 dot product is `dot`: int16 pairs only where AVX2's pair sums would
+    saturate, x - 128 input only for Arm's sdot; a depthwise conv's taps as float32 FMAs where
+    `fp32_taps` (the target's int32 multiply is slow: shave.isa `slow_int32_multiply`) and its
+    sums stay exact."""
     big = needs_wide(w)
     if depthwise:
-        return {"pairs": not big}
+        return {"pairs": not big, "fp32_taps": fp32_taps and fp32_taps_exact(*w.shape[2:])}
     return {"wide": big and dot == "avx2", "pairs": not big, "shifted": dot == "neon_dot"}
 
 
@@ -207,7 +233,7 @@ def compute_primfunc(spec: QConvSpec):
         raise ValueError("a blocked int8 layout needs channels that are a multiple of 8")
     X = te.placeholder((n, c // VO, h, w, VO) if spec.in_blocked else (n, c, h, w), "uint8", name="X")
     if spec.depthwise:
-        Wt = te.placeholder((ocb, kh, kw, VO), "int32", name="W")
+        Wt = te.placeholder((ocb, kh, kw, VO), "float32" if spec.fp32_taps else "int32", name="W")
     else:
         Wt = te.placeholder((ocb, icb, kh, kw, VO, spec.vi), "int16" if spec.wide else "int8", name="W")
     B = te.placeholder((oc,), "int32", name="B")
@@ -234,16 +260,19 @@ def compute_primfunc(spec: QConvSpec):
         val = tirx.if_then_else(ch < c, val, tirx.const(0, "uint8"))
         if spec.shifted:  # x - 128 as int8 (padded channels: -128, against zero weights)
             return (val.astype("int32") - SHIFT).astype("int8")
+        if spec.depthwise and spec.fp32_taps:
+            return val.astype("float32")
         return val.astype(pdt)
 
     rkh = te.reduce_axis((0, kh), name="rkh")
     rkw = te.reduce_axis((0, kw), name="rkw")
     if spec.depthwise:
         P = te.compute((n, ocb, hp, wp, VO), pack_fn, name="pack")
+        acc = "float32" if spec.fp32_taps else "int32"
         Cc = te.compute(
             (n, ocb, oh, owp, VO),
             lambda b, o, y, x, j: te.sum(
-                P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j].astype("int32") * Wt[o, rkh, rkw, j],
+                P[b, o, y * sh + rkh * dh, x * sw + rkw * dw, j].astype(acc) * Wt[o, rkh, rkw, j],
                 axis=[rkh, rkw]), name="conv")
     rcb = te.reduce_axis((0, icb), name="rcb")
     rci = te.reduce_axis((0, vi), name="rci")
@@ -265,7 +294,10 @@ def compute_primfunc(spec: QConvSpec):
     f32 = lambda v: tirx.const(float(np.float32(v)), "float32")  # noqa: E731
 
     def epilogue(b, o, y, x, to_bytes=True):
-        val = (Cc[b, o // VO, y, x, o % VO] + B[o]).astype("float32") * M[o]
+        acc = Cc[b, o // VO, y, x, o % VO]
+        if spec.fp32_taps:  # an integer the float32 sum holds exactly (fp32_taps_exact)
+            acc = acc.astype("int32")
+        val = (acc + B[o]).astype("float32") * M[o]
         if Res is not None:
             r = Res[b, o // VO, y, x, o % VO] if spec.res_blocked else Res[b, o, y, x]
             # both products rounded to float32 before the add, as the reference: no fused multiply-add
@@ -475,7 +507,9 @@ def schedule(spec: QConvSpec, dot: str):
     if _quant_stage(spec) and not grouped:  # one epilogue stage, converting pixel by pixel
         sch.compute_inline(sch.get_sblock("quant"))
     conv, out = sch.get_sblock("conv"), sch.get_sblock("quant" if grouped else "out")
-    if not reads_in_place(spec):
+    if spec.depthwise and spec.fp32_taps:
+        pass  # packed inside the tile loop, below
+    elif not reads_in_place(spec):
         b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
         if par:
             sch.parallel(sch.fuse(b, i, y))
@@ -483,7 +517,7 @@ def schedule(spec: QConvSpec, dot: str):
             sch.vectorize(j)
     # the accumulator stays "global" (the intrinsics' C too): a stack array under 1 KB kept in
     # registers, where "local" made it a workspace allocation per tile (conv.STACK_BYTES)
-    if spec.depthwise:  # int32 lanes over 8 channels, reg_n columns, as conv.py's depthwise kernel
+    if spec.depthwise:  # int32 (or float32: fp32_taps) lanes over 8 channels, reg_n columns, as conv.py's depthwise kernel
         b, o, y, x, j, rkh, rkw = sch.get_loops(conv)
         xo, xi = sch.split(x, [None, p["reg_n"]])
         sch.reorder(b, o, y, xo, rkh, rkw, xi, j)
@@ -491,6 +525,10 @@ def schedule(spec: QConvSpec, dot: str):
             sch.parallel(sch.fuse(b, o, y))
         sch.vectorize(j)
         sch.unroll(xi)
+        if spec.fp32_taps:  # the tile's float32 input patch, a stack array (conv.py's depthwise kernel)
+            pack = sch.get_sblock("pack")
+            sch.compute_at(pack, xo if _fp32_patch_rows(spec, p["reg_n"]) == spec.kh else rkh)
+            sch.vectorize(sch.get_loops(pack)[-1])
         sch.reverse_compute_at(out, xo)
         init = sch.decompose_reduction(conv, rkh)
         sch.vectorize(sch.get_loops(init)[-1])
