@@ -445,8 +445,9 @@ def test_int8_kernel_has_no_workspace_allocation_in_its_parallel_loop(rng, depth
 
     spec, args, ref = _int8_kernel_case(rng, 16, 16, 3, stride, 1, False, "uint8", None, None, depthwise=depthwise,
                                         wide=wide)
-    if fp32_taps:
-        spec = dataclasses.replace(spec, fp32_taps=True)
+    if fp32_taps:  # a blocked input: the patch packed per tile
+        spec = dataclasses.replace(spec, fp32_taps=True, in_blocked=True)
+        args[0] = np.ascontiguousarray(args[0].reshape(2, 2, 8, 11, 9).transpose(0, 1, 3, 4, 2))
         args[1] = args[1].astype(np.float32)
     lib, out = _run_kernel(int8.schedule(spec, "avx2"), args, ref)
     np.testing.assert_array_equal(out, ref)

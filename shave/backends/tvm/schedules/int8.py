@@ -36,9 +36,9 @@ Depthwise (groups = C = OC): the input packed [N, C/8, Hp, Wp, 8] uint8, weights
 [C/8, KH, KW, 8] widened to int32 at compile time (any 8-bit weight), each tap a zero-extend,
 an int32 multiply and add over 8 channel lanes; tile of reg_n columns as conv.py's depthwise.
 With `fp32_taps` (CPUs whose vpmulld is two uops and 10 cycles' latency: Intel's; shave.isa
-`slow_int32_multiply`) the weights are float32 and each tile packs its input patch as float32
-on the stack (all kh rows, or one row at a time where that would pass conv.STACK_BYTES), so
-a tap is one FMA; the float32 sums of integer products stay exact below 2^24 (kh x kw x 255 x
+`slow_int32_multiply`) the weights are float32 and the input is packed as float32: a blocked
+input per tile, on the stack (all kh rows, or one row at a time where that would pass
+conv.STACK_BYTES), an NCHW one (a gather) in one pass before; so a tap is one FMA; the float32 sums of integer products stay exact below 2^24 (kh x kw x 255 x
 128; fp32_taps_exact), and the sum converts to the same int32. Intel Xeon (emeraldrapids),
 whole models int8 against int32 taps: MobileNetV2 0.83x / 0.80x (batch 1 / 8), MNASNet 0.85x,
 bytes identical (docs/tvm-notes.md, int8).
@@ -507,7 +507,8 @@ def schedule(spec: QConvSpec, dot: str):
     if _quant_stage(spec) and not grouped:  # one epilogue stage, converting pixel by pixel
         sch.compute_inline(sch.get_sblock("quant"))
     conv, out = sch.get_sblock("conv"), sch.get_sblock("quant" if grouped else "out")
-    if spec.depthwise and spec.fp32_taps:
+    patch_per_tile = spec.depthwise and spec.fp32_taps and spec.in_blocked  # a copy; a gather is not cheap to redo
+    if patch_per_tile:
         pass  # packed inside the tile loop, below
     elif not reads_in_place(spec):
         b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
@@ -525,7 +526,7 @@ def schedule(spec: QConvSpec, dot: str):
             sch.parallel(sch.fuse(b, o, y))
         sch.vectorize(j)
         sch.unroll(xi)
-        if spec.fp32_taps:  # the tile's float32 input patch, a stack array (conv.py's depthwise kernel)
+        if patch_per_tile:  # the tile's float32 input patch, a stack array (conv.py's depthwise kernel)
             pack = sch.get_sblock("pack")
             sch.compute_at(pack, xo if _fp32_patch_rows(spec, p["reg_n"]) == spec.kh else rkh)
             sch.vectorize(sch.get_loops(pack)[-1])
