@@ -82,6 +82,7 @@ class Candidate:
     step: int  # the search step that tried it (0: the baseline)
     kept: bool = False
     note: str = ""
+    reference_ms: float | None = None  # the model it had to beat, timed beside it (None: the baseline)
 
 
 @dataclass
@@ -300,7 +301,6 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
     short_drop = (3 * max_drop if train is not None else max_drop) if short_drop is None else short_drop
     message, step = "", 0
     table: list[Option] = []
-    beside: dict = {}  # id(current state) -> its latency timed beside the latest candidate
     best = lambda: _result(current, base_score, base_ms, pareto, refs, message, t_start, base_cm, table)  # noqa: E731
 
     def out_of_time(share: float = 1.0) -> bool:
@@ -327,8 +327,8 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
             passes = passes + [rec]
         score = _score(evaluate, g, f"step {step} ({label})")
         cm = search.compile(g)
-        ms, beside[id(current)] = _paired_ms(cm, current.cm)
-        cand = Candidate(current.steps + [label], score, ms, g.stats()["bytes"], step)
+        ms, ref_ms = _paired_ms(cm, current.cm)
+        cand = Candidate(current.steps + [label], score, ms, g.stats()["bytes"], step, reference_ms=ref_ms)
         pareto.append(cand)
         log.info("step %d: %s -> score %.4g, %.3f ms (%.0f s)", step, label, score, cand.latency_ms,
                  time.perf_counter() - t0)
@@ -339,7 +339,7 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
 
     def faster(cand: Candidate) -> bool:
         """Faster than the current model, as timed beside it (attempt)."""
-        return cand.latency_ms <= FASTER * beside.get(id(current), current.ms)
+        return cand.latency_ms <= FASTER * (cand.reference_ms or current.ms)
 
     def good(cand: Candidate) -> bool:
         return faster(cand) and cand.score >= base_score - short_drop
@@ -419,8 +419,8 @@ def compress(model, example_inputs, evaluate, *, target="x86", max_drop: float =
                     if got is not None and not faster(got[0]):
                         # noise only ever adds time: timed beside the current model once more before stopping
                         ms, ref = _paired_ms(got[3], current.cm)
-                        if ms / ref < got[0].latency_ms / beside[id(current)]:
-                            got[0].latency_ms, beside[id(current)] = ms, ref
+                        if ms / ref < got[0].latency_ms / got[0].reference_ms:
+                            got[0].latency_ms, got[0].reference_ms = ms, ref
                     if got is None or not faster(got[0]):
                         break  # more float32 layers only get slower
                     if good(got[0]):
