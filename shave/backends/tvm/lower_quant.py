@@ -13,13 +13,10 @@ on VNNI, vpmaddubsw on AVX2, sdot on Arm +dotprod, by schedule_module).
 from __future__ import annotations
 
 import numpy as np
-import tvm
 from tvm import relax
 
-from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, _channel, lowers
+from .lowering import LOWERING_CPU, LOWERING_DOT, LOWERINGS, _channel, constant_value, lowers
 from .schedules import int8
-
-_Const = tvm.ir.expr.Constant
 
 R = relax.op
 
@@ -55,9 +52,8 @@ def _centred(bb, x, zp):
 
 def _consts(ins):
     """numpy weight, bias, multiplier of a qconv2d/qlinear, or None when they are not constants."""
-    if not all(isinstance(v, _Const) for v in ins[1:4]):
-        return None
-    return tuple(v.value.numpy() for v in ins[1:4])
+    values = tuple(constant_value(v) for v in ins[1:4])
+    return None if any(v is None for v in values) else values
 
 
 def _x86_registers() -> int:
