@@ -806,6 +806,64 @@ def test_both_parallel_task_orders_compute_the_conv(name, monkeypatch):
         assert _kernel_error(spec, case) <= TOL, pixels_major
 
 
+# dense convs whose register tiles read more weights than K_BLOCK_MIN_WEIGHT_BYTES, so each
+# parallel task runs its reduction in blocks (conv.k_blocks), on 8 and on 16 lanes
+K_BLOCK_SPECS = {
+    # 1x1 on the flat view (tasks: chunks of columns), a residual, tiles that do not divide 7*7
+    "1x1_flat_c1024_oc48_7x7": (2, 1024, 7, 7, 48, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
+    # strided 1x1 (tasks: output rows)
+    "1x1_s2_c1024_oc32_9x30": (1, 1024, 9, 30, 32, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), False, None, False),
+    # 3x3 padded: reduction blocks of one or two input blocks, each with its nine taps
+    "3x3_c128_oc32_9x13": (1, 128, 9, 13, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+}
+
+
+@pytest.mark.parametrize("target", [AVX2, AVX512], ids=["avx2", "avx512"])
+@pytest.mark.parametrize("blocked", [True, False], ids=["blocked", "nchw"])
+@pytest.mark.parametrize("name", sorted(K_BLOCK_SPECS))
+def test_reduction_blocks_compute_the_conv(name, blocked, target):
+    """A task's reduction in blocks of input channels, each block over all the task's register
+    tiles (the accumulators kept in a per-task buffer between blocks), gives the conv: built for
+    both vector widths, run where the host can; the layers are ones that take reduction blocks."""
+    import tvm
+
+    from shave.backends.tvm.schedules import conv
+
+    fields = K_BLOCK_SPECS[name]
+    cpu = isa(target)
+    spec = conv.ConvSpec(*fields, vec=cpu.fp32_lanes, regs=cpu.vector_registers, fma_pipes=cpu.fma_pipes,
+                         in_blocked=blocked, out_blocked=blocked, res_blocked=blocked and fields[-1])
+    view = conv.flat_view(spec)
+    kb = conv.k_blocks(view, conv.plan(view))
+    assert 0 < kb < conv.plan(view)["icb"]
+    lib = tvm.compile(tvm.IRModule({"main": conv.build_primfunc(spec)}), target=tvm.target.Target(target))
+    assert re.search(r"vfmadd\d+ps", asm_of(lib))
+    if runs_here(target):
+        assert _kernel_error(spec, _conv_case(fields), target) <= TOL
+
+
+def test_reduction_blocks_by_the_weights_a_tile_reads():
+    """Reduction blocks where a task's tiles read more than K_BLOCK_MIN_WEIGHT_BYTES of weights, of
+    at most K_BLOCK_WEIGHT_BYTES that divide the reduction: ResNet-50's 1024 -> 256 1x1 conv (two
+    16-lane output blocks: 128 KB) in blocks of 4 x 16 channels, 8 x 8 with AVX2's 4-block tile;
+    none for its 256 -> 1024 (32 KB), a task of one tile, or a ragged reduction."""
+    from shave.backends.tvm.schedules import conv
+
+    def kb(c, oc, hw, lanes, regs, k=1, stride=1):
+        spec = conv.flat_view(conv.ConvSpec(1, c, hw, hw, oc, k, k, (stride, stride), (k // 2,) * 4, (1, 1), False,
+                                            None, False, lanes, regs=regs))
+        return conv.k_blocks(spec, conv.plan(spec))
+
+    assert kb(1024, 256, 14, 16, 32) == 4
+    assert kb(2048, 512, 7, 16, 32) == 4
+    assert kb(1024, 256, 14, 8, 16) == 8
+    assert kb(256, 1024, 14, 16, 32) == 0
+    assert kb(1000, 256, 14, 8, 16) == 5  # 125 blocks of 8 channels: blocks of 5 divide them, 8 would not
+    assert kb(1000, 256, 14, 16, 32) == 0  # ragged: one loop over the channels
+    assert kb(2048, 64, 1, 16, 32) == 0  # one column: one tile per task
+    assert kb(256, 256, 14, 16, 32, k=3) == 1  # a 3x3 input block's taps: 18 KB for two output blocks
+
+
 def test_task_order_follows_the_memory_traffic():
     """Small weights: pixels-major. Large weights: the order that reads less from memory
     (ConvNeXt-T's 384 -> 1536 linear layer at batch 8 on 14 x 14: pixels-major; a 2048 -> 2048

@@ -97,6 +97,12 @@ STACK_BYTES = 1024
 PIXELS_MAJOR_MAX_WEIGHT_BYTES = 256 * 1024
 
 
+# a dense kernel's task whose register tiles read more than K_BLOCK_MIN_WEIGHT_BYTES of packed
+# weights (the smallest L1 of the x86 and Arm cores targeted: Zen 3's) splits its reduction into
+# blocks of at most K_BLOCK_WEIGHT_BYTES of them (k_blocks), which stay in L1 beside the input
+K_BLOCK_MIN_WEIGHT_BYTES = 32 * 1024
+K_BLOCK_WEIGHT_BYTES = 8 * 1024
+
 DW_MAX_REG = 8  # widest depthwise register tile (accumulators)
 
 
@@ -432,6 +438,7 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
     vector_pack = spec.in_blocked and not spec.shift  # a shift makes the read index depend on the lane
     pack_per_tile = spec.depthwise and vector_pack  # a copy, cheap to redo per tile; a gather is not
     pack_per_task = packs_per_task(spec)
+    kb = 0 if spec.depthwise else k_blocks(spec, p)
     if reads_input_in_place(spec):  # the conv reads X itself: no copy of the input at all
         sch.compute_inline(pack)
     elif not (pack_per_tile or pack_per_task):
@@ -464,13 +471,52 @@ def _schedule(sch, spec: ConvSpec, p: dict) -> None:
             pack_in_task(sch, pack, outer)
         first_r = reduction[0]
         unrolled = [oi, xi]
+        if kb:  # the task's reduction in blocks of kb input blocks, each over all its tiles
+            rko, rki = sch.split(first_r, [None, kb])
+            sch.reorder(rko, xo)
+            first_r, xo = rko, outer  # zeroed before and finished after all its blocks
     if par:
         sch.parallel(outer)
     sch.vectorize(j)
     for lp in unrolled:
         sch.unroll(lp)
     sch.reverse_compute_at(out, xo)
-    schedule_tile_ends(sch, sch.decompose_reduction(conv, first_r), out, spec, len(unrolled))
+    init = sch.decompose_reduction(conv, first_r)
+    if kb:
+        schedule_task_ends(sch, init, out, spec)
+    else:
+        schedule_tile_ends(sch, init, out, spec, len(unrolled))
+
+
+def tiles_per_task(spec: ConvSpec, p: dict) -> int:
+    """Register tiles in one parallel task of a dense kernel (parallel_tasks): a chunk of a flat
+    view's row, else one output row."""
+    return _tiles_per_chunk(p) if spec.oh == 1 else p["owp"] // p["reg_n"]
+
+
+def k_blocks(spec: ConvSpec, p: dict) -> int:
+    """Input-channel blocks per reduction block of a dense kernel's task, or 0: one reduction over
+    all of them per register tile. A tile reads the weights of its output blocks for the whole
+    reduction; where those are more than K_BLOCK_MIN_WEIGHT_BYTES (a 1024-channel 1x1 conv's two
+    output blocks: 128 KB) every tile of the task streams them from L2 again. In blocks, each
+    block's weights (K_BLOCK_WEIGHT_BYTES) are read from L2 once and stay in L1 for all the
+    task's tiles, and a tile's accumulators go through the task's buffer between blocks (a load
+    and a store per block of 64+ multiply-adds per accumulator). ONNX Runtime's NCHWc pointwise
+    kernel does the same in batches of 128 channels. The block: the most whole input blocks
+    within the budget that divide the reduction (no partial last block); none where the task has
+    one tile (nothing to reuse) or the reduction is ragged (one loop over channels).
+    One kernel alone, blocked in and out, two threads, interleaved (Intel Xeon, AVX-512 and
+    AVX2 code): ResNet-50's 2048 -> 512 1x1 conv 0.91x the time, 1024 -> 256 0.92-0.95x,
+    512 -> 2048 0.95x (AVX2 1.00x, 0.91x at 2048 -> 512); blocking a 32 KB reduction (256 ->
+    1024) instead took 1.04-1.07x, and blocks of 16 channels 1.17-1.26x (docs/tvm-notes.md,
+    "Reduction blocks")."""
+    if spec.depthwise or ragged_reduction(spec) or tiles_per_task(spec, p) < 2:
+        return 0
+    per_block = p["ocb_in"] * spec.vec * p["vi"] * spec.kh * spec.kw * 4
+    icb = p["icb_g"]
+    if icb * per_block <= K_BLOCK_MIN_WEIGHT_BYTES:
+        return 0
+    return max(d for d in range(1, icb) if icb % d == 0 and (d == 1 or d * per_block <= K_BLOCK_WEIGHT_BYTES))
 
 
 def packs_per_task(spec: ConvSpec) -> bool:
@@ -518,6 +564,20 @@ def parallel_tasks(sch, spec: ConvSpec, p: dict, b, oo, y, xo):
     if pixels_major:
         sch.reorder(b, y, oo)
     return (sch.fuse(b, y, oo) if pixels_major else sch.fuse(b, oo, y)), xo
+
+
+def schedule_task_ends(sch, init, out, spec: ConvSpec) -> None:
+    """The accumulator's zeroing and the output stage of a kernel in reduction blocks (k_blocks):
+    each once per task, before and after its blocks, over the task's (channel blocks,) columns
+    and lanes, the lanes vectorised; the zeroing's register tile (its loops between the task's
+    tile loop and the lanes) unrolled."""
+    loops = sch.get_loops(init)  # the task, its tiles, (the tile's channel blocks,) columns, lanes
+    sch.vectorize(loops[-1])
+    for lp in loops[2:-1]:
+        sch.unroll(lp)
+    loops = sch.get_loops(out)
+    if spec.out_blocked:
+        sch.vectorize(loops[-1])
 
 
 def schedule_tile_ends(sch, init, out, spec: ConvSpec, tile_loops: int) -> None:
