@@ -682,6 +682,9 @@ BLOCKED_SPECS = {
     # 1x1 stride 1 unpadded: computed on the flat 1 x H*W view (flat_view); 3 output blocks
     # (tile 3 x n), batch 2, a residual, tiles that do not divide 7*7 (a padded tail)
     "1x1_flat_c24_oc24_7x7_blocked": (2, 24, 7, 7, 24, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
+    # H*W = 17*17 = 289 columns: 58 tiles of 5, whose divisors give chunks of 10 columns, so the
+    # row is padded to whole chunks of 32+ columns (chunked_width)
+    "1x1_flat_c16_oc16_17x17_blocked": (1, 16, 17, 17, 16, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
     # tiles along H*W = 48 that divide it: X read in place across row ends
     "1x1_flat_pad0_c16_oc40_8x6_blocked": (1, 16, 8, 6, 40, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, None, False),
     # grouped at stride 2: the input rows of each parallel task packed inside the task; groups of two
@@ -862,6 +865,28 @@ def test_reduction_blocks_by_the_weights_a_tile_reads():
     assert kb(1000, 256, 14, 16, 32) == 0  # ragged: one loop over the channels
     assert kb(2048, 64, 1, 16, 32) == 0  # one column: one tile per task
     assert kb(256, 256, 14, 16, 32, k=3) == 1  # a 3x3 input block's taps: 18 KB for two output blocks
+
+
+def test_flat_rows_split_into_chunks_of_at_least_32_columns():
+    """A flat view's parallel tasks are chunks of whole tiles of 32-64 columns: where the tiles'
+    count has no divisor that gives such chunks (Inception-v3's 17 x 17 = 289 columns in 58 tiles
+    of 5: chunks of 10), the row is padded to whole chunks with the fewest extra tiles; rows with
+    such a divisor, or of one chunk, keep their width."""
+    from shave.backends.tvm.schedules import conv
+
+    def chunks(ow, reg):
+        p = {"reg_n": reg, "owp": -(-ow // reg) * reg}
+        p["owp"] = conv.chunked_width(p)
+        return p["owp"], conv._tiles_per_chunk(p) * reg
+
+    assert chunks(289, 5) == (300, 60)
+    assert chunks(73 * 73, 8) == (5344, 32)  # 667 tiles = 23 x 29: padded to 668, chunks of 4
+    assert chunks(14 * 14, 7) == (196, 49)
+    assert chunks(56 * 56, 8) == (3136, 64)
+    assert chunks(40, 8) == (40, 40)  # one chunk
+    spec = conv.flat_view(conv.ConvSpec(*TILE_SPECS["1x1_flat_c16_oc16_17x17_blocked"], vec=8))
+    p = conv.plan(spec)
+    assert p["owp"] > 290 and conv._tiles_per_chunk(p) * p["reg_n"] >= 32
 
 
 def test_task_order_follows_the_memory_traffic():

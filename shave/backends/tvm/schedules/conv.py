@@ -97,6 +97,11 @@ STACK_BYTES = 1024
 PIXELS_MAJOR_MAX_WEIGHT_BYTES = 256 * 1024
 
 
+# a one-row output (a flat view) is split into parallel tasks of whole tiles along it, of at most
+# CHUNK_COLUMNS columns; and at least MIN_CHUNK_COLUMNS where padding the row allows (chunked_width)
+CHUNK_COLUMNS = 64
+MIN_CHUNK_COLUMNS = 32
+
 # a dense kernel's task whose register tiles read more than K_BLOCK_MIN_WEIGHT_BYTES of packed
 # weights (the smallest L1 of the x86 and Arm cores targeted: Zen 3's) splits its reduction into
 # blocks of at most K_BLOCK_WEIGHT_BYTES of them (k_blocks), which stay in L1 beside the input
@@ -285,6 +290,8 @@ def plan(spec: ConvSpec) -> dict:
     # input-channel block: v, or all channels when there are fewer (the 3-channel stem)
     # (a grouped conv: the channels of one group, so blocks never straddle two groups)
     vi = v if spec.depthwise else min(v, spec.c // spec.groups)
+    if spec.oh == 1 and not spec.depthwise:
+        p["owp"] = chunked_width(p)
     return {**p, "icb": math.ceil(spec.c / vi), "vi": vi,
             "icb_g": math.ceil(spec.c // spec.groups / vi), "ocb_g": spec.oc // spec.groups // v}
 
@@ -408,9 +415,25 @@ def ragged_reduction(spec: ConvSpec) -> bool:
 
 
 def _tiles_per_chunk(p: dict) -> int:
-    """Register tiles in one parallel chunk of a flat view's long row (at most 64 columns)."""
+    """Register tiles in one parallel chunk of a flat view's long row (at most CHUNK_COLUMNS)."""
     ntiles = p["owp"] // p["reg_n"]
-    return max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * p["reg_n"] <= 64)
+    return max(d for d in range(1, ntiles + 1) if ntiles % d == 0 and d * p["reg_n"] <= CHUNK_COLUMNS)
+
+
+def chunked_width(p: dict) -> int:
+    """The padded width `owp` of a one-row output (a flat view) in tiles of p["reg_n"], padded
+    further to whole chunks where the tiles' count has no divisor giving chunks of at least
+    MIN_CHUNK_COLUMNS: Inception-v3's 17 x 17 maps are 58 tiles of 5 columns (289 + 1), chunks of
+    2 tiles, so every 10-column task read all its output blocks' weights (98 KB at 768 channels) for
+    two tiles; padded to 60 tiles, chunks of 12 (2 % more columns computed). Chunks of 32-64
+    columns, the fewest padded tiles, then the widest."""
+    reg, owp = p["reg_n"], p["owp"]
+    ntiles = owp // reg
+    if owp <= CHUNK_COLUMNS or _tiles_per_chunk(p) * reg >= MIN_CHUNK_COLUMNS:
+        return owp
+    per_chunk = min(range(-(-MIN_CHUNK_COLUMNS // reg), CHUNK_COLUMNS // reg + 1),
+                    key=lambda d: (-(-ntiles // d) * d, -d))
+    return -(-ntiles // per_chunk) * per_chunk * reg
 
 
 def _pixels_major(spec: ConvSpec, p: dict) -> bool:
