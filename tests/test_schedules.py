@@ -816,8 +816,8 @@ K_BLOCK_SPECS = {
     "1x1_flat_c1024_oc48_7x7": (2, 1024, 7, 7, 48, 1, 1, (1, 1), (0, 0, 0, 0), (1, 1), False, "relu", True),
     # strided 1x1 (tasks: output rows)
     "1x1_s2_c1024_oc32_9x30": (1, 1024, 9, 30, 32, 1, 1, (2, 2), (0, 0, 0, 0), (1, 1), False, None, False),
-    # 3x3 padded: reduction blocks of one or two input blocks, each with its nine taps
-    "3x3_c128_oc32_9x13": (1, 128, 9, 13, 32, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
+    # 2x2 padded: reduction blocks of whole input blocks, each with its four taps
+    "2x2_c256_oc32_9x13": (1, 256, 9, 13, 32, 2, 2, (1, 1), (1, 1, 1, 1), (1, 1), False, "relu", True),
 }
 
 
@@ -849,7 +849,8 @@ def test_reduction_blocks_by_the_weights_a_tile_reads():
     """Reduction blocks where a task's tiles read more than K_BLOCK_MIN_WEIGHT_BYTES of weights, of
     at most K_BLOCK_WEIGHT_BYTES that divide the reduction: ResNet-50's 1024 -> 256 1x1 conv (two
     16-lane output blocks: 128 KB) in blocks of 4 x 16 channels, 8 x 8 with AVX2's 4-block tile;
-    none for its 256 -> 1024 (32 KB), a task of one tile, or a ragged reduction."""
+    none for its 256 -> 1024 (32 KB), a task of one tile, a ragged reduction, or where one input
+    block's taps are past the block budget."""
     from shave.backends.tvm.schedules import conv
 
     def kb(c, oc, hw, lanes, regs, k=1, stride=1):
@@ -864,7 +865,9 @@ def test_reduction_blocks_by_the_weights_a_tile_reads():
     assert kb(1000, 256, 14, 8, 16) == 5  # 125 blocks of 8 channels: blocks of 5 divide them, 8 would not
     assert kb(1000, 256, 14, 16, 32) == 0  # ragged: one loop over the channels
     assert kb(2048, 64, 1, 16, 32) == 0  # one column: one tile per task
-    assert kb(256, 256, 14, 16, 32, k=3) == 1  # a 3x3 input block's taps: 18 KB for two output blocks
+    assert kb(256, 256, 14, 16, 32, k=3) == 0  # one input block's 3x3 taps: 18 KB, past the block budget
+    assert kb(256, 256, 14, 8, 16, k=2) == 2  # 2x2 taps, AVX2's 4-block tile: 4 KB an input block
+    assert kb(3, 64, 224, 16, 32, k=11, stride=4) == 0  # AlexNet's stem: 46 KB, but one input block
 
 
 def test_flat_rows_split_into_chunks_of_at_least_32_columns():
@@ -1403,3 +1406,29 @@ def test_attention_softmax_kernel():
     keep = [r for r in range(rows) if r != 2]
     np.testing.assert_allclose(got[keep, :valid], ref[keep], rtol=1e-5, atol=1e-7)
     assert np.abs(got[keep, valid:]).max() < 1e-30
+
+
+def test_a_conv_kernel_that_fails_to_build_is_named_in_a_warning(monkeypatch, caplog):
+    """A conv kernel that fails to build leaves its layer to TVM's generic conv, which is correct
+    but much slower: the compile says so, naming the node and the error, instead of passing it
+    silently (a bug in a kernel's plan once made AlexNet's stem 60x slower unnoticed)."""
+    import logging
+
+    from shave.backends.tvm.schedules import fusion
+
+    real = fusion.build_primfunc
+
+    def failing(spec):
+        if spec.kh == 5:
+            raise ValueError("planned to fail")
+        return real(spec)
+
+    monkeypatch.setattr(fusion, "build_primfunc", failing)
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 5, padding=2)).eval()
+    x = torch.randn(1, 3, 12, 12)
+    with caplog.at_level(logging.WARNING, logger="shave.backends.tvm.schedules.fusion"):
+        cm = shave.compile(m, (x,))
+    torch.testing.assert_close(cm(x), m(x), rtol=1e-4, atol=1e-5)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["conv kernel for node '2' not built (ValueError: planned to fail); TVM's generic conv "
+                    "computes it, slower"]  # node '2': the Sequential's 5x5 conv

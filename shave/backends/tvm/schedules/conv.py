@@ -527,7 +527,9 @@ def k_blocks(spec: ConvSpec, p: dict) -> int:
     and a store per block of 64+ multiply-adds per accumulator). ONNX Runtime's NCHWc pointwise
     kernel does the same in batches of 128 channels. The block: the most whole input blocks
     within the budget that divide the reduction (no partial last block); none where the task has
-    one tile (nothing to reuse) or the reduction is ragged (one loop over channels).
+    one tile (nothing to reuse), the reduction is ragged (one loop over channels) or one input
+    block's weights are past the budget (a 3x3 or 5x5 conv's taps on 16 lanes: AlexNet's 5x5
+    64 -> 192 conv took 1.02-1.07x the time in blocks of one input block).
     One kernel alone, blocked in and out, two threads, interleaved (Intel Xeon, AVX-512 and
     AVX2 code): ResNet-50's 2048 -> 512 1x1 conv 0.91x the time, 1024 -> 256 0.92-0.95x,
     512 -> 2048 0.95x (AVX2 1.00x, 0.91x at 2048 -> 512); blocking a 32 KB reduction (256 ->
@@ -537,9 +539,9 @@ def k_blocks(spec: ConvSpec, p: dict) -> int:
         return 0
     per_block = p["ocb_in"] * spec.vec * p["vi"] * spec.kh * spec.kw * 4
     icb = p["icb_g"]
-    if icb * per_block <= K_BLOCK_MIN_WEIGHT_BYTES:
+    if icb < 2 or icb * per_block <= K_BLOCK_MIN_WEIGHT_BYTES or per_block > K_BLOCK_WEIGHT_BYTES:
         return 0
-    return max(d for d in range(1, icb) if icb % d == 0 and (d == 1 or d * per_block <= K_BLOCK_WEIGHT_BYTES))
+    return max(d for d in range(1, icb) if icb % d == 0 and d * per_block <= K_BLOCK_WEIGHT_BYTES)
 
 
 def packs_per_task(spec: ConvSpec) -> bool:

@@ -28,6 +28,7 @@ are lowered to call_tir the same way (lower_quant.py).
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 
@@ -35,6 +36,8 @@ from ....ir import Graph, Node, get_op
 from .conv import ConvSpec, build_primfunc, pack_weight
 from . import lane_groups
 from .kernels import choose, kernel_of
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -372,7 +375,7 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
 def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
     """The kernels for `graph` on a CPU with `isa` (shave.isa.ISA), built; `tiles` maps a
     ConvSpec (layouts unset, tile None) to the register tile to use instead of the default.
-    A kernel that fails to build leaves its nodes to the generic lowering (and, when layouts
+    A kernel that fails to build leaves its nodes to the generic lowering, with a logged warning (and, when layouts
     were blocked, the plan is made again with every value in NCHW)."""
     tiles = tiles or {}
     kernels: list[ConvKernel] = []
@@ -412,9 +415,11 @@ def _build(kernels: list[ConvKernel], blocked: set, tiles: dict) -> list[ConvKer
             if spec not in cache:
                 cache[spec] = build_primfunc(spec)
             packed = pack_weight(spec, k.weight)
-        except Exception:
+        except Exception as e:
             if blocked:
                 return None
+            log.warning("conv kernel for node %r not built (%s: %s); TVM's generic conv computes it, slower",
+                        k.nodes[0], type(e).__name__, str(e).strip().splitlines()[-1] if str(e).strip() else "")
             continue
         out.append(dataclasses.replace(k, spec=spec, prim=cache[spec], packed=packed))
     return out
