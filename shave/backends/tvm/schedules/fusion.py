@@ -375,8 +375,8 @@ def _blocked(graph: Graph, kernels: list[ConvKernel], vec: int) -> tuple[set, se
 def plan_convs(graph: Graph, isa, tiles: dict | None = None) -> ConvPlan:
     """The kernels for `graph` on a CPU with `isa` (shave.isa.ISA), built; `tiles` maps a
     ConvSpec (layouts unset, tile None) to the register tile to use instead of the default.
-    A kernel that fails to build leaves its nodes to the generic lowering, with a logged warning (and, when layouts
-    were blocked, the plan is made again with every value in NCHW)."""
+    A kernel that fails to build leaves its nodes to the generic lowering, with a logged
+    warning (and, when layouts were blocked, the plan is made again with every value in NCHW)."""
     tiles = tiles or {}
     kernels: list[ConvKernel] = []
     taken: set = set()
