@@ -425,8 +425,8 @@ def chunked_width(p: dict) -> int:
     further to whole chunks where the tiles' count has no divisor giving chunks of at least
     MIN_CHUNK_COLUMNS: Inception-v3's 17 x 17 maps are 58 tiles of 5 columns (289 + 1), chunks of
     2 tiles, so every 10-column task read all its output blocks' weights (98 KB at 768 channels) for
-    two tiles; padded to 60 tiles, chunks of 12 (2 % more columns computed). Chunks of 32-64
-    columns, the fewest padded tiles, then the widest."""
+    two tiles; padded to 60 tiles, chunks of 12 (11 columns, 4 %, computed past the row's 289).
+    Chunks of 32-64 columns, the fewest padded tiles, then the widest."""
     reg, owp = p["reg_n"], p["owp"]
     ntiles = owp // reg
     if owp <= CHUNK_COLUMNS or _tiles_per_chunk(p) * reg >= MIN_CHUNK_COLUMNS:
@@ -533,7 +533,7 @@ def k_blocks(spec: ConvSpec, p: dict) -> int:
     One kernel alone, blocked in and out, two threads, interleaved (Intel Xeon, AVX-512 and
     AVX2 code): ResNet-50's 2048 -> 512 1x1 conv 0.91x the time, 1024 -> 256 0.92-0.95x,
     512 -> 2048 0.95x (AVX2 1.00x, 0.91x at 2048 -> 512); blocking a 32 KB reduction (256 ->
-    1024) instead took 1.04-1.07x, and blocks of 16 channels 1.17-1.26x (docs/tvm-notes.md,
+    1024) instead took 1.04-1.08x, and blocks of 16 channels 1.17-1.26x (docs/tvm-notes.md,
     "Reduction blocks")."""
     if spec.depthwise or ragged_reduction(spec) or tiles_per_task(spec, p) < 2:
         return 0
