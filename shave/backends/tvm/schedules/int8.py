@@ -187,10 +187,9 @@ def supports(w: np.ndarray, groups: int) -> bool:
 def _fp32_patch_rows(spec: QConvSpec, reg_n: int) -> int:
     """Kernel rows of a depthwise fp32_taps tile's float32 input patch packed at once: all kh where
     that patch is a stack array (under conv.STACK_BYTES), else one row at a time (stride 2)."""
-    from .conv import STACK_BYTES
+    from .conv import STACK_BYTES, _dw_cols
 
-    cols = (reg_n - 1) * spec.stride[1] + (spec.kw - 1) * spec.dilation[1] + 1
-    return spec.kh if spec.kh * cols * VO * 4 <= STACK_BYTES else 1
+    return spec.kh if spec.kh * _dw_cols(spec, reg_n) * VO * 4 < STACK_BYTES else 1
 
 
 def fp32_taps_exact(kh: int, kw: int) -> bool:
@@ -508,9 +507,7 @@ def schedule(spec: QConvSpec, dot: str):
         sch.compute_inline(sch.get_sblock("quant"))
     conv, out = sch.get_sblock("conv"), sch.get_sblock("quant" if grouped else "out")
     patch_per_tile = spec.depthwise and spec.fp32_taps and spec.in_blocked  # a copy; a gather is not cheap to redo
-    if patch_per_tile:
-        pass  # packed inside the tile loop, below
-    elif not reads_in_place(spec):
+    if not (patch_per_tile or reads_in_place(spec)):  # a per-tile patch is packed inside the tile loop, below
         b, i, y, x, j = sch.get_loops(sch.get_sblock("pack"))
         if par:
             sch.parallel(sch.fuse(b, i, y))
